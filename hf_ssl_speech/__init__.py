@@ -1,13 +1,45 @@
 """hf_ssl_speech: self-supervised Conformer / FastConformer speech encoders as transformers classes.
 
-Importing the package registers the classes with the transformers Auto factories.
+Importing the package registers the classes with the transformers Auto factories, and marks them so that
+`save_pretrained` writes their code next to the weights (loadable with `trust_remote_code=True` where the
+package is not installed).
 """
 
-from transformers import AutoConfig
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForCTC,
+)
 
 from .configuration_conformer_ssl import ConformerSslConfig
+from .feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
+from .modeling_conformer_ssl import (
+    ConformerSslForCTC,
+    ConformerSslForSequenceClassification,
+    ConformerSslModel,
+    ConformerSslPreTrainedModel,
+)
 
 AutoConfig.register("conformer_ssl", ConformerSslConfig)
+AutoFeatureExtractor.register(ConformerSslConfig, ConformerSslFeatureExtractor)
+AutoModel.register(ConformerSslConfig, ConformerSslModel)
+AutoModelForCTC.register(ConformerSslConfig, ConformerSslForCTC)
+AutoModelForAudioClassification.register(ConformerSslConfig, ConformerSslForSequenceClassification)
 
-__all__ = ["ConformerSslConfig"]
+ConformerSslConfig.register_for_auto_class()
+ConformerSslFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+ConformerSslModel.register_for_auto_class("AutoModel")
+ConformerSslForCTC.register_for_auto_class("AutoModelForCTC")
+ConformerSslForSequenceClassification.register_for_auto_class("AutoModelForAudioClassification")
+
+__all__ = [
+    "ConformerSslConfig",
+    "ConformerSslFeatureExtractor",
+    "ConformerSslForCTC",
+    "ConformerSslForSequenceClassification",
+    "ConformerSslModel",
+    "ConformerSslPreTrainedModel",
+]
 __version__ = "0.1.0"

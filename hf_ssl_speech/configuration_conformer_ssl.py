@@ -24,6 +24,17 @@ CONTRASTIVE_TARGETS = ("quantized", "projected")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 CTC_REDUCTIONS = ("mean", "sum")
 
+# Written into every saved config so each Auto class finds its code next to the weights (trust_remote_code),
+# whichever head was saved: transformers would otherwise record only the saved head's class.
+AUTO_MAP = {
+    "AutoConfig": "configuration_conformer_ssl.ConformerSslConfig",
+    "AutoFeatureExtractor": "feature_extraction_conformer_ssl.ConformerSslFeatureExtractor",
+    "AutoModel": "modeling_conformer_ssl.ConformerSslModel",
+    "AutoModelForCTC": "modeling_conformer_ssl.ConformerSslForCTC",
+    "AutoModelForAudioClassification": "modeling_conformer_ssl.ConformerSslForSequenceClassification",
+    "AutoModelForPreTraining": "modeling_conformer_ssl.ConformerSslForPreTraining",
+}
+
 
 def _check(condition: bool, field: str, value: object, allowed: str) -> None:
     """Raise a ValueError that names the field, the value and what is allowed."""
@@ -159,6 +170,7 @@ class ConformerSslConfig(PreTrainedConfig):
                 for name, spec in dict(self.objectives).items()
             }
         super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.validate()
 
     # ------------------------------------------------------------------ derived values

@@ -1,0 +1,581 @@
+"""Conformer / FastConformer speech encoders and their heads, as transformers `PreTrainedModel`s.
+
+Read top to bottom: blocks (subsampling, positions, feed-forward, attention, convolution, layer), then the
+pretrained base, then the heads (CTC, sequence classification, self-supervised pretraining).
+
+Hub-bound: copied next to the weights by `save_pretrained`; imports only torch, numpy, transformers and
+flat siblings.
+
+Shapes: B = batch, T = feature frames, T' = encoder steps (T / subsampling_factor), D = hidden_size,
+H = attention heads. Inside the model padding travels as `lengths` (B,) and `padding_mask` (B, T', True =
+pad); at the HF boundary it is `attention_mask` (1 = real).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutput, ModelOutput, SequenceClassifierOutput
+
+from .configuration_conformer_ssl import ConformerSslConfig
+
+
+def lengths_to_padding_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """(B,) valid lengths -> (B, max_length) bool, True where the step is padding."""
+    return torch.arange(max_length, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def subsampled_lengths(lengths: torch.Tensor, num_stages: int) -> torch.Tensor:
+    """Output lengths after `num_stages` stride-2 convs (kernel 3, 2 frames of padding): ceil(L / 2) per stage."""
+    for _ in range(num_stages):
+        lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+    return lengths
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+
+class ConformerSslSubsampling(nn.Module):
+    """Conv2d front end over (time, mel): `striding` (Conformer) or `dw_striding` (FastConformer).
+
+    `striding`:    log2(f) x [Conv2d 3x3 stride 2 -> ReLU], channels = conv_channels.
+    `dw_striding`: Conv2d 3x3 s2 -> ReLU, then (log2(f) - 1) x [depthwise 3x3 s2 -> pointwise 1x1 -> ReLU].
+    Then (B, C, T', F') -> (B, T', C * F') -> Linear -> D. Layer indices in `layers` follow NeMo's
+    `pre_encode.conv` and transformers' Parakeet `subsampling.layers`, so checkpoints map index to index.
+    Padded frames are zeroed before every conv so they never leak into real frames; in causal mode the
+    time axis is padded on the left only (2 frames), which keeps the output length at ceil(L / 2).
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.causal = config.causal
+        self.num_stages = int(math.log2(config.subsampling_factor))
+        channels = config.conv_channels
+        # Non-causal: symmetric padding of 1 on both axes, done by the conv. Causal: time is padded by hand.
+        padding = (0, 1) if self.causal else (1, 1)
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=padding), nn.ReLU()]
+        for _ in range(self.num_stages - 1):
+            if config.subsampling == "dw_striding":
+                layers += [
+                    nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding, groups=channels),
+                    nn.Conv2d(channels, channels, kernel_size=1),
+                    nn.ReLU(),
+                ]
+            else:
+                layers += [nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding), nn.ReLU()]
+        self.layers = nn.ModuleList(layers)
+        freq = config.num_mel_bins
+        for _ in range(self.num_stages):
+            freq = (freq - 1) // 2 + 1
+        self.linear = nn.Linear(channels * freq, config.hidden_size)
+
+    def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_features (B, T, n_mels) from the feature extractor; lengths (B,) valid frames.
+        Returns hidden (B, T', D) and the new lengths (B,)."""
+        hidden = input_features.unsqueeze(1)  # (B, 1, T, F)
+        for layer in self.layers:
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
+                # Zero padding frames right before each strided conv: only its window can reach them.
+                hidden = hidden.masked_fill(lengths_to_padding_mask(lengths, hidden.shape[2])[:, None, :, None], 0.0)
+                if self.causal:
+                    hidden = F.pad(hidden, (0, 0, 2, 0))
+                lengths = subsampled_lengths(lengths, 1)
+            hidden = layer(hidden)
+        batch, channels, steps, freq = hidden.shape
+        hidden = hidden.transpose(1, 2).reshape(batch, steps, channels * freq)  # (B, T', C * F')
+        return self.linear(hidden), lengths
+
+
+class ConformerSslRelPositionalEncoding(nn.Module):
+    """Transformer-XL sinusoidal embeddings of relative distances T'-1 ... -(T'-1) (sin/cos interleaved)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.max_positions = config.max_position_embeddings
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.hidden_size, 2, dtype=torch.float) / config.hidden_size))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns (2 * steps - 1, D): row i is the embedding of distance (steps - 1 - i)."""
+        if steps > self.max_positions:
+            raise ValueError(
+                f"input of {steps} encoder steps exceeds max_position_embeddings={self.max_positions}; "
+                "raise config.max_position_embeddings or chunk the audio"
+            )
+        distance = torch.arange(steps - 1, -steps, -1, device=self.inv_freq.device, dtype=torch.float)
+        angles = distance[:, None] * self.inv_freq[None, :]  # (2T'-1, D/2)
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).to(dtype)
+
+
+class ConformerSslFeedForward(nn.Module):
+    """Linear -> Swish -> dropout -> Linear (the caller halves the residual: macaron)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.attention_bias)
+        self.activation = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.activation_dropout)
+        self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(hidden))))
+
+
+class ConformerSslRelPositionAttention(nn.Module):
+    """Multi-head self-attention with Transformer-XL relative positions (Dai et al. 2019, section 3.3).
+
+    score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r r_(i-j), all divided by sqrt(d_head). The positional term
+    (b + d) is computed once against the 2T'-1 distances and "rel-shifted" into (T', T'); it then enters
+    `scaled_dot_product_attention` as an additive bias together with the padding / causal mask, so the
+    content term (a + c) and the softmax run in the fused kernel.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.relative_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # W_r
+        self.bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # content bias u
+        self.bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # position bias v
+
+    @staticmethod
+    def rel_shift(scores: torch.Tensor) -> torch.Tensor:
+        """(B, H, T', 2T'-1) scores against distances T'-1..-(T'-1) -> (B, H, T', T') scores against key j."""
+        batch, heads, steps, positions = scores.shape
+        scores = F.pad(scores, (1, 0)).view(batch, heads, positions + 1, steps)
+        return scores[:, :, 1:].view(batch, heads, steps, positions)[..., :steps]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (B, T', D); position_embeddings (2T'-1, D); attention_bias (B, 1, T', T') additive
+        (-inf-like where a key is padding or in the future) or None."""
+        batch, steps, _ = hidden.shape
+        shape = (batch, steps, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden).view(shape).transpose(1, 2)  # (B, H, T', d)
+        key = self.k_proj(hidden).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden).view(shape).transpose(1, 2)
+        rel_key = self.relative_k_proj(position_embeddings).view(-1, self.num_heads, self.head_dim)  # (2T'-1, H, d)
+
+        scale = self.head_dim**-0.5
+        # (q + v) . W_r r: one matmul against the shared distance table, no batch copy of it.
+        position_scores = torch.matmul(query + self.bias_v[:, None, :], rel_key.permute(1, 2, 0))  # (B, H, T', 2T'-1)
+        bias = self.rel_shift(position_scores) * scale  # (B, H, T', T')
+        if attention_bias is not None:
+            bias = bias + attention_bias
+        query = query + self.bias_u[:, None, :]
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions:
+            weights = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * scale + bias, dim=-1)
+            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        else:
+            weights = None
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
+        context = context.transpose(1, 2).reshape(batch, steps, -1)  # (B, T', D)
+        return self.o_proj(context), weights
+
+
+class ConformerSslConvModule(nn.Module):
+    """Pointwise (D -> 2D) + GLU -> depthwise conv (k) -> BatchNorm | LayerNorm -> Swish -> pointwise (D -> D).
+
+    Pointwise convs are Linear layers over (B, T', D) (same maths as a 1x1 Conv1d, no transposes). Padding is
+    zeroed right before the depthwise conv, the only place where time steps mix. Causal mode pads k - 1 steps
+    on the left instead of (k - 1) / 2 on each side.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        channels, kernel = config.hidden_size, config.conv_depthwise_kernel_size
+        self.causal_padding = kernel - 1 if config.causal else 0
+        bias = config.convolution_bias
+        self.pointwise_conv1 = nn.Linear(channels, 2 * channels, bias=bias)
+        self.depthwise_conv = nn.Conv1d(
+            channels, channels, kernel, padding=0 if config.causal else (kernel - 1) // 2, groups=channels, bias=bias
+        )
+        self.norm_type = config.conv_norm_type
+        if self.norm_type == "batch_norm":
+            self.norm = nn.BatchNorm1d(channels)
+        else:
+            self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.activation = ACT2FN[config.hidden_act]
+        self.pointwise_conv2 = nn.Linear(channels, channels, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = F.glu(self.pointwise_conv1(hidden), dim=-1)  # (B, T', D)
+        if padding_mask is not None:
+            hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
+        hidden = hidden.transpose(1, 2)  # (B, D, T')
+        if self.causal_padding:
+            hidden = F.pad(hidden, (self.causal_padding, 0))
+        hidden = self.depthwise_conv(hidden)
+        if self.norm_type == "batch_norm":
+            hidden = self.norm(hidden).transpose(1, 2)
+        else:
+            hidden = self.norm(hidden.transpose(1, 2))
+        return self.pointwise_conv2(self.activation(hidden))  # (B, T', D)
+
+
+class ConformerSslLayer(GradientCheckpointingLayer):
+    """Pre-LN macaron Conformer block: x + FF/2 -> + MHSA -> + Conv -> + FF/2 -> LayerNorm (Gulati et al. 2020)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.norm_feed_forward1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.feed_forward1 = ConformerSslFeedForward(config)
+        self.norm_self_att = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.self_attn = ConformerSslRelPositionAttention(config)
+        self.norm_conv = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.conv = ConformerSslConvModule(config)
+        self.norm_feed_forward2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.feed_forward2 = ConformerSslFeedForward(config)
+        self.norm_out = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = hidden + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(hidden)))
+        attended, weights = self.self_attn(
+            self.norm_self_att(hidden), position_embeddings, attention_bias, output_attentions
+        )
+        hidden = hidden + self.dropout(attended)
+        hidden = hidden + self.dropout(self.conv(self.norm_conv(hidden), padding_mask))
+        hidden = hidden + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(hidden)))
+        return self.norm_out(hidden), weights
+
+
+# ----------------------------------------------------------------------------------------------- base
+
+
+@dataclass
+class ConformerSslModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, T', D) output of the last block.
+    hidden_states: num_hidden_layers + 1 tensors (B, T', D): the scaled subsampling output, then every block.
+    attentions: one (B, H, T', T') tensor per block, when asked for.
+    output_lengths: (B,) valid encoder steps per utterance.
+    attention_mask: (B, T') long, 1 on valid encoder steps.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    output_lengths: torch.LongTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+
+
+class ConformerSslPreTrainedModel(PreTrainedModel):
+    config_class = ConformerSslConfig
+    config: ConformerSslConfig
+    base_model_prefix = "conformer"
+    main_input_name = "input_features"
+    input_modalities = "audio"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ConformerSslLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear/Conv normal(0, initializer_range), zero biases, norms to identity
+        if isinstance(module, ConformerSslRelPositionAttention):
+            # NeMo starts u and v at zero: at initialisation attention is content + position without bias.
+            init.zeros_(module.bias_u)
+            init.zeros_(module.bias_v)
+        elif isinstance(module, ConformerSslRelPositionalEncoding):
+            hidden = self.config.hidden_size
+            init.copy_(module.inv_freq, 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float) / hidden)))
+        elif isinstance(module, nn.BatchNorm1d) and module.running_mean is not None:
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+    def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Encoder steps for `input_lengths` feature frames (ceil(L / 2) per stride-2 stage)."""
+        stages = int(math.log2(self.config.subsampling_factor))
+        if isinstance(input_lengths, int):
+            for _ in range(stages):
+                input_lengths = (input_lengths - 1) // 2 + 1
+            return input_lengths
+        return subsampled_lengths(input_lengths, stages)
+
+    def _input_lengths(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.full((input_features.shape[0],), input_features.shape[1], device=input_features.device)
+        return attention_mask.sum(-1).to(torch.long)
+
+
+class ConformerSslModel(ConformerSslPreTrainedModel):
+    """The bare encoder: subsampling -> xscaling -> Conformer blocks. Outputs every layer for probing."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.subsampling = ConformerSslSubsampling(config)
+        self.position_encoding = ConformerSslRelPositionalEncoding(config)
+        self.xscale = math.sqrt(config.hidden_size) if config.xscaling else 1.0
+        self.dropout = nn.Dropout(config.feat_proj_dropout)
+        self.dropout_positions = nn.Dropout(config.dropout_positions)
+        self.layers = nn.ModuleList([ConformerSslLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ConformerSslModelOutput | tuple:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch, frames, num_mel_bins)`):
+            Log-mel features from `ConformerSslFeatureExtractor`.
+        attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
+            1 for real frames, 0 for padding (from the feature extractor).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        lengths = self._input_lengths(input_features, attention_mask)
+        hidden, lengths = self.subsampling(input_features, lengths)  # (B, T', D)
+        hidden = self.dropout(hidden * self.xscale)
+        steps = hidden.shape[1]
+        position_embeddings = self.dropout_positions(self.position_encoding(steps, hidden.dtype))  # (2T'-1, D)
+
+        padding_mask = lengths_to_padding_mask(lengths, steps)  # (B, T')
+        has_padding = bool(padding_mask.any())
+        blocked = padding_mask[:, None, None, :]  # keys that no query may see: (B, 1, 1, T')
+        if self.config.causal:
+            future = torch.ones(steps, steps, dtype=torch.bool, device=hidden.device).triu(1)
+            blocked = blocked | future
+        attention_bias = None
+        if has_padding or self.config.causal:
+            # A large finite negative (not -inf): padded query rows stay finite and are zeroed downstream anyway.
+            attention_bias = torch.zeros(blocked.shape, dtype=hidden.dtype, device=hidden.device)
+            attention_bias = attention_bias.masked_fill(blocked, torch.finfo(hidden.dtype).min)
+        conv_padding_mask = padding_mask if has_padding else None
+
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if self.training and self.config.layerdrop > 0 and torch.rand([]) < self.config.layerdrop:
+                layer_out = (hidden, None)  # LayerDrop (Fan et al. 2019): skip the whole block
+            else:
+                layer_out = layer(hidden, position_embeddings, attention_bias, conv_padding_mask, output_attentions)
+            hidden = layer_out[0]
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_attentions += (layer_out[1],)
+
+        output_mask = (~padding_mask).long()
+        if not return_dict:
+            return tuple(v for v in (hidden, all_hidden, all_attentions, lengths, output_mask) if v is not None)
+        return ConformerSslModelOutput(
+            last_hidden_state=hidden,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+            output_lengths=lengths,
+            attention_mask=output_mask,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- heads
+
+
+class ConformerSslForCTC(ConformerSslPreTrainedModel):
+    """Encoder + dropout + linear over the vocabulary, trained with CTC (blank = `config.pad_token_id`)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise ValueError(
+                "ConformerSslConfig.vocab_size=None: a CTC head needs the vocabulary size. Build the tokenizer "
+                "first and pass `vocab_size=len(tokenizer)` (and `pad_token_id=tokenizer.pad_token_id`, the blank)."
+            )
+        self.conformer = ConformerSslModel(config)
+        self.dropout = nn.Dropout(config.final_dropout)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def freeze_base_model(self) -> None:
+        """Freeze the encoder so only the CTC head trains (linear probing, or the first fine-tuning steps)."""
+        for param in self.conformer.parameters():
+            param.requires_grad = False
+
+    def unfreeze_base_model(self) -> None:
+        for param in self.conformer.parameters():
+            param.requires_grad = True
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, target_length)`, *optional*):
+            Token ids of the transcripts (from the tokenizer), padded with -100.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.conformer(
+            input_features,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(self.dropout(outputs.last_hidden_state))  # (B, T', V)
+
+        loss = None
+        if labels is not None:
+            if labels.max() >= self.config.vocab_size:
+                raise ValueError(f"labels contain id {int(labels.max())} >= vocab_size={self.config.vocab_size}")
+            target_mask = labels >= 0
+            target_lengths = target_mask.sum(-1)
+            targets = labels.masked_select(target_mask)
+            # CTC in fp32 even under autocast: log-probabilities of long sequences underflow in half precision.
+            log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)  # (T', B, V)
+            with torch.backends.cudnn.flags(enabled=False):
+                loss = F.ctc_loss(
+                    log_probs,
+                    targets,
+                    outputs.output_lengths,
+                    target_lengths,
+                    blank=self.config.pad_token_id,
+                    reduction=self.config.ctc_loss_reduction,
+                    zero_infinity=self.config.ctc_zero_infinity,
+                )
+
+        if not return_dict:
+            output = (logits, outputs.hidden_states, outputs.attentions)
+            output = tuple(v for v in output if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
+    """Utterance classification (speaker, keyword, intent): optional learned weighted sum of all layers
+    (SUPERB-style probing), projection, mean pooling over valid steps, linear classifier."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.conformer = ConformerSslModel(config)
+        num_layers = config.num_hidden_layers + 1  # subsampling output + every block
+        if config.use_weighted_layer_sum:
+            self.layer_weights = nn.Parameter(torch.ones(num_layers) / num_layers)
+        self.projector = nn.Linear(config.hidden_size, config.classifier_proj_size)
+        self.classifier = nn.Linear(config.classifier_proj_size, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self and self.config.use_weighted_layer_sum:
+            init.constant_(self.layer_weights, 1.0 / (self.config.num_hidden_layers + 1))
+
+    def freeze_base_model(self) -> None:
+        for param in self.conformer.parameters():
+            param.requires_grad = False
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*): class ids (or float targets for regression).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        want_hidden = True if self.config.use_weighted_layer_sum else output_hidden_states
+        outputs = self.conformer(
+            input_features,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=want_hidden,
+            return_dict=True,
+        )
+        if self.config.use_weighted_layer_sum:
+            stacked = torch.stack(outputs.hidden_states, dim=1)  # (B, L + 1, T', D)
+            weights = torch.softmax(self.layer_weights, dim=-1)
+            hidden = (stacked * weights[None, :, None, None]).sum(dim=1)
+        else:
+            hidden = outputs.last_hidden_state
+        hidden = self.projector(hidden)  # (B, T', P)
+        valid = outputs.attention_mask[..., None].to(hidden.dtype)  # (B, T', 1)
+        pooled = (hidden * valid).sum(1) / valid.sum(1).clamp(min=1.0)  # mean over valid steps only
+        logits = self.classifier(pooled)
+
+        loss = None
+        if labels is not None:
+            loss = self._classification_loss(logits, labels)
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = tuple(v for v in (logits, hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions
+        )
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.config.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.float().view(-1, self.config.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+# ConformerSslForPreTraining goes here (objectives: contrastive, mlm, bestrq, hubert, reconstruction, apc, cpc).
+
+
+__all__ = [
+    "ConformerSslPreTrainedModel",
+    "ConformerSslModel",
+    "ConformerSslForCTC",
+    "ConformerSslForSequenceClassification",
+]
