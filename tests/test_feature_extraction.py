@@ -3,11 +3,13 @@ refusals of bad input, dither, and save/load. Audio is speech-like and read back
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import ParakeetFeatureExtractor
+from transformers import AutoFeatureExtractor, ParakeetFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 from transformers.testing_utils import CaptureLogger
 
@@ -163,6 +165,16 @@ def test_save_and_load_round_trip(extractor, utterances, tmp_path):
     b = loaded(utterances, sampling_rate=SR, return_tensors="pt")["input_features"]
     assert a.shape[-1] == 64
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_auto_feature_extractor_and_hub_files(tmp_path):
+    """Saving writes this module next to the config (for trust_remote_code) and AutoFeatureExtractor finds it."""
+    # (importing hf_ssl_speech, as this module does, registers the Auto classes)
+    ConformerSslFeatureExtractor().save_pretrained(tmp_path)
+    assert (tmp_path / "feature_extraction_conformer_ssl.py").is_file()
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["auto_map"]["AutoFeatureExtractor"] == "feature_extraction_conformer_ssl.ConformerSslFeatureExtractor"
+    assert type(AutoFeatureExtractor.from_pretrained(tmp_path)) is ConformerSslFeatureExtractor
 
 
 def test_refuses_wrong_sampling_rate(extractor, utterances):
