@@ -50,8 +50,15 @@ class ConformerSslSubsampling(nn.Module):
     `dw_striding`: Conv2d 3x3 s2 -> ReLU, then (log2(f) - 1) x [depthwise 3x3 s2 -> pointwise 1x1 -> ReLU].
     Then (B, C, T', F') -> (B, T', C * F') -> Linear -> D. Layer indices in `layers` follow NeMo's
     `pre_encode.conv` and transformers' Parakeet `subsampling.layers`, so checkpoints map index to index.
-    Padded frames are zeroed before every conv so they never leak into real frames; in causal mode the
-    time axis is padded on the left only (2 frames), which keeps the output length at ceil(L / 2).
+
+    Padded frames are zeroed after every conv (before its ReLU: ReLU(0) = 0), so they never leak into real
+    frames. In causal mode the time axis is padded on the left only (2 frames), which keeps the output length
+    at ceil(L / 2) while each output step sees only current and past frames.
+
+    Speed (this front end dominates a FastConformer's cost on CPU): activations stay channels-last
+    (B, T, F, C) throughout; the 1-channel first conv is a (patches x 9) @ (9 x C) matmul, the 1x1 convs are
+    matmuls, masking and ReLU run in place, and the final flatten permutes the small Linear weight instead of
+    the large activation. The parameters keep their Conv2d shapes and meaning.
     """
 
     def __init__(self, config: ConformerSslConfig):
@@ -59,39 +66,80 @@ class ConformerSslSubsampling(nn.Module):
         self.causal = config.causal
         self.num_stages = int(math.log2(config.subsampling_factor))
         channels = config.conv_channels
-        # Non-causal: symmetric padding of 1 on both axes, done by the conv. Causal: time is padded by hand.
-        padding = (0, 1) if self.causal else (1, 1)
-        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=padding), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
         for _ in range(self.num_stages - 1):
             if config.subsampling == "dw_striding":
                 layers += [
-                    nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding, groups=channels),
+                    nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1, groups=channels),
                     nn.Conv2d(channels, channels, kernel_size=1),
                     nn.ReLU(),
                 ]
             else:
-                layers += [nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding), nn.ReLU()]
+                layers += [nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
         self.layers = nn.ModuleList(layers)
         freq = config.num_mel_bins
         for _ in range(self.num_stages):
             freq = (freq - 1) // 2 + 1
+        self.out_freq = freq
         self.linear = nn.Linear(channels * freq, config.hidden_size)
+
+    def _time_padding(self) -> tuple[int, int]:
+        return (2, 0) if self.causal else (1, 1)
+
+    def _first_conv(self, features: torch.Tensor) -> torch.Tensor:
+        """Conv2d(1 -> C, 3x3, stride 2) as a matmul over 3x3 patches. (B, T, F) -> (B, T1, F1, C)."""
+        conv = self.layers[0]
+        padded = F.pad(features, (1, 1, *self._time_padding()))  # (B, T + 2, F + 2)
+        patches = padded.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T1, F1, 3, 3), a view
+        patches = patches.reshape(*patches.shape[:3], 9)
+        return torch.addmm(conv.bias, patches.reshape(-1, 9), conv.weight.view(conv.out_channels, 9).t()).view(
+            *patches.shape[:3], conv.out_channels
+        )
+
+    def _strided_conv(self, conv: nn.Conv2d, hidden: torch.Tensor) -> torch.Tensor:
+        """3x3 stride-2 conv (full or depthwise) on channels-last (B, T, F, C) -> (B, T', F', C)."""
+        nchw = hidden.permute(0, 3, 1, 2)  # a channels-last view of (B, C, T, F)
+        if self.causal:
+            nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
+            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=(0, 1), groups=conv.groups)
+        else:
+            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=1, groups=conv.groups)
+        return out.permute(0, 2, 3, 1)  # channels-last memory: (B, T', F', C) is contiguous
+
+    @staticmethod
+    def _mask_(hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Zero the padded time steps of a fresh conv output (B, T, F, C), in place."""
+        if lengths is not None:
+            hidden.masked_fill_(lengths_to_padding_mask(lengths, hidden.shape[1])[:, :, None, None], 0.0)
+        return hidden
 
     def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_features (B, T, n_mels) from the feature extractor; lengths (B,) valid frames.
         Returns hidden (B, T', D) and the new lengths (B,)."""
-        hidden = input_features.unsqueeze(1)  # (B, 1, T, F)
-        for layer in self.layers:
-            if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
-                # Zero padding frames right before each strided conv: only its window can reach them.
-                hidden = hidden.masked_fill(lengths_to_padding_mask(lengths, hidden.shape[2])[:, None, :, None], 0.0)
-                if self.causal:
-                    hidden = F.pad(hidden, (0, 0, 2, 0))
-                lengths = subsampled_lengths(lengths, 1)
-            hidden = layer(hidden)
-        batch, channels, steps, freq = hidden.shape
-        hidden = hidden.transpose(1, 2).reshape(batch, steps, channels * freq)  # (B, T', C * F')
-        return self.linear(hidden), lengths
+        padded = bool((lengths < input_features.shape[1]).any())
+        if padded:
+            input_features = input_features.masked_fill(
+                lengths_to_padding_mask(lengths, input_features.shape[1])[..., None], 0.0
+            )
+        lengths = subsampled_lengths(lengths, 1)
+        hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
+        index = 2
+        while index < len(self.layers):
+            conv = self.layers[index]
+            lengths = subsampled_lengths(lengths, 1)
+            hidden = self._mask_(self._strided_conv(conv, hidden), lengths if padded else None)
+            index += 1
+            if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
+                pointwise = self.layers[index]
+                hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
+                hidden = self._mask_(hidden, lengths if padded else None)
+                index += 1
+            hidden = hidden.relu_()
+            index += 1  # the ReLU module
+        batch, steps, freq, channels = hidden.shape
+        # NeMo flattens (C, F) channel-major; permute the Linear's columns to our (F, C) order instead.
+        weight = self.linear.weight.view(-1, channels, freq).transpose(1, 2).reshape(-1, freq * channels)
+        return F.linear(hidden.reshape(batch, steps, freq * channels), weight, self.linear.bias), lengths
 
 
 class ConformerSslRelPositionalEncoding(nn.Module):
@@ -154,10 +202,17 @@ class ConformerSslRelPositionAttention(nn.Module):
 
     @staticmethod
     def rel_shift(scores: torch.Tensor) -> torch.Tensor:
-        """(B, H, T', 2T'-1) scores against distances T'-1..-(T'-1) -> (B, H, T', T') scores against key j."""
+        """(B, H, T', 2T'-1) scores against distances T'-1..-(T'-1) -> (B, H, T', T') scores against key j.
+
+        Query i and key j are at distance i - j, stored in column (T'-1) - (i - j): row i of the result starts
+        at flat offset i * (2T'-1) + T'-1 - i = i * (2T'-2) + T'-1. That is a strided view: no copy.
+        """
+        scores = scores.contiguous()
         batch, heads, steps, positions = scores.shape
-        scores = F.pad(scores, (1, 0)).view(batch, heads, positions + 1, steps)
-        return scores[:, :, 1:].view(batch, heads, steps, positions)[..., :steps]
+        stride = scores.stride()
+        return scores.as_strided(
+            (batch, heads, steps, steps), (stride[0], stride[1], positions - 1, 1), scores.storage_offset() + steps - 1
+        )
 
     def forward(
         self,
@@ -176,11 +231,11 @@ class ConformerSslRelPositionAttention(nn.Module):
         rel_key = self.relative_k_proj(position_embeddings).view(-1, self.num_heads, self.head_dim)  # (2T'-1, H, d)
 
         scale = self.head_dim**-0.5
-        # (q + v) . W_r r: one matmul against the shared distance table, no batch copy of it.
-        position_scores = torch.matmul(query + self.bias_v[:, None, :], rel_key.permute(1, 2, 0))  # (B, H, T', 2T'-1)
-        bias = self.rel_shift(position_scores) * scale  # (B, H, T', T')
-        if attention_bias is not None:
-            bias = bias + attention_bias
+        # (q + v) . W_r r / sqrt(d): one matmul against the shared distance table, no batch copy of it.
+        position_query = (query + self.bias_v[:, None, :]) * scale
+        position_scores = torch.matmul(position_query, rel_key.permute(1, 2, 0))  # (B, H, T', 2T'-1)
+        bias = self.rel_shift(position_scores)  # (B, H, T', T') view
+        bias = bias + attention_bias if attention_bias is not None else bias.contiguous()
         query = query + self.bias_u[:, None, :]
         dropout = self.dropout if self.training else 0.0
         if output_attentions:
@@ -258,13 +313,13 @@ class ConformerSslLayer(GradientCheckpointingLayer):
         padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden = hidden + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(hidden)))
+        hidden = torch.add(hidden, self.dropout(self.feed_forward1(self.norm_feed_forward1(hidden))), alpha=0.5)
         attended, weights = self.self_attn(
             self.norm_self_att(hidden), position_embeddings, attention_bias, output_attentions
         )
         hidden = hidden + self.dropout(attended)
         hidden = hidden + self.dropout(self.conv(self.norm_conv(hidden), padding_mask))
-        hidden = hidden + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(hidden)))
+        hidden = torch.add(hidden, self.dropout(self.feed_forward2(self.norm_feed_forward2(hidden))), alpha=0.5)
         return self.norm_out(hidden), weights
 
 
