@@ -625,7 +625,358 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-# ConformerSslForPreTraining goes here (objectives: contrastive, mlm, bestrq, hubert, reconstruction, apc, cpc).
+# ----------------------------------------------------------------------------------------------- pretraining
+# ConformerSslForPreTraining (objectives: contrastive, mlm, bestrq, hubert, reconstruction, apc, cpc).
+# Its imports sit here, next to the only class that uses them.
+
+from .losses import (  # noqa: E402
+    LossOutput,
+    apc_loss,
+    contrastive_loss,
+    cpc_loss,
+    diversity_loss,
+    masked_prediction_loss,
+    reconstruction_loss,
+)
+from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask, sample_negatives  # noqa: E402
+from .targets import GumbelVectorQuantizer, RandomProjectionQuantizer, stack_frames  # noqa: E402
+
+# Masked objectives read the masked input and predict at masked steps; autoregressive ones read the clean
+# input through the causal encoder and predict the future.
+MASKED_OBJECTIVES = ("contrastive", "mlm", "bestrq", "hubert", "reconstruction")
+AUTOREGRESSIVE_OBJECTIVES = ("apc", "cpc")
+DEFAULT_OBJECTIVES = {"bestrq": {"weight": 1.0, "start_step": 0, "layer": -1}}  # NEST, when config.objectives is None
+
+
+@dataclass
+class ConformerSslForPreTrainingOutput(ModelOutput):
+    """
+    loss: scalar, sum over the active objectives of weight * loss_sum / loss_count with this batch's own
+        counts (what `Trainer` back-propagates). For normalisation by the global count across processes and
+        accumulation steps, use the dicts below with `ConformerSslForPreTraining.combine_losses`.
+    loss_sums: objective -> differentiable float32 sum over its targets ("diversity" is wav2vec2's codebook
+        penalty, attached to contrastive or mlm).
+    loss_counts: objective -> float32 number of targets in that sum (masked steps, pairs, or elements).
+    loss_weights: objective -> its weight (objectives before their start step are absent from all dicts).
+    objective_losses: objective -> detached loss_sum / loss_count.
+    metrics: detached scalars: `<objective>_accuracy` and `<objective>_correct` (a sum over the objective's
+        count), `codebook_perplexity` / `codebook_usage` (Gumbel), `bestrq_perplexity` / `bestrq_usage`
+        (fraction of codes used), `masked_frame_fraction`, `masked_tokens`.
+    hidden_states: encoder hidden states when asked for (those of the masked pass when both passes run).
+    mask_time_indices: (B, T) bool frame mask used (None without masked objectives).
+    token_mask: (B, T') bool masked encoder steps.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_sums: dict[str, torch.Tensor] | None = None
+    loss_counts: dict[str, torch.Tensor] | None = None
+    loss_weights: dict[str, float] | None = None
+    objective_losses: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    mask_time_indices: torch.BoolTensor | None = None
+    token_mask: torch.BoolTensor | None = None
+
+
+class _LossBook:
+    """Collects each objective's (sum, count, weight) and its metrics during one forward."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, result: LossOutput, weight: float) -> None:
+        self.sums[name], self.counts[name], self.weights[name] = result.loss_sum, result.count, float(weight)
+        if "correct" in result.metrics:
+            self.metrics[f"{name}_correct"] = result.metrics["correct"]
+            self.metrics[f"{name}_accuracy"] = result.metrics["correct"] / result.count.clamp(min=1.0)
+
+
+class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
+    """Encoder + the self-supervised objectives of `config.objectives` (DESIGN §4), weighted and scheduled.
+
+    Masked objectives (contrastive, mlm, bestrq, hubert, reconstruction) mask the log-mel frames before the
+    encoder (`config.mask_strategy`), fill them with `masked_spec_embed` or N(0, 0.1) noise (`mask_fill`),
+    and predict targets built from the clean features stacked by `subsampling_factor` at the masked encoder
+    steps (a step is masked when `mask_token_threshold` of its frames are). Autoregressive objectives (apc,
+    cpc) read the clean features through the causal encoder. A recipe mixing both runs the encoder twice.
+    `config.objectives=None` means BEST-RQ alone (the NEST recipe).
+    """
+
+    # The random-projection codebooks must stay float32 even when the model is loaded in fp16 / bf16.
+    _keep_in_fp32_modules_strict = ["bestrq_quantizer"]
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.conformer = ConformerSslModel(config)
+        self.objectives = dict(config.objectives or DEFAULT_OBJECTIVES)
+        names = set(self.objectives)
+        hidden = config.hidden_size
+        stacked_dim = config.subsampling_factor * config.num_mel_bins
+        if names & set(MASKED_OBJECTIVES) and config.mask_fill == "learned":
+            self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins).uniform_())
+        if names & {"contrastive", "mlm"}:
+            self.quantizer = GumbelVectorQuantizer(
+                stacked_dim, config.num_codevector_groups, config.num_codevectors_per_group, config.codevector_dim
+            )
+        if "contrastive" in names:
+            target_width = config.codevector_dim if config.contrastive_target == "quantized" else stacked_dim
+            self.project_q = nn.Linear(target_width, config.proj_codevector_dim)
+            self.project_hid = nn.Linear(hidden, config.proj_codevector_dim)
+        if "mlm" in names:
+            # One class per combination of group codes (NeMo: V^G classes, 90k for 2 x 300).
+            self.mlm_head = nn.Linear(hidden, config.num_codevectors_per_group**config.num_codevector_groups)
+        if "bestrq" in names:
+            self.bestrq_quantizer = RandomProjectionQuantizer(
+                stacked_dim, config.bestrq_codebook_dim, config.bestrq_codebook_size, config.bestrq_num_codebooks
+            )
+            self.bestrq_head = nn.Linear(hidden, config.bestrq_num_codebooks * config.bestrq_codebook_size)
+        if "hubert" in names:
+            self.hubert_head = nn.Linear(hidden, config.hubert_num_labels)
+        if "reconstruction" in names:
+            self.reconstruction_head = nn.Linear(hidden, stacked_dim)
+        if "apc" in names:
+            self.apc_head = nn.Linear(hidden, stacked_dim)
+        if "cpc" in names:
+            self.cpc_predictors = nn.Linear(hidden, config.cpc_steps * hidden, bias=False)  # W_1 .. W_k stacked
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self and hasattr(self, "masked_spec_embed"):
+            init.uniform_(self.masked_spec_embed)
+        elif isinstance(module, GumbelVectorQuantizer):
+            init.uniform_(module.codevectors)
+        elif isinstance(module, RandomProjectionQuantizer):
+            # Takes effect only for buffers a checkpoint lacks: loaded tensors are flagged as initialised.
+            projection, codebooks = module.draw_buffers()
+            init.copy_(module.projection, projection)
+            init.copy_(module.codebooks, codebooks)
+
+    @staticmethod
+    def combine_losses(
+        loss_sums: dict[str, torch.Tensor],
+        loss_counts: dict[str, torch.Tensor],
+        loss_weights: dict[str, float],
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """sum_o weight_o * sum_o / count_o * scale (an objective with count 0 contributes 0).
+
+        Normalising once by the GLOBAL count, with N processes under DDP (which averages gradients):
+            counts = {o: accelerator.reduce(c.detach(), "sum") for o, c in out.loss_counts.items()}
+            loss = model.combine_losses(out.loss_sums, counts, out.loss_weights, scale=N)
+        With gradient accumulation, also sum the counts over the step's micro-batches (or, approximately,
+        divide each micro-batch's loss by the number of micro-batches). Accuracy is normalised the same way:
+        all-reduce `metrics["<objective>_correct"]` and the counts.
+        """
+        total = None
+        for name, value in loss_sums.items():
+            term = loss_weights[name] * value / loss_counts[name].clamp(min=1.0) * scale
+            total = term if total is None else total + term
+        return total
+
+    @staticmethod
+    def step_labels(frame_labels: torch.Tensor, lengths: torch.Tensor, factor: int, steps: int) -> torch.Tensor:
+        """Frame-rate labels (B, T) -> (B, steps): the label of each step's middle valid frame, -100 past the end."""
+        step = torch.arange(steps, device=frame_labels.device)
+        frame = torch.minimum(step[None, :] * factor + factor // 2, (lengths - 1).clamp(min=0)[:, None])
+        labels = torch.gather(frame_labels, 1, frame.clamp(max=frame_labels.shape[1] - 1))  # (B, steps)
+        step_lengths = torch.div(lengths + factor - 1, factor, rounding_mode="floor")
+        return labels.masked_fill(step[None, :] >= step_lengths[:, None], -100)
+
+    def _hidden(self, hidden_states: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
+        """The hidden state an objective reads (`layer` of its spec: -1 last block, 0 subsampling output)."""
+        return hidden_states[self.objectives[name]["layer"]]
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None,
+        sampled_negative_indices: torch.Tensor | None = None,
+        frame_labels: torch.Tensor | None = None,
+        target_features: torch.Tensor | None = None,
+        gumbel_temperature: float = 2.0,
+        step: int | None = None,
+        generator: torch.Generator | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ConformerSslForPreTrainingOutput | tuple:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch, frames, num_mel_bins)`):
+            Log-mel features from `ConformerSslFeatureExtractor` (the noisy ones when denoising).
+        attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*): 1 = real frame.
+        mask_time_indices (`torch.BoolTensor` of shape `(batch, frames)`, *optional*):
+            Explicit frame mask (True = masked; padding is ignored) instead of drawing one.
+        sampled_negative_indices (`torch.LongTensor` of shape `(batch, steps, num_negatives)`, *optional*):
+            Explicit contrastive distractors: encoder-step indices into the same utterance, -1 = none.
+        frame_labels (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
+            Frame-rate labels for the hubert objective (from the collator, -100 padded).
+        target_features (`torch.FloatTensor` like `input_features`, *optional*):
+            Clean features the targets are built from (NEST denoising); default `input_features`.
+        gumbel_temperature (`float`): the Gumbel-softmax temperature of this step (the loop's 2 -> 0.5 decay).
+        step (`int`, *optional*): training step; objectives whose `start_step` is later are skipped. None = all.
+        generator (`torch.Generator`, *optional*): randomness of masks, noise fill, negatives and Gumbel noise
+            (a seeded one gives fixed validation masks).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        active = {n: s for n, s in self.objectives.items() if step is None or step >= s["start_step"]}
+        lengths = self._input_lengths(input_features, attention_mask)  # (B,) frames
+        clean = input_features if target_features is None else target_features
+        stacked, step_lengths = stack_frames(clean, lengths, self.config.subsampling_factor)  # (B, T', f * F)
+        book = _LossBook()
+        frame_mask = token_mask = hidden_states = None
+
+        if any(name in MASKED_OBJECTIVES for name in active):
+            frame_mask, token_mask, hidden_states = self._masked_objectives(
+                book, active, input_features, attention_mask, lengths, stacked, step_lengths, mask_time_indices,
+                sampled_negative_indices, frame_labels, gumbel_temperature, generator,
+            )  # fmt: skip
+        if any(name in AUTOREGRESSIVE_OBJECTIVES for name in active):
+            clean_hidden = self._autoregressive_objectives(book, active, input_features, attention_mask, stacked,
+                                                           step_lengths, generator)  # fmt: skip
+            hidden_states = clean_hidden if hidden_states is None else hidden_states
+
+        if book.sums:
+            loss = self.combine_losses(book.sums, book.counts, book.weights)
+        else:  # every objective waits for its start step: a zero that still back-propagates
+            loss = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        objective_losses = {n: (book.sums[n] / book.counts[n].clamp(min=1.0)).detach() for n in book.sums}
+        hidden_out = hidden_states if output_hidden_states else None
+        fields = (loss, book.sums, book.counts, book.weights, objective_losses, book.metrics, hidden_out,
+                  frame_mask, token_mask)  # fmt: skip
+        if not return_dict:
+            return fields
+        return ConformerSslForPreTrainingOutput(*fields)
+
+    def _masked_objectives(
+        self,
+        book: _LossBook,
+        active: dict[str, dict],
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        lengths: torch.Tensor,
+        stacked: torch.Tensor,
+        step_lengths: torch.Tensor,
+        mask_time_indices: torch.Tensor | None,
+        sampled_negative_indices: torch.Tensor | None,
+        frame_labels: torch.Tensor | None,
+        gumbel_temperature: float,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Mask, encode once, and add every active masked objective to `book`. Returns the masks and states."""
+        config = self.config
+        frames = input_features.shape[1]
+        valid_frames = torch.arange(frames, device=input_features.device)[None, :] < lengths[:, None]
+        if mask_time_indices is None:
+            frame_mask = compute_frame_mask(
+                config.mask_strategy, lengths, frames, config.mask_time_prob, config.mask_time_length,
+                config.mask_time_min_masks, generator,
+            )  # fmt: skip
+        else:
+            frame_mask = mask_time_indices.to(device=input_features.device, dtype=torch.bool) & valid_frames
+        token_mask = frame_to_token_mask(frame_mask, lengths, config.subsampling_factor, config.mask_token_threshold)
+        embed = getattr(self, "masked_spec_embed", None)
+        masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
+        encoded = self.conformer(masked_input, attention_mask=attention_mask, output_hidden_states=True)
+        if not torch.equal(encoded.output_lengths, step_lengths):
+            raise RuntimeError(
+                f"encoder output lengths {encoded.output_lengths.tolist()} differ from ceil(frames / "
+                f"subsampling_factor) = {step_lengths.tolist()}: targets would be misaligned."
+            )
+        hidden_states = encoded.hidden_states
+        b, t = token_mask.nonzero(as_tuple=True)  # the N masked steps
+        num_masked = token_mask.sum().float()
+        book.metrics["masked_frame_fraction"] = (frame_mask.sum() / lengths.sum().clamp(min=1)).float().detach()
+        book.metrics["masked_tokens"] = num_masked.detach()
+
+        quantized = None
+        if "contrastive" in active or "mlm" in active:
+            quantized = self.quantizer(stacked, gumbel_temperature, selected=token_mask, generator=generator)
+            book.metrics["codebook_perplexity"] = quantized.perplexity.detach()
+            book.metrics["codebook_usage"] = quantized.codes_used.detach()
+            # wav2vec2's diversity penalty keeps the Gumbel codes in use; weighted with the objective that owns it.
+            owner = active.get("contrastive", active.get("mlm"))
+            diversity = diversity_loss(quantized.marginal_probs, num_masked)
+            book.add("diversity", diversity, config.diversity_loss_weight * owner["weight"])
+        if "contrastive" in active:
+            if config.contrastive_target == "quantized":
+                targets, target_ids = self.project_q(quantized.codevectors), quantized.code_ids
+            else:
+                targets, target_ids = self.project_q(stacked), None
+            predictions = self.project_hid(self._hidden(hidden_states, "contrastive"))  # (B, T', P)
+            if sampled_negative_indices is None:
+                negatives, negative_valid = sample_negatives(token_mask, config.num_negatives, generator)
+            else:
+                negatives = sampled_negative_indices.clamp(min=0)
+                negative_valid = (sampled_negative_indices >= 0) & token_mask[..., None]
+            result = contrastive_loss(predictions, targets, token_mask, negatives, negative_valid,
+                                      config.contrastive_logits_temperature, target_ids)  # fmt: skip
+            book.add("contrastive", result, active["contrastive"]["weight"])
+        if "mlm" in active:
+            ids = quantized.greedy_ids[b, t]  # (N, G)
+            groups = config.num_codevector_groups
+            place = config.num_codevectors_per_group ** torch.arange(groups - 1, -1, -1, device=ids.device)
+            logits = self.mlm_head(self._hidden(hidden_states, "mlm")[b, t])
+            book.add("mlm", masked_prediction_loss(logits, (ids * place).sum(-1)), active["mlm"]["weight"])
+        if "bestrq" in active:
+            codes = self.bestrq_quantizer(stacked, step_lengths, selected=token_mask)
+            book.metrics["bestrq_perplexity"] = codes.perplexity.detach()
+            book.metrics["bestrq_usage"] = codes.codes_used.detach()
+            logits = self.bestrq_head(self._hidden(hidden_states, "bestrq")[b, t])
+            logits = logits.view(-1, config.bestrq_num_codebooks, config.bestrq_codebook_size)
+            book.add("bestrq", masked_prediction_loss(logits, codes.code_ids[b, t]), active["bestrq"]["weight"])
+        if "hubert" in active:
+            if frame_labels is None:
+                raise ValueError(
+                    "objective 'hubert' needs frame_labels (batch, frames), -100 padded: add `frame_labels` to "
+                    "the manifest (scripts/make_kmeans_labels.py writes them)."
+                )
+            labels = self.step_labels(frame_labels.to(input_features.device).long(), lengths,
+                                      config.subsampling_factor, token_mask.shape[1])  # fmt: skip
+            if int(labels.max()) >= config.hubert_num_labels:
+                raise ValueError(
+                    f"frame_labels contain {int(labels.max())} >= ConformerSslConfig.hubert_num_labels="
+                    f"{config.hubert_num_labels}: set hubert_num_labels to the number of clusters."
+                )
+            logits = self.hubert_head(self._hidden(hidden_states, "hubert")[b, t])
+            book.add("hubert", masked_prediction_loss(logits, labels[b, t]), active["hubert"]["weight"])
+        if "reconstruction" in active:
+            predictions = self.reconstruction_head(self._hidden(hidden_states, "reconstruction")[b, t])
+            result = reconstruction_loss(predictions, stacked[b, t], config.reconstruction_loss)
+            book.add("reconstruction", result, active["reconstruction"]["weight"])
+        return frame_mask, token_mask, hidden_states
+
+    def _autoregressive_objectives(
+        self,
+        book: _LossBook,
+        active: dict[str, dict],
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        stacked: torch.Tensor,
+        step_lengths: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Encode the clean input causally (config.causal is required) and add apc / cpc to `book`."""
+        config = self.config
+        encoded = self.conformer(input_features, attention_mask=attention_mask, output_hidden_states=True)
+        hidden_states = encoded.hidden_states
+        if "apc" in active:
+            predictions = self.apc_head(self._hidden(hidden_states, "apc"))  # (B, T', f * F): frame t + n
+            book.add("apc", apc_loss(predictions, stacked, step_lengths, config.apc_shift), active["apc"]["weight"])
+        if "cpc" in active:
+            context = self._hidden(hidden_states, "cpc")  # c_t from causal context
+            latents = hidden_states[0]  # z_t: the subsampling output (CPC's g_enc)
+            b, t, d = context.shape
+            step_predictions = self.cpc_predictors(context).view(b, t, config.cpc_steps, d).permute(2, 0, 1, 3)
+            valid_steps = torch.arange(t, device=context.device)[None, :] < step_lengths[:, None]
+            negatives, negative_valid = sample_negatives(valid_steps, config.cpc_num_negatives, generator)
+            result = cpc_loss(step_predictions, latents, step_lengths, negatives, negative_valid)
+            book.add("cpc", result, active["cpc"]["weight"])
+        return hidden_states
 
 
 __all__ = [
@@ -633,4 +984,6 @@ __all__ = [
     "ConformerSslModel",
     "ConformerSslForCTC",
     "ConformerSslForSequenceClassification",
+    "ConformerSslForPreTraining",
+    "ConformerSslForPreTrainingOutput",
 ]

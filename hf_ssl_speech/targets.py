@@ -65,6 +65,8 @@ class QuantizerOutput:
         input of the diversity loss) or None.
     perplexity: sum over groups of exp(entropy of the marginal) (soft for Gumbel, hard for random projection).
     codes_used: fraction of all codes picked (hard ids) at least once among the selected steps.
+    greedy_ids: (batch, T, groups) argmax of the noise-free code logits (Gumbel: stable MLM targets; equals
+        code_ids in eval and for the random-projection quantizer).
     """
 
     codevectors: torch.Tensor | None
@@ -72,6 +74,7 @@ class QuantizerOutput:
     marginal_probs: torch.Tensor | None
     perplexity: torch.Tensor
     codes_used: torch.Tensor
+    greedy_ids: torch.Tensor | None = None
 
 
 def _perplexity(marginal: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,8 @@ class GumbelVectorQuantizer(nn.Module):
             codevectors = torch.einsum("btgv,gvd->btgd", weights, self.codevectors.float())
         codevectors = codevectors.reshape(batch, steps, -1)
         _, codes_used = _hard_usage(code_ids, selected, self.num_codes)
-        return QuantizerOutput(codevectors, code_ids, marginal, perplexity, codes_used)
+        greedy_ids = logits.argmax(dim=-1) if self.training else code_ids
+        return QuantizerOutput(codevectors, code_ids, marginal, perplexity, codes_used, greedy_ids)
 
 
 class RandomProjectionQuantizer(nn.Module):
@@ -189,17 +193,29 @@ class RandomProjectionQuantizer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        self.input_dim = input_dim
+        self.codebook_dim = codebook_dim
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
         self.normalize_input = normalize_input
-        # Xavier-normal projection (BEST-RQ): std = sqrt(2 / (fan_in + fan_out)).
-        std = (2.0 / (input_dim + codebook_dim)) ** 0.5
-        projection = torch.randn(num_codebooks, input_dim, codebook_dim, generator=generator) * std
-        codebooks = torch.randn(num_codebooks, codebook_size, codebook_dim, generator=generator)
-        codebooks = codebooks / codebooks.norm(dim=-1, keepdim=True)
+        projection, codebooks = self.draw_buffers(generator)
         # Persistent float32 buffers: saved in the checkpoint, never trained, identical after reload.
-        self.register_buffer("projection", projection.float(), persistent=True)
-        self.register_buffer("codebooks", codebooks.float(), persistent=True)
+        self.register_buffer("projection", projection, persistent=True)
+        self.register_buffer("codebooks", codebooks, persistent=True)
+
+    def draw_buffers(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh (projection (books, input_dim, dim), unit codebooks (books, codes, dim)), float32.
+
+        Used at construction and by the model's `_init_weights` when a checkpoint lacks the buffers.
+        """
+        # Xavier-normal projection (BEST-RQ): std = sqrt(2 / (fan_in + fan_out)).
+        std = (2.0 / (self.input_dim + self.codebook_dim)) ** 0.5
+        shape = (self.num_codebooks, self.input_dim, self.codebook_dim)
+        projection = torch.randn(shape, generator=generator, dtype=torch.float32) * std
+        codebooks = torch.randn(self.num_codebooks, self.codebook_size, self.codebook_dim, generator=generator,
+                                dtype=torch.float32)  # fmt: skip
+        codebooks = codebooks / codebooks.norm(dim=-1, keepdim=True)
+        return projection, codebooks
 
     @torch.no_grad()
     def forward(
@@ -232,7 +248,7 @@ class RandomProjectionQuantizer(nn.Module):
                 ids.append(scores.argmax(dim=-1).transpose(0, 1))  # (n, books)
             code_ids = torch.cat(ids, dim=0).view(batch, steps, self.num_codebooks)
         perplexity, codes_used = _hard_usage(code_ids, selected, self.codebook_size)
-        return QuantizerOutput(None, code_ids, None, perplexity, codes_used)
+        return QuantizerOutput(None, code_ids, None, perplexity, codes_used, code_ids)
 
 
 __all__ = ["GumbelVectorQuantizer", "QuantizerOutput", "RandomProjectionQuantizer", "normalize_per_utterance",
