@@ -1130,7 +1130,8 @@ class PlannedBatchDataset(torch.utils.data.IterableDataset):
 class StreamingBatchDataset(torch.utils.data.IterableDataset):
     """Yields batches from one part of a streaming source, forever; see "Streaming" in the module docstring.
 
-    Part `rank * M + w` of `world_size * M` goes to worker `w` of process `rank`. Each pass over the part
+    Part `rank * M + w` of `world_size * M` is stream `w` of process `rank`; its batches are global positions
+    `w, w + M, ...`, in the order the DataLoader's round robin returns them. Each pass over the part
     (a "part epoch") buckets windows of `bucket_window` rows with a fresh shuffle. `start` (set by
     `SpeechDataLoader`) is the number of batches this process already consumed; the worker skips its share
     by replaying the row metadata without decoding.
@@ -1195,12 +1196,15 @@ class StreamingBatchDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        part, parts = self.rank * workers + worker, self.world_size * workers
-        skip = len(range(worker, self.start, workers))  # batches of this worker among the first `start`
+        # Global batch p comes from stream (p mod M). The DataLoader asks worker 0 first, so worker w serves
+        # stream (w + start) mod M: the stream that holds batch `start`, then `start + 1`, ...
+        stream = (worker + self.start) % workers
+        part, parts = self.rank * workers + stream, self.world_size * workers
+        skip = len(range(stream, self.start, workers))  # batches of this stream among the first `start`
         for index, (raws, bad, part_epoch) in enumerate(self._planned(part, parts)):
             if index < skip:
                 continue
-            position = index * workers + worker
+            position = index * workers + stream
             pairs = [
                 (raw.where, (lambda r=raw: r), _example_rng(self.seed, part_epoch, position, slot))
                 for slot, raw in enumerate(raws)
@@ -1295,7 +1299,7 @@ class SpeechDataLoader:
         )
         for batch in loader:
             position = batch.pop("_position")
-            if position != self.position and not self.streaming:
+            if position != self.position:  # the round robin over workers must reproduce the plan order
                 raise RuntimeError(f"data order broken: got batch {position}, expected {self.position}")
             for reason, where, detail in batch.pop("_bad"):
                 self.counter.add_bad(reason, where, detail)

@@ -418,3 +418,68 @@ def test_resume_continues_with_the_next_unseen_batch(corpus, num_workers):
     assert resumed.state_dict()["epoch"] == 1 and resumed.counter.good == len(all_ids)
     with pytest.raises(ValueError, match="world_size"):
         build_dataloader(manifest, **{**kwargs, "world_size": 2}).load_state_dict(state)
+
+
+def test_weighted_sources_dict_specs_and_audio_feature_column(tmp_path):
+    import datasets
+    from datasets import Audio
+
+    first = write_manifest(tmp_path / "a.jsonl", write_corpus(tmp_path / "a", 4, name="a"))
+    second = write_manifest(tmp_path / "b.jsonl", write_corpus(tmp_path / "b", 6, name="b", seed=1))
+    specs = [{"builder": "json", "data_files": str(first), "weight": 2.0}, {"manifest": str(second)}]
+    loader = build_dataloader(specs, batch_seconds=4.0, num_workers=0, return_waveforms=True, return_ids=True)
+    ids = collect(loader)
+    # The json builder has no `id` column: ids are the file stems. Weight 2 → each of its rows twice.
+    assert sorted(ids) == sorted([f"a{i:03d}" for i in range(4)] * 2 + [f"b/b{i:03d}" for i in range(6)])
+    # An `Audio` column (decoding needs torchcodec) is read undecoded and decoded with soundfile.
+    dataset = datasets.load_dataset("json", data_files=str(second), split="train")
+    dataset = dataset.cast_column("audio_filepath", Audio())
+    source = DatasetSource(dataset, base_dir=str(tmp_path))
+    assert len(source) == 6 and not source.problems
+    assert decode_example(source.raw(0), DataConfig())["audio"].dtype == np.float32
+
+
+def test_batches_of_only_bad_examples_are_skipped_but_counted(tmp_path):
+    good = write_corpus(tmp_path / "audio", 3)
+    bad = [{"audio_filepath": f"audio/gone{i}.flac", "duration": 1.0} for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.jsonl", good + bad)
+    # One clip per batch, so three batches hold nothing but a missing file.
+    loader = build_dataloader(
+        manifest, batch_seconds=1.0, max_batch_size=1, num_workers=2, return_waveforms=True, return_ids=True,
+        max_bad_fraction=0.6, shuffle=False,
+    )  # fmt: skip
+    planned = len(loader)
+    assert planned == 6
+    assert sorted(collect(loader)) == [f"audio/u{i:03d}" for i in range(3)]
+    assert loader.counter.bad == {"missing": 3} and loader.counter.good == 3
+    assert loader.state_dict()["epoch"] == 1  # all six planned batches were consumed
+
+
+def test_streaming_resume_with_two_workers(tmp_path):
+    import datasets
+
+    manifest = write_manifest(tmp_path / "m.jsonl", write_corpus(tmp_path / "audio", 12))
+    kwargs = dict(batch_seconds=3.0, num_workers=2, return_waveforms=True, return_ids=True, bucket_window=4)
+
+    def stream_loader():
+        dataset = datasets.load_dataset("json", data_files=str(manifest), split="train", streaming=True)
+        return build_dataloader(StreamingDatasetSource(dataset, base_dir=str(tmp_path)), **kwargs)
+
+    def take(loader, count):
+        out = []
+        for batch in loader:
+            out.append(batch["ids"])
+            if len(out) == count:
+                return out
+
+    reference = take(stream_loader(), 10)  # more than one pass over the 12 clips
+    first_pass = {i for ids in reference for i in ids}
+    assert first_pass == {f"u{i:03d}" for i in range(12)}
+    interrupted = stream_loader()
+    head = take(interrupted, 3)
+    state = interrupted.state_dict()
+    resumed = stream_loader()
+    resumed.load_state_dict(state)
+    assert head + take(resumed, 7) == reference
+    with pytest.raises(TypeError, match="forever"):
+        len(resumed)
