@@ -247,7 +247,8 @@ class RawExample:
         offset: seconds into the file where the example starts.
         duration: seconds to read from `offset`; None reads the whole file.
         text, speaker: from the metadata, or None.
-        frame_labels: int64 `(frames,)`, or a path to a `.npy` / whitespace-separated text file, or None.
+        frame_labels: int64 `(frames,)`, one label per 10 ms feature frame from the example's start (its
+            `offset`), or a path to a `.npy` / whitespace-separated text file of them, or None.
         source: name of the source (the manifest path, shard pattern or dataset name).
     """
 
@@ -854,6 +855,11 @@ class SpeechCollator:
     `labels (B, L) long` -100-padded when `text_to_ids` is given, and `frame_labels (B, T) long` -100-padded
     (T = feature frames, or `N // hop` for waveforms) when every example has frame labels.
 
+    Which mode: featurising costs a CPU worker about 4x more than decoding 16 kHz FLAC
+    (benchmarks/bench_data.py), so with an accelerator use `return_waveforms=True` and featurise on the device
+    (also where dither belongs: `extract_batch(..., dither=fe.dither, generator=...)`); on CPU-only runs
+    featurise here, in the dataloader workers, where it overlaps with the training step.
+
     Args:
         feature_extractor: a `ConformerSslFeatureExtractor` (or anything with the same `__call__`); needed
             unless `return_waveforms`.
@@ -1278,9 +1284,15 @@ class SpeechDataLoader:
     def _count_filtered(self) -> None:
         plan = self.dataset.plan(self.epoch)
         rank, world_size = self.dataset.rank, self.dataset.world_size
-        for global_row, reason in plan.filtered[rank::world_size]:
+        for index, (global_row, reason) in enumerate(plan.filtered[rank::world_size]):
             source, row = self.dataset.locate(global_row)
-            self.counter.add_bad(reason, f"{source.name} row {row}", f"{float(source.durations[row]):.3f}s (metadata)")
+            where = f"{source.name} row {row}"
+            if index < self.counter.log_first:  # name the file for the rows that get logged
+                try:
+                    where = source.raw(row).where
+                except AudioError:
+                    pass
+            self.counter.add_bad(reason, where, f"{float(source.durations[row]):.3f}s (metadata)")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.streaming and self.position == 0 and self._counted_epoch != self.epoch:
@@ -1386,6 +1398,8 @@ def build_dataloader(
                                   rank=acc.process_index, world_size=acc.num_processes, seed=1,
                                   feature_extractor=fe)
         for batch in loader: ...          # one epoch; state = loader.state_dict() at any time
+        while step < max_steps:           # step-based training: each pass is the next epoch
+            for batch in loader: ...
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")

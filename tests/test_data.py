@@ -483,3 +483,26 @@ def test_streaming_resume_with_two_workers(tmp_path):
     assert head + take(resumed, 7) == reference
     with pytest.raises(TypeError, match="forever"):
         len(resumed)
+
+
+def test_metadata_filtered_rows_are_counted_once_across_ranks(tmp_path):
+    good = write_corpus(tmp_path / "audio", 8)
+    sf.write(tmp_path / "audio" / "short.flac", tone(0.2, 16000), 16000)
+    sf.write(tmp_path / "audio" / "long.flac", tone(3.0, 16000), 16000)
+    rows = good + [
+        {"audio_filepath": "audio/short.flac", "duration": 0.2},
+        {"audio_filepath": "audio/long.flac", "duration": 3.0},
+        "{broken",
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    kwargs = dict(batch_seconds=4.0, num_workers=0, return_waveforms=True, return_ids=True, world_size=2)
+    kwargs.update(max_duration=2.5, crop_long=False, max_bad_fraction=0.5)
+    loaders = [build_dataloader(manifest, rank=rank, **kwargs) for rank in range(2)]
+    ids = [collect(loader) for loader in loaders]
+    assert sorted(ids[0] + ids[1]) == [f"audio/u{i:03d}" for i in range(8)]
+    assert len(loaders[0]) == len(loaders[1])
+    merged = BadExampleCounter.merge([loader.counter.state_dict() for loader in loaders])
+    assert merged["bad"] == {"too_short": 1, "too_long": 1, "malformed": 1} and merged["good"] == 8
+    names = [name for where in merged["names"].values() for name in where]
+    assert any("short.flac" in n for n in names) and any("long.flac" in n for n in names)
+    assert any(n.endswith("m.jsonl:11") for n in names)  # the broken line, by file and line number
