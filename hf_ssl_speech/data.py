@@ -456,7 +456,10 @@ class TarShardSource:
             try:
                 members = self._scan(path)
             except (OSError, tarfile.TarError) as error:
-                self.problems.append(("unreadable", path, f"cannot read the tar: {error}"))
+                hint = (
+                    "; compressed tars cannot be indexed: decompress them" if path.endswith(("gz", "bz2", "xz")) else ""
+                )
+                self.problems.append(("unreadable", path, f"cannot read the tar: {error}{hint}"))
                 continue
             for key, parts in members.items():
                 where = f"{path}:{key}"
