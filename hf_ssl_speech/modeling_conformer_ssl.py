@@ -663,8 +663,10 @@ class ConformerSslForPreTrainingOutput(ModelOutput):
         count), `codebook_perplexity` / `codebook_usage` (Gumbel), `bestrq_perplexity` / `bestrq_usage`
         (fraction of codes used), `masked_frame_fraction`, `masked_tokens`.
     hidden_states: encoder hidden states when asked for (those of the masked pass when both passes run).
-    mask_time_indices: (B, T) bool frame mask used (None without masked objectives).
-    token_mask: (B, T') bool masked encoder steps.
+    attentions: encoder attention weights when asked for (same pass as hidden_states).
+    mask_time_indices: (B, T) long frame mask used, 1 = masked (None without masked objectives; long rather
+        than bool so generic output comparisons, which subtract tensors, work).
+    token_mask: (B, T') long, 1 = masked encoder step.
     """
 
     loss: torch.FloatTensor | None = None
@@ -674,8 +676,9 @@ class ConformerSslForPreTrainingOutput(ModelOutput):
     objective_losses: dict[str, torch.Tensor] | None = None
     metrics: dict[str, torch.Tensor] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    mask_time_indices: torch.BoolTensor | None = None
-    token_mask: torch.BoolTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    mask_time_indices: torch.LongTensor | None = None
+    token_mask: torch.LongTensor | None = None
 
 
 class _LossBook:
@@ -702,17 +705,18 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
     and predict targets built from the clean features stacked by `subsampling_factor` at the masked encoder
     steps (a step is masked when `mask_token_threshold` of its frames are). Autoregressive objectives (apc,
     cpc) read the clean features through the causal encoder. A recipe mixing both runs the encoder twice.
-    `config.objectives=None` means BEST-RQ alone (the NEST recipe).
+    `config.objectives=None` means BEST-RQ alone (the NEST recipe). In eval mode without a generator the
+    masks, noise and negatives come from a generator seeded with 0: validation losses are comparable.
     """
-
-    # The random-projection codebooks must stay float32 even when the model is loaded in fp16 / bf16.
-    _keep_in_fp32_modules_strict = ["bestrq_quantizer"]
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__(config)
         self.conformer = ConformerSslModel(config)
         self.objectives = dict(config.objectives or DEFAULT_OBJECTIVES)
         names = set(self.objectives)
+        # The random-projection codebooks stay float32 even when the model is loaded in fp16 / bf16 (set per
+        # instance: the module exists only with the bestrq objective).
+        self._keep_in_fp32_modules_strict = ["bestrq_quantizer"] if "bestrq" in names else []
         hidden = config.hidden_size
         stacked_dim = config.subsampling_factor * config.num_mel_bins
         if names & set(MASKED_OBJECTIVES) and config.mask_fill == "learned":
@@ -801,6 +805,7 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         gumbel_temperature: float = 2.0,
         step: int | None = None,
         generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -819,38 +824,50 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             Clean features the targets are built from (NEST denoising); default `input_features`.
         gumbel_temperature (`float`): the Gumbel-softmax temperature of this step (the loop's 2 -> 0.5 decay).
         step (`int`, *optional*): training step; objectives whose `start_step` is later are skipped. None = all.
-        generator (`torch.Generator`, *optional*): randomness of masks, noise fill, negatives and Gumbel noise
-            (a seeded one gives fixed validation masks).
+        generator (`torch.Generator`, *optional*): randomness of masks, noise fill, negatives and Gumbel noise.
+            Default: the global RNG in training, a generator seeded with 0 in eval (fixed validation masks).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        if generator is None and not self.training:
+            generator = torch.Generator().manual_seed(0)  # CPU: draws are made there and moved to the data
         active = {n: s for n, s in self.objectives.items() if step is None or step >= s["start_step"]}
         lengths = self._input_lengths(input_features, attention_mask)  # (B,) frames
         clean = input_features if target_features is None else target_features
         stacked, step_lengths = stack_frames(clean, lengths, self.config.subsampling_factor)  # (B, T', f * F)
         book = _LossBook()
-        frame_mask = token_mask = hidden_states = None
+        frame_mask = token_mask = encoded = None
 
         if any(name in MASKED_OBJECTIVES for name in active):
-            frame_mask, token_mask, hidden_states = self._masked_objectives(
+            frame_mask, token_mask, encoded = self._masked_objectives(
                 book, active, input_features, attention_mask, lengths, stacked, step_lengths, mask_time_indices,
-                sampled_negative_indices, frame_labels, gumbel_temperature, generator,
+                sampled_negative_indices, frame_labels, gumbel_temperature, generator, output_attentions,
             )  # fmt: skip
         if any(name in AUTOREGRESSIVE_OBJECTIVES for name in active):
-            clean_hidden = self._autoregressive_objectives(book, active, input_features, attention_mask, stacked,
-                                                           step_lengths, generator)  # fmt: skip
-            hidden_states = clean_hidden if hidden_states is None else hidden_states
+            clean = self._autoregressive_objectives(book, active, input_features, attention_mask, stacked,
+                                                    step_lengths, generator, output_attentions)  # fmt: skip
+            encoded = clean if encoded is None else encoded
 
         if book.sums:
             loss = self.combine_losses(book.sums, book.counts, book.weights)
         else:  # every objective waits for its start step: a zero that still back-propagates
             loss = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         objective_losses = {n: (book.sums[n] / book.counts[n].clamp(min=1.0)).detach() for n in book.sums}
-        hidden_out = hidden_states if output_hidden_states else None
-        fields = (loss, book.sums, book.counts, book.weights, objective_losses, book.metrics, hidden_out,
-                  frame_mask, token_mask)  # fmt: skip
-        if not return_dict:
-            return fields
-        return ConformerSslForPreTrainingOutput(*fields)
+        output = ConformerSslForPreTrainingOutput(
+            loss=loss,
+            loss_sums=book.sums,
+            loss_counts=book.counts,
+            loss_weights=book.weights,
+            objective_losses=objective_losses,
+            metrics=book.metrics,
+            hidden_states=encoded.hidden_states if output_hidden_states and encoded is not None else None,
+            attentions=encoded.attentions if output_attentions and encoded is not None else None,
+            mask_time_indices=None if frame_mask is None else frame_mask.long(),
+            token_mask=None if token_mask is None else token_mask.long(),
+        )
+        return output if return_dict else output.to_tuple()
 
     def _masked_objectives(
         self,
@@ -866,8 +883,9 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         frame_labels: torch.Tensor | None,
         gumbel_temperature: float,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Mask, encode once, and add every active masked objective to `book`. Returns the masks and states."""
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, ConformerSslModelOutput]:
+        """Mask, encode once, and add every active masked objective to `book`. Returns the masks and encoding."""
         config = self.config
         frames = input_features.shape[1]
         valid_frames = torch.arange(frames, device=input_features.device)[None, :] < lengths[:, None]
@@ -881,7 +899,8 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         token_mask = frame_to_token_mask(frame_mask, lengths, config.subsampling_factor, config.mask_token_threshold)
         embed = getattr(self, "masked_spec_embed", None)
         masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
-        encoded = self.conformer(masked_input, attention_mask=attention_mask, output_hidden_states=True)
+        encoded = self.conformer(masked_input, attention_mask=attention_mask, output_hidden_states=True,
+                                 output_attentions=output_attentions, return_dict=True)  # fmt: skip
         if not torch.equal(encoded.output_lengths, step_lengths):
             raise RuntimeError(
                 f"encoder output lengths {encoded.output_lengths.tolist()} differ from ceil(frames / "
@@ -948,7 +967,7 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             predictions = self.reconstruction_head(self._hidden(hidden_states, "reconstruction")[b, t])
             result = reconstruction_loss(predictions, stacked[b, t], config.reconstruction_loss)
             book.add("reconstruction", result, active["reconstruction"]["weight"])
-        return frame_mask, token_mask, hidden_states
+        return frame_mask, token_mask, encoded
 
     def _autoregressive_objectives(
         self,
@@ -959,10 +978,12 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         stacked: torch.Tensor,
         step_lengths: torch.Tensor,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, ...]:
+        output_attentions: bool,
+    ) -> ConformerSslModelOutput:
         """Encode the clean input causally (config.causal is required) and add apc / cpc to `book`."""
         config = self.config
-        encoded = self.conformer(input_features, attention_mask=attention_mask, output_hidden_states=True)
+        encoded = self.conformer(input_features, attention_mask=attention_mask, output_hidden_states=True,
+                                 output_attentions=output_attentions, return_dict=True)  # fmt: skip
         hidden_states = encoded.hidden_states
         if "apc" in active:
             predictions = self.apc_head(self._hidden(hidden_states, "apc"))  # (B, T', f * F): frame t + n
@@ -976,7 +997,7 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             negatives, negative_valid = sample_negatives(valid_steps, config.cpc_num_negatives, generator)
             result = cpc_loss(step_predictions, latents, step_lengths, negatives, negative_valid)
             book.add("cpc", result, active["cpc"]["weight"])
-        return hidden_states
+        return encoded
 
 
 __all__ = [

@@ -180,7 +180,9 @@ class RandomProjectionQuantizer(nn.Module):
         codebook_size: codes per codebook (config `bestrq_codebook_size`, 8192).
         num_codebooks: independent codebooks (config `bestrq_num_codebooks`); each gives its own id.
         normalize_input: standardise the input per utterance over its valid steps first.
-        generator: randomness of the projection and codebooks (default: the global RNG, which HF seeds).
+        seed: the projection and codebooks are drawn from a CPU generator with this seed, so they are a pure
+            function of the configuration: the same after re-initialisation on the meta device, and
+            reproducible across runs (BEST-RQ needs them random, not different per run). They are also saved.
     """
 
     def __init__(
@@ -190,7 +192,7 @@ class RandomProjectionQuantizer(nn.Module):
         codebook_size: int,
         num_codebooks: int = 1,
         normalize_input: bool = True,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.input_dim = input_dim
@@ -198,22 +200,24 @@ class RandomProjectionQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
         self.normalize_input = normalize_input
-        projection, codebooks = self.draw_buffers(generator)
+        self.seed = seed
+        projection, codebooks = self.draw_buffers()
         # Persistent float32 buffers: saved in the checkpoint, never trained, identical after reload.
         self.register_buffer("projection", projection, persistent=True)
         self.register_buffer("codebooks", codebooks, persistent=True)
 
-    def draw_buffers(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (projection (books, input_dim, dim), unit codebooks (books, codes, dim)), float32.
+    def draw_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projection (books, input_dim, dim), unit codebooks (books, codes, dim)), float32 on the CPU, from `seed`.
 
-        Used at construction and by the model's `_init_weights` when a checkpoint lacks the buffers.
+        Used at construction and by the model's `_init_weights` (e.g. after building on the meta device).
         """
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
         # Xavier-normal projection (BEST-RQ): std = sqrt(2 / (fan_in + fan_out)).
         std = (2.0 / (self.input_dim + self.codebook_dim)) ** 0.5
         shape = (self.num_codebooks, self.input_dim, self.codebook_dim)
-        projection = torch.randn(shape, generator=generator, dtype=torch.float32) * std
-        codebooks = torch.randn(self.num_codebooks, self.codebook_size, self.codebook_dim, generator=generator,
-                                dtype=torch.float32)  # fmt: skip
+        projection = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu") * std
+        codebook_shape = (self.num_codebooks, self.codebook_size, self.codebook_dim)
+        codebooks = torch.randn(codebook_shape, generator=generator, dtype=torch.float32, device="cpu")
         codebooks = codebooks / codebooks.norm(dim=-1, keepdim=True)
         return projection, codebooks
 

@@ -170,8 +170,8 @@ def test_explicit_masks_and_negatives_are_deterministic_and_used(audio_batch):
                      generator=_gen(seed)) for seed in (1, 2)]  # fmt: skip
     for name in ("contrastive", "bestrq", "hubert"):
         assert torch.equal(outs[0].loss_sums[name], outs[1].loss_sums[name]), name
-    assert torch.equal(outs[0].mask_time_indices, frame_mask)
-    assert torch.equal(outs[0].token_mask, token_mask[:, : outs[0].token_mask.shape[1]])
+    assert torch.equal(outs[0].mask_time_indices.bool(), frame_mask)
+    assert torch.equal(outs[0].token_mask.bool(), token_mask)
     assert outs[0].loss_counts["bestrq"].item() == token_mask.sum().item() * 1  # one codebook
     # drawn masks: same generator seed -> same masks and losses (fixed validation), another seed differs
     a = _forward(model, audio_batch, generator=_gen(5))
@@ -179,10 +179,18 @@ def test_explicit_masks_and_negatives_are_deterministic_and_used(audio_batch):
     c = _forward(model, audio_batch, generator=_gen(6))
     assert torch.equal(a.mask_time_indices, b.mask_time_indices) and torch.equal(a.loss, b.loss)
     assert not torch.equal(a.mask_time_indices, c.mask_time_indices)
+    # eval without a generator: a fixed seed, so validation losses are comparable between evaluations
+    first, second = _forward(model, audio_batch), _forward(model, audio_batch)
+    assert torch.equal(first.mask_time_indices, second.mask_time_indices) and torch.equal(first.loss, second.loss)
+    model.train()
+    assert not torch.equal(
+        _forward(model, audio_batch).mask_time_indices, _forward(model, audio_batch).mask_time_indices
+    )
+    model.eval()
     # padding frames are never masked, even when the explicit mask says so
     everything = torch.ones_like(frame_mask)
     out = _forward(model, audio_batch, mask_time_indices=everything)
-    assert torch.equal(out.mask_time_indices, attention_mask.bool())
+    assert torch.equal(out.mask_time_indices, attention_mask)
 
 
 def test_gradients_reach_subsampling_and_mask_embedding(audio_batch):
@@ -205,8 +213,9 @@ def test_targets_come_from_target_features_for_denoising(audio_batch):
                 output_hidden_states=True)  # fmt: skip
     # recompute: the head reads the encoder of the noisy input, the target is the clean stacked input
     stacked, _ = stack_frames(features, attention_mask.sum(-1), 4)
-    predictions = model.reconstruction_head(out.hidden_states[-1])[out.token_mask]
-    want = (predictions - stacked[out.token_mask]).abs().sum()
+    token_mask = out.token_mask.bool()
+    predictions = model.reconstruction_head(out.hidden_states[-1])[token_mask]
+    want = (predictions - stacked[token_mask]).abs().sum()
     assert torch.allclose(out.loss_sums["reconstruction"], want, rtol=1e-5)
     noisy_targets = model(noisy, attention_mask, mask_time_indices=frame_mask)
     assert not torch.allclose(noisy_targets.loss_sums["reconstruction"], want)

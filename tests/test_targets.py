@@ -65,8 +65,7 @@ def _brute_force_nearest(x: torch.Tensor, lengths: torch.Tensor, rpq: RandomProj
 
 def test_random_projection_nearest_code_equals_brute_force_l2():
     torch.manual_seed(0)
-    rpq = RandomProjectionQuantizer(input_dim=24, codebook_dim=4, codebook_size=64, num_codebooks=2,
-                                    generator=_gen(2))  # fmt: skip
+    rpq = RandomProjectionQuantizer(input_dim=24, codebook_dim=4, codebook_size=64, num_codebooks=2, seed=2)
     x = torch.randn(2, 9, 24, generator=_gen(3))
     lengths = torch.tensor([9, 6])
     out = rpq(x, lengths)
@@ -82,7 +81,7 @@ def test_random_projection_nearest_code_equals_brute_force_l2():
 
 
 def test_random_projection_buffers_are_persistent_float32_and_never_trained():
-    rpq = RandomProjectionQuantizer(input_dim=16, codebook_dim=8, codebook_size=32, generator=_gen(4))
+    rpq = RandomProjectionQuantizer(input_dim=16, codebook_dim=8, codebook_size=32, seed=4)
     assert rpq.projection.dtype == torch.float32 and rpq.codebooks.dtype == torch.float32
     assert torch.allclose(rpq.codebooks.norm(dim=-1), torch.ones(1, 32))
     state = rpq.state_dict()
@@ -109,14 +108,14 @@ def test_random_projection_buffers_are_persistent_float32_and_never_trained():
     for name, value in model.quantizer.state_dict().items():
         assert torch.equal(value, before[name]) and value.dtype == torch.float32
 
-    reloaded = RandomProjectionQuantizer(input_dim=16, codebook_dim=8, codebook_size=32, generator=_gen(99))
+    reloaded = RandomProjectionQuantizer(input_dim=16, codebook_dim=8, codebook_size=32, seed=99)
     assert not torch.equal(reloaded.codebooks, rpq.codebooks)
     reloaded.load_state_dict(state)
     assert torch.equal(reloaded(x, lengths).code_ids, rpq(x, lengths).code_ids)
 
 
 def test_random_projection_ids_are_float32_under_bf16_autocast():
-    rpq = RandomProjectionQuantizer(input_dim=32, codebook_dim=16, codebook_size=256, generator=_gen(6))
+    rpq = RandomProjectionQuantizer(input_dim=32, codebook_dim=16, codebook_size=256, seed=6)
     x = torch.randn(2, 20, 32, generator=_gen(7))
     lengths = torch.tensor([20, 20])
     plain = rpq(x, lengths).code_ids
