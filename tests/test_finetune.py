@@ -1,0 +1,424 @@
+"""CTC fine-tuning: overfit check through scripts/finetune_ctc.py, Auto reload, argument parsing, model init
+from a checkpoint vs from scratch, SpecAugment, layer-wise LR decay, encoder freezing, collator, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_finetune_corpus import (
+    REPO_ROOT,
+    TINY_CTC_OVERRIDES,
+    load_script,
+    train_tone_ctc,
+    write_tone_corpus,
+)
+from transformers import AutoModelForCTC, AutoProcessor, Trainer, TrainingArguments
+
+import hf_ssl_speech  # noqa: F401  (Auto registration)
+from hf_ssl_speech import ConformerSslFeatureExtractor, ConformerSslModel
+from hf_ssl_speech.finetune import (
+    CtcCollator,
+    DataArguments,
+    FinetuneArguments,
+    FreezeEncoderCallback,
+    ModelArguments,
+    SpecAugmentConfig,
+    build_optimizer,
+    build_processor,
+    build_vocab,
+    ctc_model_card,
+    greedy_ctc_ids,
+    init_ctc_model,
+    layerwise_param_groups,
+    manifest_rows,
+    normalize_transcript,
+    parse_args,
+    parse_config_overrides,
+    plot_training_curves,
+    prepare_for_trainer,
+    rows_to_dataset,
+    spec_augment,
+    transcribe,
+    write_results,
+)
+
+ARG_TYPES = (ModelArguments, DataArguments, FinetuneArguments, TrainingArguments)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tone_ctc(tmp_path_factory.getbasetemp() / "shared_ctc")
+
+
+def _read_audio(manifest: Path) -> tuple[list[np.ndarray], list[str]]:
+    import soundfile as sf
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    audios = [sf.read(manifest.parent / row["audio_filepath"], dtype="float32")[0] for row in rows]
+    return audios, [row["text"] for row in rows]
+
+
+# ------------------------------------------------------------------------------------------ (1) overfit
+def test_overfit_tiny_model_reaches_low_cer_and_writes_reports(trained):
+    result = trained["result"]
+    output_dir = trained["output_dir"]
+    cer = result["results"]["train"]["cer"]
+    wer = result["results"]["train"]["wer"]
+    print(
+        f"overfit: steps={result['summary']['steps']} train CER={cer:.4f} WER={wer:.4f} "
+        f"unseen CER={result['results']['heldout']['cer']:.4f} train_seconds={result['summary']['train_seconds']}"
+    )
+    assert cer <= 0.15
+    assert result["summary"]["steps"] > 0
+    # Reports at the end of the run: results table (Markdown + JSON), curves, model card with model-index.
+    table = json.loads((output_dir / "results.json").read_text())
+    assert table["train"]["cer"] == pytest.approx(cer) and table["train"]["utterances"] == 32
+    assert table["heldout"]["utterances"] == 8
+    assert "| train | 32 |" in (output_dir / "results.md").read_text()
+    png = (output_dir / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (output_dir / "README.md").read_text()
+    assert "model-index" in card and "automatic-speech-recognition" in card
+    # The training loss went down (the first logged loss vs the last).
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_auto_classes_reload_the_pair_and_give_the_same_transcripts(trained):
+    output_dir = trained["output_dir"]
+    processor = AutoProcessor.from_pretrained(output_dir)
+    model = AutoModelForCTC.from_pretrained(output_dir)
+    assert type(processor.feature_extractor).__name__ == "ConformerSslFeatureExtractor"
+    assert type(processor.tokenizer).__name__ == "Wav2Vec2CTCTokenizer"
+    assert type(model).__name__ == "ConformerSslForCTC"
+    assert model.config.vocab_size == len(processor.tokenizer) and model.config.pad_token_id == 0
+    audios, texts = _read_audio(trained["manifest"])
+    hypotheses = transcribe(model, processor, audios, batch_size=5)
+    # Batched (with padding) and one-by-one transcripts agree: padded steps never leak into the text.
+    singles = [transcribe(model, processor, [audio])[0] for audio in audios[:4]]
+    assert hypotheses[:4] == singles
+    # The reloaded pair reproduces the CER the run reported.
+    from hf_ssl_speech.finetune import load_metrics
+
+    cer = load_metrics(["cer"])["cer"].compute(predictions=hypotheses, references=texts)
+    assert cer == pytest.approx(trained["result"]["results"]["train"]["cer"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ (4) arguments
+def test_yaml_recipe_with_flag_and_key_value_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model:\n  model_preset: tiny\n  from_scratch: true\n"
+        "data:\n  train_manifests: [a.jsonl]\n  time_masks: 4\n"
+        "finetune:\n  layer_decay: 0.8\n"
+        "training:\n  output_dir: out\n  max_steps: 50\n  learning_rate: 1.0e-3\n  eval_strategy: steps\n"
+    )
+    model_args, data_args, finetune_args, training_args = parse_args(
+        ARG_TYPES,
+        ["--config", str(recipe), "--max_steps", "7", "learning_rate=5e-4", "eval_manifests=x.jsonl,y.jsonl",
+         "--freeze_encoder_steps", "3", "spec_augment=false"],
+        defaults={"metric_for_best_model": "wer", "greater_is_better": False},
+    )  # fmt: skip
+    assert model_args.model_preset == "tiny" and model_args.from_scratch is True
+    assert data_args.train_manifests == ["a.jsonl"] and data_args.eval_manifests == ["x.jsonl", "y.jsonl"]
+    assert data_args.time_masks == 4 and data_args.spec_augment is False and data_args.freq_masks == 2
+    assert finetune_args.layer_decay == 0.8 and finetune_args.freeze_encoder_steps == 3
+    assert training_args.max_steps == 7 and training_args.learning_rate == 5e-4  # command line wins
+    assert training_args.output_dir == "out" and training_args.eval_strategy == "steps"  # recipe kept
+    assert training_args.metric_for_best_model == "wer" and training_args.greater_is_better is False
+    assert training_args.remove_unused_columns is False  # forced: the collator needs the metadata columns
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("training:\n  learning_rat: 1.0\n")
+    with pytest.raises(ValueError, match="learning_rat.*learning_rate"):
+        parse_args(ARG_TYPES, ["--config", str(recipe)])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        parse_args(ARG_TYPES, ["--config", str(tmp_path / "nope.yaml")])
+    assert parse_config_overrides("final_dropout=0.0,subsampling=striding") == {
+        "final_dropout": 0.0,
+        "subsampling": "striding",
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        parse_config_overrides("final_dropout")
+
+
+@pytest.mark.parametrize("name", ["ctc_demo", "ctc_base", "speaker_id_demo", "superb_probe"])
+def test_shipped_recipes_parse(name):
+    parsed = parse_args(ARG_TYPES, ["--config", str(REPO_ROOT / "configs" / "finetune" / f"{name}.yaml"), "--use_cpu"])
+    assert parsed[3].output_dir.startswith("runs/")
+
+
+def test_from_scratch_and_checkpoint_init_differ_only_in_weights(tmp_path, tiny_config):
+    checkpoint = tmp_path / "pretrained"
+    encoder = ConformerSslModel(tiny_config())
+    encoder.save_pretrained(checkpoint)
+    pretrained, report = init_ctc_model(12, 0, str(checkpoint))
+    scratch, none = init_ctc_model(12, 0, str(checkpoint), from_scratch=True)
+    assert none is None and report.encoder_complete and report.new_head == ["lm_head.bias", "lm_head.weight"]
+    skip = {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
+    config_a = {k: v for k, v in pretrained.config.to_dict().items() if k not in skip}
+    config_b = {k: v for k, v in scratch.config.to_dict().items() if k not in skip}
+    assert config_a == config_b and config_a["vocab_size"] == 12
+    state_a, state_b = pretrained.state_dict(), scratch.state_dict()
+    assert {k: v.shape for k, v in state_a.items()} == {k: v.shape for k, v in state_b.items()}
+    source = encoder.state_dict()
+    for name, value in source.items():
+        assert torch.equal(state_a[f"conformer.{name}"], value), name  # transferred exactly
+    weight = "conformer.layers.0.feed_forward1.linear1.weight"
+    assert not torch.equal(state_b[weight], source[weight.removeprefix("conformer.")])  # random init
+
+
+def test_missing_encoder_weights_warn_loudly_by_name(tmp_path, tiny_config):
+    checkpoint = tmp_path / "broken"
+    ConformerSslModel(tiny_config()).save_pretrained(checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    dropped = "layers.1.conv.depthwise_conv.weight"
+    del weights[dropped]
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=rf"ENCODER WEIGHTS NOT LOADED.*conformer\.{dropped}"):
+        _, report = init_ctc_model(9, 0, str(checkpoint))
+    assert report.missing_encoder == [f"conformer.{dropped}"] and not report.encoder_complete
+
+
+def test_model_needs_a_checkpoint_or_from_scratch():
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        init_ctc_model(9, 0)
+    with pytest.raises(ValueError, match="--from_scratch"):
+        init_ctc_model(9, 0, model_preset="tiny")
+    model, _ = init_ctc_model(9, 0, model_preset="tiny", from_scratch=True, config_overrides="num_hidden_layers=1")
+    assert model.config.num_hidden_layers == 1 and model.lm_head.out_features == 9
+
+
+# ------------------------------------------------------------------------------------------ text / vocab
+def test_vocabulary_and_tokenizer_round_trip(tmp_path):
+    assert normalize_transcript("  Hello, WORLD!  It’s 2 o'clock. ") == "hello world it's 2 o'clock"
+    vocab = build_vocab(["ab ba", "Cab!"])
+    assert vocab == {"<pad>": 0, "<unk>": 1, "|": 2, "a": 3, "b": 4, "c": 5}
+    processor = build_processor(["ab ba", "cab"])
+    tokenizer = processor.tokenizer
+    ids = tokenizer(normalize_transcript("Ab, cz")).input_ids
+    assert ids == [3, 4, 2, 5, 1]  # z was never seen: <unk>
+    # CTC grouping: repeats merge, blanks (pad) separate, | becomes a space.
+    assert tokenizer.decode([3, 3, 0, 3, 4, 2, 0, 5]) == "aab c"
+    processor.save_pretrained(tmp_path / "p")
+    again = AutoProcessor.from_pretrained(tmp_path / "p")
+    assert again.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert isinstance(again.feature_extractor, ConformerSslFeatureExtractor)
+    with pytest.raises(ValueError, match="empty"):
+        build_vocab(["", " !? "])
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+def test_spec_augment_masks_only_valid_frames_within_bounds():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 200, 80) + 5.0  # no natural zeros
+    lengths = torch.tensor([200, 120, 40])
+    features[1, 120:] = 0.0
+    features[2, 40:] = 0.0
+    config = SpecAugmentConfig(freq_masks=2, freq_width=27, time_masks=10, time_width=0.05)
+    out = spec_augment(features, lengths, config, generator)
+    masked = out == 0.0
+    for row, length in enumerate(lengths.tolist()):
+        cells = masked[row, :length]
+        full_bins = cells.all(dim=0)  # frequency masks cover every valid frame
+        assert 0 < int(full_bins.sum()) <= 2 * 27
+        time_rows = cells[:, ~full_bins].all(dim=1)  # time masks cover every bin
+        assert int(time_rows.sum()) <= 10 * max(1, int(0.05 * length))
+        # Everything not masked is unchanged.
+        keep = ~masked[row, :length]
+        assert torch.equal(out[row, :length][keep], features[row, :length][keep])
+    assert torch.equal(out[1, 120:], features[1, 120:]) and torch.equal(out[2, 40:], features[2, 40:])
+    # Deterministic with a seeded generator, different across seeds.
+    again = spec_augment(features, lengths, config, torch.Generator().manual_seed(0))
+    other = spec_augment(features, lengths, config, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_ctc_collator_pads_labels_and_augments_only_training_rows(tmp_path):
+    manifest = write_tone_corpus(tmp_path, count=3, seed=2)
+    rows, left_out = manifest_rows([str(manifest)], require_text=True)
+    assert len(rows) == 3 and not left_out and all(row["length"] > 0 for row in rows)
+    processor = build_processor([row["text"] for row in rows])
+    collator = CtcCollator(processor, SpecAugmentConfig(), dither=True)
+    eval_rows = [dict(row, augment=False) for row in rows]
+    batch = collator(eval_rows)
+    assert set(batch) == {"input_features", "attention_mask", "labels"}
+    lengths = [len(processor.tokenizer(row["text"]).input_ids) for row in rows]
+    assert batch["labels"].shape == (3, max(lengths))
+    for index, length in enumerate(lengths):
+        assert (batch["labels"][index, length:] == -100).all() and (batch["labels"][index, :length] >= 0).all()
+    # Eval rows: exactly the feature extractor's output (deterministic).
+    audios, _ = _read_audio(manifest)
+    direct = processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt")
+    assert torch.allclose(batch["input_features"], direct["input_features"], atol=1e-3)
+    assert torch.equal(collator(eval_rows)["input_features"], batch["input_features"])
+    # Training rows: SpecAugment zeroes cells (and dither changes the rest slightly).
+    train_batch = collator([dict(row, augment=True) for row in rows])
+    valid = batch["attention_mask"].bool()
+    assert (train_batch["input_features"][valid] == 0).float().mean() > 0.05
+    assert not torch.equal(train_batch["input_features"], batch["input_features"])
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+def test_layerwise_lr_decay_groups(tiny_config):
+    model, _ = init_ctc_model(9, 0, model_preset="tiny", from_scratch=True, config_overrides="num_hidden_layers=2")
+    groups = layerwise_param_groups(model, learning_rate=1.0, weight_decay=0.01, layer_decay=0.5)
+    # Every parameter exactly once.
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    lr_of = {id(p): group["lr"] for group in groups for p in group["params"]}
+    decay_of = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["lm_head.weight"])] == 1.0  # head: full lr
+    assert lr_of[id(params["conformer.layers.1.feed_forward1.linear1.weight"])] == 0.5  # top block
+    assert lr_of[id(params["conformer.layers.0.feed_forward1.linear1.weight"])] == 0.25
+    assert lr_of[id(params["conformer.subsampling.linear.weight"])] == 0.125  # bottom
+    assert decay_of[id(params["conformer.layers.0.self_attn.bias_u"])] == 0.0
+    assert decay_of[id(params["conformer.layers.0.norm_out.weight"])] == 0.0
+    assert decay_of[id(params["lm_head.bias"])] == 0.0 and decay_of[id(params["lm_head.weight"])] == 0.01
+    assert groups[0]["lr"] == 1.0  # the head group first: Trainer logs the peak lr
+    with pytest.raises(ValueError, match="layer_decay"):
+        layerwise_param_groups(model, 1.0, 0.0, layer_decay=1.5)
+
+
+def _run_steps(tmp_path, freeze_steps: int, max_steps: int):
+    """Train a tiny CTC model for `max_steps` with the encoder frozen for `freeze_steps`; (before, after) states."""
+    manifest = write_tone_corpus(tmp_path / "data", count=4, seed=3)
+    rows, _ = manifest_rows([str(manifest)], require_text=True)
+    processor = build_processor([row["text"] for row in rows])
+    model, _ = init_ctc_model(
+        len(processor.tokenizer), 0, model_preset="tiny", from_scratch=True, config_overrides=TINY_CTC_OVERRIDES
+    )
+    prepare_for_trainer(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        use_cpu=True, save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows_to_dataset(rows, augment=False),
+        data_collator=CtcCollator(processor, None), callbacks=[FreezeEncoderCallback(freeze_steps)],
+        optimizers=(build_optimizer(model, args, layer_decay=0.9), None),
+    )  # fmt: skip
+    trainer.train()
+    return before, model.state_dict(), model
+
+
+def test_freeze_encoder_callback_freezes_then_unfreezes(tmp_path):
+    weight = "conformer.layers.0.feed_forward1.linear1.weight"
+    before, after, model = _run_steps(tmp_path / "a", freeze_steps=2, max_steps=2)
+    assert torch.equal(before[weight], after[weight])  # encoder untouched while frozen
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the head trained
+    before, after, model = _run_steps(tmp_path / "b", freeze_steps=1, max_steps=3)
+    assert not torch.equal(before[weight], after[weight])  # unfrozen after step 1: the encoder trained
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ decoding / reports
+def test_greedy_ids_blank_padded_steps():
+    logits = torch.zeros(2, 4, 3)
+    logits[:, :, 2] = 1.0  # every step says "2", padding included
+    ids = greedy_ctc_ids(logits, torch.tensor([4, 2]), blank_id=0)
+    assert ids.tolist() == [[2, 2, 2, 2], [2, 2, 0, 0]]
+
+
+def test_results_table_curves_and_card(tmp_path):
+    results = {"dev": {"utterances": 3, "wer": 0.25, "cer": 0.1, "loss": 1.5}}
+    md, js = write_results(results, tmp_path)
+    assert json.loads(js.read_text()) == results
+    text = md.read_text()
+    assert "| dev | 3 |" in text and "25.00" in text and "10.00" in text
+    history = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}, {"step": 20, "eval_loss": 2.2, "eval_wer": 0.5}]
+    png = plot_training_curves(history, tmp_path / "curves.png")
+    assert png is not None and png.stat().st_size > 1000
+    assert plot_training_curves([{"step": 1, "epoch": 1.0}], tmp_path / "none.png") is None
+    card = ctc_model_card("me/tiny-ctc", results, base_model="me/ssl-encoder")
+    import yaml
+
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "me/ssl-encoder" and metadata["pipeline_tag"] == "automatic-speech-recognition"
+    entry = metadata["model-index"][0]["results"][0]
+    assert entry["dataset"]["split"] == "dev"
+    assert {m["type"]: m["value"] for m in entry["metrics"]} == {"wer": 25.0, "cer": 10.0}
+
+
+# ------------------------------------------------------------------------------------------ push to the Hub
+def test_push_to_hub_uploads_model_processor_code_and_card(tmp_path):
+    hub_server = pytest.importorskip("hub_server", reason="tests/hub_server.py (loopback Hub) not available")
+    manifest = write_tone_corpus(tmp_path / "data", count=4, seed=4)
+    with hub_server.HubServer() as hub:
+        env = {**os.environ, **hub.env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+        command = [
+            sys.executable, str(REPO_ROOT / "scripts" / "finetune_ctc.py"), "--from_scratch", "--model_preset", "tiny",
+            f"config_overrides={TINY_CTC_OVERRIDES}", "--train_manifests", str(manifest), "--eval_manifests",
+            str(manifest), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu",
+            "--per_device_train_batch_size", "4", "--save_strategy", "no", "--eval_strategy", "no",
+            "--push_to_hub", "--hub_model_id", "tester/tiny-ctc", "--disable_tqdm", "true",
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        # Load the pushed pair back from the loopback Hub, in a fresh process (HF_ENDPOINT is read at import).
+        check = (
+            "import hf_ssl_speech, json, yaml\n"
+            "from huggingface_hub import HfApi, hf_hub_download\n"
+            "from transformers import AutoModelForCTC, AutoProcessor\n"
+            "files = sorted(HfApi().list_repo_files('tester/tiny-ctc'))\n"
+            "card = open(hf_hub_download('tester/tiny-ctc', 'README.md')).read()\n"
+            "meta = yaml.safe_load(card.split('---')[1])\n"
+            "model = AutoModelForCTC.from_pretrained('tester/tiny-ctc')\n"
+            "processor = AutoProcessor.from_pretrained('tester/tiny-ctc')\n"
+            "print(json.dumps({'files': files, 'index': meta['model-index'], 'vocab': model.config.vocab_size,\n"
+            "                  'tokens': len(processor.tokenizer)}))\n"
+        )
+        loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+    info = json.loads(loaded.stdout.strip().splitlines()[-1])
+    for name in ("config.json", "model.safetensors", "modeling_conformer_ssl.py", "configuration_conformer_ssl.py",
+                 "feature_extraction_conformer_ssl.py", "processor_config.json", "vocab.json", "README.md",
+                 "results.json"):  # fmt: skip
+        assert name in info["files"], name
+    assert not any(name.startswith("checkpoint-") for name in info["files"])
+    metrics = {m["type"] for m in info["index"][0]["results"][0]["metrics"]}
+    assert metrics == {"wer", "cer"} and info["vocab"] == info["tokens"]
+
+
+# ------------------------------------------------------------------------------------------ real speech (slow)
+@pytest.mark.slow
+def test_overfit_on_demo_corpus_speech(tmp_path):
+    """Real (espeak) speech: 8 short demo-corpus utterances, overfit to CER <= 0.15. Minutes of CPU."""
+    demo = pytest.importorskip("hf_ssl_speech.demo_corpus")
+    try:
+        demo.make_demo_corpus(tmp_path / "demo", minutes=1.5, seed=0, engines=["espeak"], num_workers=1,
+                              progress=False)  # fmt: skip
+    except demo.DemoCorpusError as error:
+        pytest.skip(f"demo corpus unavailable: {error}")
+    rows = [json.loads(line) for split in ("pretrain", "finetune", "test")
+            for line in (tmp_path / "demo" / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    rows = sorted(rows, key=lambda row: row["duration"])[:8]
+    manifest = tmp_path / "demo" / "short8.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = TINY_CTC_OVERRIDES.replace("hidden_size=64", "hidden_size=96").replace(
+        "num_hidden_layers=2", "num_hidden_layers=3"
+    )
+    result = load_script("finetune_ctc").main([
+        "--from_scratch", "--model_preset", "tiny", f"config_overrides={overrides}",
+        "--train_manifests", str(manifest), "--eval_manifests", str(manifest), "--output_dir", str(tmp_path / "o"),
+        "--use_cpu", "--max_steps", "150", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+        "--warmup_steps", "30", "--eval_strategy", "no", "--save_strategy", "no", "spec_augment=false",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    cer = result["results"]["short8"]["cer"]
+    print(f"demo-corpus overfit: CER={cer:.4f} steps={result['summary']['steps']} "
+          f"seconds={result['summary']['train_seconds']}")  # fmt: skip
+    assert cer <= 0.15
