@@ -11,12 +11,15 @@ from transformers import (
     AutoModel,
     AutoModelForAudioClassification,
     AutoModelForCTC,
+    AutoModelForPreTraining,
 )
 
 from .configuration_conformer_ssl import ConformerSslConfig
 from .feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from .modeling_conformer_ssl import (
     ConformerSslForCTC,
+    ConformerSslForPreTraining,
+    ConformerSslForPreTrainingOutput,
     ConformerSslForSequenceClassification,
     ConformerSslModel,
     ConformerSslPreTrainedModel,
@@ -27,17 +30,21 @@ AutoFeatureExtractor.register(ConformerSslConfig, ConformerSslFeatureExtractor)
 AutoModel.register(ConformerSslConfig, ConformerSslModel)
 AutoModelForCTC.register(ConformerSslConfig, ConformerSslForCTC)
 AutoModelForAudioClassification.register(ConformerSslConfig, ConformerSslForSequenceClassification)
+AutoModelForPreTraining.register(ConformerSslConfig, ConformerSslForPreTraining)
 
 ConformerSslConfig.register_for_auto_class()
 ConformerSslFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 ConformerSslModel.register_for_auto_class("AutoModel")
 ConformerSslForCTC.register_for_auto_class("AutoModelForCTC")
 ConformerSslForSequenceClassification.register_for_auto_class("AutoModelForAudioClassification")
+ConformerSslForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "ConformerSslConfig",
     "ConformerSslFeatureExtractor",
     "ConformerSslForCTC",
+    "ConformerSslForPreTraining",
+    "ConformerSslForPreTrainingOutput",
     "ConformerSslForSequenceClassification",
     "ConformerSslModel",
     "ConformerSslPreTrainedModel",

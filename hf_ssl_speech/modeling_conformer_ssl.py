@@ -26,6 +26,17 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput, ModelOutput, SequenceClassifierOutput
 
 from .configuration_conformer_ssl import ConformerSslConfig
+from .losses import (
+    LossOutput,
+    apc_loss,
+    contrastive_loss,
+    cpc_loss,
+    diversity_loss,
+    masked_prediction_loss,
+    reconstruction_loss,
+)
+from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask, sample_negatives
+from .targets import GumbelVectorQuantizer, RandomProjectionQuantizer, stack_frames
 
 
 def lengths_to_padding_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -601,6 +612,8 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._classification_loss(logits, labels)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         hidden_states = outputs.hidden_states if output_hidden_states else None
         if not return_dict:
             output = tuple(v for v in (logits, hidden_states, outputs.attentions) if v is not None)
@@ -629,17 +642,6 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
 # ConformerSslForPreTraining (objectives: contrastive, mlm, bestrq, hubert, reconstruction, apc, cpc).
 # Its imports sit here, next to the only class that uses them.
 
-from .losses import (  # noqa: E402
-    LossOutput,
-    apc_loss,
-    contrastive_loss,
-    cpc_loss,
-    diversity_loss,
-    masked_prediction_loss,
-    reconstruction_loss,
-)
-from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask, sample_negatives  # noqa: E402
-from .targets import GumbelVectorQuantizer, RandomProjectionQuantizer, stack_frames  # noqa: E402
 
 # Masked objectives read the masked input and predict at masked steps; autoregressive ones read the clean
 # input through the causal encoder and predict the future.
