@@ -312,10 +312,21 @@ def plan_utterance(
     noise_fraction: float,
     noise_types: Sequence[str],
     snr_db: tuple[float, float],
+    recorded_share: float | None = None,
 ) -> UtterancePlan:
-    """Decide utterance `index` of `split` from a generator seeded by (seed, split, index) alone."""
+    """Decide utterance `index` of `split` from a generator seeded by (seed, split, index) alone.
+
+    The speaker is uniform over `speakers`, or, with `recorded_share`, drawn from the recorded-voice speakers
+    with that probability and from the espeak ones otherwise (when both kinds are present).
+    """
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-    speaker = speakers[int(rng.integers(len(speakers)))]
+    pool = list(speakers)
+    if recorded_share is not None:
+        recorded = [s for s in speakers if s.voice.engine != "espeak"]
+        formant = [s for s in speakers if s.voice.engine == "espeak"]
+        if recorded and formant:
+            pool = recorded if rng.random() < recorded_share else formant
+    speaker = pool[int(rng.integers(len(pool)))]
     sentences = _sentences(generator, rng)
     if speaker.voice.engine == "espeak":
         rate = float(np.clip(round(speaker.rate * rng.uniform(0.93, 1.07)), 80, 450))
@@ -571,6 +582,7 @@ def make_demo_corpus(
     engines: str | Sequence[str] = "auto",
     voices: Sequence[str] | None = None,
     speakers_per_voice: int = 3,
+    recorded_share: float | None = None,
     noise_fraction: float = 0.0,
     noise_types: Sequence[str] = NOISE_TYPES,
     snr_db: tuple[float, float] = (5.0, 20.0),
@@ -592,6 +604,8 @@ def make_demo_corpus(
         engines: "auto" (espeak + installed recorded engines) or a list from `ENGINES`.
         voices: optional subset of voice ids to use at all (see `resolve_voices`).
         speakers_per_voice: pseudo-speakers made from each base voice.
+        recorded_share: probability (0..1) that an utterance uses a recorded-voice (flite/festival) speaker when
+            any is available; None = uniform over all speakers (recorded ones are then a small minority).
         noise_fraction: share of utterances (0..1) that get additive noise.
         noise_types: kinds of noise to draw from ("white", "pink", "babble" = 3-5 other training talkers).
         snr_db: (low, high) range of the signal-to-noise ratio drawn per noisy utterance.
@@ -610,6 +624,8 @@ def make_demo_corpus(
         )
     if speakers_per_voice < 1:
         raise DemoCorpusError(f"speakers_per_voice={speakers_per_voice}: must be >= 1")
+    if recorded_share is not None and not 0 <= recorded_share <= 1:
+        raise DemoCorpusError(f"recorded_share={recorded_share}: must be in [0, 1] or None")
     if not 0 <= noise_fraction <= 1:
         raise DemoCorpusError(f"noise_fraction={noise_fraction}: must be in [0, 1]")
     bad_noise = [n for n in noise_types if n not in NOISE_TYPES]
@@ -629,6 +645,7 @@ def make_demo_corpus(
         "engines": engines if isinstance(engines, str) else list(engines),
         "voices": None if voices is None else list(voices),
         "speakers_per_voice": int(speakers_per_voice),
+        "recorded_share": None if recorded_share is None else float(recorded_share),
         "noise_fraction": float(noise_fraction),
         "noise_types": list(noise_types),
         "snr_db": [low_snr, high_snr],
@@ -706,7 +723,7 @@ def _render_split(split, target_s, seed, speakers, babble_speakers, generator, p
         plans = [
             plan_utterance(
                 split, i, seed, speakers, babble_speakers, generator, params["noise_fraction"],
-                params["noise_types"], tuple(params["snr_db"]),
+                params["noise_types"], tuple(params["snr_db"]), params["recorded_share"],
             )
             for i in range(index, index + count)
         ]  # fmt: skip
@@ -734,6 +751,10 @@ def _summarize(records, params, all_voices, train_voices, test_voices, noise_cou
             "voices": sorted({r["voice"] for r in rows}),
         }
     engines = sorted({v.engine for v in all_voices}, key=ENGINES.index)
+    engine_seconds = {e: 0.0 for e in engines}
+    for split in SPLITS:
+        for r in records[split]:
+            engine_seconds[r["voice"].split(":", 1)[0]] += r["duration"]
     words = {w for split in SPLITS for r in records[split] for w in r["text"].split()}
     return {
         "params": params,
@@ -742,6 +763,7 @@ def _summarize(records, params, all_voices, train_voices, test_voices, noise_cou
         "splits": splits,
         "minutes": {s: splits[s]["minutes"] for s in SPLITS},
         "total_minutes": round(sum(splits[s]["minutes"] for s in SPLITS), 3),
+        "engine_minutes": {e: round(sec / 60.0, 3) for e, sec in engine_seconds.items()},
         "num_speakers": len({sp for s in SPLITS for sp in splits[s]["speakers"]}),
         "train_voices": [v.id for v in train_voices],
         "test_voices": [v.id for v in test_voices],
@@ -775,6 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=["auto"], help=f"'auto' or some of {ENGINES}")
     parser.add_argument("--voices", nargs="+", default=None, help="restrict to these voice ids")
     parser.add_argument("--speakers-per-voice", type=int, default=3)
+    parser.add_argument(
+        "--recorded-share", type=float, default=None, help="share of utterances from flite/festival voices if installed"
+    )
     parser.add_argument("--noise", type=float, default=0.0, help="fraction of utterances with additive noise")
     parser.add_argument("--noise-types", nargs="+", default=list(NOISE_TYPES), choices=NOISE_TYPES)
     parser.add_argument("--snr-db", type=float, nargs=2, default=[5.0, 20.0], metavar=("LOW", "HIGH"))
@@ -800,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engines=engines,
             voices=args.voices,
             speakers_per_voice=args.speakers_per_voice,
+            recorded_share=args.recorded_share,
             noise_fraction=args.noise,
             noise_types=args.noise_types,
             snr_db=tuple(args.snr_db),

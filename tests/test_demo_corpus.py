@@ -201,6 +201,7 @@ def test_corpus_files_are_16k_mono_pcm16_matching_the_manifests(corpus):
         assert summary["splits"][split]["utterances"] == len(rows)
     assert {p.name for p in (folder / "audio").iterdir()} == listed  # nothing rendered past a cut is left
     assert summary["engines"] == ["espeak"] and summary["sample_rate"] == 16000
+    assert summary["engine_minutes"]["espeak"] == pytest.approx(summary["total_minutes"], abs=2e-3)
     assert summary["params"]["seed"] == 0 and summary["wall_time_s"] > 0
     assert sum(summary["noise"].values()) > 0  # noise_fraction=0.5 reached some utterances
 
@@ -291,10 +292,11 @@ def test_command_line(tmp_path, capsys):
 def test_recorded_voices_join_when_installed(tmp_path):
     summary = dc.make_demo_corpus(
         tmp_path / "rec", 1.0, engines=["espeak", "flite"], voices=["espeak:m1", "espeak:f3", "flite:slt", "flite:rms"],
-        test_voices=["flite:rms"], progress=False, num_workers=2,
+        test_voices=["flite:rms"], recorded_share=1.0, progress=False, num_workers=2,
     )  # fmt: skip
     assert summary["engines"] == ["espeak", "flite"]
     assert summary["test_voices"] == ["flite:rms"]
     rows = _manifest(tmp_path / "rec", "pretrain") + _manifest(tmp_path / "rec", "finetune")
-    assert "flite:rms" not in {r["voice"] for r in rows}
+    assert {r["voice"] for r in rows} == {"flite:slt"}  # recorded_share=1: only the recorded training voice
     assert {r["voice"] for r in _manifest(tmp_path / "rec", "test")} == {"flite:rms"}
+    assert summary["engine_minutes"]["espeak"] == 0 and summary["engine_minutes"]["flite"] >= 1.0
