@@ -93,6 +93,21 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
         """Shortest accepted utterance: 2 frames, since the unbiased std over 1 frame is undefined (NaN)."""
         return 2 * self.hop_length
 
+    def _torch_extract_fbank_features(self, waveform: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+        """(batch, samples) -> (batch, frames + 1, mels) log-mel; Parakeet's recipe with a cheaper power spectrum.
+
+        Parakeet computes |X|^2 as sqrt(re^2 + im^2)^2, which costs twice the STFT itself on CPU; re^2 + im^2 is
+        the same number (max diff ~2e-6) in one pass.
+        """
+        window = torch.hann_window(self.win_length, periodic=False, device=device)
+        stft = torch.stft(
+            waveform, self.n_fft, hop_length=self.hop_length, win_length=self.win_length, window=window,
+            return_complex=True, pad_mode="constant",
+        )  # fmt: skip
+        power = stft.real.square() + stft.imag.square()  # (batch, freq, frames + 1)
+        mel = torch.matmul(self.mel_filters.to(device), power)
+        return torch.log(mel + LOG_ZERO_GUARD).transpose(1, 2)
+
     def num_frames(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
         """Valid feature frames for `num_samples` samples (NeMo: `samples // hop`)."""
         return num_samples // self.hop_length

@@ -210,6 +210,12 @@ class ConformerSslRelPositionAttention(nn.Module):
         self.relative_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # W_r
         self.bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # content bias u
         self.bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # position bias v
+        # "eager": explicit softmax (transformers' attn_implementation); otherwise the fused SDPA kernel.
+        self.config = config
+
+    @property
+    def eager(self) -> bool:
+        return self.config._attn_implementation == "eager"
 
     @staticmethod
     def rel_shift(scores: torch.Tensor) -> torch.Tensor:
@@ -249,7 +255,7 @@ class ConformerSslRelPositionAttention(nn.Module):
         bias = bias + attention_bias if attention_bias is not None else bias.contiguous()
         query = query + self.bias_u[:, None, :]
         dropout = self.dropout if self.training else 0.0
-        if output_attentions:
+        if output_attentions or self.eager:
             weights = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * scale + bias, dim=-1)
             context = torch.matmul(F.dropout(weights, dropout, self.training), value)
         else:
@@ -407,6 +413,13 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
         self.layers = nn.ModuleList([ConformerSslLayer(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The layer whose output feeds the Conformer blocks (the subsampling's projection to hidden_size).
+
+        `PreTrainedModel.enable_input_require_grads` hooks it, so PEFT adapters keep their gradients under
+        gradient checkpointing while the front end is frozen."""
+        return self.subsampling.linear
 
     def forward(
         self,
