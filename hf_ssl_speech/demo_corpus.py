@@ -206,9 +206,9 @@ def _stable_rng(*keys: str | int) -> np.random.Generator:
 def build_speakers(voices: Sequence[BaseVoice], speakers_per_voice: int) -> list[Speaker]:
     """Pseudo-speakers for each base voice; speaker k of a voice is the same whichever other voices exist.
 
-    Speaker 0 keeps the voice's own vocal tract (scale 1.0); odd speakers shrink it (0.88-0.96, resampling
-    raises formants like a shorter tract), even ones lengthen it (1.04-1.12 lowers them). espeak speakers of
-    one talker get distinct accents.
+    Speaker 0 keeps the voice's own vocal tract (scale 1.0); odd speakers get a scale of 0.88-0.96 (formants
+    lowered, like a longer vocal tract), even ones 1.04-1.12 (raised, like a shorter one); see `_to_16k`.
+    espeak speakers of one talker get distinct accents.
     """
     speakers = []
     for voice in voices:
@@ -412,9 +412,11 @@ def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
 def _to_16k(audio: np.ndarray, sample_rate: int, vtl_scale: float) -> np.ndarray:
     """Resample to 16 kHz, treating the input as if recorded at `sample_rate * vtl_scale`.
 
-    Declaring a higher input rate than the true one plays the signal faster, so every frequency, formants
-    included, is multiplied by `vtl_scale` (and the duration divided by it): the acoustic effect of a shorter
-    vocal tract for scale > 1... and of a longer one for scale < 1. One soxr call does both steps.
+    Declaring an input rate `vtl_scale` times the true one plays the signal `vtl_scale` times faster: every
+    frequency, formants included, is multiplied by `vtl_scale` and the duration divided by it. Formant
+    frequencies scale inversely with vocal-tract length, so scale > 1 sounds like a shorter tract and scale < 1
+    like a longer one (pitch moves too; the speaker's pitch setting varies it independently). One soxr call
+    does both the shift and the rate conversion.
     """
     return soxr.resample(audio, sample_rate * vtl_scale, SAMPLE_RATE, quality="HQ").astype(np.float32)
 
@@ -524,32 +526,46 @@ def _read_summary(out_dir: Path) -> dict | None:
 
 
 def _is_complete(out_dir: Path, summary: dict) -> bool:
-    for split in SPLITS:
-        manifest = out_dir / f"{split}.jsonl"
-        if not manifest.is_file():
-            return False
-        lines = manifest.read_text().splitlines()
-        if len(lines) != summary["splits"][split]["utterances"]:
-            return False
-        for line in lines:
-            if not (out_dir / json.loads(line)["audio_filepath"]).is_file():
+    """Every manifest holds the summary's utterance count and every listed audio file exists."""
+    try:
+        for split in SPLITS:
+            manifest = out_dir / f"{split}.jsonl"
+            if not manifest.is_file():
                 return False
+            lines = manifest.read_text().splitlines()
+            if len(lines) != summary["splits"][split]["utterances"]:
+                return False
+            if not all((out_dir / json.loads(line)["audio_filepath"]).is_file() for line in lines):
+                return False
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return False
     return True
 
 
-def _prepare_folder(out_dir: Path, params: dict, overwrite: bool) -> dict | None:
-    """Return an existing complete summary with the same params, or clear the folder for a fresh corpus."""
+def _existing_corpus(out_dir: Path, params: dict, overwrite: bool) -> dict | None:
+    """The summary of a complete corpus with the same params in `out_dir`, if there is one.
+
+    A corpus made with other parameters is an error unless `overwrite` (it is then rebuilt).
+    """
     summary = _read_summary(out_dir)
-    if summary is not None and summary.get("params") == params and _is_complete(out_dir, summary):
-        return summary
-    if summary is not None and summary.get("params") != params and not overwrite:
-        differing = sorted(k for k in params if summary.get("params", {}).get(k) != params[k])
+    if summary is None:
+        return None
+    if summary.get("params") == params:
+        return summary if _is_complete(out_dir, summary) else None
+    if not overwrite:
+        old = summary.get("params") or {}
+        differing = sorted(k for k in params if old.get(k) != params[k])
         raise DemoCorpusError(
             f"out_dir={str(out_dir)!r} already holds a demo corpus made with different parameters {differing}; "
             "choose another out_dir or pass overwrite=True (--overwrite) to replace it"
         )
+    return None
+
+
+def _clear_folder(out_dir: Path, overwrite: bool) -> None:
+    """Remove a previous (or partial) corpus's outputs and mark the folder as ours; never foreign audio."""
     audio_dir = out_dir / "audio"
-    ours = (out_dir / _MARKER).is_file() or summary is not None
+    ours = (out_dir / _MARKER).is_file() or (out_dir / "summary.json").is_file()
     if audio_dir.is_dir() and any(audio_dir.iterdir()) and not ours and not overwrite:
         raise DemoCorpusError(
             f"out_dir={str(out_dir)!r} has an audio/ folder that this generator did not write; "
@@ -562,7 +578,6 @@ def _prepare_folder(out_dir: Path, params: dict, overwrite: bool) -> dict | None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / _MARKER).write_text("folder written by hf_ssl_speech.demo_corpus; safe to regenerate\n")
     audio_dir.mkdir()
-    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -652,9 +667,9 @@ def make_demo_corpus(
         "sample_rate": SAMPLE_RATE,
         "text_source": "grammar",
     }
-    existing = _prepare_folder(out_path, params, overwrite)
+    existing = _existing_corpus(out_path, params, overwrite)
     if existing is not None:
-        return existing
+        return existing  # reusing needs no synthesiser
 
     all_voices = resolve_voices(engines, voices)
     train_voices, test_voice_list = split_voices(all_voices, test_voices)
@@ -674,6 +689,7 @@ def make_demo_corpus(
     babble_speakers = [s for s in train_speakers if s.voice.engine == "espeak"] or train_speakers
     generator = SentenceGenerator()
     workers = num_workers or _default_workers()
+    _clear_folder(out_path, overwrite)
 
     bar = tqdm(total=round(sum(targets.values())), unit="s", desc="demo corpus (audio seconds)", disable=not progress)
     pool = _pool_context().Pool(workers) if workers > 1 else None
@@ -700,6 +716,12 @@ def make_demo_corpus(
         _write_atomic(out_path / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records[split]))
 
     summary = _summarize(records, params, all_voices, train_voices, test_voice_list, noise_counts)
+    used = {r["speaker"] for split in SPLITS for r in records[split]}
+    summary["speaker_params"] = {
+        s.id: {k: v for k, v in asdict(s).items() if k not in ("id", "voice")} | {"voice": s.voice.id}
+        for s in train_speakers + test_speakers
+        if s.id in used
+    }
     summary["workers"] = workers
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
     _write_atomic(out_path / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -771,11 +793,6 @@ def _summarize(records, params, all_voices, train_voices, test_voices, noise_cou
         "distinct_words": len(words),
         "generator": "hf_ssl_speech.demo_corpus",
     }
-
-
-def speaker_table(speakers: Sequence[Speaker]) -> list[dict]:
-    """Speakers as plain dicts (for logging or a speakers.json)."""
-    return [asdict(s) for s in speakers]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -224,7 +224,8 @@ def test_many_speakers_even_in_a_small_corpus(corpus):
     folder, summary = corpus
     rows = [r for s in dc.SPLITS for r in _manifest(folder, s)]
     speakers = {r["speaker"] for r in rows}
-    assert summary["num_speakers"] == len(speakers)
+    assert summary["num_speakers"] == len(speakers) == len(summary["speaker_params"])
+    assert set(summary["speaker_params"]) == speakers
     assert len(speakers) >= 0.7 * len(rows)  # drawn from ~100 speakers, few repeats
     assert len({r["voice"] for r in rows}) >= 0.5 * len(rows)
 
@@ -265,6 +266,15 @@ def test_reuse_refuse_overwrite_and_resume(tmp_path):
     (foreign / "audio" / "mine.wav").write_bytes(b"")
     with pytest.raises(dc.DemoCorpusError, match="did not write"):
         dc.make_demo_corpus(foreign, 0.3, engines=["espeak"], progress=False)
+
+
+def test_corpus_reports_an_unloadable_espeak(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_SSL_SPEECH_ESPEAK_LIBRARY", str(tmp_path / "missing" / "libespeak-ng.so"))
+    with pytest.raises(EspeakError, match=r"missing.*pip install espeakng-loader"):
+        dc.make_demo_corpus(tmp_path / "c", 0.2, engines=["espeak"], progress=False)
+    assert not (tmp_path / "c" / "audio").exists()  # nothing was started
+    assert dc.main(["--out", str(tmp_path / "c"), "--minutes", "0.2", "--no-progress"]) == 2
+    assert "espeakng-loader" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_named():
