@@ -62,12 +62,13 @@ class DataSection:
     max_duration: float = 20.0  # longer clips are randomly cropped to this many seconds
     min_duration: float = 0.5  # shorter clips are skipped (and counted)
     sampling_rate: int = 16000
+    dither: float = 1e-5  # NeMo: std of Gaussian noise added to the training waveforms before the log-mel
     num_workers: int = 0  # DataLoader worker processes per training process
     shuffle: bool = True
     frame_labels_key: str | None = None  # manifest key holding frame labels (HuBERT external targets)
-    # NEST denoising: with this probability mix noise or another utterance of the batch into the input.
+    # NEST denoising: with this probability mix white noise or another utterance of the batch into the input
+    # (targets stay clean). No noise corpus is read: NEST's MUSAN noise is replaced by Gaussian noise.
     denoising_prob: float = 0.0
-    noise_manifests: list[str] = field(default_factory=list)  # noise clips (empty: white noise)
     noise_snr_db: tuple[float, float] = (-5.0, 20.0)  # NEST: noise at -5..20 dB
     speech_snr_db: tuple[float, float] = (-5.0, 5.0)  # NEST: another utterance at -5..5 dB
 

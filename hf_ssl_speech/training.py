@@ -102,19 +102,27 @@ def gumbel_temperature(step: int, start: float, end: float, decay: float) -> flo
 
 
 # ---------------------------------------------------------------------------------------------- loss normalisation
-def reduce_counts(counts: Mapping[str, torch.Tensor], reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """All-reduce (sum) the per-objective target counts of this micro-batch over processes, in one collective.
+def global_totals(
+    values: Mapping[str, torch.Tensor | float], reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """Sum named scalars (per-objective loss sums, target counts, correct counts...) over processes in ONE
+    all-reduce; returns float64 scalars (exact for counts up to 2^53). `reduce_sum=None` means one process.
 
     Args:
-        counts: objective -> number of targets on this process (from the model output's per-objective counts).
+        values: e.g. {"count/bestrq": out.loss_counts["bestrq"], "sum/bestrq": out.loss_sums["bestrq"].detach()}.
         reduce_sum: sums a tensor over processes, e.g. `lambda t: accelerator.reduce(t, "sum")`.
     """
-    names = sorted(counts)
+    names = sorted(values)
     if not names:
         return {}
-    local = torch.stack([torch.as_tensor(counts[n], dtype=torch.float64).detach().reshape(()) for n in names])
-    total = reduce_sum(local.clone())
-    return {n: total[i] for i, n in enumerate(names)}
+    local = torch.stack([torch.as_tensor(values[n]).detach().to(torch.float64).reshape(()).cpu() for n in names])
+    total = reduce_sum(local.clone()) if reduce_sum is not None else local
+    return {n: total[i].cpu() for i, n in enumerate(names)}
+
+
+def reduce_counts(counts: Mapping[str, torch.Tensor], reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """All-reduce (sum) the per-objective target counts of this micro-batch over processes, in one collective."""
+    return global_totals(counts, reduce_sum)
 
 
 def backward_loss(
@@ -144,7 +152,7 @@ def backward_loss(
     """
     total = None
     for name, value in sums.items():
-        count = global_counts[name].to(value.dtype).clamp_min(1.0)
+        count = global_counts[name].to(device=value.device, dtype=value.dtype).clamp_min(1.0)
         term = weights.get(name, 1.0) * value / count
         total = term if total is None else total + term
     if total is None:
@@ -153,54 +161,63 @@ def backward_loss(
 
 
 class LossTracker:
-    """Accumulates detached per-objective sums and counts over steps, and reports sum/count per objective.
+    """Accumulates GLOBAL (already all-reduced) per-objective sums, counts and metrics between two log lines.
 
-    The reported loss of an objective is the global one (sums and counts added over processes and steps), so
-    the logged number does not depend on the number of processes.
+    The reported loss of an objective is sum/count over everything seen, so it does not depend on the number
+    of processes or on how the targets fell into batches. A metric named `<objective>_correct` is a count of
+    correct predictions and becomes `<objective>_accuracy` = correct / count; other metrics are averaged.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, float] = {}
-        self.extras: dict[str, list[float]] = {}
+        self.metric_sums: dict[str, float] = {}
+        self.metric_steps = 0
+        self.weights: dict[str, float] = {}
 
-    def update(self, sums: Mapping[str, torch.Tensor], counts: Mapping[str, torch.Tensor],
-               metrics: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def update(self, sums: Mapping[str, Any], counts: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
+               weights: Mapping[str, float] | None = None) -> None:  # fmt: skip
+        """Add one micro-batch: sums[o], counts[o] (global), metrics: name -> global mean or `_correct` sum."""
         for name in sums:
-            self.sums[name] = self.sums.get(name, 0.0) + float(sums[name].detach())
+            self.sums[name] = self.sums.get(name, 0.0) + float(sums[name])
             self.counts[name] = self.counts.get(name, 0.0) + float(counts[name])
+        if weights:
+            self.weights = dict(weights)
         for key, value in (metrics or {}).items():
-            if value is not None:
-                self.extras.setdefault(key, []).append(float(torch.as_tensor(value).detach().float().mean()))
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value)
+        self.metric_steps += 1
 
-    def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                weights: Mapping[str, float] | None = None) -> dict[str, float]:  # fmt: skip
-        """{"loss/<objective>": sum/count, "loss": sum_o w_o * loss_o, "<metric>": mean} reduced over processes."""
-        names = sorted(self.sums)
-        if not names:
+    def compute(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """{"loss": sum_o w_o * loss_o, "loss/<objective>": sum/count, "<objective>_accuracy", other means}."""
+        if not self.sums:
             return {}
-        local = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64)
-        total = reduce_sum(local) if reduce_sum is not None else local
+        weights = dict(weights or self.weights)
         out: dict[str, float] = {}
-        loss = 0.0
-        for i, name in enumerate(names):
-            value = float(total[i, 0] / total[i, 1].clamp_min(1.0))
-            out[f"loss/{name}"] = value
-            loss += (weights or {}).get(name, 1.0) * value
-        out["loss"] = loss
-        # Metrics (accuracy, perplexity...) are averaged over steps on each process, then over processes.
-        keys = sorted(self.extras)
-        if keys:
-            means = torch.tensor([sum(self.extras[k]) / len(self.extras[k]) for k in keys], dtype=torch.float64)
-            n = reduce_sum(torch.ones((), dtype=torch.float64)) if reduce_sum is not None else 1.0
-            means = (reduce_sum(means) if reduce_sum is not None else means) / n
-            out.update({k: float(v) for k, v in zip(keys, means)})
+        for name in sorted(self.sums):
+            out[f"loss/{name}"] = self.sums[name] / max(self.counts[name], 1.0)
+        out["loss"] = sum(weights.get(name, 1.0) * out[f"loss/{name}"] for name in self.sums)
+        for key, total in sorted(self.metric_sums.items()):
+            if key.endswith("_correct") and key[: -len("_correct")] in self.counts:
+                objective = key[: -len("_correct")]
+                out[f"{objective}_accuracy"] = total / max(self.counts[objective], 1.0)
+            elif not (key.endswith("_accuracy") and f"{key[: -len('_accuracy')]}_correct" in self.metric_sums):
+                out[key] = total / max(self.metric_steps, 1)
         return out
 
     def reset(self) -> None:
         self.sums.clear()
         self.counts.clear()
-        self.extras.clear()
+        self.metric_sums.clear()
+        self.metric_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "metric_sums": dict(self.metric_sums),
+                "metric_steps": self.metric_steps, "weights": dict(self.weights)}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.metric_sums, self.metric_steps = dict(state["metric_sums"]), int(state["metric_steps"])
+        self.weights = dict(state.get("weights", {}))
 
 
 # ---------------------------------------------------------------------------------------------- non-finite guard
@@ -471,6 +488,7 @@ __all__ = [
     "backward_loss",
     "build_optimizer",
     "build_scheduler",
+    "global_totals",
     "gumbel_temperature",
     "noam_factor",
     "param_groups",

@@ -24,6 +24,7 @@ from hf_ssl_speech.training import (
     backward_loss,
     build_optimizer,
     build_scheduler,
+    global_totals,
     gumbel_temperature,
     noam_factor,
     param_groups,
@@ -242,14 +243,28 @@ def test_backward_loss_scales_by_processes_and_accumulation():
 
 def test_loss_tracker_reports_global_sum_over_count():
     tracker = LossTracker()
-    tracker.update({"a": torch.tensor(3.0)}, {"a": torch.tensor(2)}, {"acc": torch.tensor(0.5)})
-    tracker.update({"a": torch.tensor(5.0)}, {"a": torch.tensor(6)}, {"acc": torch.tensor(1.0)})
-    out = tracker.compute(weights={"a": 2.0})
-    assert out["loss/a"] == pytest.approx(8 / 8)
-    assert out["loss"] == pytest.approx(2.0)
-    assert out["acc"] == pytest.approx(0.75)
+    metrics = {"bestrq_correct": 1.0, "bestrq_accuracy": 0.5, "bestrq_perplexity": 10.0}
+    tracker.update({"bestrq": 3.0}, {"bestrq": 2.0}, metrics, weights={"bestrq": 2.0})
+    tracker.update({"bestrq": 5.0}, {"bestrq": 6.0}, {"bestrq_correct": 5.0, "bestrq_accuracy": 0.8,
+                                                      "bestrq_perplexity": 20.0})  # fmt: skip
+    out = tracker.compute()
+    assert out["loss/bestrq"] == pytest.approx(8 / 8)
+    assert out["loss"] == pytest.approx(2.0)  # weight remembered from the first update
+    assert out["bestrq_accuracy"] == pytest.approx(6 / 8)  # pooled, not the mean of 0.5 and 0.8
+    assert out["bestrq_perplexity"] == pytest.approx(15.0)
+    restored = LossTracker()
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.compute() == out
     tracker.reset()
     assert tracker.compute() == {}
+
+
+def test_global_totals_single_process_is_identity():
+    totals = global_totals({"count/a": torch.tensor(3), "sum/a": torch.tensor(1.5, requires_grad=True)}, None)
+    assert totals["count/a"].dtype == torch.float64 and float(totals["sum/a"]) == 1.5
+    doubled = global_totals({"x": 2.0}, lambda t: t * 2)
+    assert float(doubled["x"]) == 4.0
+    assert global_totals({}, None) == {}
 
 
 # ---------------------------------------------------------------------------------------------- guard

@@ -1,0 +1,360 @@
+"""The pretraining loop, readable top to bottom: recipe -> accelerate -> model, data -> steps -> checkpoints.
+
+One optimiser step = `train.grad_accum` micro-batches. For each micro-batch every process featurises its own
+batch (the data plan gives each rank different batches), runs `ConformerSslForPreTraining`, sums the
+per-objective loss sums/counts over processes in one all-reduce, and back-propagates its local sums divided
+by the GLOBAL counts (`training.backward_loss`). Then: clip, non-finite guard, AdamW, LR schedule. Every
+`log_steps` the global losses go to TensorBoard and the progress bar, every `eval_steps` the held-out
+manifests are scored with fixed masks, every `save_steps` an atomic checkpoint is written (with the loss-curve
+PNG and a model card). `resume` continues a run exactly: weights, optimiser, schedule, RNGs, mask generator,
+data position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .augment import mix_for_denoising
+from .data import build_dataloader
+from .feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
+from .hub import push_checkpoint, write_model_card
+from .modeling_conformer_ssl import ConformerSslForPreTraining
+from .recipe import Recipe, model_config, save_recipe
+from .training import (
+    CheckpointManager,
+    LossTracker,
+    MetricsLogger,
+    NonFiniteGuard,
+    backward_loss,
+    build_optimizer,
+    build_scheduler,
+    global_totals,
+    gumbel_temperature,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainResult:
+    """What a run leaves behind (paths are None when nothing was written)."""
+
+    output_dir: Path
+    step: int
+    checkpoint: Path | None = None
+    plot: Path | None = None
+    hub_url: str | None = None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    valid_metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def featurise(batch: dict[str, Any], extractor: ConformerSslFeatureExtractor, device: torch.device,
+              recipe: Recipe, generator: torch.Generator | None, train: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Collator waveforms -> model inputs on `device`: log-mels (dither and NEST denoising in training only).
+
+    With denoising the model sees the noisy features while its targets come from the clean ones
+    (`target_features`), as in NEST.
+    """
+    waveforms = batch["waveforms"].to(device)  # (batch, samples)
+    lengths = batch["waveform_lengths"].to(device)  # (batch,)
+    inputs: dict[str, torch.Tensor] = {}
+    data = recipe.data
+    if train and data.denoising_prob > 0:
+        clean, _ = extractor.extract_batch(waveforms, lengths)
+        inputs["target_features"] = clean
+        waveforms, _ = mix_for_denoising(waveforms, lengths, data.denoising_prob, None, data.noise_snr_db,
+                                         data.speech_snr_db, generator=generator)  # fmt: skip
+    dither = data.dither if train else 0.0
+    features, frames = extractor.extract_batch(waveforms, lengths, dither=dither, generator=generator)  # (B, T, F)
+    inputs["input_features"] = features
+    inputs["attention_mask"] = (torch.arange(features.shape[1], device=device)[None, :] < frames[:, None]).long()
+    if "frame_labels" in batch:
+        inputs["frame_labels"] = batch["frame_labels"].to(device)[:, : features.shape[1]]  # (B, T)
+    return inputs
+
+
+def forever(loader: Any) -> Iterator[dict[str, Any]]:
+    """Batches across epochs (the loader advances its epoch at the end of each pass)."""
+    empty_passes = 0
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        empty_passes = 0 if yielded else empty_passes + 1
+        if empty_passes >= 2:  # one empty pass is normal right after resuming at an epoch's end
+            raise RuntimeError(
+                "The training data yields no batch: check data.train_manifests and the duration filters."
+            )
+
+
+def _objective_totals(out: Any, audio_seconds: float, reduce: Any, num_processes: int) -> tuple[dict, dict, dict]:
+    """Global (all processes) per-objective sums and counts, and metrics, from one all-reduce."""
+    local: dict[str, Any] = {"audio_seconds": audio_seconds}
+    for name in out.loss_sums:
+        local[f"sum/{name}"] = out.loss_sums[name].detach().float()
+        local[f"count/{name}"] = out.loss_counts[name]
+    local.update({f"metric/{k}": v for k, v in (out.metrics or {}).items()})
+    total = global_totals(local, reduce if num_processes > 1 else None)
+    sums = {n: total[f"sum/{n}"] for n in out.loss_sums}
+    counts = {n: total[f"count/{n}"] for n in out.loss_sums}
+    # `<objective>_correct` are counts (summed over processes); other metrics are averaged over processes.
+    metrics = {k[7:]: float(v) / (1 if k.endswith("_correct") else num_processes)
+               for k, v in total.items() if k.startswith("metric/")}  # fmt: skip
+    metrics["audio_seconds"] = float(total["audio_seconds"])
+    return sums, counts, metrics
+
+
+def evaluate(model: torch.nn.Module, loader: Any, extractor: ConformerSslFeatureExtractor, accelerator: Accelerator,
+             recipe: Recipe, temperature: float) -> dict[str, float]:  # fmt: skip
+    """Validation losses of every objective with the same masks at each evaluation (fixed generator seed)."""
+    model.eval()
+    generator = torch.Generator(device=accelerator.device).manual_seed(
+        recipe.train.eval_seed + accelerator.process_index
+    )
+    tracker = LossTracker()
+    reduce = lambda t: accelerator.reduce(t.to(accelerator.device), "sum")  # noqa: E731
+    loader.set_epoch(0)
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            if recipe.train.eval_batches is not None and index >= recipe.train.eval_batches:
+                break
+            inputs = featurise(batch, extractor, accelerator.device, recipe, generator, train=False)
+            with accelerator.autocast():
+                out = model(**inputs, gumbel_temperature=temperature, step=None, generator=generator)
+            sums, counts, metrics = _objective_totals(out, batch["audio_seconds"], reduce, accelerator.num_processes)
+            metrics.pop("audio_seconds")
+            tracker.update(sums, counts, metrics, out.loss_weights)
+    model.train()
+    return tracker.compute()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
+    """TensorBoard hparams take flat scalars only."""
+    flat: dict[str, Any] = {}
+    for section, values in recipe.to_dict().items():
+        for key, value in (values or {}).items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _resume_path(resume: bool | str | Path, checkpoints: CheckpointManager) -> Path | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        latest = checkpoints.latest()
+        if latest is None:
+            logger.warning("--resume: no complete checkpoint under %s; starting from scratch", checkpoints.root)
+        return latest
+    return Path(resume)
+
+
+def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool = True) -> PretrainResult:
+    """Run (or continue) the pretraining described by `recipe`; call from every process of `accelerate launch`.
+
+    Args:
+        recipe: the validated recipe (`recipe.load_recipe`).
+        resume: False: fresh run; True: continue from the newest complete checkpoint in `train.output_dir`;
+            a path: continue from that checkpoint folder.
+        progress: show the tqdm bar (main process only).
+    """
+    t, o, d = recipe.train, recipe.optim, recipe.data
+    out_dir = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with="tensorboard" if t.report_to == "tensorboard" else None,
+        project_dir=str(out_dir),
+        # One scheduler step per optimiser step: by default accelerate steps it once per process.
+        step_scheduler_with_optimizer=False,
+        # Heads of objectives before their start step, or a mask embedding with noise fill, get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    reduce = lambda t_: accelerator.reduce(t_.to(accelerator.device), "sum")  # noqa: E731
+
+    # --- model, feature extractor, optimiser, schedule. Same initial weights on every process.
+    set_seed(t.seed)
+    config = model_config(recipe)
+    if ConformerSslForPreTraining._auto_class is None:
+        # save_pretrained writes the modelling code next to the weights (for trust_remote_code) only for
+        # classes registered with an auto class.
+        ConformerSslForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    model = ConformerSslForPreTraining(config)
+    extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
+    optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps)
+    scheduler = build_scheduler(optimizer, o.scheduler, o.warmup_steps, t.max_steps, config.hidden_size, o.lr, o.min_lr)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Per-process randomness: dropout uses the global RNG; masks, negatives, noise and dither the generator.
+    set_seed(t.seed + 1 + rank)
+    generator = torch.Generator(device=accelerator.device).manual_seed(1_000_003 * (t.seed + 1) + rank)
+
+    # --- data: one planned loader per process, NOT passed to accelerator.prepare (it would shard it again).
+    loader_args = dict(batch_seconds=d.batch_seconds, max_batch_size=d.max_batch_size, min_duration=d.min_duration,
+                       max_duration=d.max_duration, sampling_rate=d.sampling_rate, num_workers=d.num_workers,
+                       rank=rank, world_size=world, seed=t.seed, return_waveforms=True,
+                       frame_labels_key=d.frame_labels_key or "frame_labels")  # fmt: skip
+    if not d.train_manifests:
+        raise ValueError("data.train_manifests is empty: give at least one JSONL manifest of training audio.")
+    train_loader = build_dataloader(d.train_manifests, d.weights, shuffle=d.shuffle, **loader_args)
+    valid_loader = (
+        build_dataloader(d.valid_manifests, None, shuffle=False, **loader_args) if d.valid_manifests else None
+    )
+
+    # --- bookkeeping, and the state to continue from
+    checkpoints = CheckpointManager(out_dir, t.keep_last)
+    metrics = MetricsLogger(accelerator.log if t.report_to != "none" else None)
+    guard, tracker = NonFiniteGuard(t.max_nonfinite), LossTracker()
+    step, audio_seconds_total = 0, 0.0
+    start = _resume_path(resume, checkpoints)
+    if start is not None:
+        state, rank_state = CheckpointManager.load(start, accelerator)
+        step, audio_seconds_total = int(state["step"]), float(state.get("audio_seconds_total", 0.0))
+        metrics.load_state_dict(state["metrics"])
+        guard.load_state_dict(state["guard"])
+        generator.set_state(rank_state["generator"])
+        train_loader.load_state_dict(rank_state["data"])
+        tracker.load_state_dict(rank_state["tracker"])
+        accelerator.print(f"Resumed from {start} at step {step}")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out_dir / "recipe.yaml")
+    if t.report_to != "none":
+        accelerator.init_trackers("tensorboard", config=_flat_hparams(recipe))
+
+    def save(step: int) -> Path:
+        def finish(folder: Path) -> None:  # main process, inside the temporary folder, before the rename
+            metrics.plot(folder / "loss_curves.png", title=f"{out_dir.name}: step {step}")
+            summary = {"optimiser steps": step, "audio hours seen": audio_seconds_total / 3600,
+                       "processes": world, **{k: v for k, v in latest_metrics.items() if "loss" in k}}  # fmt: skip
+            write_model_card(folder / "model", t.push_to_hub or out_dir.name, summary, recipe_yaml=_recipe_yaml())
+
+        trainer_state = {"audio_seconds_total": audio_seconds_total, "metrics": metrics.state_dict(),
+                         "guard": guard.state_dict(), "recipe": recipe.to_dict()}  # fmt: skip
+        rank_state = {"generator": generator.get_state(), "data": train_loader.state_dict(),
+                      "tracker": tracker.state_dict()}  # fmt: skip
+        return checkpoints.save(step, accelerator, model, trainer_state, rank_state, extractor, before_rename=finish)
+
+    def _recipe_yaml() -> str:
+        return (out_dir / "recipe.yaml").read_text() if (out_dir / "recipe.yaml").is_file() else ""
+
+    # --- the loop
+    batches = forever(train_loader)
+    latest_metrics: dict[str, float] = {}
+    valid_metrics: dict[str, float] = {}
+    last_saved = step if start is not None else None
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
+               dynamic_ncols=True, desc="pretrain")  # fmt: skip
+    started = interval_start = time.monotonic()
+    wait_time, interval_audio, grad_norm = 0.0, 0.0, float("nan")
+    model.train()
+    while step < t.max_steps:
+        temperature = gumbel_temperature(step, o.gumbel_temperature_start, o.gumbel_temperature_end,
+                                         o.gumbel_temperature_decay)  # fmt: skip
+        finite = True
+        for micro in range(t.grad_accum):
+            before = time.monotonic()
+            # Creating a DataLoader iterator (each epoch, and once more on resume) draws from the global torch
+            # RNG; isolating it keeps dropout's random stream the same in a resumed run as in an uninterrupted one.
+            with torch.random.fork_rng(devices=[]):
+                batch = next(batches)
+            wait_time += time.monotonic() - before
+            inputs = featurise(batch, extractor, accelerator.device, recipe, generator, train=True)
+            # DDP all-reduces gradients in the backward of the last micro-batch only.
+            sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    out = model(**inputs, gumbel_temperature=temperature, step=step, generator=generator)
+                sums, counts, micro_metrics = _objective_totals(out, batch["audio_seconds"], reduce, world)
+                loss_value = sum(out.loss_weights[n] * float(sums[n]) / max(float(counts[n]), 1.0) for n in sums)
+                if not math.isfinite(loss_value):  # identical on every process: all skip together
+                    finite = False
+                    continue
+                accelerator.backward(backward_loss(out.loss_sums, counts, out.loss_weights, world, t.grad_accum))
+            interval_audio += micro_metrics.pop("audio_seconds")
+            tracker.update(sums, counts, micro_metrics, out.loss_weights)
+        if finite:
+            max_norm = o.clip if o.clip > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            # fp16: an overflow is the GradScaler's business (it skips the step and lowers the scale).
+            if not math.isfinite(grad_norm) and t.mixed_precision != "fp16":
+                finite = guard.ok(grad_norm, step, "gradient norm")
+            else:
+                guard.ok(0.0, step)  # resets the streak
+        else:
+            guard.ok(float("nan"), step, "loss")
+        if finite:
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            step += 1
+            bar.update(1)
+        optimizer.zero_grad(set_to_none=True)
+
+        if finite and step % t.log_steps == 0:
+            elapsed = time.monotonic() - interval_start
+            latest_metrics = {**tracker.compute(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                              "gumbel_temperature": temperature, "audio_seconds_per_s": interval_audio / elapsed,
+                              "data_wait_fraction": wait_time / elapsed, "skipped_steps": guard.total_skipped}  # fmt: skip
+            audio_seconds_total += interval_audio
+            metrics.log(step, latest_metrics, "train")
+            bar.set_postfix(loss=f"{latest_metrics.get('loss', float('nan')):.3f}", lr=f"{latest_metrics['lr']:.2e}",
+                            audio_s_per_s=f"{latest_metrics['audio_seconds_per_s']:.1f}",
+                            wait=f"{latest_metrics['data_wait_fraction']:.0%}")  # fmt: skip
+            tracker.reset()
+            interval_start, wait_time, interval_audio = time.monotonic(), 0.0, 0.0
+        out_of_time = t.max_minutes is not None and _any_process(
+            accelerator, time.monotonic() - started > 60 * t.max_minutes
+        )
+        done = step >= t.max_steps or out_of_time
+        if finite and valid_loader is not None and (step % t.eval_steps == 0 or done):
+            valid_metrics = evaluate(model, valid_loader, extractor, accelerator, recipe, temperature)
+            metrics.log(step, valid_metrics, "valid")
+            accelerator.print(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in valid_metrics.items()
+                                                                 if k.startswith("loss")))  # fmt: skip
+        if finite and (step % t.save_steps == 0 or done) and last_saved != step:
+            save(step)
+            last_saved = step
+        if out_of_time:
+            accelerator.print(f"train.max_minutes={t.max_minutes} reached at step {step}: stopping.")
+            break
+    bar.close()
+
+    # --- the end: final plot next to the run, optional push, trackers closed
+    final = checkpoints.latest()
+    plot = metrics.plot(out_dir / "loss_curves.png", title=out_dir.name) if accelerator.is_main_process else None
+    hub_url = None
+    if t.push_to_hub and final is not None and accelerator.is_main_process:
+        hub_url = push_checkpoint(final / "model", t.push_to_hub, private=t.hub_private,
+                                  commit_message=f"Pretrained {step} steps ({recipe_name(recipe)})")  # fmt: skip
+        accelerator.print(f"Pushed {final / 'model'} to {hub_url}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return PretrainResult(out_dir, step, final, plot, hub_url, latest_metrics, valid_metrics)
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True if `flag` is True on any process (wall-clock limits differ slightly between processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
+
+
+def recipe_name(recipe: Recipe) -> str:
+    return ", ".join(recipe.objectives) or "no objectives"
+
+
+__all__ = ["PretrainResult", "evaluate", "featurise", "pretrain"]
