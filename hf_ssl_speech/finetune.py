@@ -24,7 +24,6 @@ built from, each small and testable on its own:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import json
@@ -160,7 +159,7 @@ class FinetuneArguments:
 FORCED_TRAINING_ARGS = {"remove_unused_columns": False}
 
 
-def _flatten_recipe(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+def _flatten_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
     """A recipe is a flat mapping, or sections (model/data/finetune/training) of flat mappings."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -189,13 +188,16 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def _expand_key_values(argv: list[str], list_dests: set[str]) -> list[str]:
-    """`key=value` tokens become `--key value` (`a,b` splits for list-valued keys); `--flag value` passes."""
+def _expand_key_values(argv: list[str], destinations: set[str], list_dests: set[str]) -> list[str]:
+    """`key=value` tokens naming an argument become `--key value` (`a,b` splits for list-valued keys).
+
+    Other tokens pass unchanged, so a flag's value may itself contain `=` (`--config_overrides layerdrop=0.1`).
+    """
     out: list[str] = []
     for token in argv:
-        if not token.startswith("-") and "=" in token:
-            key, value = token.split("=", 1)
-            key = key.replace("-", "_")
+        key, _, value = token.partition("=")
+        key = key.replace("-", "_")
+        if not token.startswith("-") and _ and key in destinations:
             out.append(f"--{key}")
             out.extend([v for v in value.split(",") if v] if key in list_dests else [value])
         else:
@@ -234,14 +236,22 @@ def parse_args(
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: a recipe must be a YAML mapping of argument names to values")
-        recipe = _flatten_recipe(data, str(path))
+        recipe = _flatten_recipe(data)
         unknown = sorted(set(recipe) - destinations)
         if unknown:
             hints = [f"{key} (did you mean {difflib.get_close_matches(key, destinations, 1)})" for key in unknown]
             raise ValueError(f"{path}: unknown keys {', '.join(hints)}; run the script with --help for the list.")
         values.update(recipe)
     parser.set_defaults(**{key: value for key, value in values.items() if key in destinations})
-    parsed = parser.parse_args_into_dataclasses(args=_expand_key_values(argv, list_dests))
+    *parsed, unknown_args = parser.parse_args_into_dataclasses(
+        args=_expand_key_values(argv, destinations, list_dests), return_remaining_strings=True
+    )
+    if unknown_args:
+        hints = []
+        for token in unknown_args:
+            name = token.lstrip("-").partition("=")[0].replace("-", "_")
+            hints.append(f"{token!r} (did you mean {difflib.get_close_matches(name, destinations, 1)})")
+        raise ValueError(f"unknown arguments {', '.join(hints)}; run the script with --help for the list.")
     for item in parsed:
         for key, forced in FORCED_TRAINING_ARGS.items():
             if hasattr(item, key) and getattr(item, key) != forced:
@@ -855,7 +865,9 @@ class FreezeEncoderCallback(TrainerCallback):
     A fresh head on a pretrained encoder sends large, random gradients into it at first; freezing the encoder
     until the head is sensible protects the pretrained features (NeMo / fairseq `freeze_finetune_updates`).
     The optimiser must hold the encoder's parameters from the start (`layerwise_param_groups` does): frozen
-    parameters simply get no gradient, so AdamW leaves them (and their moments) untouched.
+    parameters simply get no gradient, so AdamW leaves them (and their moments) untouched. BatchNorm running
+    statistics of the encoder still follow the data while frozen (Trainer keeps the model in train mode).
+    Under DDP, set `ddp_find_unused_parameters=True`: the frozen encoder's parameters get no gradient.
     """
 
     def __init__(self, freeze_steps: int) -> None:
@@ -1147,14 +1159,6 @@ def push_folder(
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "demo_corpus/**", "*.tmp"],
     )
     return info.commit_url
-
-
-def dataclass_dict(*items: Any) -> dict[str, Any]:
-    """Fields of argument dataclasses as one JSON-able dict (TrainingArguments through `to_dict`)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        out.update(item.to_dict() if hasattr(item, "to_dict") else dataclasses.asdict(item))
-    return out
 
 
 __all__ = [

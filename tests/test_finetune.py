@@ -125,10 +125,11 @@ def test_yaml_recipe_with_flag_and_key_value_overrides(tmp_path):
     model_args, data_args, finetune_args, training_args = parse_args(
         ARG_TYPES,
         ["--config", str(recipe), "--max_steps", "7", "learning_rate=5e-4", "eval_manifests=x.jsonl,y.jsonl",
-         "--freeze_encoder_steps", "3", "spec_augment=false"],
+         "--freeze_encoder_steps", "3", "spec_augment=false", "--config_overrides", "layerdrop=0.1"],
         defaults={"metric_for_best_model": "wer", "greater_is_better": False},
     )  # fmt: skip
     assert model_args.model_preset == "tiny" and model_args.from_scratch is True
+    assert model_args.config_overrides == "layerdrop=0.1"  # a flag's value may contain "="
     assert data_args.train_manifests == ["a.jsonl"] and data_args.eval_manifests == ["x.jsonl", "y.jsonl"]
     assert data_args.time_masks == 4 and data_args.spec_augment is False and data_args.freq_masks == 2
     assert finetune_args.layer_decay == 0.8 and finetune_args.freeze_encoder_steps == 3
@@ -143,6 +144,8 @@ def test_recipe_errors_name_the_key(tmp_path):
     recipe.write_text("training:\n  learning_rat: 1.0\n")
     with pytest.raises(ValueError, match="learning_rat.*learning_rate"):
         parse_args(ARG_TYPES, ["--config", str(recipe)])
+    with pytest.raises(ValueError, match="learning_rat=1.0.*learning_rate"):
+        parse_args(ARG_TYPES, ["learning_rat=1.0"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_args(ARG_TYPES, ["--config", str(tmp_path / "nope.yaml")])
     assert parse_config_overrides("final_dropout=0.0,subsampling=striding") == {
@@ -177,6 +180,18 @@ def test_from_scratch_and_checkpoint_init_differ_only_in_weights(tmp_path, tiny_
         assert torch.equal(state_a[f"conformer.{name}"], value), name  # transferred exactly
     weight = "conformer.layers.0.feed_forward1.linear1.weight"
     assert not torch.equal(state_b[weight], source[weight.removeprefix("conformer.")])  # random init
+
+
+def test_pretraining_checkpoint_transfers_encoder_and_drops_ssl_heads(tmp_path, tiny_config):
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+
+    pretrained = ConformerSslForPreTraining(tiny_config(objectives={"bestrq": {}, "contrastive": {}}))
+    pretrained.save_pretrained(tmp_path / "ssl")
+    model, report = init_ctc_model(7, 0, str(tmp_path / "ssl"))
+    assert report.encoder_complete and report.new_head == ["lm_head.bias", "lm_head.weight"]
+    assert "bestrq_head.weight" in report.unused and "quantizer.codevectors" in report.unused
+    source = pretrained.conformer.state_dict()
+    assert all(torch.equal(model.conformer.state_dict()[name], value) for name, value in source.items())
 
 
 def test_missing_encoder_weights_warn_loudly_by_name(tmp_path, tiny_config):
@@ -422,3 +437,37 @@ def test_overfit_on_demo_corpus_speech(tmp_path):
     print(f"demo-corpus overfit: CER={cer:.4f} steps={result['summary']['steps']} "
           f"seconds={result['summary']['train_seconds']}")  # fmt: skip
     assert cer <= 0.15
+
+
+# ------------------------------------------------------------------------------------------ script options
+def test_early_stopping_on_wer_stops_the_run(tmp_path):
+    """learning_rate 0 keeps WER constant: with patience 1 the run stops at the second evaluation."""
+    manifest = write_tone_corpus(tmp_path / "data", count=4, seed=5)
+    result = load_script("finetune_ctc").main([
+        "--from_scratch", "--model_preset", "tiny", f"config_overrides={TINY_CTC_OVERRIDES}",
+        "--train_manifests", str(manifest), "--eval_manifests", str(manifest), "--output_dir", str(tmp_path / "o"),
+        "--use_cpu", "--max_steps", "50", "--per_device_train_batch_size", "4", "--learning_rate", "0",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--load_best_model_at_end", "early_stopping_patience=1", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    assert result["summary"]["steps"] == 4
+    history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_wer" in entry] == [2, 4]
+
+
+def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
+    demo = pytest.importorskip("hf_ssl_speech.demo_corpus")
+    try:
+        demo.check_espeak()
+    except demo.EspeakError as error:
+        pytest.skip(f"espeak unavailable: {error}")
+    folder = tmp_path / "demo"
+    result = load_script("finetune_ctc").main([
+        "--from_scratch", "--model_preset", "tiny", f"config_overrides={TINY_CTC_OVERRIDES}",
+        f"demo_corpus_dir={folder}", "demo_minutes=0.3", "--output_dir", str(tmp_path / "o"), "--use_cpu",
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--eval_strategy", "no",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    assert (folder / "finetune.jsonl").is_file() and (folder / "test.jsonl").is_file()
+    assert set(result["results"]) == {"test"} and result["results"]["test"]["utterances"] >= 1
+    assert result["summary"]["train_utterances"] == len((folder / "finetune.jsonl").read_text().splitlines())
