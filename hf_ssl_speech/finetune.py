@@ -788,6 +788,61 @@ def resolve_manifests(data_args: DataArguments, seed: int = 0) -> tuple[list[str
     return [str(folder / "finetune.jsonl")], eval_manifests
 
 
+def ctc_output_steps(num_samples: int, config: ConformerSslConfig) -> int:
+    """Encoder steps for an utterance of `num_samples` samples: samples // hop frames, ceil(L / 2) per stage."""
+    steps = num_samples // config.hop_length
+    for _ in range(int(math.log2(config.subsampling_factor))):
+        steps = (steps - 1) // 2 + 1
+    return steps
+
+
+def ctc_min_steps(label_ids: Sequence[int]) -> int:
+    """Fewest CTC steps that can emit `label_ids`: one per label, plus a blank between repeated labels."""
+    return len(label_ids) + sum(1 for a, b in zip(label_ids, label_ids[1:]) if a == b)
+
+
+def split_ctc_feasible(
+    rows: Sequence[Mapping[str, Any]], tokenizer: Wav2Vec2CTCTokenizer, config: ConformerSslConfig
+) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(feasible, infeasible) rows: infeasible transcripts need more CTC steps than the encoder emits.
+
+    Their CTC loss is infinite (zeroed by `ctc_zero_infinity`, so they silently teach nothing). Characters at
+    ~15 per second of speech do not fit 8x subsampling (12.5 steps per second): use a 4x (Conformer) model or
+    a subword vocabulary for those.
+    """
+    feasible, infeasible = [], []
+    for row in rows:
+        needed = ctc_min_steps(text_to_ids(tokenizer, row["text"]))
+        (feasible if needed <= ctc_output_steps(row["length"], config) else infeasible).append(row)
+    return feasible, infeasible
+
+
+def drop_infeasible_ctc(
+    rows: list[dict[str, Any]], tokenizer: Wav2Vec2CTCTokenizer, config: ConformerSslConfig, what: str
+) -> list[dict[str, Any]]:
+    """Training rows without the CTC-infeasible ones; warns with counts, refuses when most are infeasible."""
+    feasible, infeasible = split_ctc_feasible(rows, tokenizer, config)
+    if not infeasible:
+        return list(feasible)
+    message = (
+        f"{what}: {len(infeasible)} of {len(rows)} transcripts are longer than the encoder's output "
+        f"({config.subsampling_factor}x subsampling = {config.inputs_to_logits_ratio / 16:.0f} ms per CTC step), "
+        f"e.g. {infeasible[0]['where']} ({row_rate(infeasible[0]):.1f} characters/s)"
+    )
+    if len(infeasible) * 2 > len(rows):
+        raise ValueError(
+            f"{message}. CTC cannot learn them: fine-tune a model with subsampling_factor=4 (e.g. "
+            "config_overrides='subsampling=striding,subsampling_factor=4' from scratch), or use shorter units."
+        )
+    logger.warning("%s; leaving them out of training.", message)
+    return list(feasible)
+
+
+def row_rate(row: Mapping[str, Any]) -> float:
+    """Characters of normalised transcript per second of audio."""
+    return len(normalize_transcript(row["text"])) / max(row["length"] / SAMPLING_RATE, 1e-6)
+
+
 def prepare_for_trainer(model: nn.Module) -> nn.Module:
     """Mark the model as *not* normalising its loss by `num_items_in_batch`.
 
@@ -994,6 +1049,10 @@ def write_results(results: Mapping[str, Mapping[str, float]], output_dir: str | 
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "results.json"
     json_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    if not results:
+        md_path = output_dir / "results.md"
+        md_path.write_text("No eval set was given: nothing was evaluated.\n")
+        return md_path, json_path
     keys = sorted({key for values in results.values() for key in values if key not in ("utterances",)})
     header = "| eval set | utterances | " + " | ".join(_column_name(key) for key in keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 2)]
@@ -1177,7 +1236,10 @@ __all__ = [
     "build_vocab",
     "classification_accuracy",
     "ctc_model_card",
+    "ctc_min_steps",
+    "ctc_output_steps",
     "decode_predictions",
+    "drop_infeasible_ctc",
     "eval_set_names",
     "greedy_ctc_ids",
     "init_classification_model",
@@ -1195,6 +1257,7 @@ __all__ = [
     "push_folder",
     "rows_to_dataset",
     "spec_augment",
+    "split_ctc_feasible",
     "transcribe",
     "write_results",
 ]

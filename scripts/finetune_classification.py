@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # --- data: rows with a `label`; classes from the training rows
     train_manifests, eval_manifests = resolve_manifests(data_args, training_args.seed)
     if not data_args.train_manifests:
-        eval_manifests = list(data_args.eval_manifests)  # the demo test split has only unseen speakers
+        # The demo's test split holds only unseen talkers: classify the training talkers' utterances of the
+        # pretrain and finetune splits instead, holding out some of each class.
+        train_manifests = [
+            str(Path(data_args.demo_corpus_dir) / f"{split}.jsonl") for split in ("pretrain", "finetune")
+        ]
+        eval_manifests = list(data_args.eval_manifests)
     label = data_args.label_column
     train_rows, _ = manifest_rows(train_manifests, data_args.min_duration, None, False, label,
                                   data_args.max_train_samples)  # fmt: skip

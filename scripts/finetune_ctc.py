@@ -37,6 +37,7 @@ from hf_ssl_speech.finetune import (
     build_optimizer,
     build_processor,
     ctc_model_card,
+    drop_infeasible_ctc,
     eval_set_names,
     init_ctc_model,
     load_feature_extractor,
@@ -50,6 +51,7 @@ from hf_ssl_speech.finetune import (
     resolve_manifests,
     rows_to_dataset,
     set_encoder_trainable,
+    split_ctc_feasible,
     write_results,
 )
 
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_args.model_preset, model_args.config_overrides, model_args.cache_dir,
     )  # fmt: skip
     prepare_for_trainer(model)
+    train_rows = drop_infeasible_ctc(train_rows, tokenizer, model.config, "training data")
+    for name, rows in eval_sets.items():
+        infeasible = split_ctc_feasible(rows, tokenizer, model.config)[1]
+        if infeasible:
+            logger.warning("eval set %s: %d of %d transcripts cannot fit the CTC output (errors guaranteed)",
+                           name, len(infeasible), len(rows))  # fmt: skip
     if finetune_args.freeze_encoder:
         set_encoder_trainable(model, False)
 

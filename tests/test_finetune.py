@@ -471,3 +471,28 @@ def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
     assert (folder / "finetune.jsonl").is_file() and (folder / "test.jsonl").is_file()
     assert set(result["results"]) == {"test"} and result["results"]["test"]["utterances"] >= 1
     assert result["summary"]["train_utterances"] == len((folder / "finetune.jsonl").read_text().splitlines())
+
+
+def test_ctc_feasibility_matches_the_model_and_refuses_impossible_data(tmp_path):
+    from hf_ssl_speech.finetune import ctc_min_steps, ctc_output_steps, drop_infeasible_ctc, split_ctc_feasible
+
+    model, _ = init_ctc_model(9, 0, model_preset="tiny", from_scratch=True, config_overrides="num_hidden_layers=1")
+    extractor = ConformerSslFeatureExtractor()
+    for samples in (3200, 16000, 16000 + 1279, 40000):
+        features = extractor(np.zeros(samples, dtype=np.float32) + 1e-3, sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            steps = model(**features).logits.shape[1]
+        assert ctc_output_steps(samples, model.config) == steps  # 8x: ceil(ceil(ceil(frames / 2) / 2) / 2)
+    assert ctc_min_steps([3, 3, 4, 3]) == 5 and ctc_min_steps([]) == 0
+    manifest = write_tone_corpus(tmp_path, count=4, seed=6)
+    rows, _ = manifest_rows([str(manifest)])
+    processor = build_processor([row["text"] for row in rows])
+    # Tone words carry ~5 letters per second: they fit 8x (12.5 steps/s) ...
+    assert len(split_ctc_feasible(rows, processor.tokenizer, model.config)[0]) == 4
+    # ... but not when the same transcripts are claimed for clips 10x shorter.
+    squeezed = [dict(row, length=row["length"] // 10) for row in rows]
+    assert len(split_ctc_feasible(squeezed, processor.tokenizer, model.config)[1]) == 4
+    with pytest.raises(ValueError, match="subsampling_factor=4"):
+        drop_infeasible_ctc(squeezed, processor.tokenizer, model.config, "training data")
+    mixed = rows[:3] + squeezed[3:]
+    assert drop_infeasible_ctc(mixed, processor.tokenizer, model.config, "training data") == rows[:3]
