@@ -598,11 +598,12 @@ class ClassificationCollator:
         self.label2id = dict(label2id)
         self.spec_augment = spec_augment
         self.decode_config = DataConfig(min_duration=0.0, max_duration=max_duration, crop_long=True)
-        self.rng = np.random.default_rng()
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         augment = all(row.get("augment", False) for row in rows)
-        examples = decode_rows(rows, self.decode_config, self.rng if augment else None)
+        # Crop windows from torch's RNG: seeded by Trainer, and differently in each dataloader worker.
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, ()))) if augment else None
+        examples = decode_rows(rows, self.decode_config, rng)
         batch = SpeechCollator(self.feature_extractor)(examples)
         out = {key: batch[key] for key in ("input_features", "attention_mask")}
         out["labels"] = torch.tensor([self.label2id[example["label"]] for example in examples], dtype=torch.long)

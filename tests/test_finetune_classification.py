@@ -38,6 +38,7 @@ def _common_flags(output_dir, max_steps: int, learning_rate: float = 5e-3) -> li
 
 def test_frozen_encoder_probe_from_checkpoint_learns_two_classes(tmp_path):
     checkpoint = tmp_path / "pretrained"
+    torch.manual_seed(0)
     encoder = ConformerSslModel(preset_config("tiny", **parse_config_overrides(TINY_CTC_OVERRIDES)))
     encoder.save_pretrained(checkpoint)
     train, evaluation = _two_class_data(tmp_path / "data", train_per_class=12, eval_per_class=6)
@@ -45,7 +46,7 @@ def test_frozen_encoder_probe_from_checkpoint_learns_two_classes(tmp_path):
     result = load_script("finetune_classification").main(
         ["--model_name_or_path", str(checkpoint), "--train_manifests", *train, "--eval_manifests", *evaluation,
          "label_column=speaker", "--freeze_encoder", "--use_weighted_layer_sum", "classifier_proj_size=32",
-         "--eval_strategy", "steps", "--eval_steps", "40", *_common_flags(output_dir, 80, 1e-2)]
+         "--eval_strategy", "steps", "--eval_steps", "40", *_common_flags(output_dir, 120, 3e-3)]
     )  # fmt: skip
     accuracies = {name: values["accuracy"] for name, values in result["results"].items()}
     print(f"probe accuracies: {accuracies}, steps {result['summary']['steps']}")
