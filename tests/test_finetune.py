@@ -496,3 +496,27 @@ def test_ctc_feasibility_matches_the_model_and_refuses_impossible_data(tmp_path)
         drop_infeasible_ctc(squeezed, processor.tokenizer, model.config, "training data")
     mixed = rows[:3] + squeezed[3:]
     assert drop_infeasible_ctc(mixed, processor.tokenizer, model.config, "training data") == rows[:3]
+
+
+def test_gradient_accumulation_averages_the_loss(tmp_path):
+    """With 2 accumulation steps the logged loss is the mean of the micro-batch losses, not their sum
+    (`prepare_for_trainer`: our heads' `**kwargs` would otherwise make Trainer skip the division)."""
+    manifest = write_tone_corpus(tmp_path, count=8, seed=1)
+    rows, _ = manifest_rows([str(manifest)])
+    processor = build_processor([row["text"] for row in rows])
+    model, _ = init_ctc_model(
+        len(processor.tokenizer), 0, model_preset="tiny", from_scratch=True, config_overrides=TINY_CTC_OVERRIDES
+    )
+    prepare_for_trainer(model)
+    collator = CtcCollator(processor, None)
+    model.train()  # as Trainer runs it: BatchNorm on batch statistics (this config has no dropout)
+    with torch.no_grad():  # the two micro-batches Trainer will see (sequential order)
+        expected = sum(float(model(**collator([dict(r, augment=False) for r in rows[i : i + 4]])).loss) for i in (0, 4))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=0.0, use_cpu=True, save_strategy="no", report_to="none", remove_unused_columns=False,
+        disable_tqdm=True, train_sampling_strategy="sequential",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows_to_dataset(rows, False), data_collator=collator)
+    assert trainer.model_accepts_loss_kwargs is False
+    assert trainer.train().training_loss == pytest.approx(expected / 2, rel=1e-4)
