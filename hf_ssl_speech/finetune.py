@@ -844,18 +844,6 @@ def row_rate(row: Mapping[str, Any]) -> float:
     return len(normalize_transcript(row["text"])) / max(row["length"] / SAMPLING_RATE, 1e-6)
 
 
-def prepare_for_trainer(model: nn.Module) -> nn.Module:
-    """Mark the model as *not* normalising its loss by `num_items_in_batch`.
-
-    Our heads' `forward(**kwargs)` swallows the `num_items_in_batch` that Trainer passes to any forward with
-    `**kwargs`; Trainer would then assume the loss is already scaled for gradient accumulation and skip the
-    division by the accumulation steps (and multiply by the world size under DDP). With the flag off, Trainer
-    averages the per-batch mean losses itself, as for any model that computes its own mean loss.
-    """
-    model.accepts_loss_kwargs = False
-    return model
-
-
 # ============================================================================================ optimisation
 NO_DECAY_SUFFIXES = ("bias", "bias_u", "bias_v", "layer_weights")
 
@@ -1254,7 +1242,6 @@ __all__ = [
     "normalize_transcript",
     "parse_args",
     "plot_training_curves",
-    "prepare_for_trainer",
     "push_folder",
     "rows_to_dataset",
     "spec_augment",

@@ -370,6 +370,9 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ConformerSslLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
+    # Our heads normalise their own losses and take no `num_items_in_batch`: Trainer must divide by the
+    # accumulation steps itself (it skips that for models whose forward accepts **kwargs).
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear/Conv normal(0, initializer_range), zero biases, norms to identity

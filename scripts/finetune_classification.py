@@ -40,7 +40,6 @@ from hf_ssl_speech.finetune import (
     model_num_mel_bins,
     parse_args,
     plot_training_curves,
-    prepare_for_trainer,
     push_folder,
     resolve_manifests,
     rows_to_dataset,
@@ -125,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_args.config_overrides, finetune_args.use_weighted_layer_sum, finetune_args.classifier_proj_size,
         model_args.cache_dir,
     )  # fmt: skip
-    prepare_for_trainer(model)
     if finetune_args.freeze_encoder:
         set_encoder_trainable(model, False)
 

@@ -46,7 +46,6 @@ from hf_ssl_speech.finetune import (
     model_num_mel_bins,
     parse_args,
     plot_training_curves,
-    prepare_for_trainer,
     push_folder,
     resolve_manifests,
     rows_to_dataset,
@@ -99,7 +98,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         len(tokenizer), tokenizer.pad_token_id, model_args.model_name_or_path, model_args.from_scratch,
         model_args.model_preset, model_args.config_overrides, model_args.cache_dir,
     )  # fmt: skip
-    prepare_for_trainer(model)
     train_rows = drop_infeasible_ctc(train_rows, tokenizer, model.config, "training data")
     for name, rows in eval_sets.items():
         infeasible = split_ctc_feasible(rows, tokenizer, model.config)[1]

@@ -43,7 +43,6 @@ from hf_ssl_speech.finetune import (
     parse_args,
     parse_config_overrides,
     plot_training_curves,
-    prepare_for_trainer,
     rows_to_dataset,
     spec_augment,
     transcribe,
@@ -315,7 +314,6 @@ def _run_steps(tmp_path, freeze_steps: int, max_steps: int):
     model, _ = init_ctc_model(
         len(processor.tokenizer), 0, model_preset="tiny", from_scratch=True, config_overrides=TINY_CTC_OVERRIDES
     )
-    prepare_for_trainer(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
@@ -500,14 +498,14 @@ def test_ctc_feasibility_matches_the_model_and_refuses_impossible_data(tmp_path)
 
 def test_gradient_accumulation_averages_the_loss(tmp_path):
     """With 2 accumulation steps the logged loss is the mean of the micro-batch losses, not their sum
-    (`prepare_for_trainer`: our heads' `**kwargs` would otherwise make Trainer skip the division)."""
+    (`ConformerSslPreTrainedModel.accepts_loss_kwargs = False`: our heads' `**kwargs` would otherwise make
+    Trainer skip the division)."""
     manifest = write_tone_corpus(tmp_path, count=8, seed=1)
     rows, _ = manifest_rows([str(manifest)])
     processor = build_processor([row["text"] for row in rows])
     model, _ = init_ctc_model(
         len(processor.tokenizer), 0, model_preset="tiny", from_scratch=True, config_overrides=TINY_CTC_OVERRIDES
     )
-    prepare_for_trainer(model)
     collator = CtcCollator(processor, None)
     model.train()  # as Trainer runs it: BatchNorm on batch statistics (this config has no dropout)
     with torch.no_grad():  # the two micro-batches Trainer will see (sequential order)

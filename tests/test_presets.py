@@ -55,7 +55,7 @@ def test_preset_parameter_count_matches_nemo(name):
 
 def test_tiny_preset_and_overrides():
     config = preset_config("tiny", num_hidden_layers=2)
-    assert config.num_hidden_layers == 2 and config.subsampling == "dw_striding"
+    assert config.num_hidden_layers == 2 and config.subsampling == "dw_striding" and config.subsampling_factor == 4
     assert "_reference" not in load_preset("conformer_s")
 
 
