@@ -128,7 +128,8 @@ def evaluate(model: torch.nn.Module, loader: Any, extractor: ConformerSslFeature
     tracker = LossTracker()
     reduce = lambda t: accelerator.reduce(t.to(accelerator.device), "sum")  # noqa: E731
     loader.set_epoch(0)
-    with torch.no_grad():
+    # fork_rng: validation leaves the training random streams as they were (how often it runs changes nothing).
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for index, batch in enumerate(loader):
             if recipe.train.eval_batches is not None and index >= recipe.train.eval_batches:
                 break
@@ -320,6 +321,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             accelerator, time.monotonic() - started > 60 * t.max_minutes
         )
         done = step >= t.max_steps or out_of_time
+        paused = time.monotonic()  # validation and checkpoints do not count in the training throughput
         if finite and valid_loader is not None and (step % t.eval_steps == 0 or done):
             valid_metrics = evaluate(model, valid_loader, extractor, accelerator, recipe, temperature)
             metrics.log(step, valid_metrics, "valid")
@@ -328,6 +330,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         if finite and (step % t.save_steps == 0 or done) and last_saved != step:
             save(step)
             last_saved = step
+        interval_start += time.monotonic() - paused
         if out_of_time:
             accelerator.print(f"train.max_minutes={t.max_minutes} reached at step {step}: stopping.")
             break

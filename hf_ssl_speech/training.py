@@ -312,6 +312,10 @@ def plot_history(history: Iterable[Mapping[str, float]], path: str | Path, title
                 steps.append(int(row["step"]))
                 values.append(value)
     losses = {k: v for k, v in series.items() if "loss" in k}
+    for split in {k.split("/", 1)[0] for k in losses}:
+        # With one objective the total is the same curve: draw it once.
+        if len([k for k in losses if k.startswith(f"{split}/loss/")]) == 1:
+            losses.pop(f"{split}/loss", None)
     if not losses:
         return None
     lr = {k: v for k, v in series.items() if k.endswith("/lr")}
