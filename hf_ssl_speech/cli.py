@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The tiny NEST demo (configs/pretrain/tiny_nest.yaml with configs/model/tiny.yaml expanded; a test keeps
+# The tiny NEST demo (configs/pretrain/tiny_nest.yaml with configs/model/tiny.yaml expanded; test_recipe keeps
 # the two equal). Data paths are relative to the current folder.
 DEFAULT_RECIPE: dict[str, Any] = {
     "model": {
         "subsampling": "dw_striding",
-        "subsampling_factor": 8,
+        "subsampling_factor": 4,
         "subsampling_conv_channels": 64,
         "hidden_size": 96,
         "num_attention_heads": 4,
