@@ -189,6 +189,57 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert torch.equal(got[key], expected[key]), key
 
 
+# Poisons the loss sums with NaN in the given training forward calls (1-based; `all` = every one), as a
+# diverging run would. (Not keyed on the step: a skipped update retries the same step with the next batch.)
+_NAN_AT_STEPS = textwrap.dedent(
+    """
+    import sys
+    from hf_ssl_speech.cli import pretrain_main
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+
+    bad = sys.argv[1]
+    original_forward = ConformerSslForPreTraining.forward
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        global calls
+        out = original_forward(self, *args, **kwargs)
+        calls += self.training
+        if self.training and (bad == "all" or calls in {int(s) for s in bad.split(",")}):
+            out.loss_sums = {name: value * float("nan") for name, value in out.loss_sums.items()}
+        return out
+
+    ConformerSslForPreTraining.forward = forward
+    sys.exit(pretrain_main(sys.argv[2:]))
+    """
+)
+
+
+def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
+    manifest = make_corpus(tmp_path / "corpus", count=6, seconds=1.0)
+    recipe = write_recipe(tmp_path / "r.yaml", model={"mask_time_length": 8, "mask_time_prob": 0.05,
+                                                      "bestrq_codebook_size": 64, "bestrq_codebook_dim": 8},
+                          objectives={"bestrq": {}}, data={"train_manifests": [str(manifest)], "batch_seconds": 2.0},
+                          optim={}, train={"max_steps": 4, "save_steps": 4, "output_dir": "run", "max_nonfinite": 3})  # fmt: skip
+    script = tmp_path / "nan.py"
+    script.write_text(_NAN_AT_STEPS)
+    env = run_env(tmp_path)
+    proc = subprocess.run([sys.executable, str(script), "2", "--config", str(recipe), "--no_progress"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Step 1: non-finite loss (nan); skipping the update (1 in a row, 1 in total)" in proc.stderr
+    history = train_history(tmp_path / "run", 4)
+    assert [row["step"] for row in history] == [1, 2, 3, 4]  # the skipped update did not count as a step
+    assert history[-1]["train/skipped_steps"] == 1
+    assert all(torch.isfinite(value).all() for value in final_params(tmp_path / "run", 4).values())
+
+    proc = subprocess.run([sys.executable, str(script), "all", "--config", str(recipe), "--no_progress",
+                           "train.output_dir=diverged"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "NonFiniteLossError: 3 consecutive steps (up to step 0) had a non-finite loss" in proc.stderr
+
+
 def test_cli_reports_bad_overrides(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "train.max_step=3"], cwd=tmp_path, env=run_env(tmp_path),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
