@@ -152,7 +152,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # two processes taking one each. APC has no random masks; without dropout and dither nothing is random.
     manifest = make_corpus(tmp_path / "corpus", count=16, seconds=1.0)
     common = dict(model={"causal": True, "apc_shift": 3, "hidden_dropout": 0.0}, objectives={"apc": {}},
-                  data={"train_manifests": [str(manifest)], "batch_seconds": 2.0, "dither": 0.0}, optim={})  # fmt: skip
+                  data={"train_manifests": [str(manifest)], "valid_manifests": [str(manifest)], "batch_seconds": 2.0,
+                        "dither": 0.0}, optim={})  # fmt: skip
     steps = 4
     one = write_recipe(tmp_path / "one.yaml", **common,
                        train={"max_steps": steps, "save_steps": steps, "output_dir": "one", "grad_accum": 2})  # fmt: skip
@@ -176,6 +177,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         (tmp_path / "one" / "checkpoints" / f"checkpoint-{steps:08d}" / "trainer_state.json").read_text()
     )
     state_two = json.loads((checkpoint / "trainer_state.json").read_text())
+    # Validation ran on both ranks (each its share of the held-out batches) and pooled the result.
+    valid = [row for row in state_two["metrics"]["history"] if "valid/loss" in row]
+    assert [row["step"] for row in valid] == [steps] and valid[0]["valid/loss/apc"] > 0
     assert state_one["audio_seconds_total"] == pytest.approx(state_two["audio_seconds_total"]) == steps * 2 * 2.0
     expected, got = final_params(tmp_path / "one", steps), final_params(tmp_path / "two", steps)
     # BatchNorm running statistics are buffers, not trained: DDP keeps rank 0's (4 batches), one process
