@@ -14,7 +14,7 @@ Writes, for each model NAME in MODELS: OUT_DIR/NAME.nemo and OUT_DIR/NAME.pt, a 
   nest:        tokens (B, T', books) from the random-projection quantizer; logits (B, T', C * books) and
                log_probs (B, T', C, books) from the MultiSoftmaxDecoder
   ctc:         logits (B, T', V + 1) and log_probs from ConvASRDecoder (blank last)
-  ctc_bpe:     the same, plus token_ids of `BPE_SENTENCE` from NeMo's SentencePiece tokenizer
+  ctc_bpe:     the same, plus token_ids of `BPE_SENTENCE` (stored as sentence_utf8) from NeMo's tokenizer
 
 The configs below are NeMo's own recipes (examples/asr/conf: ssl/conformer/conformer_ssl.yaml with the loss_list
 of contrastive + mlm, ssl/nest/nest_fast-conformer.yaml, fastconformer/fast-conformer_ctc_char.yaml and
@@ -361,6 +361,7 @@ def make_ctc_bpe(out: Path, audio: torch.Tensor, lengths: torch.Tensor, generato
             logits=model.decoder.decoder_layers(ref["encoded"]).transpose(1, 2),
             log_probs=model.decoder(encoder_output=ref["encoded"]),
             token_ids=torch.tensor(model.tokenizer.text_to_ids(BPE_SENTENCE)),
+            sentence_utf8=torch.tensor(list(BPE_SENTENCE.encode("utf-8"))),  # .pt files hold tensors only
         )
         save(model, ref, out / "ctc_bpe")
 
