@@ -1011,15 +1011,39 @@ def convert_nemo(
 # ----------------------------------------------------------------------------------------------- saving
 
 
+# Licence names the Hub knows as `license:` ids; any other text goes to `license_name` under `license: other`.
+HUB_LICENSES = {"cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "apache-2.0", "mit", "openrail",
+                "bsd-3-clause", "cc0-1.0", "gpl-3.0", "llama2", "other"}  # fmt: skip
+
+# How to load each kind of converted folder (the README's usage snippet).
+USAGE = {
+    "ctc": ("from transformers import pipeline\n"
+            "import hf_ssl_speech  # registers the classes (or pass trust_remote_code=True)\n"
+            "asr = pipeline('automatic-speech-recognition', model=PATH)\n"
+            "print(asr({'raw': audio_16khz, 'sampling_rate': 16000})['text'])"),
+    "nest": ("from transformers import AutoFeatureExtractor, AutoModelForPreTraining\n"
+             "import hf_ssl_speech\n"
+             "model = AutoModelForPreTraining.from_pretrained(PATH)  # continue pretraining, or AutoModel for the encoder"),
+    "contrastive": ("from transformers import AutoFeatureExtractor, AutoModelForPreTraining\n"
+                    "import hf_ssl_speech\n"
+                    "model = AutoModelForPreTraining.from_pretrained(PATH)  # or AutoModel for the encoder"),
+    "encoder": ("from transformers import AutoFeatureExtractor, AutoModel\n"
+                "import hf_ssl_speech\n"
+                "extractor = AutoFeatureExtractor.from_pretrained(PATH)\n"
+                "model = AutoModel.from_pretrained(PATH)"),
+}  # fmt: skip
+
+
 def model_card(conversion: Conversion) -> str:
     """README.md for the converted folder: source, licence, what was mapped, dropped and approximated."""
     config = conversion.model.config
-    heads = {"ctc": "ConformerSslForCTC", "nest": "ConformerSslForPreTraining",
-             "contrastive": "ConformerSslForPreTraining", "encoder": "ConformerSslModel"}  # fmt: skip
-    class_name = type(conversion.model).__name__ if conversion.kind != "encoder" else heads["encoder"]
+    licence_id = conversion.license.strip().lower()
+    front = [f"license: {licence_id}"] if licence_id in HUB_LICENSES else \
+        ["license: other", f"license_name: {json.dumps(conversion.license, ensure_ascii=False)}"]  # fmt: skip
+    objectives = sorted(config.objectives) if getattr(conversion.model, "objectives", None) else "none"
     lines = [
         "---",
-        f"license: other  # source licence: {conversion.license}",
+        *front,
         "library_name: transformers",
         "tags: [speech, conformer, nemo-conversion]",
         "---",
@@ -1029,20 +1053,17 @@ def model_card(conversion: Conversion) -> str:
         f"- **Source checkpoint:** `{Path(conversion.source).name}` (NeMo `{conversion.nemo_class}`)",
         f"- **Licence of the source weights:** {conversion.license}. The converted weights are a derivative and "
         "inherit it.",
-        f"- **Converted to:** `{class_name}` (hf_ssl_speech), {config.subsampling} subsampling x"
-        f"{config.subsampling_factor}, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"- **Converted to:** `{type(conversion.model).__name__}` (hf_ssl_speech), {config.subsampling} subsampling "
+        f"x{config.subsampling_factor}, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
         f"{config.num_attention_heads} heads, kernel {config.conv_depthwise_kernel_size}, {config.conv_norm_type}.",
-        f"- **Objectives kept:** {sorted(config.objectives) if config.objectives else 'none'}.",
-        "- Converted with `scripts/convert_nemo_checkpoint.py` (reads the .nemo archive without NeMo, weights loaded "
-        "with `weights_only=True`); every weight of the model comes from the checkpoint.",
+        f"- **Pretraining objectives kept:** {objectives}.",
+        "- Converted with `scripts/convert_nemo_checkpoint.py`, which reads the .nemo archive without NeMo and loads "
+        "the weights with `weights_only=True`; every weight of this model comes from the checkpoint.",
         "",
         "## Usage",
         "",
         "```python",
-        "from transformers import AutoFeatureExtractor, AutoModel",
-        "import hf_ssl_speech  # registers the classes (or pass trust_remote_code=True)",
-        "extractor = AutoFeatureExtractor.from_pretrained(PATH)",
-        "model = AutoModel.from_pretrained(PATH)",
+        USAGE[conversion.kind],
         "```",
         "",
     ]

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         conversion = convert_nemo(
             args.nemo_file, license=args.license, drop_unmappable=args.drop_unmappable, encoder_only=args.encoder_only
         )
-    except (NemoConversionError, FileNotFoundError) as error:
+    except (NemoConversionError, ValueError, FileNotFoundError) as error:  # ValueError: config validation
         print(f"error: {error}", file=sys.stderr)
         return 2
     out_dir = save_conversion(conversion, args.out_dir)

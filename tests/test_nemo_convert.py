@@ -206,7 +206,7 @@ def test_fake_ctc_nemo_converts_to_identical_outputs(tmp_path: Path) -> None:
     assert tokenizer.pad_token_id == converted.config.pad_token_id == len(LABELS)
     assert tokenizer("ab c'").input_ids == [1, 2, 0, 3, 6]
     card = (out_dir / "README.md").read_text()
-    assert "ctc.nemo" in card and "CC-BY-4.0" in card
+    assert "ctc.nemo" in card and "license: cc-by-4.0" in card and "CC-BY-4.0" in card
 
 
 def test_fake_nest_nemo_converts_quantizer_and_multisoftmax_head(tmp_path: Path) -> None:
