@@ -89,7 +89,9 @@ class ConformerSslConfig(PreTrainedConfig):
         Gumbel quantizer / contrastive: num_codevector_groups, num_codevectors_per_group, codevector_dim,
         proj_codevector_dim, contrastive_target ("quantized" | "projected"), num_negatives,
         contrastive_logits_temperature, diversity_loss_weight.
-        BEST-RQ: bestrq_num_codebooks, bestrq_codebook_size, bestrq_codebook_dim.
+        BEST-RQ: bestrq_num_codebooks, bestrq_codebook_size, bestrq_codebook_dim, bestrq_normalize_input
+            (standardise the stacked frames per utterance before projecting, as BEST-RQ does; NeMo's NEST
+            projects them as they are, so converted NEST checkpoints set it to False).
         HuBERT: hubert_num_labels.  Reconstruction: reconstruction_loss ("l1" | "l2").
         APC: apc_shift.  CPC: cpc_steps, cpc_num_negatives.
     """
@@ -155,6 +157,7 @@ class ConformerSslConfig(PreTrainedConfig):
     bestrq_num_codebooks: int = 1
     bestrq_codebook_size: int = 8192
     bestrq_codebook_dim: int = 16
+    bestrq_normalize_input: bool = True
     # --- pretraining: other objectives
     hubert_num_labels: int = 500
     reconstruction_loss: str = "l1"

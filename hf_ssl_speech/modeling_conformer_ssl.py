@@ -752,7 +752,11 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             self.mlm_head = nn.Linear(hidden, config.num_codevectors_per_group**config.num_codevector_groups)
         if "bestrq" in names:
             self.bestrq_quantizer = RandomProjectionQuantizer(
-                stacked_dim, config.bestrq_codebook_dim, config.bestrq_codebook_size, config.bestrq_num_codebooks
+                stacked_dim,
+                config.bestrq_codebook_dim,
+                config.bestrq_codebook_size,
+                config.bestrq_num_codebooks,
+                normalize_input=config.bestrq_normalize_input,
             )
             self.bestrq_head = nn.Linear(hidden, config.bestrq_num_codebooks * config.bestrq_codebook_size)
         if "hubert" in names:

@@ -691,14 +691,8 @@ def _nest_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int) -> He
                               "overlapping blocks with a start probability: check mask_time_prob")  # fmt: skip
     plan.notes.append(f"quantizer.dist_fn={quantizer.get('dist_fn', 'cosine')!r}: on unit vectors the nearest code "
                       "by l2 is the code of highest cosine (|x - c|^2 = 2 - 2 x.c), which is what ours computes")  # fmt: skip
-    if "bestrq_normalize_input" in ConformerSslConfig.__dataclass_fields__:
-        plan.config["bestrq_normalize_input"] = False
-    else:
-        plan.notes.append(
-            "NeMo's random-projection quantizer reads the stacked features as they are; ours standardises them per "
-            "utterance first, and this config has no switch to turn that off: targets (not the encoder or the "
-            "head) can differ from NeMo's when pretraining continues"
-        )
+    # NeMo projects the stacked features as they are; ours standardises them unless told not to.
+    plan.config["bestrq_normalize_input"] = False
     return plan
 
 

@@ -445,10 +445,7 @@ def test_nest_targets_and_logits_match_nemo(nemo_models: Path) -> None:
     stacked, token_lengths = stack_frames(inputs["input_features"], inputs["attention_mask"].sum(-1),
                                           model.config.subsampling_factor)  # fmt: skip
     quantizer = model.bestrq_quantizer
-    if "bestrq_normalize_input" not in model.config.to_dict():
-        # Our config cannot yet switch off the per-utterance input standardisation that NeMo does not do (the
-        # converter notes it in the model card); compare NeMo's recipe: same buffers, no standardisation.
-        quantizer.normalize_input = False
+    assert model.config.bestrq_normalize_input is False  # NeMo projects the stacked frames unstandardised
     assert quantizer.normalize_input is False
     ids = quantizer(stacked, token_lengths).code_ids
     assert all(torch.equal(ids[i, :n], ref["tokens"][i, :n]) for i, n in enumerate(token_lengths.tolist()))
