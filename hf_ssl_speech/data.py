@@ -1311,6 +1311,9 @@ class SpeechDataLoader:
             worker_init_fn=_single_thread_worker if self.num_workers > 0 else None,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,  # the workers must see the new epoch/start each pass
+            # Its own generator: starting a pass would otherwise draw the workers' base seed from the global
+            # torch RNG and shift the training loop's random stream (dropout, masks) on every epoch or resume.
+            generator=torch.Generator().manual_seed(self.epoch),
         )
         for batch in loader:
             position = batch.pop("_position")

@@ -190,10 +190,6 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     # --- model, feature extractor, optimiser, schedule. Same initial weights on every process.
     set_seed(t.seed)
     config = model_config(recipe)
-    if ConformerSslForPreTraining._auto_class is None:
-        # save_pretrained writes the modelling code next to the weights (for trust_remote_code) only for
-        # classes registered with an auto class.
-        ConformerSslForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     model = ConformerSslForPreTraining(config)
     extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps)
@@ -268,10 +264,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         finite = True
         for micro in range(t.grad_accum):
             before = time.monotonic()
-            # Creating a DataLoader iterator (each epoch, and once more on resume) draws from the global torch
-            # RNG; isolating it keeps dropout's random stream the same in a resumed run as in an uninterrupted one.
-            with torch.random.fork_rng(devices=[]):
-                batch = next(batches)
+            batch = next(batches)
             wait_time += time.monotonic() - before
             inputs = featurise(batch, extractor, accelerator.device, recipe, generator, train=True)
             # DDP all-reduces gradients in the backward of the last micro-batch only.
