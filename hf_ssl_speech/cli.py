@@ -14,6 +14,7 @@ checkpoint and the loss-curve plot are.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,8 +117,27 @@ def _ensure_demo_corpus(recipe: Any) -> None:
         make_demo_corpus(DEMO_CORPUS_DIR, minutes=DEMO_CORPUS_MINUTES, seed=0, progress=state.is_main_process)
 
 
+# glibc's malloc returns large freed blocks to the OS at once, so every training step maps fresh pages for its
+# activations (millions of minor page faults). Keeping them costs peak RSS but made every system we measured
+# about 1.5x faster on CPU (DESIGN.md §9; benchmarks/README.md). HF_SSL_SPEECH_MALLOC=default opts out.
+TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=137438953472"
+
+
+def _tune_malloc_and_reexec() -> None:
+    """Re-run this command with TUNED_MALLOC set (it must be in the environment before the process starts)."""
+    if (
+        sys.platform.startswith("linux")
+        and "GLIBC_TUNABLES" not in os.environ
+        and os.environ.get("HF_SSL_SPEECH_MALLOC", "tuned") != "default"
+    ):
+        os.environ["GLIBC_TUNABLES"] = TUNED_MALLOC
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     """`hf-ssl-pretrain` / `scripts/pretrain.py`: parse, load the recipe, (demo corpus), pretrain, report."""
+    if argv is None:  # a command, not a call from Python: the process is ours to restart
+        _tune_malloc_and_reexec()
     args = _parser().parse_args(argv)
     from .recipe import RecipeError, load_recipe
 
