@@ -388,6 +388,13 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
 
+    def freeze_base_model(self) -> None:
+        """Heads: freeze the encoder so only the head trains (linear probing, or the first fine-tuning steps)."""
+        self.conformer.requires_grad_(False)
+
+    def unfreeze_base_model(self) -> None:
+        self.conformer.requires_grad_(True)
+
     def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
         """Encoder steps for `input_lengths` feature frames (ceil(L / 2) per stride-2 stage)."""
         stages = int(math.log2(self.config.subsampling_factor))
@@ -507,15 +514,6 @@ class ConformerSslForCTC(ConformerSslPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
-    def freeze_base_model(self) -> None:
-        """Freeze the encoder so only the CTC head trains (linear probing, or the first fine-tuning steps)."""
-        for param in self.conformer.parameters():
-            param.requires_grad = False
-
-    def unfreeze_base_model(self) -> None:
-        for param in self.conformer.parameters():
-            param.requires_grad = True
-
     def forward(
         self,
         input_features: torch.Tensor,
@@ -587,10 +585,6 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
         super()._init_weights(module)
         if module is self and self.config.use_weighted_layer_sum:
             init.constant_(self.layer_weights, 1.0 / (self.config.num_hidden_layers + 1))
-
-    def freeze_base_model(self) -> None:
-        for param in self.conformer.parameters():
-            param.requires_grad = False
 
     def forward(
         self,
