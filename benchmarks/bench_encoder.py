@@ -44,6 +44,9 @@ def build(system: str, args: argparse.Namespace):
             conv_depthwise_kernel_size=kernel if not fast else args.fast_kernel,
             subsampling="dw_striding" if fast else "striding", subsampling_factor=8 if fast else 4,
             subsampling_conv_channels=256 if fast else -1,
+            # Same regularisation as the peer: Parakeet's blocks have no residual-branch dropout (only input,
+            # activation and attention dropout), Wav2Vec2Conformer's have 0.1 like ours by default.
+            hidden_dropout=0.0 if fast else 0.1,
         )  # fmt: skip
         frames = samples // 160
         inputs = {"input_features": torch.randn(batch, frames, 80, generator=generator)}
@@ -129,7 +132,8 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.malloc == "tuned":
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
-    child_args = [a for a in sys.argv[1:] if not a.startswith("--systems")]
+    # The children get every setting but the system list (each measures one system).
+    child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("systems", "one")]
     results = {}
     for system in args.systems:
         proc = subprocess.run(
