@@ -807,8 +807,11 @@ def machine_description() -> dict[str, Any]:
 
 def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrained: Mapping[str, Any],
                     rows: Sequence[Mapping[str, Any]], command: str, machine: Mapping[str, Any],
-                    total_wall_s: float | None) -> str:  # fmt: skip
-    """low_resource.md: scale, the command, the machine, the corpus, the pretraining budget, the result tables."""
+                    total_wall_s: float | None, scores: Mapping[str, Any] | None = None) -> str:  # fmt: skip
+    """low_resource.md: scale, the command, the machine, the corpus, the pretraining budget, the result tables.
+
+    `scores` (evaluate stage results by run name) adds sample transcripts of the best pretrained run.
+    """
     lines = [f"# Low-resource ASR: does self-supervised pretraining pay? ({config.name})", ""]
     if config.description:
         lines += [config.description.strip(), ""]
@@ -828,7 +831,7 @@ def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrai
         f"- Pretraining: {len(pretrained)} encoders, {config.pretrain.max_steps} steps each, the same model size "
         "and batch seconds for every objective.",
         f"- Machine: {machine['device']}, {machine['cores']} cores ({machine['cpu']}), torch {machine['torch']} "
-        f"with {machine['torch_threads']} threads, Python {machine['python']}.",
+        f"({machine['torch_threads']} torch threads), Python {machine['python']}.",
     ]
     if total_wall_s is not None:
         lines.append(f"- Wall time of corpus + pretraining + fine-tuning + evaluation: {_duration(total_wall_s)}.")
@@ -837,7 +840,7 @@ def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrai
         lines += ["Budget estimate (from the config):", "", config.budget_note.strip(), ""]
 
     lines += ["## Pretraining", "",
-              "| objective | objectives | architecture | encoder params | steps | batch s | audio h seen | wall | "
+              "| objective | loss terms | architecture | encoder params | steps | batch s | audio h seen | wall | "
               "audio-s/s | final train loss | final valid loss |", "|" + "---|" * 11]  # fmt: skip
     for family, info in pretrained.items():
         train_loss = info["final_train"].get("loss")
@@ -865,9 +868,33 @@ def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrai
             f" | {_pct(row['wer'])} | {_pct(row['cer'])} | {row['steps']} | {_duration(row['wall_s'])} | "
             f"{row['pretrain_steps'] or '-'} | {_duration(row['pretrain_wall_s']) if row['pretrain_steps'] else '-'} |"
         )
+    lines += _sample_transcripts(rows, scores or {})
     lines += ["", "Raw numbers: `low_resource.json` (WER/CER as fractions). Each fine-tuning run's folder holds "
               "its model, processor and loss curve; `done.json` markers let the command resume.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _sample_transcripts(rows: Sequence[Mapping[str, Any]], scores: Mapping[str, Any]) -> list[str]:
+    """The first test utterances as transcribed by the best pretrained run (largest subset), its probe and scratch."""
+    largest = max((r["labeled_minutes"] for r in rows), default=None)
+    pretrained = [r for r in rows if r["labeled_minutes"] == largest and r["init"] == "pretrained"]
+    if not pretrained:
+        return []
+    best = min(pretrained, key=lambda r: r["wer"])
+    chosen = [best] + [r for r in rows if r["labeled_minutes"] == largest and (
+        (r["init"] == "probe" and r["objective"] == best["objective"])
+        or (r["init"] == "scratch" and r["architecture"] == best["architecture"]))]  # fmt: skip
+    examples = {r["run"]: scores.get(r["run"], {}).get("examples", []) for r in chosen}
+    count = min((len(e) for e in examples.values()), default=0)
+    if count == 0:
+        return []
+    lines = ["", f"### Sample transcripts ({best['objective']}, {_minutes_label(largest)} labeled)", ""]
+    for index in range(count):
+        lines.append(f"- reference: `{examples[best['run']][index]['reference']}`")
+        for row in chosen:
+            hypothesis = examples[row["run"]][index]["hypothesis"]
+            lines.append(f"  - {row['init']}: " + (f"`{hypothesis}`" if hypothesis else "(nothing)"))
+    return lines
 
 
 def _subset_phrase(subset: Mapping[str, Any]) -> str:
@@ -988,7 +1015,8 @@ def stage_report(config: ExperimentConfig, out: Path, results: Mapping[str, Any]
         "rows": rows,
     }
     (results_dir / "low_resource.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
-    markdown = markdown_report(config, results["corpus"], pretrained, rows, command, machine, total_wall_s)
+    markdown = markdown_report(config, results["corpus"], pretrained, rows, command, machine, total_wall_s,
+                               results["evaluate"]["scores"])  # fmt: skip
     (results_dir / "low_resource.md").write_text(markdown + "\n")
     plot_wer_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png")
     plot_pretraining_losses(pretrained, results_dir / "pretraining_loss.png")
