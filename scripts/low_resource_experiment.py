@@ -38,12 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results_dir", default=None, help="report folder (default: the config's results_dir)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="run only these stages")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("accelerate", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # transformers prints a table of every SSL-head tensor a CTC model does not use at each load; an encoder
-    # tensor that fails to load stops the experiment instead (experiment.finetune_one).
-    transformers.logging.set_verbosity_error()
+    if argv is None:  # process-wide logging set-up belongs to the command, not to a call from Python (tests)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        for noisy in ("accelerate", "datasets"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # transformers prints a table of every SSL-head tensor a CTC model does not use at each load; an encoder
+        # tensor that fails to load stops the experiment instead (experiment.finetune_one).
+        transformers.logging.set_verbosity_error()
     command = command_line(sys.argv if argv is None else ["scripts/low_resource_experiment.py", *argv])
     try:
         config = load_experiment_config(args.config, {"output_dir": args.out, "results_dir": args.results_dir})
