@@ -1109,14 +1109,16 @@ def run_experiment(config: ExperimentConfig, stages: Sequence[str] | None = None
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as a person would type it again: the interpreter path shortened to `python`."""
+    """The command as a person would type it again: `python` for the interpreter, OMP_NUM_THREADS if set."""
     args = list(sys.argv if argv is None else argv)
     script = args[0] if args else "scripts/low_resource_experiment.py"
     try:
         script = str(Path(script).resolve().relative_to(Path.cwd()))
     except ValueError:
         pass
-    return " ".join(["python", script, *(a if " " not in a else repr(a) for a in args[1:])])
+    # Thread settings change the wall times in the report: keep them in the command that made it.
+    env = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS",) if name in os.environ]
+    return " ".join([*env, "python", script, *(a if " " not in a else repr(a) for a in args[1:])])
 
 
 __all__ = [

@@ -103,7 +103,7 @@ def test_json_has_one_well_formed_row_per_run(toy):
     assert len({p["batch_seconds"] for p in pretraining.values()}) == 1
     assert len({p["encoder_params"] for p in pretraining.values()}) == 1
     assert all(p["wall_s"] > 0 for p in pretraining.values())
-    assert document["command"].startswith("python scripts/low_resource_experiment.py --config")
+    assert "python scripts/low_resource_experiment.py --config" in document["command"]
 
 
 def test_markdown_tables_list_every_run_and_family(toy):
