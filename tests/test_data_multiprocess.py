@@ -49,6 +49,8 @@ gathered = gather_object([report])
 if accelerator.is_main_process:
     with open(out_path, "w") as handle:
         json.dump(gathered, handle)
+accelerator.wait_for_everyone()
+accelerator.end_training()  # tear gloo down before exit: left to atexit a rank can abort while its peer is gone
 """
 
 

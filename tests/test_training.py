@@ -177,6 +177,9 @@ _NORMALISER_SCRIPT = textwrap.dedent(
         module = accelerator.unwrap_model(model)
         torch.save({"weight": module.weight.grad, "bias": module.bias.grad, "world": world}, out_path)
     accelerator.wait_for_everyone()
+    # Tear gloo down before interpreter exit: left to atexit, a rank can abort ("terminate called without an
+    # active exception") while its peer is already gone.
+    accelerator.end_training()  # destroys the process group
     """
 )
 
