@@ -899,8 +899,10 @@ def build_optimizer(model: nn.Module, args: Any, layer_decay: float = 1.0) -> to
 
 def set_encoder_trainable(model: nn.Module, trainable: bool) -> None:
     """Switch `requires_grad` of the encoder (`model.conformer`); the head is untouched."""
-    for param in model.conformer.parameters():
-        param.requires_grad = trainable
+    if trainable:
+        model.unfreeze_base_model()
+    else:
+        model.freeze_base_model()
 
 
 class FreezeEncoderCallback(TrainerCallback):
