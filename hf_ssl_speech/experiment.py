@@ -555,25 +555,6 @@ def plan_finetune_runs(config: ExperimentConfig, pretrained: Mapping[str, Mappin
     return runs
 
 
-def _ctc_trainer_class():
-    from .finetune import CtcTrainer
-
-    class ExperimentCtcTrainer(CtcTrainer):
-        """`CtcTrainer` that keeps a frozen encoder in eval mode: a linear probe must see fixed features.
-
-        `Trainer.training_step` puts the whole model in train mode before `compute_loss`; with the encoder
-        frozen, its BatchNorm statistics would still follow the labeled data and its dropout stay on.
-        """
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            encoder = self.accelerator.unwrap_model(model).conformer
-            if not any(p.requires_grad for p in encoder.parameters()):
-                encoder.eval()
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    return ExperimentCtcTrainer
-
-
 def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet_texts: Sequence[str]) -> dict:
     """Train one CTC model (resuming its Trainer checkpoint if a previous attempt was killed)."""
     import torch
@@ -581,6 +562,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
 
     from .finetune import (
         CtcCollator,
+        CtcTrainer,
         FreezeEncoderCallback,
         SpecAugmentConfig,
         build_optimizer,
@@ -633,7 +615,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         remove_unused_columns=False,
     )  # fmt: skip
     spec = SpecAugmentConfig() if f.spec_augment else None
-    trainer = _ctc_trainer_class()(
+    trainer = CtcTrainer(
         model=model, args=args, train_dataset=rows_to_dataset(rows, augment=True),
         data_collator=CtcCollator(processor, spec), processing_class=processor, callbacks=callbacks,
         optimizers=(build_optimizer(model, args, settings["layer_decay"]), None),

@@ -44,6 +44,7 @@ import torch
 import yaml
 from torch import nn
 from transformers import (
+    EarlyStoppingCallback,
     EvalPrediction,
     HfArgumentParser,
     Trainer,
@@ -912,7 +913,7 @@ class FreezeEncoderCallback(TrainerCallback):
     until the head is sensible protects the pretrained features (NeMo / fairseq `freeze_finetune_updates`).
     The optimiser must hold the encoder's parameters from the start (`layerwise_param_groups` does): frozen
     parameters simply get no gradient, so AdamW leaves them (and their moments) untouched. BatchNorm running
-    statistics of the encoder still follow the data while frozen (Trainer keeps the model in train mode).
+    statistics stay fixed while frozen (`SslTrainer` keeps a frozen encoder in eval mode).
     Under DDP, set `ddp_find_unused_parameters=True`: the frozen encoder's parameters get no gradient.
     """
 
@@ -932,6 +933,22 @@ class FreezeEncoderCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._update(state, model)
+
+
+def train_time_options(
+    data_args: DataArguments, finetune_args: FinetuneArguments
+) -> tuple[SpecAugmentConfig | None, list[TrainerCallback]]:
+    """The SpecAugment settings and Trainer callbacks (encoder freeze, early stopping) that both fine-tuning
+    scripts (CTC and classification) derive from their arguments."""
+    spec = None
+    if data_args.spec_augment:
+        spec = SpecAugmentConfig(data_args.freq_masks, data_args.freq_width, data_args.time_masks, data_args.time_width)
+    callbacks: list[TrainerCallback] = []
+    if finetune_args.freeze_encoder_steps > 0 and not finetune_args.freeze_encoder:
+        callbacks.append(FreezeEncoderCallback(finetune_args.freeze_encoder_steps))
+    if finetune_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(finetune_args.early_stopping_patience))
+    return spec, callbacks
 
 
 # ============================================================================================ evaluation
@@ -957,8 +974,23 @@ def greedy_ctc_ids(logits: torch.Tensor, output_lengths: torch.Tensor, blank_id:
     return ids.masked_fill(steps >= output_lengths.to(ids.device)[:, None], blank_id)
 
 
-class CtcTrainer(Trainer):
-    """`Trainer` whose evaluation gathers greedy CTC ids instead of full logits.
+class SslTrainer(Trainer):
+    """`Trainer` that keeps a frozen encoder in eval mode: a linear probe must see fixed features.
+
+    `Trainer.training_step` puts the whole model in train mode before `compute_loss`; with the encoder frozen
+    (`--freeze_encoder`, or the first `--freeze_encoder_steps`), its BatchNorm statistics would otherwise
+    follow the labeled data and its dropout stay on, so the "frozen" features would still change.
+    """
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        encoder = self.accelerator.unwrap_model(model).conformer
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.eval()
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class CtcTrainer(SslTrainer):
+    """`SslTrainer` whose evaluation gathers greedy CTC ids instead of full logits.
 
     The model emits logits on padded steps too (nothing there to predict, but not necessarily blank); without
     the output lengths, `compute_metrics` would decode them as text. This prediction step blanks them, and

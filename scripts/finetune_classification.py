@@ -21,16 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 from hf_ssl_speech.finetune import (
     ClassificationCollator,
     DataArguments,
     FinetuneArguments,
-    FreezeEncoderCallback,
     ModelArguments,
-    SpecAugmentConfig,
+    SslTrainer,
     build_optimizer,
     classification_accuracy,
     eval_set_names,
@@ -44,6 +43,7 @@ from hf_ssl_speech.finetune import (
     resolve_manifests,
     rows_to_dataset,
     set_encoder_trainable,
+    train_time_options,
     write_results,
 )
 
@@ -127,15 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if finetune_args.freeze_encoder:
         set_encoder_trainable(model, False)
 
-    spec = None
-    if data_args.spec_augment:
-        spec = SpecAugmentConfig(data_args.freq_masks, data_args.freq_width, data_args.time_masks, data_args.time_width)
-    callbacks = []
-    if finetune_args.freeze_encoder_steps > 0 and not finetune_args.freeze_encoder:
-        callbacks.append(FreezeEncoderCallback(finetune_args.freeze_encoder_steps))
-    if finetune_args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(finetune_args.early_stopping_patience))
-    trainer = Trainer(
+    spec, callbacks = train_time_options(data_args, finetune_args)
+    trainer = SslTrainer(
         model=model,
         args=training_args,
         train_dataset=rows_to_dataset(train_rows, augment=True),

@@ -31,9 +31,7 @@ from hf_ssl_speech.finetune import (
     CtcTrainer,
     DataArguments,
     FinetuneArguments,
-    FreezeEncoderCallback,
     ModelArguments,
-    SpecAugmentConfig,
     build_optimizer,
     build_processor,
     ctc_model_card,
@@ -51,6 +49,7 @@ from hf_ssl_speech.finetune import (
     rows_to_dataset,
     set_encoder_trainable,
     split_ctc_feasible,
+    train_time_options,
     write_results,
 )
 
@@ -107,14 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if finetune_args.freeze_encoder:
         set_encoder_trainable(model, False)
 
-    spec = None
-    if data_args.spec_augment:
-        spec = SpecAugmentConfig(data_args.freq_masks, data_args.freq_width, data_args.time_masks, data_args.time_width)
-    callbacks = []
-    if finetune_args.freeze_encoder_steps > 0 and not finetune_args.freeze_encoder:
-        callbacks.append(FreezeEncoderCallback(finetune_args.freeze_encoder_steps))
-    if finetune_args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(finetune_args.early_stopping_patience))
+    spec, callbacks = train_time_options(data_args, finetune_args)
     trainer = CtcTrainer(
         model=model,
         args=training_args,

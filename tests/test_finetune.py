@@ -26,11 +26,13 @@ import hf_ssl_speech  # noqa: F401  (Auto registration)
 from hf_ssl_speech import ConformerSslFeatureExtractor, ConformerSslModel
 from hf_ssl_speech.finetune import (
     CtcCollator,
+    CtcTrainer,
     DataArguments,
     FinetuneArguments,
     FreezeEncoderCallback,
     ModelArguments,
     SpecAugmentConfig,
+    SslTrainer,
     build_optimizer,
     build_processor,
     build_vocab,
@@ -306,7 +308,7 @@ def test_layerwise_lr_decay_groups(tiny_config):
         layerwise_param_groups(model, 1.0, 0.0, layer_decay=1.5)
 
 
-def _run_steps(tmp_path, freeze_steps: int, max_steps: int):
+def _run_steps(tmp_path, freeze_steps: int, max_steps: int, trainer_class: type = Trainer):
     """Train a tiny CTC model for `max_steps` with the encoder frozen for `freeze_steps`; (before, after) states."""
     manifest = write_tone_corpus(tmp_path / "data", count=4, seed=3)
     rows, _ = manifest_rows([str(manifest)], require_text=True)
@@ -319,7 +321,7 @@ def _run_steps(tmp_path, freeze_steps: int, max_steps: int):
         output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
         use_cpu=True, save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
     )  # fmt: skip
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model, args=args, train_dataset=rows_to_dataset(rows, augment=False),
         data_collator=CtcCollator(processor, None), callbacks=[FreezeEncoderCallback(freeze_steps)],
         optimizers=(build_optimizer(model, args, layer_decay=0.9), None),
@@ -336,6 +338,17 @@ def test_freeze_encoder_callback_freezes_then_unfreezes(tmp_path):
     before, after, model = _run_steps(tmp_path / "b", freeze_steps=1, max_steps=3)
     assert not torch.equal(before[weight], after[weight])  # unfrozen after step 1: the encoder trained
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_encoder_keeps_batchnorm_statistics_only_with_ssl_trainer(tmp_path):
+    """A probe's encoder must be a fixed function: `SslTrainer` keeps it in eval mode while frozen."""
+    stats = "conformer.layers.0.conv.norm.running_mean"
+    before, after, _ = _run_steps(tmp_path / "plain", freeze_steps=2, max_steps=2)
+    assert not torch.equal(before[stats], after[stats])  # the stock Trainer lets BatchNorm follow the data
+    before, after, _ = _run_steps(tmp_path / "ssl", freeze_steps=2, max_steps=2, trainer_class=SslTrainer)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("conformer."))
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert issubclass(CtcTrainer, SslTrainer)  # the CTC script and the experiment train with CtcTrainer
 
 
 # ------------------------------------------------------------------------------------------ decoding / reports
