@@ -123,7 +123,7 @@ def _ensure_demo_corpus(recipe: Any) -> None:
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=137438953472"
 
 
-def _tune_malloc_and_reexec() -> None:
+def tune_malloc_and_reexec() -> None:
     """Re-run this command with TUNED_MALLOC set (it must be in the environment before the process starts)."""
     if (
         sys.platform.startswith("linux")
@@ -137,7 +137,7 @@ def _tune_malloc_and_reexec() -> None:
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     """`hf-ssl-pretrain` / `scripts/pretrain.py`: parse, load the recipe, (demo corpus), pretrain, report."""
     if argv is None:  # a command, not a call from Python: the process is ours to restart
-        _tune_malloc_and_reexec()
+        tune_malloc_and_reexec()
     args = _parser().parse_args(argv)
     from .recipe import RecipeError, load_recipe
 

@@ -29,9 +29,9 @@ from hf_ssl_speech.experiment import STAGES, ExperimentError, command_line, load
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # a command, not a call from Python: restart with the tuned allocator (DESIGN.md §9)
-        from hf_ssl_speech.cli import _tune_malloc_and_reexec
+        from hf_ssl_speech.cli import tune_malloc_and_reexec
 
-        _tune_malloc_and_reexec()
+        tune_malloc_and_reexec()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
     parser.add_argument("--out", default=None, help="working folder (default: the config's output_dir)")
