@@ -19,6 +19,7 @@ import pytest
 
 from hf_ssl_speech.experiment import (
     ExperimentError,
+    best_change,
     load_experiment_config,
     plan_finetune_runs,
     run_experiment,
@@ -106,6 +107,24 @@ def test_json_has_one_well_formed_row_per_run(toy):
     assert "python scripts/low_resource_experiment.py --config" in document["command"]
 
 
+def config_minutes(config) -> list[float]:
+    return [subset.minutes for subset in config.finetune.subsets]
+
+
+def test_best_change_compares_each_objective_with_its_own_architecture():
+    def row(objective, init, architecture, wer, cer):
+        return {"objective": objective, "init": init, "architecture": architecture, "labeled_minutes": 10.0,
+                "wer": wer, "cer": cer}  # fmt: skip
+
+    rows = [row("nest", "pretrained", "non-causal", 0.5, 0.2), row("apc", "pretrained", "causal", 0.45, 0.3),
+            row("none", "scratch", "non-causal", 1.0, 0.5), row("none", "scratch", "causal", 0.5, 0.6)]  # fmt: skip
+    pretrained = {"nest": {"architecture": "non-causal"}, "apc": {"architecture": "causal"}}
+    # apc has the lowest WER but only -10% against the causal scratch model; nest halves its baseline
+    assert best_change(rows, pretrained, 10.0, "wer") == ("nest", pytest.approx(-0.5))
+    assert best_change(rows, pretrained, 10.0, "cer") == ("nest", pytest.approx(-0.6))
+    assert best_change(rows, pretrained, 60.0, "wer") is None
+
+
 def test_markdown_tables_list_every_run_and_family(toy):
     _, results, config = toy
     markdown = (results / "low_resource.md").read_text()
@@ -121,6 +140,12 @@ def test_markdown_tables_list_every_run_and_family(toy):
     pivot = _table(markdown, "## Results on held-out voices")
     assert [cells[0] for cells in pivot] == list(config.pretrain.recipes)
     assert all(len(cells) == 1 + 4 * len(config.finetune.subsets) for cells in pivot)
+    cer_pivot = _table(markdown, "### CER")
+    assert [cells[0] for cells in cer_pivot] == list(config.pretrain.recipes)
+    first = next(r for r in rows if r["objective"] == cer_pivot[0][0] and r["init"] == "pretrained"
+                 and r["labeled_minutes"] == min(config_minutes(config)))  # fmt: skip
+    assert float(cer_pivot[0][1]) == pytest.approx(100 * first["cer"], abs=0.051)
+    assert "Best fine-tuned objective against scratch" in markdown
     assert "python scripts/low_resource_experiment.py --config" in markdown
     assert "Machine:" in markdown and "held-out voices" in markdown
     for png in PNGS:
