@@ -16,7 +16,7 @@ when its `done.json` marker exists (a marker made with other settings is an erro
    of steps per subset and no model selection: the test split is never looked at while training.
 4. **evaluate**: greedy-CTC WER/CER of every fine-tuned model on the held-out-voice test split.
 5. **report**: `low_resource.json` (one row per run), `low_resource.md` (tables, corpus, machine, the command),
-   `wer_vs_labeled_minutes.png` and `pretraining_loss.png` in `config.results_dir`.
+   `wer_vs_labeled_minutes.png`, `cer_vs_labeled_minutes.png` and `pretraining_loss.png` in `config.results_dir`.
 
 Everything runs in this process through the library (`pretrain_loop.pretrain`, the `finetune` building blocks
 and the stock `Trainer`); devices are chosen by accelerate (a GPU when there is one).
@@ -816,7 +816,10 @@ def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrai
         f"({machine['torch_threads']} torch threads), Python {machine['python']}.",
     ]
     if total_wall_s is not None:
-        lines.append(f"- Wall time of corpus + pretraining + fine-tuning + evaluation: {_duration(total_wall_s)}.")
+        lines.append(
+            f"- Wall time of corpus + pretraining + fine-tuning + evaluation: {_duration(total_wall_s)} (the sum "
+            "of every stage's and run's own time: restarts and waits between them not counted)."
+        )
     lines += ["", "Made by:", "", "```bash", command, "```", ""]
     if config.budget_note:
         lines += ["Budget estimate (from the config):", "", config.budget_note.strip(), ""]
@@ -845,7 +848,8 @@ def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrai
     lines += ["", "### CER", "", "Character error rate of the same runs: it moves before WER does (a word counts as right"
               " only when all its characters are).", ""]  # fmt: skip
     lines += _pivot_table(rows, pretrained, "cer")
-    lines += ["", "![WER vs labeled minutes](wer_vs_labeled_minutes.png)", "", "### Every run", "",
+    lines += ["", "![WER vs labeled minutes](wer_vs_labeled_minutes.png)", "",
+              "![CER vs labeled minutes](cer_vs_labeled_minutes.png)", "", "### Every run", "",
               "| objective | architecture | init | labeled | WER (%) | CER (%) | steps | fine-tune wall | "
               "pretrain steps | pretrain wall |", "|" + "---|" * 10]  # fmt: skip
     for row in rows:
@@ -950,8 +954,10 @@ def _pivot_table(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any
     return lines
 
 
-def plot_wer_curves(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any], path: Path) -> Path:
-    """One panel per objective: WER vs labeled minutes for pretrained, probe and the matching scratch baseline."""
+def plot_wer_curves(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any], path: Path,
+                    metric: str = "wer") -> Path:  # fmt: skip
+    """One panel per objective: `metric` (WER or CER) vs labeled minutes for pretrained, probe and the matching
+    scratch baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -966,7 +972,7 @@ def plot_wer_curves(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, 
         arch = pretrained[family]["architecture"]
         for init, (style, color) in styles.items():
             points = sorted(
-                (r["labeled_minutes"], 100 * r["wer"]) for r in rows if r["init"] == init
+                (r["labeled_minutes"], 100 * r[metric]) for r in rows if r["init"] == init
                 and (r["objective"] == family if init != "scratch" else r["architecture"].startswith(arch))
             )  # fmt: skip
             if points:
@@ -981,7 +987,7 @@ def plot_wer_curves(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, 
     for ax in list(axes.flat)[len(families) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("WER (%) on held-out voices")
+        ax.set_ylabel(f"{metric.upper()} (%) on held-out voices")
     for ax in axes[-1, :]:
         ax.set_xlabel("labeled audio")
     fig.tight_layout()
@@ -1042,10 +1048,21 @@ def stage_report(config: ExperimentConfig, out: Path, results: Mapping[str, Any]
     markdown = markdown_report(config, results["corpus"], pretrained, rows, command, machine, total_wall_s,
                                results["evaluate"]["scores"])  # fmt: skip
     (results_dir / "low_resource.md").write_text(markdown + "\n")
-    plot_wer_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png")
+    plot_wer_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
+    plot_wer_curves(rows, pretrained, results_dir / "cer_vs_labeled_minutes.png", "cer")
     plot_pretraining_losses(pretrained, results_dir / "pretraining_loss.png")
     return {"results_dir": str(results_dir), "rows": len(rows),
-            "files": ["low_resource.json", "low_resource.md", "wer_vs_labeled_minutes.png", "pretraining_loss.png"]}  # fmt: skip
+            "files": ["low_resource.json", "low_resource.md", "wer_vs_labeled_minutes.png", "cer_vs_labeled_minutes.png",
+                      "pretraining_loss.png"]}  # fmt: skip
+
+
+def compute_wall_s(results: Mapping[str, Any]) -> float:
+    """Seconds of work behind a report: corpus and evaluation stages plus every pretraining and fine-tuning run's
+    own wall time. Summing runs, not stage times, keeps the figure right when a stage was interrupted and resumed
+    in another invocation (its stage time then covers only the last part)."""
+    total = sum(results[s].get("stage_wall_s", 0.0) for s in ("corpus", "evaluate") if s in results)
+    total += sum(info.get("wall_s", 0.0) for info in results.get("pretrain", {}).get("families", {}).values())
+    return total + sum(run.get("wall_s", 0.0) for run in results.get("finetune", {}).get("runs", {}).values())
 
 
 # ============================================================================================ driver
@@ -1123,7 +1140,7 @@ def run_experiment(config: ExperimentConfig, stages: Sequence[str] | None = None
         elif stage == "evaluate":
             result = stage_evaluate(config, out, results["finetune"]["runs"])
         else:
-            total = sum(results[s].get("stage_wall_s", 0.0) for s in before)
+            total = compute_wall_s(results)
             result = stage_report(config, out, results, command, total)
         result = {**result, "stage_wall_s": round(time.perf_counter() - stage_start, 1)}
         results[stage] = write_stage_done(folder, settings, upstream, result)
@@ -1133,8 +1150,17 @@ def run_experiment(config: ExperimentConfig, stages: Sequence[str] | None = None
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as a person would type it again: `python` for the interpreter, OMP_NUM_THREADS if set."""
+    """The command as a person would type it again: `python` for the interpreter, OMP_NUM_THREADS if set.
+
+    `--stages ...` is left out: it only chooses what runs in one invocation, and the results of a resumable,
+    seeded experiment are those of the plain command (a report regenerated with `--stages report` must not
+    name that as the command that made it).
+    """
     args = list(sys.argv if argv is None else argv)
+    if "--stages" in args:
+        at = args.index("--stages")
+        end = next((i for i in range(at + 1, len(args)) if args[i].startswith("--")), len(args))
+        args = args[:at] + args[end:]
     script = args[0] if args else "scripts/low_resource_experiment.py"
     try:
         script = str(Path(script).resolve().relative_to(Path.cwd()))

@@ -20,6 +20,7 @@ import pytest
 from hf_ssl_speech.experiment import (
     ExperimentError,
     best_change,
+    command_line,
     load_experiment_config,
     plan_finetune_runs,
     run_experiment,
@@ -30,7 +31,7 @@ TOY = REPO_ROOT / "configs" / "experiments" / "low_resource_toy.yaml"
 FULL = REPO_ROOT / "configs" / "experiments" / "low_resource.yaml"
 ROW_TYPES = {"objective": str, "labeled_minutes": (int, float), "init": str, "wer": (int, float),
              "cer": (int, float), "steps": int, "wall_s": (int, float)}  # fmt: skip
-PNGS = ("wer_vs_labeled_minutes.png", "pretraining_loss.png")
+PNGS = ("wer_vs_labeled_minutes.png", "cer_vs_labeled_minutes.png", "pretraining_loss.png")
 
 
 def load_script():
@@ -105,6 +106,14 @@ def test_json_has_one_well_formed_row_per_run(toy):
     assert len({p["encoder_params"] for p in pretraining.values()}) == 1
     assert all(p["wall_s"] > 0 for p in pretraining.values())
     assert "python scripts/low_resource_experiment.py --config" in document["command"]
+
+
+def test_recorded_command_is_the_one_that_reproduces_the_results():
+    line = command_line(["scripts/low_resource_experiment.py", "--stages", "finetune", "report", "--config", "x.yaml"])
+    assert line.endswith("python scripts/low_resource_experiment.py --config x.yaml")
+    assert command_line(["scripts/low_resource_experiment.py", "--config", "x.yaml", "--stages", "report"]).endswith(
+        "--config x.yaml"
+    )
 
 
 def config_minutes(config) -> list[float]:
