@@ -121,6 +121,8 @@ class FinetuneSpec:
     batch_size: int = 8
     learning_rate: float = 2e-3
     probe_learning_rate: float = 5e-3  # only the CTC head trains: it takes a larger step
+    scratch_learning_rate: float | None = None  # the baseline's own rate (None: learning_rate), so it is not held
+    # back by a rate chosen for pretrained encoders
     warmup_steps: int = 100
     weight_decay: float = 1e-3
     freeze_encoder_steps: int = 0  # pretrained runs: head-only steps first (fairseq freeze_finetune_updates)
@@ -577,14 +579,14 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
 
     f = config.finetune
     folder = out / "finetune" / run.name
-    lr = f.probe_learning_rate if run.init == "probe" else f.learning_rate
+    lr = {"probe": f.probe_learning_rate, "scratch": f.scratch_learning_rate}.get(run.init) or f.learning_rate
     settings = {**dataclasses.asdict(run), "batch_size": f.batch_size, "learning_rate": lr,
                 "warmup_steps": f.warmup_steps, "weight_decay": f.weight_decay, "spec_augment": f.spec_augment,
                 "freeze_encoder_steps": f.freeze_encoder_steps if run.init == "pretrained" else 0,
                 "layer_decay": f.layer_decay if run.init == "pretrained" else 1.0, "seed": config.seed}  # fmt: skip
     done = unit_done(folder, settings)
     if done is not None:
-        return done
+        return {"learning_rate": lr, **done}  # the settings matched: the rate is the one it ran with
     logger.info("finetune %s: %d steps", run.name, run.steps)
     set_seed(config.seed)
     checkpoint = str(out / run.checkpoint)
@@ -633,6 +635,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         **dataclasses.asdict(run),
         "run": run.name,
         "steps": int(trainer.state.global_step),
+        "learning_rate": lr,
         "wall_s": round(wall, 1),
         "resumed": bool(resume),
         "train_loss": round(float(train_result.training_loss), 4),
@@ -722,6 +725,7 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
             "steps": int(run["steps"]),
             "wall_s": float(run["wall_s"]),
             "architecture": run["architecture"],
+            "learning_rate": run["learning_rate"],
             "run": name,
             "train_utterances": run["train_utterances"],
             "trainable_params": run["trainable_params"],
@@ -850,12 +854,13 @@ def markdown_report(config: ExperimentConfig, corpus: Mapping[str, Any], pretrai
     lines += _pivot_table(rows, pretrained, "cer")
     lines += ["", "![WER vs labeled minutes](wer_vs_labeled_minutes.png)", "",
               "![CER vs labeled minutes](cer_vs_labeled_minutes.png)", "", "### Every run", "",
-              "| objective | architecture | init | labeled | WER (%) | CER (%) | steps | fine-tune wall | "
-              "pretrain steps | pretrain wall |", "|" + "---|" * 10]  # fmt: skip
+              "| objective | architecture | init | labeled | WER (%) | CER (%) | steps | peak lr | fine-tune wall | "
+              "pretrain steps | pretrain wall |", "|" + "---|" * 11]  # fmt: skip
     for row in rows:
         lines.append(
             f"| {row['objective']} | {row['architecture']} | {row['init']} | {_minutes_label(row['labeled_minutes'])}"
-            f" | {_pct(row['wer'])} | {_pct(row['cer'])} | {row['steps']} | {_duration(row['wall_s'])} | "
+            f" | {_pct(row['wer'])} | {_pct(row['cer'])} | {row['steps']} | {row['learning_rate']:g} | "
+            f"{_duration(row['wall_s'])} | "
             f"{row['pretrain_steps'] or '-'} | {_duration(row['pretrain_wall_s']) if row['pretrain_steps'] else '-'} |"
         )
     lines += _sample_transcripts(rows, scores or {})

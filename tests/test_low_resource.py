@@ -141,7 +141,11 @@ def test_markdown_tables_list_every_run_and_family(toy):
     every_run = _table(markdown, "### Every run")
     assert len(every_run) == len(rows)
     for cells, row in zip(every_run, rows):
-        assert len(cells) == 10
+        assert len(cells) == 11
+        expected_lr = {"probe": config.finetune.probe_learning_rate, "scratch": config.finetune.scratch_learning_rate}
+        assert (
+            float(cells[7]) == row["learning_rate"] == (expected_lr.get(row["init"]) or config.finetune.learning_rate)
+        )
         assert cells[0] == row["objective"] and cells[2] == row["init"]
         assert float(cells[4]) == pytest.approx(100 * row["wer"], abs=0.051)
     pretraining = _table(markdown, "## Pretraining")
