@@ -959,8 +959,8 @@ def _pivot_table(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any
     return lines
 
 
-def plot_wer_curves(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any], path: Path,
-                    metric: str = "wer") -> Path:  # fmt: skip
+def plot_error_curves(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any], path: Path,
+                      metric: str) -> Path:  # fmt: skip
     """One panel per objective: `metric` (WER or CER) vs labeled minutes for pretrained, probe and the matching
     scratch baseline."""
     import matplotlib
@@ -1053,8 +1053,8 @@ def stage_report(config: ExperimentConfig, out: Path, results: Mapping[str, Any]
     markdown = markdown_report(config, results["corpus"], pretrained, rows, command, machine, total_wall_s,
                                results["evaluate"]["scores"])  # fmt: skip
     (results_dir / "low_resource.md").write_text(markdown + "\n")
-    plot_wer_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
-    plot_wer_curves(rows, pretrained, results_dir / "cer_vs_labeled_minutes.png", "cer")
+    plot_error_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
+    plot_error_curves(rows, pretrained, results_dir / "cer_vs_labeled_minutes.png", "cer")
     plot_pretraining_losses(pretrained, results_dir / "pretraining_loss.png")
     return {"results_dir": str(results_dir), "rows": len(rows),
             "files": ["low_resource.json", "low_resource.md", "wer_vs_labeled_minutes.png", "cer_vs_labeled_minutes.png",
@@ -1065,9 +1065,9 @@ def compute_wall_s(results: Mapping[str, Any]) -> float:
     """Seconds of work behind a report: corpus and evaluation stages plus every pretraining and fine-tuning run's
     own wall time. Summing runs, not stage times, keeps the figure right when a stage was interrupted and resumed
     in another invocation (its stage time then covers only the last part)."""
-    total = sum(results[s].get("stage_wall_s", 0.0) for s in ("corpus", "evaluate") if s in results)
-    total += sum(info.get("wall_s", 0.0) for info in results.get("pretrain", {}).get("families", {}).values())
-    return total + sum(run.get("wall_s", 0.0) for run in results.get("finetune", {}).get("runs", {}).values())
+    total = results["corpus"]["stage_wall_s"] + results["evaluate"]["stage_wall_s"]
+    total += sum(info["wall_s"] for info in results["pretrain"]["families"].values())
+    return total + sum(run["wall_s"] for run in results["finetune"]["runs"].values())
 
 
 # ============================================================================================ driver

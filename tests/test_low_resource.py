@@ -116,10 +116,6 @@ def test_recorded_command_is_the_one_that_reproduces_the_results():
     )
 
 
-def config_minutes(config) -> list[float]:
-    return [subset.minutes for subset in config.finetune.subsets]
-
-
 def test_best_change_compares_each_objective_with_its_own_architecture():
     def row(objective, init, architecture, wer, cer):
         return {"objective": objective, "init": init, "architecture": architecture, "labeled_minutes": 10.0,
@@ -156,7 +152,7 @@ def test_markdown_tables_list_every_run_and_family(toy):
     cer_pivot = _table(markdown, "### CER")
     assert [cells[0] for cells in cer_pivot] == list(config.pretrain.recipes)
     first = next(r for r in rows if r["objective"] == cer_pivot[0][0] and r["init"] == "pretrained"
-                 and r["labeled_minutes"] == min(config_minutes(config)))  # fmt: skip
+                 and r["labeled_minutes"] == min(s.minutes for s in config.finetune.subsets))  # fmt: skip
     assert float(cer_pivot[0][1]) == pytest.approx(100 * first["cer"], abs=0.051)
     assert "Best fine-tuned objective against scratch" in markdown
     assert "python scripts/low_resource_experiment.py --config" in markdown
