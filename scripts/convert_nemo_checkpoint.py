@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_ssl_speech.nemo_convert import NemoConversionError, convert_nemo, save_conversion
+from hf_ssl_speech.interop.nemo import NemoConversionError, convert_nemo, save_conversion
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,28 +24,13 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
-from hf_ssl_speech.finetune import (
-    ClassificationCollator,
-    DataArguments,
-    FinetuneArguments,
-    ModelArguments,
-    SslTrainer,
-    build_optimizer,
-    classification_accuracy,
-    eval_set_names,
-    init_classification_model,
-    load_feature_extractor,
-    manifest_rows,
-    model_num_mel_bins,
-    parse_args,
-    plot_training_curves,
-    push_folder,
-    resolve_manifests,
-    rows_to_dataset,
-    set_encoder_trainable,
-    train_time_options,
-    write_results,
-)
+from hf_ssl_speech.finetune.args import DataArguments, FinetuneArguments, ModelArguments, parse_args
+from hf_ssl_speech.finetune.collators import ClassificationCollator
+from hf_ssl_speech.finetune.model_init import init_classification_model, load_feature_extractor, model_num_mel_bins
+from hf_ssl_speech.finetune.optim import build_optimizer, set_encoder_trainable, train_time_options
+from hf_ssl_speech.finetune.report import plot_training_curves, push_folder, write_results
+from hf_ssl_speech.finetune.rows import eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
+from hf_ssl_speech.finetune.trainers import SslTrainer, classification_accuracy
 
 logger = logging.getLogger("finetune_classification")
 

@@ -26,32 +26,15 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
-from hf_ssl_speech.finetune import (
-    CtcCollator,
-    CtcTrainer,
-    DataArguments,
-    FinetuneArguments,
-    ModelArguments,
-    build_optimizer,
-    build_processor,
-    ctc_model_card,
-    drop_infeasible_ctc,
-    eval_set_names,
-    init_ctc_model,
-    load_feature_extractor,
-    make_ctc_compute_metrics,
-    manifest_rows,
-    model_num_mel_bins,
-    parse_args,
-    plot_training_curves,
-    push_folder,
-    resolve_manifests,
-    rows_to_dataset,
-    set_encoder_trainable,
-    split_ctc_feasible,
-    train_time_options,
-    write_results,
-)
+from hf_ssl_speech.finetune.args import DataArguments, FinetuneArguments, ModelArguments, parse_args
+from hf_ssl_speech.finetune.collators import CtcCollator
+from hf_ssl_speech.finetune.ctc import drop_infeasible_ctc, make_ctc_compute_metrics, split_ctc_feasible
+from hf_ssl_speech.finetune.model_init import init_ctc_model, load_feature_extractor, model_num_mel_bins
+from hf_ssl_speech.finetune.optim import build_optimizer, set_encoder_trainable, train_time_options
+from hf_ssl_speech.finetune.report import ctc_model_card, plot_training_curves, push_folder, write_results
+from hf_ssl_speech.finetune.rows import eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
+from hf_ssl_speech.finetune.text import build_processor
+from hf_ssl_speech.finetune.trainers import CtcTrainer
 
 logger = logging.getLogger("finetune_ctc")
 

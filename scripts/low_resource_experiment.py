@@ -24,12 +24,18 @@ from collections.abc import Sequence
 
 import transformers
 
-from hf_ssl_speech.experiment import STAGES, ExperimentError, command_line, load_experiment_config, run_experiment
+from hf_ssl_speech.experiments.low_resource import (
+    STAGES,
+    ExperimentError,
+    command_line,
+    load_experiment_config,
+    run_experiment,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # a command, not a call from Python: restart with the tuned allocator (DESIGN.md §9)
-        from hf_ssl_speech.cli import tune_malloc_and_reexec
+        from hf_ssl_speech.pretrain.cli import tune_malloc_and_reexec
 
         tune_malloc_and_reexec()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

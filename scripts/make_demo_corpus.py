@@ -9,7 +9,7 @@ See hf_ssl_speech/demo_corpus.py for what is written and how speakers and splits
 
 import sys
 
-from hf_ssl_speech.demo_corpus import main
+from hf_ssl_speech.synthetic.corpus import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_ssl_speech.audio_io import AudioError, load_audio
+from hf_ssl_speech.data.audio_io import AudioError, load_audio
 from hf_ssl_speech.feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from hf_ssl_speech.modeling_conformer_ssl import ConformerSslModel
 

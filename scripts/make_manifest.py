@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_ssl_speech.prepare import AUDIO_SUFFIXES, folder_manifest, report_bad, write_manifest, write_tar_shards
+from hf_ssl_speech.data.prepare import AUDIO_SUFFIXES, folder_manifest, report_bad, write_manifest, write_tar_shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_ssl_speech.prepare import (
+from hf_ssl_speech.data.prepare import (
     prepare_an4,
     prepare_commonvoice,
     prepare_librilight,

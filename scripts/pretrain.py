@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Self-supervised pretraining from a YAML recipe (a thin wrapper over `hf_ssl_speech.cli.pretrain_main`).
+"""Self-supervised pretraining from a YAML recipe (a thin wrapper over `hf_ssl_speech.pretrain.cli.pretrain_main`).
 
     accelerate launch scripts/pretrain.py --config configs/pretrain/nest_fastconformer.yaml train.max_steps=1000
     accelerate launch scripts/pretrain.py --config configs/pretrain/nest_fastconformer.yaml --resume
@@ -9,7 +9,7 @@ Several CPU processes (gloo): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
 The loop itself is hf_ssl_speech/pretrain_loop.py.
 """
 
-from hf_ssl_speech.cli import pretrain_main
+from hf_ssl_speech.pretrain.cli import pretrain_main
 
 if __name__ == "__main__":
     raise SystemExit(pretrain_main())

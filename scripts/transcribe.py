@@ -27,8 +27,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
 import hf_ssl_speech  # noqa: F401  (registers the conformer_ssl classes with the Auto factories)
-from hf_ssl_speech.audio_io import AudioError, load_audio
-from hf_ssl_speech.finetune import load_metrics, manifest_rows, normalize_transcript, transcribe
+from hf_ssl_speech.data.audio_io import AudioError, load_audio
+from hf_ssl_speech.finetune.ctc import transcribe
+from hf_ssl_speech.finetune.metrics import load_metrics
+from hf_ssl_speech.finetune.rows import manifest_rows
+from hf_ssl_speech.finetune.text import normalize_transcript
 
 logger = logging.getLogger("transcribe")
 

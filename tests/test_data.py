@@ -13,7 +13,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from hf_ssl_speech.audio_io import AudioError, load_audio
 from hf_ssl_speech.data import (
     BadExampleCounter,
     DataConfig,
@@ -27,6 +26,7 @@ from hf_ssl_speech.data import (
     decode_example,
     plan_epoch,
 )
+from hf_ssl_speech.data.audio_io import AudioError, load_audio
 
 
 def tone(seconds: float, sampling_rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hf_ssl_speech import demo_corpus as dc
-from hf_ssl_speech.text_corpus import SentenceGenerator, normalize_text, number_words
-from hf_ssl_speech.tts_espeak import EspeakError, espeak_variants, synthesize_espeak
+from hf_ssl_speech.synthetic import corpus as dc
+from hf_ssl_speech.synthetic.espeak import EspeakError, espeak_variants, synthesize_espeak
+from hf_ssl_speech.synthetic.sentences import SentenceGenerator, normalize_text, number_words
 
 TRANSCRIPT = re.compile(r"[a-z']+( [a-z']+)*")
 MINUTES = 1.0

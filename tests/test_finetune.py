@@ -24,32 +24,22 @@ from transformers import AutoModelForCTC, AutoProcessor, Trainer, TrainingArgume
 
 import hf_ssl_speech  # noqa: F401  (Auto registration)
 from hf_ssl_speech import ConformerSslFeatureExtractor, ConformerSslModel
-from hf_ssl_speech.finetune import (
-    CtcCollator,
-    CtcTrainer,
+from hf_ssl_speech.data.augment import SpecAugmentConfig, spec_augment
+from hf_ssl_speech.finetune.args import (
     DataArguments,
     FinetuneArguments,
-    FreezeEncoderCallback,
     ModelArguments,
-    SpecAugmentConfig,
-    SslTrainer,
-    build_optimizer,
-    build_processor,
-    build_vocab,
-    ctc_model_card,
-    greedy_ctc_ids,
-    init_ctc_model,
-    layerwise_param_groups,
-    manifest_rows,
-    normalize_transcript,
     parse_args,
     parse_config_overrides,
-    plot_training_curves,
-    rows_to_dataset,
-    spec_augment,
-    transcribe,
-    write_results,
 )
+from hf_ssl_speech.finetune.collators import CtcCollator
+from hf_ssl_speech.finetune.ctc import greedy_ctc_ids, transcribe
+from hf_ssl_speech.finetune.model_init import init_ctc_model
+from hf_ssl_speech.finetune.optim import FreezeEncoderCallback, build_optimizer, layerwise_param_groups
+from hf_ssl_speech.finetune.report import ctc_model_card, plot_training_curves, write_results
+from hf_ssl_speech.finetune.rows import manifest_rows, rows_to_dataset
+from hf_ssl_speech.finetune.text import build_processor, build_vocab, normalize_transcript
+from hf_ssl_speech.finetune.trainers import CtcTrainer, SslTrainer
 
 ARG_TYPES = (ModelArguments, DataArguments, FinetuneArguments, TrainingArguments)
 
@@ -108,7 +98,7 @@ def test_auto_classes_reload_the_pair_and_give_the_same_transcripts(trained):
     singles = [transcribe(model, processor, [audio])[0] for audio in audios[:4]]
     assert hypotheses[:4] == singles
     # The reloaded pair reproduces the CER the run reported.
-    from hf_ssl_speech.finetune import load_metrics
+    from hf_ssl_speech.finetune.metrics import load_metrics
 
     cer = load_metrics(["cer"])["cer"].compute(predictions=hypotheses, references=texts)
     assert cer == pytest.approx(trained["result"]["results"]["train"]["cer"], abs=1e-6)
@@ -423,7 +413,7 @@ def test_push_to_hub_uploads_model_processor_code_and_card(tmp_path):
 @pytest.mark.slow
 def test_overfit_on_demo_corpus_speech(tmp_path):
     """Real (espeak) speech: 8 short demo-corpus utterances, overfit to CER <= 0.15. Minutes of CPU."""
-    demo = pytest.importorskip("hf_ssl_speech.demo_corpus")
+    demo = pytest.importorskip("hf_ssl_speech.synthetic.corpus")
     try:
         demo.make_demo_corpus(tmp_path / "demo", minutes=1.5, seed=0, engines=["espeak"], num_workers=1,
                               progress=False)  # fmt: skip
@@ -467,7 +457,7 @@ def test_early_stopping_on_wer_stops_the_run(tmp_path):
 
 
 def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
-    demo = pytest.importorskip("hf_ssl_speech.demo_corpus")
+    demo = pytest.importorskip("hf_ssl_speech.synthetic.corpus")
     try:
         demo.check_espeak()
     except demo.EspeakError as error:
@@ -485,7 +475,7 @@ def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
 
 
 def test_ctc_feasibility_matches_the_model_and_refuses_impossible_data(tmp_path):
-    from hf_ssl_speech.finetune import ctc_min_steps, ctc_output_steps, drop_infeasible_ctc, split_ctc_feasible
+    from hf_ssl_speech.finetune.ctc import ctc_min_steps, ctc_output_steps, drop_infeasible_ctc, split_ctc_feasible
 
     model, _ = init_ctc_model(9, 0, model_preset="tiny", from_scratch=True, config_overrides="num_hidden_layers=1")
     extractor = ConformerSslFeatureExtractor()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_finetune_corpus import TINY_CTC_OVERRIDES, load_script, write_tone_corpus
 
 from hf_ssl_speech import ConformerSslModel
-from hf_ssl_speech.finetune import parse_config_overrides
+from hf_ssl_speech.finetune.args import parse_config_overrides
 from hf_ssl_speech.presets import preset_config
 
 

@@ -23,7 +23,7 @@ from conftest import make_speech_like
 from hub_server import HubServer, git_blob_oid
 from test_pretrain import TINY_MODEL, make_corpus, run_env, write_recipe
 
-from hf_ssl_speech.hub import card_metadata, model_card_text, push_checkpoint, write_model_card
+from hf_ssl_speech.interop.hub import card_metadata, model_card_text, push_checkpoint, write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_loopback_dummy_token"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_ssl_speech.experiment import (
+from hf_ssl_speech.experiments.low_resource import (
     ExperimentError,
     best_change,
     command_line,
@@ -46,7 +46,7 @@ def load_script():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The toy experiment, run once through the script: (work folder, results folder, toy config)."""
-    from hf_ssl_speech.tts_espeak import EspeakError, check_espeak
+    from hf_ssl_speech.synthetic.espeak import EspeakError, check_espeak
 
     try:
         check_espeak()

@@ -12,7 +12,7 @@ import jiwer
 import numpy as np
 import pytest
 
-from hf_ssl_speech.finetune import load_metrics, metric_path
+from hf_ssl_speech.finetune.metrics import load_metrics, metric_path
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_modules_load_offline_by_path(tmp_path):
     }
     code = (
         "import evaluate, json\n"
-        "from hf_ssl_speech.finetune import metric_path\n"
+        "from hf_ssl_speech.finetune.metrics import metric_path\n"
         "wer = evaluate.load(metric_path('wer'))\n"
         "cer = evaluate.load(metric_path('cer') + '/cer.py')\n"
         "print(json.dumps([wer.compute(predictions=['a b c'], references=['a x c']),\n"

@@ -27,8 +27,7 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoM
 
 import hf_ssl_speech  # noqa: F401  (registers the Auto classes)
 from hf_ssl_speech.feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
-from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForPreTraining, ConformerSslModel
-from hf_ssl_speech.nemo_convert import (
+from hf_ssl_speech.interop.nemo import (
     NemoConversionError,
     book_major_rows_to_multisoftmax,
     convert_nemo,
@@ -39,6 +38,7 @@ from hf_ssl_speech.nemo_convert import (
     our_encoder_state_dict_to_nemo,
     rpq_projection_to_nemo,
 )
+from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForPreTraining, ConformerSslModel
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "convert_nemo_checkpoint.py"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
-from hf_ssl_speech.parakeet import (
+from hf_ssl_speech.interop.parakeet import (
     export_parakeet_for_asr,
     from_parakeet,
     load_from_parakeet_asr,

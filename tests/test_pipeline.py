@@ -18,7 +18,7 @@ from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
 import hf_ssl_speech  # noqa: F401  (Auto registration)
 from hf_ssl_speech.configuration_conformer_ssl import ConformerSslConfig
-from hf_ssl_speech.finetune import transcribe
+from hf_ssl_speech.finetune.ctc import transcribe
 
 
 @pytest.fixture(scope="module")

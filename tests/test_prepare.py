@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from hf_ssl_speech.data import ManifestSource, TarShardSource, build_dataloader
-from hf_ssl_speech.prepare import parse_an4_transcription, segments_from_vad
+from hf_ssl_speech.data.prepare import parse_an4_transcription, segments_from_vad
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -74,7 +74,7 @@ def test_librispeech(tmp_path):
 
 
 def test_librispeech_reports_missing_audio(tmp_path):
-    from hf_ssl_speech.prepare import prepare_librispeech
+    from hf_ssl_speech.data.prepare import prepare_librispeech
 
     folder = tmp_path / "train" / "1" / "2"
     clip(folder / "1-2-0000.flac", 0.5)
@@ -169,7 +169,7 @@ def test_an4_sphere_to_wav(tmp_path):
     (an4 / "etc" / "an4_train.transcription").write_text("\n".join(lines) + "\n")
     assert parse_an4_transcription("<s> RUBOUT G M E F </s> (fash-an251-b)") == ("fash-an251-b", "RUBOUT G M E F")
     out = tmp_path / "an4_train.jsonl"
-    from hf_ssl_speech.prepare import prepare_an4
+    from hf_ssl_speech.data.prepare import prepare_an4
 
     rows, bad = prepare_an4(an4, "train", progress=False)
     assert [row["text"] for row in rows] == ["yes", "go", "erase t m o"]

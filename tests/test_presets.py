@@ -7,7 +7,7 @@ import torch
 from transformers import ParakeetRNNTConfig
 
 from hf_ssl_speech import ConformerSslModel
-from hf_ssl_speech.parakeet import to_parakeet_config
+from hf_ssl_speech.interop.parakeet import to_parakeet_config
 from hf_ssl_speech.presets import load_preset, preset_config, preset_names, preset_reference
 
 NEMO_PRESETS = [name for name in preset_names() if preset_reference(name) is not None]

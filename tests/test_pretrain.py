@@ -76,8 +76,8 @@ def train_history(output_dir: Path, step: int) -> list[dict]:
 _KILL_AFTER_SAVE = textwrap.dedent(
     """
     import os, signal, sys
-    from hf_ssl_speech import training
-    from hf_ssl_speech.cli import pretrain_main
+    from hf_ssl_speech.pretrain import checkpoints as training
+    from hf_ssl_speech.pretrain.cli import pretrain_main
 
     kill_after = int(sys.argv[1])
     original_save = training.CheckpointManager.save
@@ -198,7 +198,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 _NAN_AT_STEPS = textwrap.dedent(
     """
     import sys
-    from hf_ssl_speech.cli import pretrain_main
+    from hf_ssl_speech.pretrain.cli import pretrain_main
     from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
 
     bad = sys.argv[1]

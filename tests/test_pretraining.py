@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from conftest import make_tiny_config, write_speech_wav
 
-from hf_ssl_speech.augment import mix_for_denoising
+from hf_ssl_speech.data.augment import mix_for_denoising
 from hf_ssl_speech.feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from hf_ssl_speech.masking import frame_to_token_mask, sample_negatives
 from hf_ssl_speech.modeling_conformer_ssl import (

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from hf_ssl_speech.recipe import (
+from hf_ssl_speech.pretrain.recipe import (
     Recipe,
     RecipeError,
     load_recipe,
@@ -137,6 +137,6 @@ def test_tiny_recipes_run_a_pretraining_step(path):
 
 
 def test_cli_default_equals_tiny_nest_recipe():
-    from hf_ssl_speech.cli import DEFAULT_RECIPE
+    from hf_ssl_speech.pretrain.cli import DEFAULT_RECIPE
 
     assert load_recipe(base=DEFAULT_RECIPE) == load_recipe(REPO_ROOT / "configs" / "pretrain" / "tiny_nest.yaml")

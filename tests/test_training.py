@@ -15,21 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from hf_ssl_speech.training import (
-    CheckpointManager,
+from hf_ssl_speech.pretrain.bookkeeping import (
     LossTracker,
     MetricsLogger,
     NonFiniteGuard,
     NonFiniteLossError,
     backward_loss,
-    build_optimizer,
-    build_scheduler,
     global_totals,
-    gumbel_temperature,
-    noam_factor,
-    param_groups,
     reduce_counts,
 )
+from hf_ssl_speech.pretrain.checkpoints import CheckpointManager
+from hf_ssl_speech.pretrain.optim import build_optimizer, build_scheduler, gumbel_temperature, noam_factor, param_groups
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +142,7 @@ _NORMALISER_SCRIPT = textwrap.dedent(
     import sys, torch
     from torch import nn
     from accelerate import Accelerator
-    from hf_ssl_speech.training import backward_loss, reduce_counts
+    from hf_ssl_speech.pretrain.bookkeeping import backward_loss, reduce_counts
 
     out_path, grad_accum = sys.argv[1], int(sys.argv[2])
     accelerator = Accelerator(cpu=True)
@@ -316,7 +312,8 @@ _CHECKPOINT_SCRIPT = textwrap.dedent(
     from accelerate import Accelerator
     from conftest import make_tiny_config
     from hf_ssl_speech import ConformerSslModel
-    from hf_ssl_speech.training import CheckpointManager, build_optimizer
+    from hf_ssl_speech.pretrain.checkpoints import CheckpointManager
+    from hf_ssl_speech.pretrain.optim import build_optimizer
 
     output_dir, kill_at = sys.argv[1], int(sys.argv[2])
     accelerator = Accelerator(cpu=True)

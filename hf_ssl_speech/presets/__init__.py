@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from .configuration_conformer_ssl import ConformerSslConfig
+from ..configuration_conformer_ssl import ConformerSslConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+PRESET_DIR = Path(__file__).resolve().parent / "model"
 
 
 def preset_names() -> list[str]:

@@ -51,8 +51,8 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
-from .text_corpus import SentenceGenerator
-from .tts_espeak import ESPEAK_ACCENTS, EspeakError, check_espeak, espeak_variants, synthesize_espeak
+from .espeak import ESPEAK_ACCENTS, EspeakError, check_espeak, espeak_variants, synthesize_espeak
+from .sentences import SentenceGenerator
 
 SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
@@ -791,7 +791,7 @@ def _summarize(records, params, all_voices, train_voices, test_voices, noise_cou
         "test_voices": [v.id for v in test_voices],
         "noise": noise_counts,
         "distinct_words": len(words),
-        "generator": "hf_ssl_speech.demo_corpus",
+        "generator": "hf_ssl_speech.synthetic.corpus",
     }
 
 

@@ -46,7 +46,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("corpus", "pretrain", "finetune", "evaluate", "report")
 INITS = ("pretrained", "probe", "scratch")
 DONE = "done.json"
@@ -381,7 +381,7 @@ def check_held_out(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[st
 
 def stage_corpus(config: ExperimentConfig, out: Path) -> dict[str, Any]:
     """Make (or reuse) the demo corpus, check the hold-out, write the labeled subsets; returns the summary."""
-    from .demo_corpus import make_demo_corpus
+    from ..synthetic.corpus import make_demo_corpus
 
     c = config.corpus
     corpus_dir = out / "corpus"
@@ -450,7 +450,7 @@ def architecture_label(model_config: Any) -> str:
 def _count_encoder_params(model_config: Any) -> int:
     import torch
 
-    from .modeling_conformer_ssl import ConformerSslModel
+    from ..modeling_conformer_ssl import ConformerSslModel
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         encoder = ConformerSslModel(model_config)
@@ -464,8 +464,8 @@ def pretrain_family(config: ExperimentConfig, family: str, out: Path, corpus_id:
         config / family / out: the experiment, the family (a key of `pretrain.recipes`), the working folder.
         corpus_id: finish time of the corpus stage (a new corpus invalidates the encoders trained on the old).
     """
-    from .pretrain_loop import pretrain
-    from .recipe import load_recipe, model_config
+    from ..pretrain.loop import pretrain
+    from ..pretrain.recipe import load_recipe, model_config
 
     recipe_path = resolve_path(config.pretrain.recipes[family])
     overrides = family_recipe_overrides(config, family, out)
@@ -562,20 +562,14 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
     import torch
     from transformers import TrainingArguments, set_seed
 
-    from .finetune import (
-        CtcCollator,
-        CtcTrainer,
-        FreezeEncoderCallback,
-        SpecAugmentConfig,
-        build_optimizer,
-        build_processor,
-        drop_infeasible_ctc,
-        init_ctc_model,
-        load_feature_extractor,
-        manifest_rows,
-        rows_to_dataset,
-        set_encoder_trainable,
-    )
+    from ..data.augment import SpecAugmentConfig
+    from ..finetune.collators import CtcCollator
+    from ..finetune.ctc import drop_infeasible_ctc
+    from ..finetune.model_init import init_ctc_model, load_feature_extractor
+    from ..finetune.optim import FreezeEncoderCallback, build_optimizer, set_encoder_trainable
+    from ..finetune.rows import manifest_rows, rows_to_dataset
+    from ..finetune.text import build_processor
+    from ..finetune.trainers import CtcTrainer
 
     f = config.finetune
     folder = out / "finetune" / run.name
@@ -649,7 +643,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
 
 
 def _num_mel_bins(checkpoint: str) -> int:
-    from .configuration_conformer_ssl import ConformerSslConfig
+    from ..configuration_conformer_ssl import ConformerSslConfig
 
     return ConformerSslConfig.from_pretrained(checkpoint).num_mel_bins
 
@@ -669,9 +663,12 @@ def evaluate_model(model_dir: Path, manifest: Path, batch_size: int, max_utteran
     import torch
     from transformers import AutoProcessor
 
-    from . import ConformerSslForCTC  # noqa: F401  (registers the Auto classes)
-    from .data import DataConfig
-    from .finetune import decode_rows, load_metrics, manifest_rows, normalize_transcript, transcribe
+    from .. import ConformerSslForCTC  # noqa: F401  (registers the Auto classes)
+    from ..data import DataConfig
+    from ..finetune.ctc import transcribe
+    from ..finetune.metrics import load_metrics
+    from ..finetune.rows import decode_rows, manifest_rows
+    from ..finetune.text import normalize_transcript
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
     model = ConformerSslForCTC.from_pretrained(str(model_dir))

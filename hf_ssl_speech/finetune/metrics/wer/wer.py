@@ -1,17 +1,17 @@
-"""Character error rate as a local `evaluate` module, backed by jiwer (no Hub access).
+"""Word error rate as a local `evaluate` module, backed by jiwer (no Hub access).
 
-`evaluate.load("cer")` downloads its script from the Hub and fails offline, so this module ships with
+`evaluate.load("wer")` downloads its script from the Hub and fails offline, so this module ships with
 hf_ssl_speech and is loaded by path:
 
     import evaluate
-    from hf_ssl_speech.finetune import metric_path
-    cer = evaluate.load(metric_path("cer"))
-    cer.compute(predictions=["helo"], references=["hello"])  # 0.2
+    from hf_ssl_speech.finetune.metrics import metric_path
+    wer = evaluate.load(metric_path("wer"))
+    wer.compute(predictions=["hello word"], references=["hello world"])  # 0.5
 
-CER = (substitutions + deletions + insertions) / reference characters (spaces included), summed over the
-whole corpus, as jiwer's `process_characters` counts them. Empty texts are allowed: an empty hypothesis is
-all deletions; an empty reference contributes only insertions (when every reference is empty the result is
-the number of inserted characters, jiwer's convention). `None` counts as an empty text.
+WER = (substitutions + deletions + insertions) / reference words, summed over the whole corpus (not averaged
+per utterance), as jiwer's `process_words` counts them. Empty texts are allowed: an empty hypothesis is all
+deletions; an empty reference contributes only insertions (when every reference is empty the result is the
+number of inserted words, jiwer's convention). `None` counts as an empty text.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ _CITATION = """\
        author = {Vaessen, Nik}, howpublished = {https://github.com/jitsi/jiwer}}
 """
 
-_DESCRIPTION = "Character error rate (corpus level) of transcripts against references, computed with jiwer."
+_DESCRIPTION = "Word error rate (corpus level) of transcripts against references, computed with jiwer."
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list[str]`): hypotheses (transcripts from the model); None or "" for an empty transcript.
     references (`list[str]`): reference transcripts, same length as `predictions`.
-    concatenate_texts (`bool`, default False): accepted for compatibility with the Hub's `cer`; the
+    concatenate_texts (`bool`, default False): accepted for compatibility with the Hub's `wer`; the
         result is corpus-level either way.
 Returns:
-    `float`: the character error rate (0.0 = perfect; can exceed 1.0 with many insertions).
+    `float`: the word error rate (0.0 = perfect; can exceed 1.0 with many insertions).
 """
 
 
@@ -44,7 +44,7 @@ def _clean(texts: list[str | None]) -> list[str]:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Cer(evaluate.Metric):
+class Wer(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -53,7 +53,7 @@ class Cer(evaluate.Metric):
             features=datasets.Features(
                 {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
             ),
-            reference_urls=["https://huggingface.co/spaces/evaluate-metric/cer"],
+            reference_urls=["https://en.wikipedia.org/wiki/Word_error_rate"],
         )
 
     # None is accepted as an empty transcript: replaced before evaluate's Arrow type check sees it.
@@ -71,7 +71,7 @@ class Cer(evaluate.Metric):
 
     def _compute(self, predictions: list[str], references: list[str], concatenate_texts: bool = False) -> float:
         if len(predictions) != len(references):
-            raise ValueError(f"cer: {len(predictions)} predictions but {len(references)} references; pass one each.")
+            raise ValueError(f"wer: {len(predictions)} predictions but {len(references)} references; pass one each.")
         if not references:
-            raise ValueError("cer: no predictions/references were given.")
-        return float(jiwer.process_characters(_clean(references), _clean(predictions)).cer)
+            raise ValueError("wer: no predictions/references were given.")
+        return float(jiwer.process_words(_clean(references), _clean(predictions)).wer)

@@ -10,6 +10,8 @@ an explicit `torch.Generator`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -80,3 +82,65 @@ def mix_for_denoising(
 
 
 __all__ = ["mix_for_denoising"]
+
+
+# ---------------------------------------------------------------------------------------------- SpecAugment
+@dataclass
+class SpecAugmentConfig:
+    """SpecAugment (Park et al. 2019) as NeMo's `SpectrogramAugmentation` defaults it for Conformer CTC."""
+
+    freq_masks: int = 2
+    freq_width: int = 27  # widest frequency mask, mel bins
+    time_masks: int = 10
+    time_width: float = 0.05  # widest time mask: fraction of the utterance (< 1) or frames (>= 1)
+    fill_value: float = 0.0  # features are normalised per utterance, so 0 is each bin's mean
+
+
+def spec_augment(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    config: SpecAugmentConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """
+    Mask random frequency bands and time spans of each utterance, all utterances at once (no Python loops).
+
+    Args:
+        features (`torch.Tensor` of shape (batch, frames, mels)): normalised log-mels from the collator.
+        lengths (`torch.Tensor` of shape (batch,)): valid frames per utterance; masks stay inside them.
+        config: mask counts and widths.
+        generator: source of randomness (None: torch's global RNG, seeded per dataloader worker by torch).
+
+    Returns:
+        A new tensor, `features` with masked cells set to `config.fill_value`. Mask widths are uniform in
+        [0, width] and starts uniform over the positions where the whole mask fits (NeMo's sampling).
+    """
+    batch, frames, mels = features.shape
+    device = features.device
+    lengths = lengths.to(device)
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device="cpu" if generator is None else generator.device).to(
+            device
+        )
+
+    masked = torch.zeros(batch, frames, mels, dtype=torch.bool, device=device)
+    if config.freq_masks > 0 and config.freq_width > 0:
+        max_width = min(config.freq_width, mels)
+        widths = (draw((batch, config.freq_masks)) * (max_width + 1)).long()  # (batch, masks) in [0, max_width]
+        starts = (draw((batch, config.freq_masks)) * (mels - widths + 1)).long()
+        bins = torch.arange(mels, device=device)[None, None, :]  # (1, 1, mels)
+        in_band = (bins >= starts[..., None]) & (bins < (starts + widths)[..., None])  # (batch, masks, mels)
+        masked |= in_band.any(dim=1)[:, None, :]
+    if config.time_masks > 0 and config.time_width > 0:
+        if config.time_width < 1:
+            max_width = (lengths.float() * config.time_width).long().clamp(min=1)  # (batch,)
+        else:
+            max_width = torch.full_like(lengths, int(config.time_width))
+        max_width = torch.minimum(max_width, lengths)
+        widths = (draw((batch, config.time_masks)) * (max_width[:, None] + 1)).long().clamp(max=max_width[:, None])
+        starts = (draw((batch, config.time_masks)) * (lengths[:, None] - widths + 1)).long()
+        steps = torch.arange(frames, device=device)[None, None, :]  # (1, 1, frames)
+        in_span = (steps >= starts[..., None]) & (steps < (starts + widths)[..., None])  # (batch, masks, frames)
+        masked |= in_span.any(dim=1)[:, :, None]
+    return features.masked_fill(masked, config.fill_value)

@@ -22,8 +22,8 @@ from transformers import (
     ParakeetTDTConfig,
 )
 
-from .configuration_conformer_ssl import ConformerSslConfig
-from .modeling_conformer_ssl import ConformerSslModel
+from ..configuration_conformer_ssl import ConformerSslConfig
+from ..modeling_conformer_ssl import ConformerSslModel
 
 # Our field -> Parakeet encoder field, for the fields that exist on both sides under different names.
 _RENAMED = {

@@ -26,23 +26,15 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .augment import mix_for_denoising
-from .data import build_dataloader
-from .feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
-from .hub import push_checkpoint, write_model_card
-from .modeling_conformer_ssl import ConformerSslForPreTraining
+from ..data import build_dataloader
+from ..data.augment import mix_for_denoising
+from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
+from ..interop.hub import push_checkpoint, write_model_card
+from ..modeling_conformer_ssl import ConformerSslForPreTraining
+from .bookkeeping import LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
+from .checkpoints import CheckpointManager
+from .optim import build_optimizer, build_scheduler, gumbel_temperature
 from .recipe import Recipe, model_config, save_recipe
-from .training import (
-    CheckpointManager,
-    LossTracker,
-    MetricsLogger,
-    NonFiniteGuard,
-    backward_loss,
-    build_optimizer,
-    build_scheduler,
-    global_totals,
-    gumbel_temperature,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 import yaml
 
-from .configuration_conformer_ssl import ConformerSslConfig
-from .feature_extraction_conformer_ssl import LOG_ZERO_GUARD, ConformerSslFeatureExtractor
-from .modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForPreTraining, ConformerSslModel
+from ..configuration_conformer_ssl import ConformerSslConfig
+from ..feature_extraction_conformer_ssl import LOG_ZERO_GUARD, ConformerSslFeatureExtractor
+from ..modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForPreTraining, ConformerSslModel
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"

@@ -108,7 +108,7 @@ def _ensure_demo_corpus(recipe: Any) -> None:
         return
     from accelerate import PartialState
 
-    from .demo_corpus import make_demo_corpus
+    from ..synthetic.corpus import make_demo_corpus
 
     state = PartialState()
     with state.main_process_first():  # the others then find it complete and reuse it
@@ -152,7 +152,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     if args.config is None:
         _ensure_demo_corpus(recipe)
 
-    from .pretrain_loop import pretrain
+    from .loop import pretrain
 
     result = pretrain(recipe, resume=args.resume, progress=not args.no_progress)
     from accelerate import PartialState

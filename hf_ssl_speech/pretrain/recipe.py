@@ -27,11 +27,11 @@ from typing import Any
 
 import yaml
 
-from .configuration_conformer_ssl import OBJECTIVES, ConformerSslConfig
+from ..configuration_conformer_ssl import OBJECTIVES, ConformerSslConfig
 
 SECTIONS = ("model", "objectives", "data", "optim", "train")
 # Where `model.preset: <name>` is looked up, after the folder `../model` next to the recipe file.
-PACKAGE_PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+PACKAGE_PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "model"
 SCHEDULERS = ("noam", "cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORT_TO = ("tensorboard", "none")

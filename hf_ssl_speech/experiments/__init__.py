@@ -1,0 +1,1 @@
+"""Experiments that answer a question end to end with the library: `low_resource` (does SSL pay with few labels?)."""

@@ -1,0 +1,179 @@
+"""Fine-tuning models from a pretraining checkpoint (encoder transferred, loudly checked) or from scratch."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..configuration_conformer_ssl import ConformerSslConfig
+from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
+from ..modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForSequenceClassification
+from ..presets import preset_config
+from .args import parse_config_overrides
+
+logger = logging.getLogger(__name__)
+
+
+# ============================================================================================ model init
+@dataclass
+class LoadReport:
+    """What `from_pretrained` did with the checkpoint's tensors (names relative to the head model)."""
+
+    missing_encoder: list[str]
+    mismatched_encoder: list[str]
+    new_head: list[str]
+    unused: list[str]
+
+    @property
+    def encoder_complete(self) -> bool:
+        return not self.missing_encoder and not self.mismatched_encoder
+
+
+def _load_report(info: Mapping[str, Any], base_prefix: str = "conformer.") -> LoadReport:
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = sorted(key if isinstance(key, str) else key[0] for key in info.get("mismatched_keys", []))
+    return LoadReport(
+        missing_encoder=[k for k in missing if k.startswith(base_prefix)],
+        mismatched_encoder=[k for k in mismatched if k.startswith(base_prefix)],
+        new_head=[k for k in [*missing, *mismatched] if not k.startswith(base_prefix)],
+        unused=sorted(info.get("unexpected_keys", [])),
+    )
+
+
+def _warn_encoder_keys(report: LoadReport, source: str) -> None:
+    if report.encoder_complete:
+        logger.info("encoder weights loaded from %s; new head tensors: %s", source, report.new_head)
+        return
+    problems = []
+    if report.missing_encoder:
+        problems.append(f"{len(report.missing_encoder)} missing: {report.missing_encoder}")
+    if report.mismatched_encoder:
+        problems.append(f"{len(report.mismatched_encoder)} with another shape: {report.mismatched_encoder}")
+    message = (
+        f"!!! ENCODER WEIGHTS NOT LOADED from {source} — these encoder tensors are RANDOMLY INITIALISED: "
+        f"{'; '.join(problems)}. The checkpoint does not match this architecture (config overrides that change "
+        "shapes? a checkpoint of another model?). Fine-tuning continues, but not from the pretrained encoder."
+    )
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _model_config(
+    model_name_or_path: str | None, model_preset: str | None, overrides: Mapping[str, Any], cache_dir: str | None
+) -> ConformerSslConfig:
+    if model_name_or_path:
+        config = ConformerSslConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"config_overrides: {key!r} is not a ConformerSslConfig field")
+            setattr(config, key, value)
+        config.validate()
+        return config
+    if model_preset:
+        return preset_config(model_preset, **overrides)
+    raise ValueError(
+        "no model given: pass --model_name_or_path (a pretraining checkpoint folder or Hub repo), or "
+        "--from_scratch with --model_preset (e.g. 'tiny', 'fastconformer_s')."
+    )
+
+
+def init_ctc_model(
+    vocab_size: int,
+    pad_token_id: int = 0,
+    model_name_or_path: str | None = None,
+    from_scratch: bool = False,
+    model_preset: str | None = None,
+    config_overrides: str | Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> tuple[ConformerSslForCTC, LoadReport | None]:
+    """
+    `ConformerSslForCTC` from a checkpoint's encoder (new CTC head) or, `from_scratch`, randomly initialised.
+
+    Args:
+        vocab_size / pad_token_id: from the tokenizer (`len(tokenizer)`, `tokenizer.pad_token_id` = blank).
+        model_name_or_path: a save_pretrained folder or Hub repo of any ConformerSsl model (pretraining,
+            base, or another CTC model: a head of another size is re-initialised).
+        from_scratch: same architecture, random weights (the checkpoint's config, or `model_preset`).
+        model_preset: a preset name / YAML path, for from-scratch runs without a checkpoint.
+        config_overrides: ConformerSslConfig fields to change ('a=1,b=2' or a dict), e.g. dropouts.
+        cache_dir: Hub download cache.
+
+    Returns:
+        (model, report): `report` lists missing / mismatched encoder tensors (a loud warning names them)
+        and is None for from-scratch models.
+    """
+    overrides = {**parse_config_overrides(config_overrides), "vocab_size": vocab_size, "pad_token_id": pad_token_id}
+    config = _model_config(model_name_or_path, model_preset, overrides, cache_dir)
+    if from_scratch or not model_name_or_path:
+        if not from_scratch:
+            raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
+        return ConformerSslForCTC(config), None
+    model, info = ConformerSslForCTC.from_pretrained(
+        model_name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True, cache_dir=cache_dir
+    )
+    report = _load_report(info)
+    _warn_encoder_keys(report, model_name_or_path)
+    return model, report
+
+
+def init_classification_model(
+    label2id: Mapping[str, int],
+    model_name_or_path: str | None = None,
+    from_scratch: bool = False,
+    model_preset: str | None = None,
+    config_overrides: str | Mapping[str, Any] | None = None,
+    use_weighted_layer_sum: bool = False,
+    classifier_proj_size: int | None = None,
+    cache_dir: str | None = None,
+) -> tuple[ConformerSslForSequenceClassification, LoadReport | None]:
+    """`ConformerSslForSequenceClassification` with `len(label2id)` classes; arguments as `init_ctc_model`."""
+    overrides = {
+        **parse_config_overrides(config_overrides),
+        "num_labels": len(label2id),
+        "use_weighted_layer_sum": use_weighted_layer_sum,
+    }
+    if classifier_proj_size is not None:
+        overrides["classifier_proj_size"] = classifier_proj_size
+    config = _model_config(model_name_or_path, model_preset, overrides, cache_dir)
+    config.label2id = dict(label2id)
+    config.id2label = {index: name for name, index in label2id.items()}
+    if from_scratch or not model_name_or_path:
+        if not from_scratch:
+            raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
+        return ConformerSslForSequenceClassification(config), None
+    model, info = ConformerSslForSequenceClassification.from_pretrained(
+        model_name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True, cache_dir=cache_dir
+    )
+    report = _load_report(info)
+    _warn_encoder_keys(report, model_name_or_path)
+    return model, report
+
+
+def model_num_mel_bins(
+    model_name_or_path: str | None, model_preset: str | None, config_overrides: Any, cache_dir: str | None = None
+) -> int:
+    """Mel bins the model expects (its config's `num_mel_bins`), to build a matching feature extractor."""
+    overrides = parse_config_overrides(config_overrides)
+    return _model_config(model_name_or_path, model_preset, overrides, cache_dir).num_mel_bins
+
+
+def load_feature_extractor(
+    model_name_or_path: str | None, num_mel_bins: int, cache_dir: str | None = None
+) -> ConformerSslFeatureExtractor:
+    """The checkpoint's feature extractor if it saved one, else our default with `num_mel_bins` bins."""
+    if model_name_or_path:
+        try:
+            extractor = ConformerSslFeatureExtractor.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        except (OSError, ValueError) as error:
+            logger.info("no feature extractor in %s (%s); using the default", model_name_or_path, error)
+        else:
+            if extractor.feature_size != num_mel_bins:
+                raise ValueError(
+                    f"{model_name_or_path}: feature extractor has feature_size={extractor.feature_size} but the model "
+                    f"expects num_mel_bins={num_mel_bins}; fix preprocessor_config.json or the config overrides."
+                )
+            return extractor
+    return ConformerSslFeatureExtractor(feature_size=num_mel_bins)

@@ -1,0 +1,85 @@
+"""The optimiser, the learning-rate schedules and the Gumbel temperature schedule of pretraining."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------- optimiser
+# Parameters that are scales, offsets or free embeddings: weight decay would pull them towards 0, which for
+# a norm's scale means towards a dead layer. Matched on the parameter name's last component.
+NO_DECAY_NAMES = ("bias", "pos_bias_u", "pos_bias_v", "masked_spec_embed", "mask_embedding", "codevectors")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices and conv kernels decay; norms, biases and embeddings (and any 1-d tensor) don't."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        last = name.rsplit(".", 1)[-1]
+        is_norm = "norm" in name.lower() or ".bn." in name or "batch_norm" in name
+        (no_decay if param.ndim <= 1 or last in NO_DECAY_NAMES or is_norm else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, weight_decay)`; arguments come from the recipe's `optim` section."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def noam_factor(step: int, d_model: int, warmup_steps: int, min_factor: float = 0.0) -> float:
+    """NeMo's NoamAnnealing multiplier: d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).
+
+    It rises linearly to d_model^-0.5 * warmup^-0.5 at `warmup_steps`, then decays as step^-0.5. `lr` in a
+    NeMo recipe is multiplied by this (lr 5.0, d_model 512, warmup 25k -> peak 1.4e-3). After warmup the
+    multiplier is floored at `min_factor` (= min_lr / lr). Step 0 counts as step 1 so the first update is not
+    taken with a zero learning rate.
+    """
+    step = max(step, 1)
+    if warmup_steps > 0:
+        factor = d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+    else:
+        factor = d_model**-0.5 * step**-0.5
+    return max(factor, min_factor) if step > warmup_steps else factor
+
+
+# transformers.get_scheduler names for the recipe's schedulers (all with linear warmup).
+HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    warmup_steps: int,
+    max_steps: int,
+    d_model: int,
+    lr: float,
+    min_lr: float = 0.0,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's LR schedule, stepped once per optimiser step.
+
+    Args:
+        name: `optim.scheduler`: "noam" (NeMo NoamAnnealing) or one of `HF_SCHEDULERS`.
+        warmup_steps, lr, min_lr: from the `optim` section; max_steps from `train`; d_model = model hidden_size.
+    """
+    if name == "noam":
+        min_factor = min_lr / lr
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: noam_factor(step, d_model, warmup_steps, min_factor)
+        )
+    if name not in HF_SCHEDULERS:
+        raise ValueError(f"optim.scheduler={name!r} is unknown: expected 'noam' or one of {tuple(HF_SCHEDULERS)}.")
+    from transformers import get_scheduler
+
+    return get_scheduler(HF_SCHEDULERS[name], optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+
+
+def gumbel_temperature(step: int, start: float, end: float, decay: float) -> float:
+    """wav2vec 2.0's Gumbel-softmax temperature: max(end, start * decay^step) (2 -> 0.5, decay 0.999995)."""
+    return max(end, start * decay**step)
