@@ -36,7 +36,6 @@ loader then never ends (each part restarts with a new shuffle when exhausted), s
 steps. Resuming replays the metadata of the stream (no decoding) up to the saved position.
 """
 
-
 from .audio_io import BAD_REASONS, AudioError, load_audio, probe_duration, read_audio
 from .collate import SpeechCollator
 from .config import DataConfig

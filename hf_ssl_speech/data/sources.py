@@ -19,6 +19,7 @@ from .audio_io import AudioError, AudioSource, probe_duration
 
 logger = logging.getLogger(__name__)
 
+
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "opus", "mp3", "sph", "aiff", "aif", "au")
 
 

@@ -46,6 +46,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("corpus", "pretrain", "finetune", "evaluate", "report")
 INITS = ("pretrained", "probe", "scratch")

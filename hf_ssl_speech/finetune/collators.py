@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,11 +13,8 @@ from transformers import (
 )
 
 from ..data import DataConfig, SpeechCollator
-from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
-
-logger = logging.getLogger(__name__)
-
 from ..data.augment import SpecAugmentConfig, spec_augment
+from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from .rows import decode_rows
 from .text import text_to_ids
 

@@ -17,12 +17,11 @@ from transformers import (
 
 from ..configuration_conformer_ssl import ConformerSslConfig
 from ..modeling_conformer_ssl import ConformerSslForCTC
-
-logger = logging.getLogger(__name__)
-
 from .metrics import load_metrics
 from .rows import SAMPLING_RATE
 from .text import normalize_transcript, text_to_ids
+
+logger = logging.getLogger(__name__)
 
 
 def ctc_output_steps(num_samples: int, config: ConformerSslConfig) -> int:

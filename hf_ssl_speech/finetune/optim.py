@@ -12,10 +12,10 @@ from transformers import (
     TrainerCallback,
 )
 
-logger = logging.getLogger(__name__)
-
 from ..data.augment import SpecAugmentConfig
 from .args import DataArguments, FinetuneArguments
+
+logger = logging.getLogger(__name__)
 
 # ============================================================================================ optimisation
 NO_DECAY_SUFFIXES = ("bias", "bias_u", "bias_v", "layer_weights")

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..data import AudioError, DataConfig, ManifestSource, RawExample, decode_example
-
-logger = logging.getLogger(__name__)
-
 from .args import DataArguments
 from .text import normalize_transcript
+
+logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 

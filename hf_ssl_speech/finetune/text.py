@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -16,13 +15,12 @@ from transformers import (
 
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 
-logger = logging.getLogger(__name__)
-
-
 PAD_TOKEN = "<pad>"  # id 0: padding of label batches and the CTC blank
 UNK_TOKEN = "<unk>"  # characters of eval transcripts that training never saw
 WORD_DELIMITER = "|"  # stands for the space between words
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER)
+
+
 # ============================================================================================ text
 def normalize_transcript(text: str | None) -> str:
     """Lower-case, NFKC, keep letters, digits and apostrophes; everything else separates words.

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from transformers import (
     EvalPrediction,
     Trainer,
 )
-
-logger = logging.getLogger(__name__)
 
 from .ctc import greedy_ctc_ids
 
