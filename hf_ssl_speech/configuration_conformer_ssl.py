@@ -13,13 +13,14 @@ import math
 
 from transformers import PreTrainedConfig
 
+from .frames import HOP_LENGTH
+from .objectives import OBJECTIVES, objective_settings
+
 # Closed sets of choices: the allowed values are listed in the error message.
 SUBSAMPLING_TYPES = {"striding": "Conformer: Conv2d 3x3 stride 2 + ReLU per stage", "dw_striding": "FastConformer"}
 CONV_NORM_TYPES = ("batch_norm", "layer_norm")
 MASK_STRATEGIES = ("span", "patch", "block")
 MASK_FILLS = ("learned", "noise")
-OBJECTIVES = ("contrastive", "mlm", "bestrq", "hubert", "reconstruction", "apc", "cpc")
-OBJECTIVE_KEYS = ("weight", "start_step", "layer")
 CONTRASTIVE_TARGETS = ("quantized", "projected")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 CTC_REDUCTIONS = ("mean", "sum")
@@ -80,9 +81,10 @@ class ConformerSslConfig(PreTrainedConfig):
         use_weighted_layer_sum (`bool`), classifier_proj_size (`int`), num_labels (from PreTrainedConfig).
 
     Self-supervised pretraining (`ConformerSslForPreTraining`):
-        objectives (`dict`): objective name -> {"weight": float, "start_step": int, "layer": int}; names are
-            contrastive, mlm, bestrq, hubert, reconstruction, apc, cpc. `layer` indexes the hidden states
-            (-1 = final layer, k = output of block k, 0 = subsampling output).
+        objectives (`dict`): objective name -> {"weight": float, "start_step": int, "layer": int, ...}; the
+            names and each one's settings and defaults are the entries of `objectives.OBJECTIVES` (contrastive,
+            mlm, bestrq, hubert, reconstruction, apc, cpc). `layer` indexes the hidden states (-1 = final
+            layer, k = output of block k, 0 = subsampling output). None: BEST-RQ alone (the NEST recipe).
         mask_strategy ("span" | "patch" | "block"), mask_time_prob, mask_time_length (in feature frames),
         mask_time_min_masks, mask_fill ("learned" | "noise"), mask_token_threshold (fraction of a token's
         stacked frames that must be masked for the token to count as masked).
@@ -124,7 +126,7 @@ class ConformerSslConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     # --- feature geometry (kept in the model config so the ASR pipeline can chunk: hop x subsampling)
-    hop_length: int = 160
+    hop_length: int = HOP_LENGTH
     # --- CTC head
     vocab_size: int | None = None
     pad_token_id: int | None = 0
@@ -167,11 +169,8 @@ class ConformerSslConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.objectives is not None:
-            # Fill per-objective defaults so saved configs are explicit about weight/start/layer.
-            self.objectives = {
-                name: {"weight": 1.0, "start_step": 0, "layer": -1, **(spec or {})}
-                for name, spec in dict(self.objectives).items()
-            }
+            # Fill each objective's defaults so saved configs are explicit about weight / start step / layer.
+            self.objectives = objective_settings(self.objectives)
         super().__post_init__(**kwargs)
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.validate()
@@ -265,12 +264,14 @@ class ConformerSslConfig(PreTrainedConfig):
             f"one of {RECONSTRUCTION_LOSSES}",
         )  # fmt: skip
         if self.objectives is not None:
+            names = tuple(OBJECTIVES)
             _check(isinstance(self.objectives, dict) and len(self.objectives) > 0, "objectives", self.objectives,
-                   f"a non-empty dict name -> settings, names from {OBJECTIVES}")  # fmt: skip
+                   f"a non-empty dict name -> settings, names from {names}")  # fmt: skip
             for name, spec in self.objectives.items():
-                _check(name in OBJECTIVES, "objectives", name, f"objective names from {OBJECTIVES}")
-                unknown = set(spec) - set(OBJECTIVE_KEYS)
-                _check(not unknown, f"objectives.{name}", sorted(unknown), f"only the keys {OBJECTIVE_KEYS}")
+                _check(name in OBJECTIVES, "objectives", name, f"objective names from {names}")
+                defaults = OBJECTIVES[name].defaults
+                unknown = set(spec) - set(defaults)
+                _check(not unknown, f"objectives.{name}", sorted(unknown), f"only the keys {tuple(defaults)}")
                 weight = spec["weight"]
                 _check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0,
                        f"objectives.{name}.weight", weight, "a finite number >= 0")  # fmt: skip
@@ -280,8 +281,11 @@ class ConformerSslConfig(PreTrainedConfig):
                 n = self.num_hidden_layers
                 _check(isinstance(layer, int) and -n - 1 <= layer <= n, f"objectives.{name}.layer", layer,
                        f"an index into the {n + 1} hidden states, in [{-n - 1}, {n}]")  # fmt: skip
-            if {"apc", "cpc"} & set(self.objectives):
-                _check(self.causal, "causal", self.causal, "True when the apc or cpc objective is used")
+            causal_readers = sorted(n for n in self.objectives if OBJECTIVES[n].reads == "clean")
+            if causal_readers:
+                _check(
+                    self.causal, "causal", self.causal, f"True: {causal_readers} predict the future from causal context"
+                )
 
 
 __all__ = ["ConformerSslConfig"]

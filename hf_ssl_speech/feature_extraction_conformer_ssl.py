@@ -27,6 +27,8 @@ from transformers import ParakeetFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import TensorType, logging
 
+from .frames import HOP_LENGTH, SAMPLING_RATE
+
 logger = logging.get_logger(__name__)
 
 # NeMo's `CONSTANT` added to the per-feature std, and its log zero guard.
@@ -62,8 +64,8 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
     def __init__(
         self,
         feature_size: int = 80,
-        sampling_rate: int = 16000,
-        hop_length: int = 160,
+        sampling_rate: int = SAMPLING_RATE,
+        hop_length: int = HOP_LENGTH,
         n_fft: int = 512,
         win_length: int = 400,
         preemphasis: float = 0.97,

@@ -162,12 +162,6 @@ def compute_frame_mask(
     return MASK_FUNCTIONS[strategy](lengths, max_len, mask_prob, mask_length, min_masks, generator)
 
 
-def token_lengths_from_frames(lengths: torch.Tensor, factor: int) -> torch.Tensor:
-    """Tokens after `factor`x subsampling: ceil(L / factor), equal to ceil(L/2) per stride-2 stage for
-    power-of-2 factors (ceil(ceil(L/2)/2) = ceil(L/4))."""
-    return torch.div(lengths + factor - 1, factor, rounding_mode="floor")
-
-
 def frame_to_token_mask(frame_mask: torch.Tensor, lengths: torch.Tensor, factor: int, threshold: float) -> torch.Tensor:
     """Token-level mask (batch, ceil(T / factor)) from a frame mask (batch, T).
 
@@ -271,5 +265,4 @@ __all__ = [
     "compute_span_mask",
     "frame_to_token_mask",
     "sample_negatives",
-    "token_lengths_from_frames",
 ]

@@ -26,30 +26,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput, ModelOutput, SequenceClassifierOutput
 
 from .configuration_conformer_ssl import ConformerSslConfig
-from .losses import (
-    LossOutput,
-    apc_loss,
-    contrastive_loss,
-    cpc_loss,
-    diversity_loss,
-    masked_prediction_loss,
-    reconstruction_loss,
-)
-from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask, sample_negatives
+from .frames import lengths_to_padding_mask, output_lengths
+from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask
+from .objectives import OBJECTIVES, LossBook, ObjectiveContext, objective_settings
 from .targets import GumbelVectorQuantizer, RandomProjectionQuantizer, stack_frames
-
-
-def lengths_to_padding_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
-    """(B,) valid lengths -> (B, max_length) bool, True where the step is padding."""
-    return torch.arange(max_length, device=lengths.device)[None, :] >= lengths[:, None]
-
-
-def subsampled_lengths(lengths: torch.Tensor, num_stages: int) -> torch.Tensor:
-    """Output lengths after `num_stages` stride-2 convs (kernel 3, 2 frames of padding): ceil(L / 2) per stage."""
-    for _ in range(num_stages):
-        lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
-    return lengths
-
 
 # ----------------------------------------------------------------------------------------------- blocks
 
@@ -132,12 +112,12 @@ class ConformerSslSubsampling(nn.Module):
             input_features = input_features.masked_fill(
                 lengths_to_padding_mask(lengths, input_features.shape[1])[..., None], 0.0
             )
-        lengths = subsampled_lengths(lengths, 1)
+        lengths = output_lengths(lengths, 2)
         hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
         index = 2
         while index < len(self.layers):
             conv = self.layers[index]
-            lengths = subsampled_lengths(lengths, 1)
+            lengths = output_lengths(lengths, 2)
             hidden = self._mask_(self._strided_conv(conv, hidden), lengths if padded else None)
             index += 1
             if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
@@ -374,7 +354,25 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
     # accumulation steps itself (it skips that for models whose forward accepts **kwargs).
     accepts_loss_kwargs = False
 
+    # Parameters that weight decay must not pull towards zero, besides every 1-d tensor (biases, norm scales,
+    # masked_spec_embed, layer_weights): the rel-pos attention biases u, v and the Gumbel code vectors.
+    _no_weight_decay_names = ("bias_u", "bias_v", "codevectors")
+
+    def no_weight_decay_parameters(self) -> set[str]:
+        """Names of the parameters that get no weight decay: norms, biases and embeddings, by one rule.
+
+        A norm's scale decayed towards 0 means a dead layer, a bias or an embedding has no scale to regularise.
+        Every 1-d parameter is one of those; the 2-d and 3-d ones are named in `_no_weight_decay_names`. The
+        pretraining and fine-tuning optimisers both build their groups from this.
+        """
+        return {
+            name
+            for name, param in self.named_parameters()
+            if param.ndim <= 1 or name.rsplit(".", 1)[-1] in self._no_weight_decay_names
+        }
+
     def _init_weights(self, module: nn.Module) -> None:
+        """Every module's initialisation, in one place (transformers calls it children first, then the parent)."""
         super()._init_weights(module)  # Linear/Conv normal(0, initializer_range), zero biases, norms to identity
         if isinstance(module, ConformerSslRelPositionAttention):
             # NeMo starts u and v at zero: at initialisation attention is content + position without bias.
@@ -387,6 +385,17 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, GumbelVectorQuantizer):
+            module.reset_parameters()  # after the generic init of its weight_proj Linear, which it replaces
+        elif isinstance(module, RandomProjectionQuantizer):
+            # Takes effect only for buffers a checkpoint lacks: loaded tensors are flagged as initialised.
+            projection, codebooks = module.draw_buffers()
+            init.copy_(module.projection, projection)
+            init.copy_(module.codebooks, codebooks)
+        if isinstance(getattr(module, "masked_spec_embed", None), nn.Parameter):
+            init.uniform_(module.masked_spec_embed)  # the learned mask fill (wav2vec 2.0)
+        if isinstance(getattr(module, "layer_weights", None), nn.Parameter):
+            init.constant_(module.layer_weights, 1.0 / module.layer_weights.numel())  # SUPERB: start uniform
 
     def freeze_base_model(self) -> None:
         """Heads: freeze the encoder so only the head trains (linear probing, or the first fine-tuning steps)."""
@@ -396,13 +405,8 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
         self.conformer.requires_grad_(True)
 
     def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
-        """Encoder steps for `input_lengths` feature frames (ceil(L / 2) per stride-2 stage)."""
-        stages = int(math.log2(self.config.subsampling_factor))
-        if isinstance(input_lengths, int):
-            for _ in range(stages):
-                input_lengths = (input_lengths - 1) // 2 + 1
-            return input_lengths
-        return subsampled_lengths(input_lengths, stages)
+        """Encoder steps for `input_lengths` feature frames: `frames.output_lengths` (ceil(L / subsampling))."""
+        return output_lengths(input_lengths, self.config.subsampling_factor)
 
     def _input_lengths(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
@@ -576,15 +580,10 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
         self.conformer = ConformerSslModel(config)
         num_layers = config.num_hidden_layers + 1  # subsampling output + every block
         if config.use_weighted_layer_sum:
-            self.layer_weights = nn.Parameter(torch.ones(num_layers) / num_layers)
+            self.layer_weights = nn.Parameter(torch.empty(num_layers))
         self.projector = nn.Linear(config.hidden_size, config.classifier_proj_size)
         self.classifier = nn.Linear(config.classifier_proj_size, config.num_labels)
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if module is self and self.config.use_weighted_layer_sum:
-            init.constant_(self.layer_weights, 1.0 / (self.config.num_hidden_layers + 1))
 
     def forward(
         self,
@@ -649,15 +648,8 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
 
 
 # ----------------------------------------------------------------------------------------------- pretraining
-# ConformerSslForPreTraining (objectives: contrastive, mlm, bestrq, hubert, reconstruction, apc, cpc).
-# Its imports sit here, next to the only class that uses them.
-
-
-# Masked objectives read the masked input and predict at masked steps; autoregressive ones read the clean
-# input through the causal encoder and predict the future.
-MASKED_OBJECTIVES = ("contrastive", "mlm", "bestrq", "hubert", "reconstruction")
-AUTOREGRESSIVE_OBJECTIVES = ("apc", "cpc")
-DEFAULT_OBJECTIVES = {"bestrq": {"weight": 1.0, "start_step": 0, "layer": -1}}  # NEST, when config.objectives is None
+# ConformerSslForPreTraining: the objectives themselves (defaults, heads, losses) are the entries of
+# `objectives.OBJECTIVES`; this class masks, encodes, and hands each pass to the objectives that read it.
 
 
 @dataclass
@@ -693,30 +685,14 @@ class ConformerSslForPreTrainingOutput(ModelOutput):
     token_mask: torch.LongTensor | None = None
 
 
-class _LossBook:
-    """Collects each objective's (sum, count, weight) and its metrics during one forward."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
-        self.weights: dict[str, float] = {}
-        self.metrics: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, result: LossOutput, weight: float) -> None:
-        self.sums[name], self.counts[name], self.weights[name] = result.loss_sum, result.count, float(weight)
-        if "correct" in result.metrics:
-            self.metrics[f"{name}_correct"] = result.metrics["correct"]
-            self.metrics[f"{name}_accuracy"] = result.metrics["correct"] / result.count.clamp(min=1.0)
-
-
 class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
-    """Encoder + the self-supervised objectives of `config.objectives` (DESIGN §4), weighted and scheduled.
+    """Encoder + the self-supervised objectives of `config.objectives`, weighted and scheduled.
 
-    Masked objectives (contrastive, mlm, bestrq, hubert, reconstruction) mask the log-mel frames before the
-    encoder (`config.mask_strategy`), fill them with `masked_spec_embed` or N(0, 0.1) noise (`mask_fill`),
-    and predict targets built from the clean features stacked by `subsampling_factor` at the masked encoder
-    steps (a step is masked when `mask_token_threshold` of its frames are). Autoregressive objectives (apc,
-    cpc) read the clean features through the causal encoder. A recipe mixing both runs the encoder twice.
+    "masked" objectives (contrastive, mlm, bestrq, hubert, reconstruction) mask the log-mel frames before the
+    encoder (`config.mask_strategy`), fill them with `masked_spec_embed` or N(0, 0.1) noise (`mask_fill`), and
+    predict targets built from the clean features stacked by `subsampling_factor` at the masked encoder steps
+    (a step is masked when `mask_token_threshold` of its frames are). "clean" objectives (apc, cpc) read the
+    clean features through the causal encoder. A recipe mixing both runs the encoder twice.
     `config.objectives=None` means BEST-RQ alone (the NEST recipe). In eval mode without a generator the
     masks, noise and negatives come from a generator seeded with 0: validation losses are comparable.
     """
@@ -724,56 +700,18 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
     def __init__(self, config: ConformerSslConfig):
         super().__init__(config)
         self.conformer = ConformerSslModel(config)
-        self.objectives = dict(config.objectives or DEFAULT_OBJECTIVES)
-        names = set(self.objectives)
-        # The random-projection codebooks stay float32 even when the model is loaded in fp16 / bf16 (set per
-        # instance: the module exists only with the bestrq objective).
-        self._keep_in_fp32_modules_strict = ["bestrq_quantizer"] if "bestrq" in names else []
-        hidden = config.hidden_size
-        stacked_dim = config.subsampling_factor * config.num_mel_bins
-        if names & set(MASKED_OBJECTIVES) and config.mask_fill == "learned":
-            self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins).uniform_())
-        if names & {"contrastive", "mlm"}:
-            self.quantizer = GumbelVectorQuantizer(
-                stacked_dim, config.num_codevector_groups, config.num_codevectors_per_group, config.codevector_dim
-            )
-        if "contrastive" in names:
-            target_width = config.codevector_dim if config.contrastive_target == "quantized" else stacked_dim
-            self.project_q = nn.Linear(target_width, config.proj_codevector_dim)
-            self.project_hid = nn.Linear(hidden, config.proj_codevector_dim)
-        if "mlm" in names:
-            # One class per combination of group codes (NeMo: V^G classes, 90k for 2 x 300).
-            self.mlm_head = nn.Linear(hidden, config.num_codevectors_per_group**config.num_codevector_groups)
-        if "bestrq" in names:
-            self.bestrq_quantizer = RandomProjectionQuantizer(
-                stacked_dim,
-                config.bestrq_codebook_dim,
-                config.bestrq_codebook_size,
-                config.bestrq_num_codebooks,
-                normalize_input=config.bestrq_normalize_input,
-            )
-            self.bestrq_head = nn.Linear(hidden, config.bestrq_num_codebooks * config.bestrq_codebook_size)
-        if "hubert" in names:
-            self.hubert_head = nn.Linear(hidden, config.hubert_num_labels)
-        if "reconstruction" in names:
-            self.reconstruction_head = nn.Linear(hidden, stacked_dim)
-        if "apc" in names:
-            self.apc_head = nn.Linear(hidden, stacked_dim)
-        if "cpc" in names:
-            self.cpc_predictors = nn.Linear(hidden, config.cpc_steps * hidden, bias=False)  # W_1 .. W_k stacked
+        self.objectives = objective_settings(config.objectives)
+        entries = [OBJECTIVES[name] for name in OBJECTIVES if name in self.objectives]
+        if any(entry.reads == "masked" for entry in entries) and config.mask_fill == "learned":
+            self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins))
+        for entry in entries:
+            for attribute, build in entry.heads(config).items():
+                if not hasattr(self, attribute):  # shared by two objectives (the Gumbel quantizer): built once
+                    self.add_module(attribute, build())
+        # e.g. the random-projection codebooks stay float32 when the model is loaded in fp16 / bf16 (set per
+        # instance: those modules exist only with their objective).
+        self._keep_in_fp32_modules_strict = [name for entry in entries for name in entry.fp32_modules]
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if module is self and hasattr(self, "masked_spec_embed"):
-            init.uniform_(self.masked_spec_embed)
-        elif isinstance(module, GumbelVectorQuantizer):
-            init.uniform_(module.codevectors)
-        elif isinstance(module, RandomProjectionQuantizer):
-            # Takes effect only for buffers a checkpoint lacks: loaded tensors are flagged as initialised.
-            projection, codebooks = module.draw_buffers()
-            init.copy_(module.projection, projection)
-            init.copy_(module.codebooks, codebooks)
 
     @staticmethod
     def combine_losses(
@@ -796,19 +734,6 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             term = loss_weights[name] * value / loss_counts[name].clamp(min=1.0) * scale
             total = term if total is None else total + term
         return total
-
-    @staticmethod
-    def step_labels(frame_labels: torch.Tensor, lengths: torch.Tensor, factor: int, steps: int) -> torch.Tensor:
-        """Frame-rate labels (B, T) -> (B, steps): the label of each step's middle valid frame, -100 past the end."""
-        step = torch.arange(steps, device=frame_labels.device)
-        frame = torch.minimum(step[None, :] * factor + factor // 2, (lengths - 1).clamp(min=0)[:, None])
-        labels = torch.gather(frame_labels, 1, frame.clamp(max=frame_labels.shape[1] - 1))  # (B, steps)
-        step_lengths = torch.div(lengths + factor - 1, factor, rounding_mode="floor")
-        return labels.masked_fill(step[None, :] >= step_lengths[:, None], -100)
-
-    def _hidden(self, hidden_states: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
-        """The hidden state an objective reads (`layer` of its spec: -1 last block, 0 subsampling output)."""
-        return hidden_states[self.objectives[name]["layer"]]
 
     def forward(
         self,
@@ -850,21 +775,37 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         if generator is None and not self.training:
             generator = torch.Generator().manual_seed(0)  # CPU: draws are made there and moved to the data
         active = {n: s for n, s in self.objectives.items() if step is None or step >= s["start_step"]}
+        passes = {OBJECTIVES[name].reads for name in active}
         lengths = self._input_lengths(input_features, attention_mask)  # (B,) frames
         clean = input_features if target_features is None else target_features
-        stacked, step_lengths = stack_frames(clean, lengths, self.config.subsampling_factor)  # (B, T', f * F)
-        book = _LossBook()
+        stacked, step_lengths = stack_frames(clean, lengths, config.subsampling_factor)  # (B, T', f * F)
+        book = LossBook()
+        common = {"stacked": stacked, "step_lengths": step_lengths, "frame_lengths": lengths, "book": book,
+                  "generator": generator, "gumbel_temperature": gumbel_temperature}  # fmt: skip
+        encode = {"attention_mask": attention_mask, "output_hidden_states": True,
+                  "output_attentions": output_attentions, "return_dict": True}  # fmt: skip
+        contexts: dict[str, ObjectiveContext] = {}
         frame_mask = token_mask = encoded = None
 
-        if any(name in MASKED_OBJECTIVES for name in active):
-            frame_mask, token_mask, encoded = self._masked_objectives(
-                book, active, input_features, attention_mask, lengths, stacked, step_lengths, mask_time_indices,
-                sampled_negative_indices, frame_labels, gumbel_temperature, generator, output_attentions,
+        if "masked" in passes:
+            frame_mask, token_mask = self._draw_masks(input_features, lengths, mask_time_indices, generator)
+            embed = getattr(self, "masked_spec_embed", None)
+            masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
+            encoded = self.conformer(masked_input, **encode)
+            contexts["masked"] = ObjectiveContext(
+                config, encoded.hidden_states, **common, token_mask=token_mask, frame_labels=frame_labels,
+                sampled_negative_indices=sampled_negative_indices,
             )  # fmt: skip
-        if any(name in AUTOREGRESSIVE_OBJECTIVES for name in active):
-            clean = self._autoregressive_objectives(book, active, input_features, attention_mask, stacked,
-                                                    step_lengths, generator, output_attentions)  # fmt: skip
-            encoded = clean if encoded is None else encoded
+            book.metrics["masked_frame_fraction"] = (frame_mask.sum() / lengths.sum().clamp(min=1)).float().detach()
+            book.metrics["masked_tokens"] = token_mask.sum().float().detach()
+        if "clean" in passes:  # causal context (config.causal is required) over the clean input
+            clean_encoded = self.conformer(input_features, **encode)
+            contexts["clean"] = ObjectiveContext(config, clean_encoded.hidden_states, **common)
+            encoded = clean_encoded if encoded is None else encoded
+
+        for name, entry in OBJECTIVES.items():  # a fixed order, whatever the order of config.objectives
+            if name in active:
+                book.add(name, entry.loss(self, contexts[entry.reads], active[name]), active[name]["weight"])
 
         if book.sums:
             loss = self.combine_losses(book.sums, book.counts, book.weights)
@@ -885,135 +826,31 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _masked_objectives(
+    def _draw_masks(
         self,
-        book: _LossBook,
-        active: dict[str, dict],
         input_features: torch.Tensor,
-        attention_mask: torch.Tensor | None,
         lengths: torch.Tensor,
-        stacked: torch.Tensor,
-        step_lengths: torch.Tensor,
         mask_time_indices: torch.Tensor | None,
-        sampled_negative_indices: torch.Tensor | None,
-        frame_labels: torch.Tensor | None,
-        gumbel_temperature: float,
         generator: torch.Generator | None,
-        output_attentions: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, ConformerSslModelOutput]:
-        """Mask, encode once, and add every active masked objective to `book`. Returns the masks and encoding."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame mask (B, T) (drawn, or the explicit one on valid frames) and the token mask (B, T')."""
         config = self.config
         frames = input_features.shape[1]
-        valid_frames = torch.arange(frames, device=input_features.device)[None, :] < lengths[:, None]
         if mask_time_indices is None:
             frame_mask = compute_frame_mask(
-                config.mask_strategy, lengths, frames, config.mask_time_prob, config.mask_time_length,
-                config.mask_time_min_masks, generator,
-            )  # fmt: skip
+                config.mask_strategy,
+                lengths,
+                frames,
+                config.mask_time_prob,
+                config.mask_time_length,
+                config.mask_time_min_masks,
+                generator,
+            )
         else:
+            valid_frames = torch.arange(frames, device=input_features.device)[None, :] < lengths[:, None]
             frame_mask = mask_time_indices.to(device=input_features.device, dtype=torch.bool) & valid_frames
         token_mask = frame_to_token_mask(frame_mask, lengths, config.subsampling_factor, config.mask_token_threshold)
-        embed = getattr(self, "masked_spec_embed", None)
-        masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
-        encoded = self.conformer(masked_input, attention_mask=attention_mask, output_hidden_states=True,
-                                 output_attentions=output_attentions, return_dict=True)  # fmt: skip
-        if not torch.equal(encoded.output_lengths, step_lengths):
-            raise RuntimeError(
-                f"encoder output lengths {encoded.output_lengths.tolist()} differ from ceil(frames / "
-                f"subsampling_factor) = {step_lengths.tolist()}: targets would be misaligned."
-            )
-        hidden_states = encoded.hidden_states
-        b, t = token_mask.nonzero(as_tuple=True)  # the N masked steps
-        num_masked = token_mask.sum().float()
-        book.metrics["masked_frame_fraction"] = (frame_mask.sum() / lengths.sum().clamp(min=1)).float().detach()
-        book.metrics["masked_tokens"] = num_masked.detach()
-
-        quantized = None
-        if "contrastive" in active or "mlm" in active:
-            quantized = self.quantizer(stacked, gumbel_temperature, selected=token_mask, generator=generator)
-            book.metrics["codebook_perplexity"] = quantized.perplexity.detach()
-            book.metrics["codebook_usage"] = quantized.codes_used.detach()
-            # wav2vec2's diversity penalty keeps the Gumbel codes in use; weighted with the objective that owns it.
-            owner = active.get("contrastive", active.get("mlm"))
-            diversity = diversity_loss(quantized.marginal_probs, num_masked)
-            book.add("diversity", diversity, config.diversity_loss_weight * owner["weight"])
-        if "contrastive" in active:
-            if config.contrastive_target == "quantized":
-                targets, target_ids = self.project_q(quantized.codevectors), quantized.code_ids
-            else:
-                targets, target_ids = self.project_q(stacked), None
-            predictions = self.project_hid(self._hidden(hidden_states, "contrastive"))  # (B, T', P)
-            if sampled_negative_indices is None:
-                negatives, negative_valid = sample_negatives(token_mask, config.num_negatives, generator)
-            else:
-                negatives = sampled_negative_indices.clamp(min=0)
-                negative_valid = (sampled_negative_indices >= 0) & token_mask[..., None]
-            result = contrastive_loss(predictions, targets, token_mask, negatives, negative_valid,
-                                      config.contrastive_logits_temperature, target_ids)  # fmt: skip
-            book.add("contrastive", result, active["contrastive"]["weight"])
-        if "mlm" in active:
-            ids = quantized.greedy_ids[b, t]  # (N, G)
-            groups = config.num_codevector_groups
-            place = config.num_codevectors_per_group ** torch.arange(groups - 1, -1, -1, device=ids.device)
-            logits = self.mlm_head(self._hidden(hidden_states, "mlm")[b, t])
-            book.add("mlm", masked_prediction_loss(logits, (ids * place).sum(-1)), active["mlm"]["weight"])
-        if "bestrq" in active:
-            codes = self.bestrq_quantizer(stacked, step_lengths, selected=token_mask)
-            book.metrics["bestrq_perplexity"] = codes.perplexity.detach()
-            book.metrics["bestrq_usage"] = codes.codes_used.detach()
-            logits = self.bestrq_head(self._hidden(hidden_states, "bestrq")[b, t])
-            logits = logits.view(-1, config.bestrq_num_codebooks, config.bestrq_codebook_size)
-            book.add("bestrq", masked_prediction_loss(logits, codes.code_ids[b, t]), active["bestrq"]["weight"])
-        if "hubert" in active:
-            if frame_labels is None:
-                raise ValueError(
-                    "objective 'hubert' needs frame_labels (batch, frames), -100 padded: add `frame_labels` to "
-                    "the manifest (scripts/make_kmeans_labels.py writes them)."
-                )
-            labels = self.step_labels(frame_labels.to(input_features.device).long(), lengths,
-                                      config.subsampling_factor, token_mask.shape[1])  # fmt: skip
-            if int(labels.max()) >= config.hubert_num_labels:
-                raise ValueError(
-                    f"frame_labels contain {int(labels.max())} >= ConformerSslConfig.hubert_num_labels="
-                    f"{config.hubert_num_labels}: set hubert_num_labels to the number of clusters."
-                )
-            logits = self.hubert_head(self._hidden(hidden_states, "hubert")[b, t])
-            book.add("hubert", masked_prediction_loss(logits, labels[b, t]), active["hubert"]["weight"])
-        if "reconstruction" in active:
-            predictions = self.reconstruction_head(self._hidden(hidden_states, "reconstruction")[b, t])
-            result = reconstruction_loss(predictions, stacked[b, t], config.reconstruction_loss)
-            book.add("reconstruction", result, active["reconstruction"]["weight"])
-        return frame_mask, token_mask, encoded
-
-    def _autoregressive_objectives(
-        self,
-        book: _LossBook,
-        active: dict[str, dict],
-        input_features: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        stacked: torch.Tensor,
-        step_lengths: torch.Tensor,
-        generator: torch.Generator | None,
-        output_attentions: bool,
-    ) -> ConformerSslModelOutput:
-        """Encode the clean input causally (config.causal is required) and add apc / cpc to `book`."""
-        config = self.config
-        encoded = self.conformer(input_features, attention_mask=attention_mask, output_hidden_states=True,
-                                 output_attentions=output_attentions, return_dict=True)  # fmt: skip
-        hidden_states = encoded.hidden_states
-        if "apc" in active:
-            predictions = self.apc_head(self._hidden(hidden_states, "apc"))  # (B, T', f * F): frame t + n
-            book.add("apc", apc_loss(predictions, stacked, step_lengths, config.apc_shift), active["apc"]["weight"])
-        if "cpc" in active:
-            context = self._hidden(hidden_states, "cpc")  # c_t from causal context
-            latents = hidden_states[0]  # z_t: the subsampling output (CPC's g_enc)
-            b, t, d = context.shape
-            step_predictions = self.cpc_predictors(context).view(b, t, config.cpc_steps, d).permute(2, 0, 1, 3)
-            valid_steps = torch.arange(t, device=context.device)[None, :] < step_lengths[:, None]
-            negatives, negative_valid = sample_negatives(valid_steps, config.cpc_num_negatives, generator)
-            result = cpc_loss(step_predictions, latents, step_lengths, negatives, negative_valid)
-            book.add("cpc", result, active["cpc"]["weight"])
-        return encoded
+        return frame_mask, token_mask
 
 
 __all__ = [

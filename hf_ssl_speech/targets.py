@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import initialization as init
+
+from .frames import output_lengths
 
 
 def stack_frames(features: torch.Tensor, lengths: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +41,22 @@ def stack_frames(features: torch.Tensor, lengths: torch.Tensor, factor: int) -> 
     features = features.masked_fill(~valid[..., None], 0.0)
     features = nn.functional.pad(features, (0, 0, 0, num_tokens * factor - max_len))
     stacked = features.reshape(batch, num_tokens, factor * num_features)  # frame-major: [f0 mels, f1 mels, ...]
-    token_lengths = torch.div(lengths + factor - 1, factor, rounding_mode="floor")
-    return stacked, token_lengths
+    return stacked, output_lengths(lengths, factor)
+
+
+def step_labels(frame_labels: torch.Tensor, lengths: torch.Tensor, factor: int, steps: int) -> torch.Tensor:
+    """Frame-rate labels (batch, T) -> (batch, steps): the label of each step's middle valid frame, -100 past the end.
+
+    Args:
+        frame_labels: external labels per 10 ms frame (HuBERT k-means ids), -100 padded (from the collator).
+        lengths: valid frames per utterance (batch,).
+        factor: config `subsampling_factor`: frames per encoder step.
+        steps: encoder steps of the batch (T').
+    """
+    step = torch.arange(steps, device=frame_labels.device)
+    frame = torch.minimum(step[None, :] * factor + factor // 2, (lengths - 1).clamp(min=0)[:, None])
+    labels = torch.gather(frame_labels, 1, frame.clamp(max=frame_labels.shape[1] - 1))  # (batch, steps)
+    return labels.masked_fill(step[None, :] >= output_lengths(lengths, factor)[:, None], -100)
 
 
 def normalize_per_utterance(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -114,11 +131,23 @@ class GumbelVectorQuantizer(nn.Module):
         self.weight_proj = nn.Linear(input_dim, num_groups * num_codes)
         # (groups, codes, dim / groups): one table per group, picked entries are concatenated.
         self.codevectors = nn.Parameter(torch.empty(num_groups, num_codes, codevector_dim // num_groups))
-        nn.init.uniform_(self.codevectors)
-        # Small logits at start so every code gets probability mass (wav2vec2 inits the projection N(0, 1)
-        # with zero bias; we only need the code choice to start spread out).
-        nn.init.normal_(self.weight_proj.weight, std=1.0 / input_dim**0.5)
-        nn.init.zeros_(self.weight_proj.bias)
+        self.reset_parameters()
+
+    @property
+    def weight_proj_std(self) -> float:
+        """Init std of the code-logit projection: 1 / sqrt(input_dim), so the logits start at unit scale."""
+        return self.weight_proj.in_features**-0.5
+
+    def reset_parameters(self) -> None:
+        """Codes U(0, 1); the code-logit projection N(0, 1 / input_dim) with zero bias: small logits at the start,
+        so every code gets probability mass (wav2vec2 inits the projection N(0, 1); we only need the first choices spread out).
+
+        The model's `_init_weights` calls this too (after the generic Linear init), so the init sticks; the
+        `transformers.initialization` functions leave tensors loaded from a checkpoint alone.
+        """
+        init.uniform_(self.codevectors)
+        init.normal_(self.weight_proj.weight, std=self.weight_proj_std)
+        init.zeros_(self.weight_proj.bias)
 
     def forward(
         self,
@@ -255,5 +284,11 @@ class RandomProjectionQuantizer(nn.Module):
         return QuantizerOutput(None, code_ids, None, perplexity, codes_used, code_ids)
 
 
-__all__ = ["GumbelVectorQuantizer", "QuantizerOutput", "RandomProjectionQuantizer", "normalize_per_utterance",
-           "stack_frames"]  # fmt: skip
+__all__ = [
+    "GumbelVectorQuantizer",
+    "QuantizerOutput",
+    "RandomProjectionQuantizer",
+    "normalize_per_utterance",
+    "stack_frames",
+    "step_labels",
+]

@@ -22,6 +22,8 @@ HUB_BOUND = (
     "masking",
     "targets",
     "losses",
+    "frames",
+    "objectives",
 )
 ALLOWED_PACKAGES = {"torch", "numpy", "transformers"}
 ALLOWED_TOP_LEVEL = ALLOWED_PACKAGES | set(sys.stdlib_module_names)

@@ -12,7 +12,6 @@ from hf_ssl_speech.masking import (
     compute_frame_mask,
     frame_to_token_mask,
     sample_negatives,
-    token_lengths_from_frames,
 )
 
 STRATEGIES = ("span", "patch", "block")
@@ -131,15 +130,6 @@ def test_min_masks_with_zero_probability():
 def test_unknown_strategy_names_the_field():
     with pytest.raises(ValueError, match="mask_strategy"):
         compute_frame_mask("random", torch.tensor([10]), 10, 0.1, 2)
-
-
-def test_token_lengths_equal_repeated_stride_two_halving():
-    lengths = torch.arange(0, 3001)
-    for factor, stages in ((2, 1), (4, 2), (8, 3)):
-        expected = lengths.clone()
-        for _ in range(stages):
-            expected = torch.div(expected + 1, 2, rounding_mode="floor")  # ceil(L / 2): conv k3 s2 p1
-        assert torch.equal(token_lengths_from_frames(lengths, factor), expected)
 
 
 def test_frame_to_token_mask_matches_a_direct_count():

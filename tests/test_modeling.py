@@ -196,3 +196,41 @@ def test_too_long_input_names_the_limit(tiny_config):
 def test_inputs_to_logits_ratio(tiny_config):
     assert tiny_config().inputs_to_logits_ratio == 160 * 4
     assert tiny_config(subsampling="dw_striding").inputs_to_logits_ratio == 160 * 8
+
+
+def test_fresh_models_have_the_intended_init_statistics(tiny_config, tmp_path):
+    """`_init_weights` owns every module's init, and what it sets sticks (the review measured the Gumbel
+    projection reset to N(0, 0.02) after the quantizer had set N(0, 1/sqrt(dim)))."""
+    from hf_ssl_speech import ConformerSslForPreTraining
+
+    torch.manual_seed(0)
+    config = tiny_config(
+        objectives={"contrastive": {}, "mlm": {}}, mask_fill="learned", num_codevectors_per_group=64,
+        codevector_dim=256, initializer_range=0.02,
+    )  # fmt: skip
+    model = ConformerSslForPreTraining(config)
+    projection = model.quantizer.weight_proj
+    intended = projection.in_features**-0.5  # 1 / sqrt(subsampling_factor * num_mel_bins) = 0.125
+    assert projection.weight.std().item() == pytest.approx(intended, rel=0.05)
+    assert projection.bias.abs().max().item() == 0.0
+    codes = model.quantizer.codevectors
+    assert (
+        0.0 <= codes.min().item() and codes.max().item() <= 1.0 and codes.mean().item() == pytest.approx(0.5, abs=0.02)
+    )
+    assert model.project_hid.weight.std().item() == pytest.approx(0.02, rel=0.1)  # the generic Linear init
+    embed = model.masked_spec_embed
+    assert 0.0 <= embed.min().item() and embed.max().item() <= 1.0
+    for layer in model.conformer.layers:
+        assert layer.self_attn.bias_u.abs().max().item() == 0.0 and layer.self_attn.bias_v.abs().max().item() == 0.0
+    # Loading keeps the saved values: the init does not overwrite checkpoint tensors.
+    with torch.no_grad():
+        projection.weight.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    reloaded = ConformerSslForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.quantizer.weight_proj.weight, projection.weight)
+
+
+def test_weighted_layer_sum_starts_uniform(tiny_config):
+    model = ConformerSslForSequenceClassification(tiny_config(use_weighted_layer_sum=True, num_labels=3))
+    expected = torch.full((model.config.num_hidden_layers + 1,), 1.0 / (model.config.num_hidden_layers + 1))
+    assert torch.allclose(model.layer_weights.detach(), expected)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
 from hf_ssl_speech.pretrain.bookkeeping import (
     LossTracker,
     MetricsLogger,
@@ -123,15 +124,50 @@ def test_gumbel_temperature_decays_to_floor():
     assert gumbel_temperature(10**7, 2.0, 0.5, 0.999995) == 0.5  # 2 * 0.999995^1e7 ~ 0 -> floor
 
 
-def test_param_groups_exclude_norms_and_biases():
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Conv1d(8, 8, 3), nn.BatchNorm1d(8))
+@pytest.mark.parametrize("objectives", [{"contrastive": {}, "mlm": {}, "bestrq": {}}, {"apc": {}, "cpc": {}}])
+def test_no_decay_rule_on_the_real_pretraining_model(tiny_config, objectives):
+    """By parameter name, on a real ConformerSslForPreTraining: every norm, bias, rel-pos bias u/v and embedding
+    is in the no-decay group, every weight matrix and conv kernel in the decayed one (the review found
+    `self_attn.bias_u` / `bias_v` decayed when the rule matched names the model does not use)."""
+    config = tiny_config(objectives=objectives, causal="apc" in objectives, mask_fill="learned")
+    model = ConformerSslForPreTraining(config)
     decay, no_decay = param_groups(model, 1e-3)
-    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
-    decay_ids = {id(p) for p in decay["params"]}
-    assert decay_ids == {id(model[0].weight), id(model[2].weight)}
-    assert len(no_decay["params"]) == 6  # 2 biases + LayerNorm (2) + BatchNorm (2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    for name in exempt:
+        last = name.rsplit(".", 1)[-1]
+        assert last in ("bias", "bias_u", "bias_v", "masked_spec_embed", "codevectors") or "norm" in name, name
+    for name in decayed:
+        assert name.endswith("weight") and "norm" not in name, name
+        assert model.get_parameter(name).ndim >= 2, name
+    for layer in range(config.num_hidden_layers):
+        for suffix in ("self_attn.bias_u", "self_attn.bias_v", "norm_self_att.weight", "conv.norm.weight"):
+            assert f"conformer.layers.{layer}.{suffix}" in exempt
+    if "contrastive" in objectives:
+        assert {"masked_spec_embed", "quantizer.codevectors", "quantizer.weight_proj.bias"} <= exempt
+        assert "quantizer.weight_proj.weight" in decayed
     optimizer = build_optimizer(model, 1e-3, (0.9, 0.98), 1e-3)
     assert optimizer.defaults["betas"] == (0.9, 0.98)
+
+
+def test_pretraining_and_finetuning_share_the_no_decay_rule(tiny_config):
+    """Fine-tuning's layer-wise groups exempt exactly the parameters the model names, like pretraining's."""
+    from hf_ssl_speech import ConformerSslForCTC
+    from hf_ssl_speech.finetune.optim import layerwise_param_groups
+
+    model = ConformerSslForCTC(tiny_config(vocab_size=12))
+    names = {id(p): n for n, p in model.named_parameters()}
+    fine = {
+        names[id(p)]
+        for g in layerwise_param_groups(model, 1e-3, 1e-2, 0.8)
+        if g["weight_decay"] == 0
+        for p in g["params"]
+    }
+    pre = {names[id(p)] for p in param_groups(model, 1e-2)[1]["params"]}
+    assert fine == pre == model.no_weight_decay_parameters()
+    assert "conformer.layers.0.self_attn.bias_u" in fine and "lm_head.bias" in fine and "lm_head.weight" not in fine
 
 
 # ---------------------------------------------------------------------------------------------- loss normalisation

@@ -17,7 +17,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-TARGET_SAMPLING_RATE = 16000
+from ..frames import FRAME_SECONDS
+from ..frames import SAMPLING_RATE as TARGET_SAMPLING_RATE
 
 # The closed set of reasons an example can be skipped for (the counter and the logs use these keys).
 BAD_REASONS: dict[str, str] = {
@@ -99,7 +100,7 @@ def read_audio(
     max_duration: float | None = None,
     crop: bool = False,
     rng: np.random.Generator | None = None,
-    crop_step: float = 0.01,
+    crop_step: float = FRAME_SECONDS,
 ) -> tuple[np.ndarray, int, float]:
     """Decode `source` (path, bytes or binary file object) to float32 `(frames, channels)` at its own rate.
 

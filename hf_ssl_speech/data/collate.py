@@ -8,10 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..frames import HOP_LENGTH
 from .audio_io import TARGET_SAMPLING_RATE
-
-HOP_LENGTH = 160  # samples per 10 ms feature frame at 16 kHz; frame_labels are given per feature frame
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Collation

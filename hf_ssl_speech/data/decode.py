@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..frames import FRAME_SECONDS, hop_for
 from .audio_io import AudioError, load_audio
 from .config import DataConfig
 from .sources import RawExample
@@ -24,7 +25,7 @@ def _frame_labels(raw: RawExample, crop_start: float, frames: int, tolerance: in
         except (OSError, ValueError) as error:
             raise AudioError("bad_labels", raw.where, f"cannot read frame_labels {labels}: {error}") from None
     labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
-    start = int(round(crop_start * 100))  # crop starts are whole 10 ms frames (read_audio's crop_step)
+    start = int(round(crop_start / FRAME_SECONDS))  # crop starts are whole frames (read_audio's crop_step)
     labels = labels[start : start + frames]
     if abs(len(labels) - frames) > tolerance:
         raise AudioError("bad_labels", raw.where, f"{len(labels)} frame labels for {frames} frames")
@@ -53,7 +54,7 @@ def decode_example(raw: RawExample, config: DataConfig, rng: np.random.Generator
         crop=config.crop_long,
         rng=rng,
     )
-    hop = config.sampling_rate // 100
+    hop = hop_for(config.sampling_rate)
     return {
         "id": raw.id,
         "audio": audio,  # (samples,) float32

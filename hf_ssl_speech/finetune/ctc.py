@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,20 +15,17 @@ from transformers import (
 )
 
 from ..configuration_conformer_ssl import ConformerSslConfig
+from ..frames import SAMPLING_RATE, num_frames, output_lengths
 from ..modeling_conformer_ssl import ConformerSslForCTC
 from .metrics import load_metrics
-from .rows import SAMPLING_RATE
 from .text import normalize_transcript, text_to_ids
 
 logger = logging.getLogger(__name__)
 
 
 def ctc_output_steps(num_samples: int, config: ConformerSslConfig) -> int:
-    """Encoder steps for an utterance of `num_samples` samples: samples // hop frames, ceil(L / 2) per stage."""
-    steps = num_samples // config.hop_length
-    for _ in range(int(math.log2(config.subsampling_factor))):
-        steps = (steps - 1) // 2 + 1
-    return steps
+    """Encoder steps (CTC emissions) for an utterance of `num_samples` samples."""
+    return output_lengths(num_frames(num_samples, config.hop_length), config.subsampling_factor)
 
 
 def ctc_min_steps(label_ids: Sequence[int]) -> int:
@@ -62,7 +58,7 @@ def drop_infeasible_ctc(
         return list(feasible)
     message = (
         f"{what}: {len(infeasible)} of {len(rows)} transcripts are longer than the encoder's output "
-        f"({config.subsampling_factor}x subsampling = {config.inputs_to_logits_ratio / 16:.0f} ms per CTC step), "
+        f"({config.subsampling_factor}x subsampling = {1000 * config.inputs_to_logits_ratio / SAMPLING_RATE:.0f} ms per CTC step), "
         f"e.g. {infeasible[0]['where']} ({row_rate(infeasible[0]):.1f} characters/s)"
     )
     if len(infeasible) * 2 > len(rows):

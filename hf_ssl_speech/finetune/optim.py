@@ -17,10 +17,8 @@ from .args import DataArguments, FinetuneArguments
 
 logger = logging.getLogger(__name__)
 
+
 # ============================================================================================ optimisation
-NO_DECAY_SUFFIXES = ("bias", "bias_u", "bias_v", "layer_weights")
-
-
 def parameter_layer(name: str, num_layers: int) -> int:
     """Depth of a parameter for layer-wise LR decay: 0 subsampling/positions, i + 1 block i, L + 1 heads."""
     if name.startswith("conformer.layers."):
@@ -46,9 +44,10 @@ def layerwise_param_groups(
         raise ValueError(f"layer_decay={layer_decay}: must be in (0, 1] (1 = no decay)")
     num_layers = model.config.num_hidden_layers
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    exempt = model.no_weight_decay_parameters()  # the model's one no-decay rule, shared with pretraining
     for name, param in model.named_parameters():
         depth = parameter_layer(name, num_layers)
-        no_decay = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_SUFFIXES or "norm" in name
+        no_decay = name in exempt
         group = groups.setdefault(
             (depth, no_decay),
             {

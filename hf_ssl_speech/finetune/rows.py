@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 
 from ..data import AudioError, DataConfig, ManifestSource, RawExample, decode_example
+from ..frames import SAMPLING_RATE
 from .args import DataArguments
 from .text import normalize_transcript
 
 logger = logging.getLogger(__name__)
-
-SAMPLING_RATE = 16000
 
 
 # ============================================================================================ data

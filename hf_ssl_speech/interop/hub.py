@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..frames import HOP_LENGTH, SAMPLING_RATE
+
 CARD_TAGS = ["ssl", "speech", "conformer", "hf_ssl_speech", "self-supervised-learning"]
 
 
@@ -129,7 +131,7 @@ features = model(**inputs).last_hidden_state  # (batch, frames, hidden)
 
 def _frame_ms(config: Mapping[str, Any] | None) -> int:
     config = config or {}
-    return int(config.get("hop_length", 160) * config.get("subsampling_factor", 4) / 16)
+    return int(1000 * config.get("hop_length", HOP_LENGTH) * config.get("subsampling_factor", 4) / SAMPLING_RATE)
 
 
 def write_model_card(folder: str | Path, repo_id: str, training_summary: Mapping[str, Any] | None = None,

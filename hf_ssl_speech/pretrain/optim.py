@@ -7,21 +7,17 @@ from typing import Any
 import torch
 from torch import nn
 
+
 # ---------------------------------------------------------------------------------------------- optimiser
-# Parameters that are scales, offsets or free embeddings: weight decay would pull them towards 0, which for
-# a norm's scale means towards a dead layer. Matched on the parameter name's last component.
-NO_DECAY_NAMES = ("bias", "pos_bias_u", "pos_bias_v", "masked_spec_embed", "mask_embedding", "codevectors")
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices and conv kernels decay; norms, biases and embeddings (and any 1-d tensor) don't."""
+    """Two AdamW groups of the trainable parameters: weight matrices and conv kernels decay; the norms, biases
+    and embeddings of `model.no_weight_decay_parameters()` (the model's one rule, shared with fine-tuning) don't.
+    """
+    exempt = model.no_weight_decay_parameters()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        last = name.rsplit(".", 1)[-1]
-        is_norm = "norm" in name.lower() or ".bn." in name or "batch_norm" in name
-        (no_decay if param.ndim <= 1 or last in NO_DECAY_NAMES or is_norm else decay).append(param)
+        if param.requires_grad:
+            (no_decay if name in exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
