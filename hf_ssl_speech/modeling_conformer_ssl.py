@@ -14,7 +14,9 @@ pad); at the HF boundary it is `attention_mask` (1 = real).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -396,6 +398,20 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             init.uniform_(module.masked_spec_embed)  # the learned mask fill (wav2vec 2.0)
         if isinstance(getattr(module, "layer_weights", None), nn.Parameter):
             init.constant_(module.layer_weights, 1.0 / module.layer_weights.numel())  # SUPERB: start uniform
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the weight files made readable like the others.
+
+        transformers writes the weights through a private temporary file (mode 0600) while config.json and the
+        code are 0644; a shared checkpoint folder would then be unreadable to the rest of a team.
+        """
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in Path(save_directory).glob("*.safetensors*"):
+            if path.is_file() and path.stat().st_mode & 0o077 == 0:
+                path.chmod(0o666 & ~umask)
+        return saved
 
     def freeze_base_model(self) -> None:
         """Heads: freeze the encoder so only the head trains (linear probing, or the first fine-tuning steps)."""

@@ -237,11 +237,19 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
     assert history[-1]["train/skipped_steps"] == 1
     assert all(torch.isfinite(value).all() for value in final_params(tmp_path / "run", 4).values())
 
+    # The same command again without --resume would mix two runs in one folder: refused, nothing touched.
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "already holds a run (newest checkpoint checkpoint-00000004)" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
     proc = subprocess.run([sys.executable, str(script), "all", "--config", str(recipe), "--no_progress",
                            "train.output_dir=diverged"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
-    assert proc.returncode != 0
-    assert "NonFiniteLossError: 3 consecutive steps (up to step 0) had a non-finite loss" in proc.stderr
+    assert proc.returncode == 2  # a user-facing stop: one clear message, no traceback
+    assert "error: 3 consecutive steps (up to step 0) had a non-finite loss" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_cli_reports_bad_overrides(tmp_path):
@@ -249,3 +257,26 @@ def test_cli_reports_bad_overrides(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "Did you mean 'train.max_steps'?" in proc.stderr
+
+
+def test_cli_errors_are_one_clear_line_before_any_model_is_built(tmp_path):
+    """A manifest that does not exist, named in a recipe or an override: the field and the path, exit 2, no
+    traceback (the review got a 20-line FileNotFoundError from the data pipeline); --debug brings it back."""
+    manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
+    recipe = write_recipe(tmp_path / "r.yaml", model={}, objectives={"bestrq": {}},
+                          data={"train_manifests": [str(manifest)], "valid_manifests": ["missing/test.jsonl"]},
+                          optim={}, train={"max_steps": 1, "output_dir": "run"})  # fmt: skip
+    env = run_env(tmp_path)
+    for args, field in (
+        ([], "data.valid_manifests"),
+        (["data.train_manifests=[/nonexistent.jsonl]"], "data.train_manifests"),
+    ):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"error: {field}: path" in proc.stderr and "does not exist" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), "--debug"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "MissingPathError" in proc.stderr

@@ -434,3 +434,37 @@ def test_kill_during_checkpoint_write_leaves_previous_usable(tmp_path):
     assert manager.latest().name == "checkpoint-00000003"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         CheckpointManager.load(tmp_path / "run", accelerator)
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, tiny_config):
+    """A run resumed from an earlier checkpoint writes a lower step than the ones on disk: the review saw the
+    keep-last rotation delete that new checkpoint as the 'oldest'. Newest means newest written."""
+    from accelerate import Accelerator
+
+    from hf_ssl_speech import ConformerSslModel
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(ConformerSslModel(tiny_config()))
+    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+    for step in (200, 300, 20):
+        manager.save(step, accelerator, model, {}, {})
+    assert {p.name for p in manager.complete()} == {"checkpoint-00000300", "checkpoint-00000020"}
+    assert manager.latest().name == "checkpoint-00000020"
+    weights = manager.latest() / "model" / "model.safetensors"
+    config = manager.latest() / "model" / "config.json"
+    assert weights.stat().st_mode & 0o777 == config.stat().st_mode & 0o777  # not 0600 next to 0644
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_another_run(tmp_path):
+    from hf_ssl_speech.errors import UserError
+    from hf_ssl_speech.pretrain.checkpoints import check_output_dir
+
+    run = tmp_path / "runs" / "tiny_nest"
+    check_output_dir(run, resume=False)  # absent: fine
+    run.mkdir(parents=True)
+    check_output_dir(run, resume=False)  # empty: fine
+    (run / "checkpoints" / "checkpoint-00000300").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-00000300" / "trainer_state.json").write_text("{}")
+    with pytest.raises(UserError, match=r"already holds a run \(newest checkpoint checkpoint-00000300\).*--resume"):
+        check_output_dir(run, resume=False)
+    check_output_dir(run, resume=True)  # continuing it is what --resume is for

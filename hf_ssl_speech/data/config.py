@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 from .audio_io import TARGET_SAMPLING_RATE
 
-# ---------------------------------------------------------------------------------------------------------
-# Configuration
-
 
 @dataclass
 class DataConfig:
@@ -35,10 +32,10 @@ class DataConfig:
             cut or padded with -100); a larger mismatch is `bad_labels`.
     """
 
-    batch_seconds: float = 200.0
-    max_batch_size: int | None = None
+    batch_seconds: float = 160.0
+    max_batch_size: int | None = 64
     min_duration: float = 0.5
-    max_duration: float | None = 30.0
+    max_duration: float | None = 20.0
     crop_long: bool = True
     bucket_window: int = 4096
     sampling_rate: int = TARGET_SAMPLING_RATE

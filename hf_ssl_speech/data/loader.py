@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .audio_io import BAD_REASONS, AudioError
 from .collate import SpeechCollator
 from .config import DataConfig
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 # Bad-example accounting
 
 
-class TooManyBadExamplesError(RuntimeError):
+class TooManyBadExamplesError(UserError, RuntimeError):
     """Raised when the fraction of bad examples exceeds `DataConfig.max_bad_fraction`."""
 
 
@@ -468,7 +469,6 @@ def build_dataloader(
     sources: Any,
     weights: Sequence[float] | None = None,
     *,
-    batch_seconds: float = 200.0,
     num_workers: int = 2,
     rank: int = 0,
     world_size: int = 1,
@@ -488,7 +488,6 @@ def build_dataloader(
         sources: one source or a list; each a manifest path, tar pattern, `datasets` object, source object or
             dict spec (see `open_source`; a dict's `weight` key is used when `weights` is None).
         weights: per source, uses per epoch (see `plan_epoch`); default 1.0 each. Streaming sources take none.
-        batch_seconds: padded audio seconds per batch (per process).
         num_workers: dataloader worker processes per process.
         rank, world_size: `accelerator.process_index`, `accelerator.num_processes` (do not `prepare` the loader).
         seed: seed of the epoch plans and crops (the same on every rank).
@@ -496,8 +495,8 @@ def build_dataloader(
         pin_memory: pin batches for faster host-to-GPU copies.
         collator: a custom collator instead of `SpeechCollator`.
         frame_labels_key: manifest field of the frame labels (`recipe.data.frame_labels_key`).
-        **config: other `DataConfig` fields (min_duration, max_duration, crop_long, max_batch_size,
-            bucket_window, max_bad_fraction, require_text, ...).
+        **config: `DataConfig` fields (batch_seconds: padded audio seconds per batch per process,
+            min_duration, max_duration, crop_long, max_batch_size, bucket_window, max_bad_fraction, ...).
     Example:
         loader = build_dataloader(["a.jsonl", "b.jsonl"], [1.0, 0.5], batch_seconds=300, num_workers=4,
                                   rank=acc.process_index, world_size=acc.num_processes, seed=1,
@@ -508,7 +507,7 @@ def build_dataloader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    data_config = DataConfig(batch_seconds=batch_seconds, **config)
+    data_config = DataConfig(**config)
     specs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     if weights is None:
         weights = [float(spec.get("weight", 1.0)) if isinstance(spec, dict) else 1.0 for spec in specs]

@@ -481,7 +481,8 @@ def pretrain_family(config: ExperimentConfig, family: str, out: Path, corpus_id:
     logger.info("pretrain %s: %s + %d overrides%s", family, recipe_path, len(overrides),
                 " (resuming)" if has_checkpoint else "")  # fmt: skip
     start = time.perf_counter()
-    result = pretrain(recipe, resume=has_checkpoint, progress=config.pretrain.progress)
+    # resume=True: continue the newest checkpoint when there is one (the unit folder is this family's own).
+    result = pretrain(recipe, resume=True, progress=config.pretrain.progress)
     wall = time.perf_counter() - start
     if result.checkpoint is None or result.step < recipe.train.max_steps:
         raise ExperimentError(f"pretrain {family}: stopped at step {result.step} of {recipe.train.max_steps}")

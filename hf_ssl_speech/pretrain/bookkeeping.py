@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
+
 
 # ---------------------------------------------------------------------------------------------- loss normalisation
 def global_totals(
@@ -131,7 +133,7 @@ class LossTracker:
 
 
 # ---------------------------------------------------------------------------------------------- non-finite guard
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised when too many optimiser steps in a row produced a non-finite loss or gradient norm."""
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+from ..errors import UserError
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -29,7 +30,9 @@ class CheckpointManager:
       - `trainer_state.json`: step, data position, metric history, guard counters; written last.
     Everything is written into `.tmp-checkpoint-<step>` and renamed when complete: a crash or kill while writing
     leaves a `.tmp-*` folder that `latest()` ignores (and the next save removes), and the previous checkpoint
-    intact. Only the newest `keep_last` complete checkpoints are kept.
+    intact. Only the newest `keep_last` complete checkpoints are kept, by the time they were written: the one just
+    written is never deleted, even when its step is lower than older ones' (a run resumed from an earlier
+    checkpoint).
     """
 
     def __init__(self, output_dir: str | Path, keep_last: int = 3) -> None:
@@ -40,15 +43,15 @@ class CheckpointManager:
         return self.root / f"checkpoint-{step:08d}"
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest written first (then by step)."""
         if not self.root.is_dir():
             return []
         found = []
         for child in self.root.iterdir():
             match = CHECKPOINT_RE.match(child.name)
             if match and (child / STATE_FILE).is_file():
-                found.append((int(match.group(1)), child))
-        return [path for _, path in sorted(found)]
+                found.append((_saved_at(child), int(match.group(1)), child))
+        return [path for _, _, path in sorted(found)]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -101,13 +104,13 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            self._prune()
+            self._prune(keep=final)
         accelerator.wait_for_everyone()
         return final
 
-    def _prune(self) -> None:
-        done = self.complete()
-        for old in done[: max(0, len(done) - self.keep_last)]:
+    def _prune(self, keep: Path) -> None:
+        others = [path for path in self.complete() if path != keep]
+        for old in others[: max(0, len(others) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
@@ -126,6 +129,34 @@ class CheckpointManager:
             )
         rank_state = torch.load(rank_file, weights_only=False)
         return json.loads(state_file.read_text()), rank_state
+
+
+def _saved_at(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / STATE_FILE).read_text()).get("saved_at", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+class OutputDirError(UserError):
+    """A fresh run pointed at a folder that holds another run."""
+
+
+def check_output_dir(output_dir: str | Path, resume: bool | str | Path) -> None:
+    """Refuse to start a fresh run in a folder that already holds files: runs never mix, nothing is lost.
+
+    Without this, a second run wrote its checkpoints, curves and TensorBoard events next to the first one's, and
+    the rotation could delete the new run's checkpoint as the oldest step.
+    """
+    folder = Path(output_dir)
+    if resume not in (False, None) or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    latest = CheckpointManager(folder).latest()
+    held = f"a run (newest checkpoint {latest.name})" if latest else "files of an earlier run"
+    raise OutputDirError(
+        f"train.output_dir={str(folder)!r} already holds {held}. Add --resume to continue it, choose a new folder "
+        f"(train.output_dir={folder}-2), or delete {folder} first."
+    )
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

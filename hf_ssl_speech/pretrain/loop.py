@@ -23,18 +23,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ..data import build_dataloader
+from ..data import BadExampleCounter, build_dataloader
 from ..data.augment import mix_for_denoising
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
 from .bookkeeping import LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
-from .checkpoints import CheckpointManager
+from .checkpoints import CheckpointManager, check_output_dir
 from .optim import build_optimizer, build_scheduler, gumbel_temperature
-from .recipe import Recipe, model_config, save_recipe
+from .recipe import Recipe, check_recipe_paths, model_config, save_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ class PretrainResult:
     hub_url: str | None = None
     train_metrics: dict[str, float] = field(default_factory=dict)
     valid_metrics: dict[str, float] = field(default_factory=dict)
+    data_counts: dict[str, Any] = field(default_factory=dict)  # training examples read and skipped, all processes
+
+    @property
+    def data_summary(self) -> str:
+        """ "N training examples read, M bad ones skipped (reason: count, ...)"."""
+        bad = self.data_counts.get("bad", {})
+        skipped = sum(bad.values())
+        reasons = f" ({', '.join(f'{k}: {v}' for k, v in sorted(bad.items()))})" if bad else ""
+        return f"{self.data_counts.get('good', 0)} training examples read, {skipped} bad ones skipped{reasons}"
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -167,6 +176,9 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     """
     t, o, d = recipe.train, recipe.optim, recipe.data
     out_dir = Path(t.output_dir)
+    # Checked by every process before any writes (no process writes until all have joined the Accelerator).
+    check_recipe_paths(recipe)
+    check_output_dir(out_dir, resume)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
@@ -192,15 +204,11 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     generator = torch.Generator(device=accelerator.device).manual_seed(1_000_003 * (t.seed + 1) + rank)
 
     # --- data: one planned loader per process, NOT passed to accelerator.prepare (it would shard it again).
-    loader_args = dict(batch_seconds=d.batch_seconds, max_batch_size=d.max_batch_size, min_duration=d.min_duration,
-                       max_duration=d.max_duration, sampling_rate=d.sampling_rate, num_workers=d.num_workers,
-                       rank=rank, world_size=world, seed=t.seed, return_waveforms=True,
-                       frame_labels_key=d.frame_labels_key or "frame_labels")  # fmt: skip
-    if not d.train_manifests:
-        raise ValueError("data.train_manifests is empty: give at least one JSONL manifest of training audio.")
-    train_loader = build_dataloader(d.train_manifests, d.weights, shuffle=d.shuffle, **loader_args)
+    loader_args = {**d.loader_config(), "num_workers": d.num_workers, "rank": rank, "world_size": world,
+                   "seed": t.seed, "return_waveforms": True, "frame_labels_key": d.frame_labels_key or "frame_labels"}  # fmt: skip
+    train_loader = build_dataloader(d.train_manifests, d.weights, **loader_args)
     valid_loader = (
-        build_dataloader(d.valid_manifests, None, shuffle=False, **loader_args) if d.valid_manifests else None
+        build_dataloader(d.valid_manifests, None, **{**loader_args, "shuffle": False}) if d.valid_manifests else None
     )
 
     # --- bookkeeping, and the state to continue from
@@ -322,7 +330,8 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     bar.close()
 
     # --- the end: final plot next to the run, optional push, trackers closed
-    final = checkpoints.latest()
+    final = checkpoints.path_for(last_saved) if last_saved is not None else checkpoints.latest()
+    data_counts = BadExampleCounter.merge(gather_object([train_loader.counter.state_dict()]))
     plot = metrics.plot(out_dir / "loss_curves.png", title=out_dir.name) if accelerator.is_main_process else None
     hub_url = None
     if t.push_to_hub and final is not None and accelerator.is_main_process:
@@ -331,7 +340,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         accelerator.print(f"Pushed {final / 'model'} to {hub_url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return PretrainResult(out_dir, step, final, plot, hub_url, latest_metrics, valid_metrics)
+    return PretrainResult(out_dir, step, final, plot, hub_url, latest_metrics, valid_metrics, data_counts)
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:

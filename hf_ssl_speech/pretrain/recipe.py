@@ -3,74 +3,69 @@
 A recipe is a YAML file with five sections:
 
 ```yaml
-model:      {preset: fastconformer_s, num_hidden_layers: 4}   # configs/model/<preset>.yaml + ConformerSslConfig fields
+model:      {preset: fastconformer_s, num_hidden_layers: 4}   # a packaged preset + ConformerSslConfig fields
 objectives: {bestrq: {weight: 1.0, start_step: 0, layer: -1}}
 data:       {train_manifests: [...], valid_manifests: [...], batch_seconds: 160, ...}
 optim:      {lr: 5.0, scheduler: noam, warmup_steps: 25000, ...}
 train:      {output_dir: runs/nest, max_steps: 100000, save_steps: 2500, ...}
 ```
 
-Every key is checked against the schema when the file is read and when a `section.key=value` override is
-applied: an unknown key names the valid keys of its section (with the closest match), a wrong type names
-the key, the value and the expected type. `model_config(recipe)` turns a recipe into a `ConformerSslConfig`.
+Every key is checked when the file is read and after `section.key=value` overrides are applied (by the
+package's one config layer, `hf_ssl_speech.config_io`): an unknown key names the valid keys of its section
+(with the closest match), a wrong type names the key, the value and the expected type. The objectives and
+their settings are the entries of `objectives.OBJECTIVES`; the model fields are `ConformerSslConfig`'s.
+`model_config(recipe)` turns a recipe into a `ConformerSslConfig`.
+
+`--config` takes a file, or the name of a recipe packaged with hf_ssl_speech (`tiny_nest`: the default of
+`scripts/pretrain.py`, which works from any folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..configuration_conformer_ssl import OBJECTIVES, ConformerSslConfig
+from .. import config_io
+from ..configuration_conformer_ssl import ConformerSslConfig
+from ..data.config import DataConfig
+from ..errors import ConfigError, check_paths
+from ..objectives import OBJECTIVES, objective_settings
+from ..presets import RECIPE_DIR, PresetError, load_preset
 
 SECTIONS = ("model", "objectives", "data", "optim", "train")
-# Where `model.preset: <name>` is looked up, after the folder `../model` next to the recipe file.
-PACKAGE_PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "model"
 SCHEDULERS = ("noam", "cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORT_TO = ("tensorboard", "none")
+DEFAULT_RECIPE = "tiny_nest"  # packaged: what `scripts/pretrain.py` runs without --config
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe key or value that does not fit the schema; the message says which and how to fix it."""
 
 
 @dataclass
-class ObjectiveSpec:
-    """One pretraining objective's share of the loss (becomes `ConformerSslConfig.objectives[name]`)."""
-
-    weight: float = 1.0  # w_o in loss = sum_o w_o * sum_o / count_o
-    start_step: int = 0  # the objective contributes from this optimiser step on
-    layer: int = -1  # hidden state it reads: -1 final block, 0 subsampling output, k block k
-
-
-@dataclass
-class DataSection:
-    """Where the audio comes from and how batches are made (consumed by `hf_ssl_speech.data`)."""
+class DataSection(DataConfig):
+    """Where the audio comes from (`hf_ssl_speech.data`), plus `DataConfig`'s filtering and batching fields."""
 
     train_manifests: list[str] = field(default_factory=list)  # NeMo JSONL manifests (paths relative to the cwd)
     valid_manifests: list[str] = field(default_factory=list)  # held-out manifests for validation losses
-    weights: list[float] | None = None  # sampling weight per train manifest (None: proportional to size)
-    batch_seconds: float = 160.0  # audio seconds per batch per process (length-bucketed batches)
-    max_batch_size: int = 64  # cap on utterances per batch whatever their length
-    max_duration: float = 20.0  # longer clips are randomly cropped to this many seconds
-    min_duration: float = 0.5  # shorter clips are skipped (and counted)
-    sampling_rate: int = 16000
+    weights: list[float] | None = None  # sampling weight per train manifest (None: each row once per epoch)
     dither: float = 1e-5  # NeMo: std of Gaussian noise added to the training waveforms before the log-mel
     num_workers: int = 0  # DataLoader worker processes per training process
-    shuffle: bool = True
     frame_labels_key: str | None = None  # manifest key holding frame labels (HuBERT external targets)
     # NEST denoising: with this probability mix white noise or another utterance of the batch into the input
     # (targets stay clean). No noise corpus is read: NEST's MUSAN noise is replaced by Gaussian noise.
     denoising_prob: float = 0.0
     noise_snr_db: tuple[float, float] = (-5.0, 20.0)  # NEST: noise at -5..20 dB
     speech_snr_db: tuple[float, float] = (-5.0, 5.0)  # NEST: another utterance at -5..5 dB
+
+    def loader_config(self) -> dict[str, Any]:
+        """The `DataConfig` fields, as keyword arguments of `build_dataloader`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
 
 
 @dataclass
@@ -80,7 +75,7 @@ class OptimSection:
     lr: float = 1e-3  # peak LR, or NeMo's Noam `lr` (scaled by (d_model * warmup)^-0.5 at the peak)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    weight_decay: float = 1e-3  # not applied to norms, biases and embeddings
+    weight_decay: float = 1e-3  # not applied to norms, biases and embeddings (the model's no-decay rule)
     scheduler: str = "noam"  # noam | cosine | linear | constant (the last three with linear warmup)
     warmup_steps: int = 1000
     min_lr: float = 1e-6  # floor of the Noam decay (NeMo NoamAnnealing.min_lr)
@@ -105,7 +100,7 @@ class TrainSection:
     seed: int = 1234
     grad_accum: int = 1  # micro-batches per optimiser step
     mixed_precision: str = "no"  # no | bf16 | fp16 (logits and losses stay float32 inside the model)
-    keep_last: int = 3  # checkpoints kept on disk
+    keep_last: int = 3  # checkpoints kept on disk (the newest is never deleted)
     max_nonfinite: int = 10  # consecutive non-finite steps tolerated before the run stops
     report_to: str = "tensorboard"  # tensorboard | none
     push_to_hub: str | None = None  # repo id to push the final checkpoint to
@@ -117,99 +112,21 @@ SECTION_TYPES: dict[str, type] = {"data": DataSection, "optim": OptimSection, "t
 
 @dataclass
 class Recipe:
-    """A whole pretraining recipe. `model` is a plain dict of `ConformerSslConfig` fields (preset resolved)."""
+    """A whole pretraining recipe. `model` is a plain dict of `ConformerSslConfig` fields (preset resolved);
+    `objectives` maps objective names to their settings, each entry's defaults filled in."""
 
     model: dict[str, Any] = field(default_factory=dict)
-    objectives: dict[str, ObjectiveSpec] = field(default_factory=dict)
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict (tuples become lists) of the resolved recipe."""
-        out = dataclasses.asdict(self)
-        return yaml.safe_load(yaml.safe_dump(_tuples_to_lists(out)))
+        return config_io.plain(self)
 
 
-# ---------------------------------------------------------------------------------------------- type checks
-def _tuples_to_lists(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _tuples_to_lists(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tuples_to_lists(v) for v in value]
-    return value
-
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_args(annotation):  # list[str], tuple[float, float], float | None
-        return str(annotation).replace("typing.", "").replace("NoneType", "None")
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` converted to `annotation` (int -> float, "1e-3" -> float, list -> tuple) or raise."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except RecipeError:
-                continue
-        raise _type_error(key, value, annotation)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        if isinstance(value, str) and args and args[0] is str:
-            return [value]  # a single manifest needs no brackets
-        if isinstance(value, (list, tuple)):
-            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif origin is dict or annotation is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    raise _type_error(key, value, annotation)
-
-
-def _type_error(key: str, value: Any, annotation: Any) -> RecipeError:
-    return RecipeError(f"{key}={value!r} has the wrong type: expected {_type_name(annotation)}.")
-
-
-def _unknown_key(section: str, key: str, valid: typing.Iterable[str]) -> RecipeError:
-    valid = sorted(valid)
-    close = difflib.get_close_matches(key, valid, n=1)
-    if section == "<recipe>":
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        return RecipeError(f"Unknown recipe section '{key}'.{hint} Valid sections: {', '.join(SECTIONS)}.")
-    hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
-    return RecipeError(f"Unknown recipe key '{section}.{key}'.{hint} Valid keys of '{section}': {', '.join(valid)}.")
-
-
-def _dataclass_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
+# ---------------------------------------------------------------------------------------------- sections
 def model_field_types() -> dict[str, Any]:
     """ConformerSslConfig's own fields and their types (the keys allowed in the `model` section)."""
     namespace = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "list": list}
@@ -220,75 +137,66 @@ def model_field_types() -> dict[str, Any]:
     return hints
 
 
-# ---------------------------------------------------------------------------------------------- building
-def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
-    if not isinstance(values, dict):
-        raise RecipeError(f"Recipe section '{section}' must be a mapping of keys to values, got {values!r}.")
-    hints = _dataclass_types(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise _unknown_key(section, key, hints)
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
-    return cls(**kwargs)
-
-
-def _build_objectives(values: dict[str, Any]) -> dict[str, ObjectiveSpec]:
-    if not isinstance(values, dict):
-        raise RecipeError(f"Recipe section 'objectives' must map objective names to settings, got {values!r}.")
-    specs = {}
-    for name, spec in values.items():
-        if name not in OBJECTIVES:
-            raise _unknown_key("objectives", name, OBJECTIVES)
-        specs[name] = _build_section(ObjectiveSpec, spec or {}, f"objectives.{name}")
-    return specs
-
-
-def _check_model(values: dict[str, Any]) -> dict[str, Any]:
+def _check_model(values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise RecipeError(f"Recipe section 'model' must be a mapping of ConformerSslConfig fields, got {values!r}.")
     hints = model_field_types()
     out = {}
     for key, value in values.items():
         if key not in hints:
-            raise _unknown_key("model", key, hints)
-        out[key] = _coerce(value, hints[key], f"model.{key}")
+            raise config_io.unknown_key(key, hints, "model", "recipe key", RecipeError)
+        out[key] = config_io.coerce(value, hints[key], f"model.{key}", RecipeError)
     return out
 
 
+def _check_objectives(values: Any) -> dict[str, dict[str, Any]]:
+    """Names from `OBJECTIVES`, each entry's own keys, values of its defaults' types; then the defaults filled in."""
+    if not isinstance(values, dict):
+        raise RecipeError(f"Recipe section 'objectives' must map objective names to settings, got {values!r}.")
+    specs = {}
+    for name, spec in values.items():
+        if name not in OBJECTIVES:
+            raise config_io.unknown_key(name, OBJECTIVES, "objectives", "recipe key", RecipeError)
+        if spec is not None and not isinstance(spec, dict):
+            raise RecipeError(f"objectives.{name} must be a mapping of its settings, got {spec!r}.")
+        defaults = OBJECTIVES[name].defaults
+        specs[name] = {}
+        for key, value in (spec or {}).items():
+            if key not in defaults:
+                raise config_io.unknown_key(key, defaults, f"objectives.{name}", "recipe key", RecipeError)
+            specs[name][key] = config_io.coerce(value, type(defaults[key]), f"objectives.{name}.{key}", RecipeError)
+    return objective_settings(specs)
+
+
 def _resolve_preset(model: dict[str, Any], search_dirs: list[Path]) -> dict[str, Any]:
-    """Replace `preset: <name>` by the fields of `<dir>/<name>.yaml`; the recipe's own fields win."""
+    """Replace `preset: <name>` by the preset's fields (`presets.load_preset`); the recipe's own fields win."""
     model = dict(model)
     preset = model.pop("preset", None)
     if preset is None:
         return model
-    candidates = [Path(preset)] if str(preset).endswith((".yaml", ".yml")) else []
-    candidates += [d / f"{preset}.yaml" for d in search_dirs]
-    for path in candidates:
-        if path.is_file():
-            fields = yaml.safe_load(path.read_text()) or {}
-            fields = fields.get("model", fields)  # a preset may be a bare field dict or a `model:` section
-            # `_reference` and other underscored keys document the preset (sizes, sources); not config fields.
-            fields = {k: v for k, v in fields.items() if not str(k).startswith("_")}
-            return {**fields, **model}
-    known = sorted({p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.yaml")})
-    raise RecipeError(
-        f"model.preset={preset!r}: no such preset in {[str(d) for d in search_dirs]}. Known presets: {known}."
-    )
+    try:
+        fields = load_preset(preset, search_dirs)
+    except PresetError as error:
+        raise RecipeError(f"model.preset={preset!r}: {error}") from None
+    return {**fields, **model}
 
 
 def recipe_from_dict(raw: dict[str, Any], preset_dirs: list[Path] | None = None) -> Recipe:
-    """Validate a raw dict (from YAML) into a `Recipe`; `preset_dirs` is where `model.preset` is looked up."""
+    """Validate a raw dict (from YAML) into a `Recipe`; `preset_dirs` is where `model.preset` is looked up before
+    the packaged presets."""
     raw = raw or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"A recipe must be a mapping with sections {SECTIONS}, got {type(raw).__name__}.")
     for section in raw:
         if section not in SECTIONS:
-            raise _unknown_key("<recipe>", section, SECTIONS)
-    dirs = list(preset_dirs or []) + [PACKAGE_PRESET_DIR]
-    model = _check_model(_resolve_preset(raw.get("model") or {}, dirs))
+            raise config_io.unknown_key(section, SECTIONS, "", "recipe section", RecipeError)
     recipe = Recipe(
-        model=model,
-        objectives=_build_objectives(raw.get("objectives") or {}),
-        **{name: _build_section(cls, raw.get(name) or {}, name) for name, cls in SECTION_TYPES.items()},
+        model=_check_model(_resolve_preset(raw.get("model") or {}, list(preset_dirs or []))),
+        objectives=_check_objectives(raw.get("objectives") or {}),
+        **{
+            name: config_io.build(cls, raw.get(name) or {}, name, "recipe key", RecipeError)
+            for name, cls in SECTION_TYPES.items()
+        },
     )
     validate(recipe)
     return recipe
@@ -299,7 +207,7 @@ def validate(recipe: Recipe) -> None:
 
     def check(ok: bool, key: str, value: Any, expected: str) -> None:
         if not ok:
-            raise RecipeError(f"{key}={value!r} is invalid: expected {expected}.")
+            raise config_io.invalid(key, value, expected, RecipeError)
 
     o, t, d = recipe.optim, recipe.train, recipe.data
     check(o.scheduler in SCHEDULERS, "optim.scheduler", o.scheduler, f"one of {SCHEDULERS}")
@@ -311,73 +219,34 @@ def validate(recipe: Recipe) -> None:
     for key in ("max_steps", "save_steps", "eval_steps", "log_steps", "grad_accum", "keep_last", "max_nonfinite"):
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     check(d.batch_seconds > 0, "data.batch_seconds", d.batch_seconds, "> 0")
-    check(d.min_duration <= d.max_duration, "data.min_duration", d.min_duration, f"<= max_duration={d.max_duration}")
+    check(d.max_duration is None or d.min_duration <= d.max_duration, "data.min_duration", d.min_duration,
+          f"<= max_duration={d.max_duration}")  # fmt: skip
     if d.weights is not None:
-        check(len(d.weights) == len(d.train_manifests), "data.weights", d.weights,
-              f"one weight per train manifest ({len(d.train_manifests)})")  # fmt: skip
-    check(bool(recipe.objectives), "objectives", recipe.objectives, f"at least one objective from {OBJECTIVES}")
+        check(
+            len(d.weights) == len(d.train_manifests),
+            "data.weights",
+            d.weights,
+            f"one weight per train manifest ({len(d.train_manifests)})",
+        )
+    check(bool(recipe.objectives), "objectives", recipe.objectives, f"at least one objective from {tuple(OBJECTIVES)}")
 
 
-# ---------------------------------------------------------------------------------------------- overrides
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.max_steps=100` -> (["train", "max_steps"], 100); the value is read as YAML (`null`, `[a, b]`, `true`)."""
-    if "=" not in text:
-        raise RecipeError(f"Override {text!r} is not of the form section.key=value (e.g. train.max_steps=100).")
-    key, _, value = text.partition("=")
-    path = key.strip().split(".")
-    if len(path) < 2 or not all(path):
-        raise RecipeError(f"Override key {key!r} must be dotted, section.key (e.g. optim.lr=1e-3).")
-    return path, yaml.safe_load(value) if value.strip() else ""
+def check_recipe_paths(recipe: Recipe) -> None:
+    """Every manifest the recipe names exists: a `MissingPathError` naming the field, before any model is built."""
+    if not recipe.data.train_manifests:
+        raise RecipeError("data.train_manifests is empty: give at least one JSONL manifest of training audio.")
+    check_paths(recipe.data.train_manifests, "data.train_manifests", kind="path")
+    check_paths(recipe.data.valid_manifests, "data.valid_manifests", kind="path")
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw recipe dict (before validation, so the usual checks name any error).
-
-    `objectives.<name>=null` removes an objective; `objectives.<name>.weight=0.5` adds or changes one.
-    """
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
-    for text in overrides:
-        path, value = parse_override(text)
-        section = path[0]
-        if section not in SECTIONS:
-            raise _unknown_key("<recipe>", section, SECTIONS)
-        node = raw.setdefault(section, {}) or {}
-        raw[section] = node
-        for part in path[1:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        if value is None and section == "objectives" and len(path) == 2:
-            node.pop(path[-1], None)
-        else:
-            node[path[-1]] = value
-        # Validate now so the message points at this override rather than at the merged recipe.
-        _check_one(section, path[1:], value)
-    return raw
-
-
-def _check_one(section: str, keys: list[str], value: Any) -> None:
-    label = ".".join([section, *keys])
-    if section == "model":
-        hints = model_field_types()
-        if keys[0] == "preset":
-            return
-        if keys[0] not in hints:
-            raise _unknown_key("model", keys[0], hints)
-        _coerce(value, hints[keys[0]], label)
-    elif section == "objectives":
-        if keys[0] not in OBJECTIVES:
-            raise _unknown_key("objectives", keys[0], OBJECTIVES)
-        if len(keys) > 1:
-            hints = _dataclass_types(ObjectiveSpec)
-            if keys[1] not in hints:
-                raise _unknown_key(f"objectives.{keys[0]}", keys[1], hints)
-            _coerce(value, hints[keys[1]], label)
-    else:
-        hints = _dataclass_types(SECTION_TYPES[section])
-        if keys[0] not in hints:
-            raise _unknown_key(section, keys[0], hints)
-        _coerce(value, hints[keys[0]], label)
+# ---------------------------------------------------------------------------------------------- loading
+def recipe_path(config: str | Path) -> Path:
+    """A `--config` value: a file, or the name of a packaged recipe (`tiny_nest`)."""
+    path = Path(config)
+    packaged = RECIPE_DIR / f"{config}.yaml"
+    if not path.is_file() and path.suffix == "" and packaged.is_file():
+        return packaged
+    return path
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -385,30 +254,36 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a recipe YAML file (or start from `base`), apply `section.key=value` overrides, validate.
 
     Args:
-        path: the recipe file given on the command line (`--config`); None uses `base` alone.
+        path: the recipe given on the command line (`--config`): a file or a packaged recipe's name; None uses
+            `base` alone.
         overrides: the extra command-line arguments, e.g. `["train.max_steps=100", "optim.lr=2e-3"]`.
-        base: a raw recipe dict used when no file is given (the CLI's embedded tiny default).
+        base: a raw recipe dict used when no file is given.
     """
     raw: dict[str, Any] = dict(base or {})
     preset_dirs: list[Path] = []
     if path is not None:
-        path = Path(path)
+        path = recipe_path(path)
         if not path.is_file():
-            raise RecipeError(f"Recipe file {str(path)!r} does not exist (pass --config configs/pretrain/<name>.yaml).")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise RecipeError(f"Recipe file {str(path)!r} must hold a mapping with sections {SECTIONS}.")
+            known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+            raise RecipeError(
+                f"Recipe file {str(path)!r} does not exist: pass --config configs/pretrain/<name>.yaml, or the "
+                f"name of a packaged recipe ({', '.join(known)})."
+            )
+        raw = config_io.read_yaml(path, "Recipe", RecipeError)
         preset_dirs = [path.resolve().parent.parent / "model", path.resolve().parent]
-    raw = apply_overrides(raw, overrides or [])
+    for text in overrides or []:
+        section = config_io.parse_override(text, RecipeError)[0][0]
+        if section not in SECTIONS:
+            raise config_io.unknown_key(section, SECTIONS, "", "recipe section", RecipeError)
+    raw = config_io.apply_overrides(raw, overrides or [], remove_none_at=2, error=RecipeError)
     return recipe_from_dict(raw, preset_dirs)
 
 
 def model_config(recipe: Recipe, **extra: Any) -> ConformerSslConfig:
     """The `ConformerSslConfig` of a recipe: its model fields plus the objectives (weights, start steps, layers)."""
-    objectives = {name: dataclasses.asdict(spec) for name, spec in recipe.objectives.items()}
     fields = {**recipe.model, **extra}
     try:
-        return ConformerSslConfig(**fields, objectives=objectives)
+        return ConformerSslConfig(**fields, objectives={name: dict(spec) for name, spec in recipe.objectives.items()})
     except ValueError as error:  # the config names the field; say that it comes from the recipe
         raise RecipeError(f"Recipe 'model'/'objectives' sections give an invalid model config: {error}") from error
 
@@ -419,16 +294,16 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "DataSection",
-    "ObjectiveSpec",
     "OptimSection",
     "Recipe",
     "RecipeError",
     "TrainSection",
-    "apply_overrides",
+    "check_recipe_paths",
     "load_recipe",
     "model_config",
-    "parse_override",
     "recipe_from_dict",
+    "recipe_path",
     "save_recipe",
 ]

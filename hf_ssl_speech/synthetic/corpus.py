@@ -51,6 +51,7 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .espeak import ESPEAK_ACCENTS, EspeakError, check_espeak, espeak_variants, synthesize_espeak
 from .sentences import SentenceGenerator
 
@@ -100,7 +101,7 @@ NOISE_TYPES = ("white", "pink", "babble")
 MANIFEST_KEYS = ("audio_filepath", "duration", "text", "speaker", "voice")
 
 
-class DemoCorpusError(RuntimeError):
+class DemoCorpusError(UserError, RuntimeError):
     """A demo-corpus request that cannot be satisfied; the message names the argument and the fix."""
 
 
@@ -862,3 +863,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = splits[split]
         print(f"  {split:9s} {s['minutes']:8.2f} min  {s['utterances']:6d} utts  {len(s['speakers']):4d} speakers")
     return 0
+
+
+# The one demo corpus of the README's commands: pretraining, CTC fine-tuning and the speaker-ID demo share it.
+DEMO_DIR = "demo_corpus"  # relative to the current folder
+DEMO_MINUTES = 20.0
+
+
+def ensure_demo_corpus(folder: str | os.PathLike = DEMO_DIR, minutes: float = DEMO_MINUTES, seed: int = 0) -> Path:
+    """Make the demo corpus in `folder` unless it is already complete; safe under `accelerate launch`.
+
+    The main process builds it while the others wait, then they find it complete and reuse it.
+    """
+    from accelerate import PartialState
+
+    folder = Path(folder)
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not (folder / "summary.json").is_file():
+            print(f"Building the demo corpus ({minutes:g} min of synthetic speech) in {folder}")
+        make_demo_corpus(folder, minutes=minutes, seed=seed, progress=state.is_main_process)
+    return folder

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 # English accents shipped in espeak-ng-data/lang/gmw (names as espeak_SetVoiceByName accepts them). "en" is
 # southern British; "en-gb" would be the same voice under an alias, so it is not listed twice.
 ESPEAK_ACCENTS: tuple[str, ...] = (
@@ -55,7 +57,7 @@ _LIBC = ctypes.CDLL(None)
 _INSTALL_HINT = "install the espeak-ng wheel with `pip install espeakng-loader` (a dependency of hf_ssl_speech)"
 
 
-class EspeakError(RuntimeError):
+class EspeakError(UserError, RuntimeError):
     """espeak-ng cannot be loaded or refused a request; the message names the path or value and the fix."""
 
 
