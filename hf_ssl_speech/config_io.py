@@ -48,16 +48,26 @@ def invalid(key: str, value: Any, expected: str, error: type[ConfigError] = Conf
 
 
 def unknown_key(
-    key: str, valid: Iterable[str], where: str = "", what: str = "config key", error: type[ConfigError] = ConfigError
+    key: str,
+    valid: Iterable[str],
+    where: str = "",
+    what: str = "config key",
+    error: type[ConfigError] = ConfigError,
+    listing: str | None = None,
 ) -> ConfigError:
-    """ "Unknown <what> '<where>.<key>'. Did you mean '<where>.<close>'? Valid <what>s of '<where>': ..."."""
+    """The error for a key that is not in `valid`, with the closest valid key.
+
+    Reads "Unknown <what> '<where>.<key>'. Did you mean '<where>.<close>'? Valid <what>s of '<where>': ...";
+    `listing` replaces the list of valid names (e.g. "--help lists them" when there are a hundred).
+    """
     valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=1)
     prefix = f"{where}." if where else ""
     hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
     scope = f" of '{where}'" if where else ""
     noun = what.split()[-1] + "s"
-    return error(f"Unknown {what} '{prefix}{key}'.{hint} Valid {noun}{scope}: {', '.join(valid)}.")
+    names = listing if listing is not None else f"Valid {noun}{scope}: {', '.join(valid)}."
+    return error(f"Unknown {what} '{prefix}{key}'.{hint} {names}")
 
 
 def coerce(value: Any, annotation: Any, key: str, error: type[ConfigError] = ConfigError) -> Any:

@@ -8,6 +8,7 @@ audio files, a diverged run. Every command runs its work through `run_command`, 
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -37,8 +38,6 @@ def check_paths(paths: Sequence[str | os.PathLike], field: str, kind: str = "fil
         field: the field, as the user wrote it (e.g. "data.train_manifests").
         kind: "file", "folder", or "path" (either); a glob pattern must match at least one file.
     """
-    import glob
-
     for path in paths:
         text = os.fspath(path)
         if any(ch in text for ch in "*?["):

@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = save_conversion(conversion, args.out_dir)
     model = conversion.model
-    print(f"{args.nemo_file} (NeMo {conversion.nemo_class}) -> {out_dir} ({type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, licence: {conversion.license})")  # fmt: skip
+    print(
+        f"{args.nemo_file} (NeMo {conversion.nemo_class}) -> {out_dir} ({type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, licence: {conversion.license})"
+    )
     dropped = {k: v for k, v in conversion.dropped.items() if not k.startswith("preprocessor.featurizer.")}
     for key, why in sorted(dropped.items()):
         print(f"  dropped {key}: {why}")

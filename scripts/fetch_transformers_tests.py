@@ -80,8 +80,19 @@ def installed_transformers_version() -> str:
 
 def download_sdist(version: str, workdir: Path) -> Path:
     """`pip download` the transformers sdist for `version` into `workdir`; returns the archive path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"transformers=={version}", "-d", str(workdir), "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"transformers=={version}",
+        "-d",
+        str(workdir),
+        "--quiet",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(

@@ -5,7 +5,7 @@
     python scripts/low_resource_experiment.py --config configs/experiments/low_resource_toy.yaml --out /tmp/toy
     python scripts/low_resource_experiment.py --config ... --stages corpus pretrain     # only these stages
 
-Stages (hf_ssl_speech/experiment.py): corpus -> pretrain (one encoder per objective, equal budgets) ->
+Stages (hf_ssl_speech/experiments/low_resource.py): corpus -> pretrain (one encoder per objective, equal budgets) ->
 finetune (CTC on 10 min / 1 h: pretrained, frozen-encoder probe, scratch baseline) -> evaluate (WER/CER on
 held-out voices) -> report (low_resource.json / .md / PNGs in the config's results_dir). Each stage, and
 each run inside it, leaves a done.json marker: run the same command again after an interruption and it
@@ -34,7 +34,7 @@ from hf_ssl_speech.experiments.low_resource import (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # a command, not a call from Python: restart with the tuned allocator (DESIGN.md §9)
+    if argv is None:  # a command, not a call from Python: restart with the tuned allocator (docs/architecture.md §5)
         from hf_ssl_speech.pretrain.cli import tune_malloc_and_reexec
 
         tune_malloc_and_reexec()

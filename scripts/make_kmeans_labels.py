@@ -1,136 +1,31 @@
+#!/usr/bin/env python
 """Frame labels for the HuBERT objective: k-means on one layer of a checkpoint's hidden states.
 
-    python scripts/make_kmeans_labels.py --checkpoint runs/pretrain/checkpoint-20000 \
-        --manifest data/pretrain.jsonl --output-dir data/kmeans_l6 --layer 6 --num-clusters 100
+    python scripts/make_kmeans_labels.py --checkpoint runs/tiny_nest/checkpoints/checkpoint-00000300/model \\
+        --manifest demo_corpus/train.jsonl --output-dir data/kmeans_l2 --layer 2 --num-clusters 100
 
-Pass 1 encodes the manifest and keeps a seeded random subset of encoder steps (`--max-fit-steps`) to fit
-k-means (Lloyd iterations in torch, seeded k-means++ initialisation); pass 2 encodes again and labels
-every step. Output, in `--output-dir`:
-    labels/<id>.npy        int64 (frames,): one label per 10 ms feature frame (each encoder step's label
-                           repeated `subsampling_factor` times), the layout the data pipeline expects;
-    manifest.jsonl         the input lines with an absolute `audio_filepath` and `frame_labels` (relative
-                           path to the .npy), ready for `--frame-labels-key frame_labels` training;
-    kmeans.pt              {"centroids": (k, hidden), "layer", "checkpoint", ...};
-    summary.json           counts: utterances labelled / skipped (with reasons), steps fitted, clusters used.
-Unreadable or too-short utterances are skipped, counted and listed; they never stop the run.
+Writes labels/<id>.npy (one int64 label per 10 ms frame), manifest.jsonl (the input lines plus
+`frame_labels`), kmeans.pt and summary.json into --output-dir; unreadable utterances are skipped and counted.
+The work is `hf_ssl_speech.pretrain.kmeans.make_kmeans_labels`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import re
-from collections import Counter
-from pathlib import Path
+import sys
 
-import numpy as np
 import torch
 
-from hf_ssl_speech.data.audio_io import AudioError, load_audio
-from hf_ssl_speech.feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
-from hf_ssl_speech.modeling_conformer_ssl import ConformerSslModel
-
-logger = logging.getLogger("make_kmeans_labels")
+from hf_ssl_speech.errors import run_command
+from hf_ssl_speech.pretrain.kmeans import make_kmeans_labels
 
 
-# ----------------------------------------------------------------------------------------------- k-means
-def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """(N, D), (K, D) -> (N, K) squared Euclidean distances via ||x||^2 - 2 x.c + ||c||^2 (no (N, K, D) tensor)."""
-    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ centroids.T + centroids.pow(2).sum(1)[None, :]).clamp(min=0)
-
-
-def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Nearest centroid of each row of x (N, D), in chunks to bound memory. Returns (N,) long."""
-    return torch.cat([squared_distances(x[i : i + chunk], centroids).argmin(1) for i in range(0, len(x), chunk)])
-
-
-def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability ~ D(x)^2."""
-    centroids = x[torch.randint(len(x), (1,), generator=generator)]
-    nearest = squared_distances(x, centroids)[:, 0]
-    for _ in range(1, k):
-        weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)
-        index = torch.multinomial(weights, 1, generator=generator)
-        centroids = torch.cat([centroids, x[index]])
-        nearest = torch.minimum(nearest, squared_distances(x, x[index])[:, 0])
-    return centroids
-
-
-def fit_kmeans(x: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """Lloyd's algorithm on x (N, D) float32. Returns (centroids (k, D), mean squared distance).
-
-    An emptied cluster is re-seeded with the point farthest from its centroid, so all k stay in use.
-    """
-    if len(x) < k:
-        raise ValueError(f"--num-clusters={k} is larger than the {len(x)} steps available to fit; lower it.")
-    generator = torch.Generator().manual_seed(seed)
-    x = x.float()
-    centroids = kmeans_plus_plus(x, k, generator)
-    for _ in range(iterations):
-        labels = assign(x, centroids)
-        counts = torch.bincount(labels, minlength=k).float()
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        updated = sums / counts.clamp(min=1)[:, None]
-        empty = counts == 0
-        if empty.any():
-            distance = squared_distances(x, centroids).gather(1, labels[:, None])[:, 0]
-            farthest = distance.topk(int(empty.sum())).indices
-            updated[empty] = x[farthest]
-        centroids = updated
-    labels = assign(x, centroids)
-    inertia = squared_distances(x, centroids).gather(1, labels[:, None]).mean().item()
-    return centroids, inertia
-
-
-# ----------------------------------------------------------------------------------------------- data
-def read_manifest(path: Path) -> list[dict]:
-    """NeMo JSONL lines with `audio_filepath` resolved against the manifest's folder."""
-    rows = []
-    base = path.resolve().parent
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "audio_filepath" not in row:
-                raise ValueError(f"{path}:{number}: no 'audio_filepath' field")
-            audio = Path(row["audio_filepath"])
-            row["audio_filepath"] = str(audio if audio.is_absolute() else (base / audio).resolve())
-            row.setdefault("id", os.path.splitext(os.path.relpath(row["audio_filepath"], base))[0])
-            rows.append(row)
-    return rows
-
-
-def safe_name(identifier: str) -> str:
-    """A file name for an utterance id (path separators and odd characters become '_')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", identifier).strip("_") or "utterance"
-
-
-@torch.no_grad()
-def encode(model: ConformerSslModel, extractor: ConformerSslFeatureExtractor, row: dict, layer: int,
-           device: torch.device) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """Hidden states (steps, hidden) of one utterance at `layer`, and its number of feature frames."""
-    audio, _ = load_audio(row["audio_filepath"], offset=row.get("offset", 0.0), duration=row.get("duration")
-                          if "offset" in row else None, min_duration=extractor.min_samples / extractor.sampling_rate)  # fmt: skip
-    features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt", device=device)
-    out = model(features["input_features"], attention_mask=features["attention_mask"], output_hidden_states=True)
-    steps = int(out.output_lengths[0])
-    return out.hidden_states[layer][0, :steps].float().cpu(), int(features["attention_mask"].sum())
-
-
-def frame_labels_from_steps(step_labels: np.ndarray, factor: int, frames: int) -> np.ndarray:
-    """Repeat each encoder step's label over its `factor` frames and cut to the utterance's frames."""
-    return np.repeat(step_labels.astype(np.int64), factor)[:frames]
-
-
-# ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (any ConformerSsl head)")
-    parser.add_argument("--manifest", required=True, type=Path, help="NeMo JSONL manifest")
-    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--manifest", required=True, help="NeMo JSONL manifest")
+    parser.add_argument("--output-dir", required=True)
     parser.add_argument("--layer", type=int, default=-1, help="hidden state index: 0 subsampling, k block k, -1 last")
     parser.add_argument("--num-clusters", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=10)
@@ -139,83 +34,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    device = torch.device(args.device)
-    model = ConformerSslModel.from_pretrained(args.checkpoint).to(device).eval()
-    config = model.config
-    n = config.num_hidden_layers
-    if not -n - 1 <= args.layer <= n:
-        raise ValueError(f"--layer={args.layer}: the checkpoint has {n + 1} hidden states, use [{-n - 1}, {n}].")
-    try:
-        extractor = ConformerSslFeatureExtractor.from_pretrained(args.checkpoint)
-    except OSError:
-        extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins)
-    if extractor.feature_size != config.num_mel_bins:
-        raise ValueError(f"feature extractor has {extractor.feature_size} mels, the model {config.num_mel_bins}.")
-    rows = read_manifest(args.manifest)
-    skipped: Counter = Counter()
-    problems: list[str] = []
-
-    def hidden_states_of(row: dict) -> tuple[torch.Tensor, int] | None:
-        try:
-            return encode(model, extractor, row, args.layer, device)
-        except (AudioError, ValueError) as error:
-            reason = getattr(error, "reason", "unusable")
-            skipped[reason] += 1
-            problems.append(f"{row['audio_filepath']}: {reason}: {error}")
-            logger.warning("skipping %s: %s", row["audio_filepath"], error)
-            return None
-
-    # Pass 1: a seeded uniform subset of steps (each step kept with probability max_fit_steps / total steps).
-    generator = torch.Generator().manual_seed(args.seed)
-    total_steps = sum(int(np.ceil(float(r.get("duration", 0)) * 100 / config.subsampling_factor)) for r in rows)
-    keep_prob = min(1.0, args.max_fit_steps / max(total_steps, 1))
-    fit_rows = []
-    usable = []
-    for row in rows:
-        encoded = hidden_states_of(row)
-        if encoded is None:
-            continue
-        usable.append(row)
-        hidden, _ = encoded
-        keep = torch.rand(len(hidden), generator=generator) < keep_prob
-        fit_rows.append(hidden[keep])
-    fit = torch.cat(fit_rows) if fit_rows else torch.zeros(0, config.hidden_size)
-    centroids, inertia = fit_kmeans(fit, args.num_clusters, args.iterations, args.seed)
-    logger.info("k-means: %d clusters on %d steps, mean squared distance %.4f", args.num_clusters, len(fit), inertia)
-
-    # Pass 2: label every step of every readable utterance.
-    labels_dir = args.output_dir / "labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    usage = torch.zeros(args.num_clusters, dtype=torch.long)
-    written = 0
-    with open(args.output_dir / "manifest.jsonl", "w", encoding="utf-8") as manifest:
-        for row in usable:  # the bad ones were counted in pass 1
-            hidden, frames = encode(model, extractor, row, args.layer, device)
-            step_labels = assign(hidden, centroids)
-            usage += torch.bincount(step_labels, minlength=args.num_clusters)
-            name = f"{safe_name(str(row['id']))}.npy"
-            np.save(labels_dir / name, frame_labels_from_steps(step_labels.numpy(), config.subsampling_factor, frames))
-            manifest.write(json.dumps({**row, "frame_labels": f"labels/{name}"}) + "\n")
-            written += 1
-    torch.save({"centroids": centroids, "layer": args.layer, "checkpoint": str(args.checkpoint),
-                "num_clusters": args.num_clusters, "inertia": inertia}, args.output_dir / "kmeans.pt")  # fmt: skip
-    summary = {
-        "utterances": len(rows),
-        "labelled": written,
-        "skipped": dict(skipped),
-        "problems": problems,
-        "fit_steps": len(fit),
-        "clusters_used": int((usage > 0).sum()),
-        "num_clusters": args.num_clusters,
-        "layer": args.layer,
-        "inertia": inertia,
-    }
-    with open(args.output_dir / "summary.json", "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    logger.info("labelled %d of %d utterances; skipped %s", written, len(rows), dict(skipped) or "none")
-    return summary
+    return make_kmeans_labels(
+        args.checkpoint,
+        args.manifest,
+        args.output_dir,
+        layer=args.layer,
+        num_clusters=args.num_clusters,
+        iterations=args.iterations,
+        max_fit_steps=args.max_fit_steps,
+        seed=args.seed,
+        device=args.device,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -7,7 +7,7 @@
     python scripts/prepare_corpus.py an4 an4 --split train --out manifests/an4_train.jsonl --shards 4
 
 Files that are listed but unusable (missing, unreadable, malformed lines) are printed at the end; the exit
-status is 1 when nothing usable was found. Layout details: `hf_ssl_speech/prepare.py`.
+status is 1 when nothing usable was found. Layout details: `hf_ssl_speech/data/prepare.py`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
     python scripts/pretrain.py        # tiny NEST demo: builds ./demo_corpus, a few CPU minutes
 
 Several CPU processes (gloo): ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/pretrain.py ...
-The loop itself is hf_ssl_speech/pretrain_loop.py.
+The loop itself is hf_ssl_speech/pretrain/loop.py.
 """
 
 from hf_ssl_speech.pretrain.cli import pretrain_main

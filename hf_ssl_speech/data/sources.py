@@ -170,8 +170,11 @@ class ManifestSource:
                 try:
                     try:
                         meta = parse_metadata(json.loads(line), where, self.base_dir, True, frame_labels_key)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                        raise AudioError("malformed", where, f"not JSON: {error}") from None
+                    except json.JSONDecodeError as error:
+                        # json counts lines within the one line it was given; report the column only
+                        raise AudioError("malformed", where, f"not JSON: {error.msg} at column {error.colno}") from None
+                    except UnicodeDecodeError as error:
+                        raise AudioError("malformed", where, f"not UTF-8 text: {error.reason}") from None
                     duration = meta.get("duration")
                     if duration is None:
                         if not probe_missing_durations:

@@ -1,19 +1,26 @@
-"""Arguments of the fine-tuning scripts: model, data and fine-tuning settings next to `TrainingArguments`."""
+"""Arguments of the fine-tuning scripts: model, data and fine-tuning settings next to `TrainingArguments`.
+
+`parse_args` reads a YAML recipe and the command line into these dataclasses through the package's one config
+layer (`hf_ssl_speech.config_io`), the same coercion and error messages as pretraining recipes.
+"""
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import logging
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import (
-    HfArgumentParser,
-)
+
+from .. import config_io
+from ..data.config import DataConfig
+from ..errors import ConfigError, MissingPathError
+from ..synthetic.corpus import DEMO_DIR, DEMO_MINUTES
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,9 @@ class DataArguments:
     eval_manifests: list[str] = field(
         default_factory=list, metadata={"help": "NeMo JSONL manifests to evaluate on, each reported separately."}
     )
-    min_duration: float = field(default=0.1, metadata={"help": "Leave out shorter utterances (seconds)."})
+    min_duration: float = field(
+        default=DataConfig.min_duration, metadata={"help": "Leave out shorter utterances (seconds)."}
+    )
     max_duration: float | None = field(
         default=30.0, metadata={"help": "Leave out longer training utterances (CTC), crop them (classification)."}
     )
@@ -66,9 +75,10 @@ class DataArguments:
         default="speaker", metadata={"help": "Manifest field holding the class (classification only)."}
     )
     demo_corpus_dir: str = field(
-        default="data/demo_corpus", metadata={"help": "Demo corpus folder, made when no manifests are given."}
+        default=DEMO_DIR,
+        metadata={"help": "Demo corpus folder, made when no manifests are given (shared with pretraining)."},
     )
-    demo_minutes: float = field(default=10.0, metadata={"help": "Minutes of demo audio to make (all splits)."})
+    demo_minutes: float = field(default=DEMO_MINUTES, metadata={"help": "Minutes of demo audio to make (all splits)."})
     spec_augment: bool = field(default=True, metadata={"help": "SpecAugment on training features."})
     freq_masks: int = field(default=2, metadata={"help": "SpecAugment frequency masks per utterance (NeMo: 2)."})
     freq_width: int = field(default=27, metadata={"help": "Widest frequency mask in mel bins (NeMo: 27)."})
@@ -106,13 +116,17 @@ class FinetuneArguments:
 # Forced on every run: our datasets hold metadata rows that the collator turns into model inputs, so the
 # Trainer must not drop "unused" columns; every other TrainingArguments default is the recipe's to choose.
 FORCED_TRAINING_ARGS = {"remove_unused_columns": False}
+# A recipe is flat or in these sections (any section may hold any argument; the names are unique).
+RECIPE_SECTIONS = ("model", "data", "finetune", "training")
 
 
-def _flatten_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
+def _flatten_recipe(data: Mapping[str, Any], path: str) -> dict[str, Any]:
     """A recipe is a flat mapping, or sections (model/data/finetune/training) of flat mappings."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("model", "data", "finetune", "training") and isinstance(value, Mapping):
+        if key in RECIPE_SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: section '{key}' must be a mapping of argument names to values.")
             flat.update(value)
         else:
             flat[key] = value
@@ -126,7 +140,7 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
         token = argv[index]
         if token == "--config":
             if index + 1 >= len(argv):
-                raise SystemExit("--config needs a YAML file path")
+                raise ConfigError("--config needs a YAML file path")
             config, index = argv[index + 1], index + 2
             continue
         if token.startswith("--config=") or token.startswith("config="):
@@ -137,21 +151,89 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def _expand_key_values(argv: list[str], destinations: set[str], list_dests: set[str]) -> list[str]:
-    """`key=value` tokens naming an argument become `--key value` (`a,b` splits for list-valued keys).
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list or any(
+        typing.get_origin(a) is list for a in typing.get_args(annotation)
+    )
 
-    Other tokens pass unchanged, so a flag's value may itself contain `=` (`--config_overrides layerdrop=0.1`).
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
+HELP_HINT = "Run the script with --help for the list."
+_BOOL_WORDS = ("true", "false", "yes", "no", "1", "0", "on", "off")
+
+
+def command_line_values(argv: Sequence[str], types: Mapping[str, Any]) -> dict[str, str | list[str]]:
+    """Raw command-line strings by argument name, for `config_io.coerce_text` to type.
+
+    Accepted: `--key value`, `--key=value`, `--flag` (a bool set to true, or `--flag false`), `--key a b` for
+    lists, and `key=value` (`key=a,b` for lists). An unknown name is refused with the closest valid one.
     """
-    out: list[str] = []
-    for token in argv:
-        key, _, value = token.partition("=")
-        key = key.replace("-", "_")
-        if not token.startswith("-") and _ and key in destinations:
-            out.append(f"--{key}")
-            out.extend([v for v in value.split(",") if v] if key in list_dests else [value])
+
+    def known(name: str) -> str:
+        name = name.replace("-", "_")
+        if name not in types:
+            raise config_io.unknown_key(name, types, "", "argument", listing=HELP_HINT)
+        return name
+
+    def is_assignment(token: str) -> bool:
+        return "=" in token and token.split("=", 1)[0].replace("-", "_") in types
+
+    values: dict[str, str | list[str]] = {}
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if not token.startswith("--"):
+            key, has_value, value = token.partition("=")
+            if not has_value:
+                raise ConfigError(f"unexpected argument {token!r}: use --key value or key=value (--help lists them).")
+            name = known(key)
+            values[name] = [v for v in value.split(",") if v] if _is_list(types[name]) else value
+            continue
+        key, has_value, inline = token[2:].partition("=")
+        name = known(key)
+        annotation = types[name]
+        if has_value:
+            values[name] = [v for v in inline.split(",") if v] if _is_list(annotation) else inline
+            continue
+        following: list[str] = []
+        while index < len(argv) and not argv[index].startswith("--") and not is_assignment(argv[index]):
+            if following and not _is_list(annotation):
+                break
+            if _is_bool(annotation) and argv[index].lower() not in _BOOL_WORDS:
+                break
+            following.append(argv[index])
+            index += 1
+        if following:
+            values[name] = following if _is_list(annotation) else following[0]
+        elif _is_bool(annotation):
+            values[name] = "true"
         else:
-            out.append(token)
-    return out
+            raise ConfigError(f"--{name} needs a value (expected {config_io.type_name(annotation)}).")
+    return values
+
+
+def usage(dataclass_types: Sequence[type]) -> str:
+    """`--help`: every argument with its type, default and help, grouped by dataclass."""
+    lines = [
+        "Arguments (in a recipe YAML, flat or under model/data/finetune/training; on the command line as",
+        "--key value, --flag, or key=value; the command line wins):",
+    ]
+    for cls in dataclass_types:
+        lines.append(f"\n{cls.__name__}:")
+        hints = config_io.field_types(cls)
+        for item in dataclasses.fields(cls):
+            if not item.init:
+                continue
+            default = item.default if item.default is not dataclasses.MISSING else "[]"
+            text = " ".join(str(item.metadata.get("help", "")).split())
+            lines.append(
+                f"  --{item.name} ({config_io.type_name(hints[item.name])}, default {default!r}) {text}".rstrip()
+            )
+    return "\n".join(lines)
 
 
 def parse_args(
@@ -168,45 +250,38 @@ def parse_args(
             `key=value`; list-valued keys take several values after `--key`, or `key=a,b`.
         defaults: script-level defaults, below the recipe's values.
 
-    Precedence: dataclass defaults < `FORCED_TRAINING_ARGS` < `defaults` < recipe YAML < command line. Unknown
-    recipe keys are refused with the closest valid name; a recipe or flag that changes one of
-    `FORCED_TRAINING_ARGS` is overruled with a warning.
+    Precedence: dataclass defaults < `FORCED_TRAINING_ARGS` < `defaults` < recipe YAML < command line. Values are
+    typed by `hf_ssl_speech.config_io` (the one config layer of the package); unknown keys are refused with the
+    closest valid name; a recipe or flag that changes one of `FORCED_TRAINING_ARGS` is overruled with a warning.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(usage(dataclass_types))
+        raise SystemExit(0)
     config_path, argv = _split_config_flag(argv)
-    parser = HfArgumentParser(dataclass_types)
-    destinations = {action.dest for action in parser._actions if action.dest != "help"}
-    list_dests = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
-    values = {**FORCED_TRAINING_ARGS, **(defaults or {})}
+    owners = {name: cls for cls in dataclass_types for name in config_io.field_types(cls)}
+    types = {name: config_io.field_types(owners[name])[name] for name in owners}
+    values: dict[str, Any] = {**FORCED_TRAINING_ARGS, **(defaults or {})}
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
-            raise FileNotFoundError(f"--config {config_path}: no such file (recipes live in configs/finetune/)")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: a recipe must be a YAML mapping of argument names to values")
-        recipe = _flatten_recipe(data)
-        unknown = sorted(set(recipe) - destinations)
-        if unknown:
-            hints = [f"{key} (did you mean {difflib.get_close_matches(key, destinations, 1)})" for key in unknown]
-            raise ValueError(f"{path}: unknown keys {', '.join(hints)}; run the script with --help for the list.")
+            raise MissingPathError(f"--config {config_path}: no such file (recipes live in configs/finetune/)")
+        recipe = _flatten_recipe(config_io.read_yaml(path, "fine-tuning recipe"), str(path))
+        for key in recipe:
+            if key not in types:
+                raise config_io.unknown_key(key, types, "", f"key in {path}:", listing=HELP_HINT)
         values.update(recipe)
-    parser.set_defaults(**{key: value for key, value in values.items() if key in destinations})
-    *parsed, unknown_args = parser.parse_args_into_dataclasses(
-        args=_expand_key_values(argv, destinations, list_dests), return_remaining_strings=True
+    typed = {key: config_io.coerce(value, types[key], key) for key, value in values.items() if key in types}
+    for key, text in command_line_values(argv, types).items():
+        typed[key] = config_io.coerce_text(text, types[key], key)
+    for key, forced in FORCED_TRAINING_ARGS.items():
+        if key in typed and typed[key] != forced:
+            logger.warning("%s=%r is not supported by these scripts; using %r.", key, typed[key], forced)
+            typed[key] = forced
+    return tuple(
+        config_io.build(cls, {k: v for k, v in typed.items() if owners.get(k) is cls}, "", "argument")
+        for cls in dataclass_types
     )
-    if unknown_args:
-        hints = []
-        for token in unknown_args:
-            name = token.lstrip("-").partition("=")[0].replace("-", "_")
-            hints.append(f"{token!r} (did you mean {difflib.get_close_matches(name, destinations, 1)})")
-        raise ValueError(f"unknown arguments {', '.join(hints)}; run the script with --help for the list.")
-    for item in parsed:
-        for key, forced in FORCED_TRAINING_ARGS.items():
-            if hasattr(item, key) and getattr(item, key) != forced:
-                logger.warning("%s=%r is not supported by these scripts; using %r.", key, getattr(item, key), forced)
-                setattr(item, key, forced)
-    return tuple(parsed)
 
 
 def parse_config_overrides(overrides: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -218,7 +293,7 @@ def parse_config_overrides(overrides: str | Mapping[str, Any] | None) -> dict[st
     result = {}
     for item in str(overrides).split(","):
         if "=" not in item:
-            raise ValueError(
+            raise ConfigError(
                 f"config_overrides item {item!r} is not key=value (e.g. 'final_dropout=0.0,layerdrop=0.1')"
             )
         key, value = item.split("=", 1)

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..data import AudioError, DataConfig, ManifestSource, RawExample, decode_example
+from ..errors import check_paths
 from ..frames import SAMPLING_RATE
+from ..synthetic.corpus import ensure_demo_corpus
 from .args import DataArguments
 from .text import normalize_transcript
 
@@ -160,14 +162,15 @@ def decode_rows(
     return examples
 
 
-def resolve_manifests(data_args: DataArguments, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, eval) manifests: the given ones, or the demo corpus' finetune/test splits (made if missing)."""
+def resolve_manifests(data_args: DataArguments) -> tuple[list[str], list[str]]:
+    """(train, eval) manifests: the given ones (checked to exist), or the demo corpus' finetune/test splits (made
+    if missing, in the folder pretraining's demo uses too)."""
     if data_args.train_manifests:
+        check_paths(data_args.train_manifests, "train_manifests")
+        check_paths(data_args.eval_manifests, "eval_manifests")
         return list(data_args.train_manifests), list(data_args.eval_manifests)
-    from ..synthetic.corpus import make_demo_corpus
-
-    folder = Path(data_args.demo_corpus_dir)
-    logger.warning("no --train_manifests: using the demo corpus in %s (%s minutes)", folder, data_args.demo_minutes)
-    make_demo_corpus(folder, minutes=data_args.demo_minutes, seed=seed)
+    logger.warning("no --train_manifests: using the demo corpus in %s", data_args.demo_corpus_dir)
+    folder = ensure_demo_corpus(data_args.demo_corpus_dir, data_args.demo_minutes)
+    check_paths(data_args.eval_manifests, "eval_manifests")
     eval_manifests = list(data_args.eval_manifests) or [str(folder / "test.jsonl")]
     return [str(folder / "finetune.jsonl")], eval_manifests

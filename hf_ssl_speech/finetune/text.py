@@ -58,8 +58,10 @@ def build_tokenizer(vocab: Mapping[str, int]) -> Wav2Vec2CTCTokenizer:
             do_lower_case=False,
         )
     if len(tokenizer) != len(vocab) or tokenizer.pad_token_id != 0:
-        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens / pad id {tokenizer.pad_token_id}; expected "
-                           f"{len(vocab)} / 0 (a special token was added to the vocabulary)")  # fmt: skip
+        raise RuntimeError(
+            f"tokenizer has {len(tokenizer)} tokens / pad id {tokenizer.pad_token_id}; expected "
+            f"{len(vocab)} / 0 (a special token was added to the vocabulary)"
+        )
     return tokenizer
 
 
