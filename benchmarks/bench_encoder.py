@@ -1,6 +1,6 @@
 """Encoder throughput and memory, side by side with transformers' own speech encoders.
 
-Pairs (same width / depth / heads / FFN / kernel; DESIGN.md §9 workload):
+Pairs (same width / depth / heads / FFN / kernel; the reference workload of docs/performance.md):
   ours Conformer (4x striding)        vs  transformers Wav2Vec2ConformerModel (rel-pos, its conv front end)
   ours FastConformer (8x dw_striding)  vs  transformers ParakeetEncoder
 
@@ -9,9 +9,9 @@ settings, in alternating order. Reported: audio-seconds per second for forward+b
 mean square of the output) and forward-only (eval, no grad), and peak RSS. Prints a table and one JSON line
 with the ratios ours / theirs.
 
-    python benchmarks/bench_encoder.py                      # DESIGN §9 size: 8 x 10 s, hidden 256, 8 layers
+    python benchmarks/bench_encoder.py                      # reference size: 8 x 10 s, hidden 256, 8 layers
     python benchmarks/bench_encoder.py --batch 2 --seconds 4 --repeats 2   # quick look
-    python benchmarks/bench_encoder.py --malloc tuned       # glibc malloc without mmap churn (DESIGN §9)
+    python benchmarks/bench_encoder.py --malloc tuned       # glibc malloc without mmap churn (docs/architecture.md §5)
 """
 
 from __future__ import annotations
@@ -40,14 +40,18 @@ def build(system: str, args: argparse.Namespace):
 
         fast = system == "ours_fastconformer"
         config = ConformerSslConfig(
-            hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
+            hidden_size=d,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
             conv_depthwise_kernel_size=kernel if not fast else args.fast_kernel,
-            subsampling="dw_striding" if fast else "striding", subsampling_factor=8 if fast else 4,
+            subsampling="dw_striding" if fast else "striding",
+            subsampling_factor=8 if fast else 4,
             subsampling_conv_channels=256 if fast else -1,
             # Same regularisation as the peer: Parakeet's blocks have no residual-branch dropout (only input,
             # activation and attention dropout), Wav2Vec2Conformer's have 0.1 like ours by default.
             hidden_dropout=0.0 if fast else 0.1,
-        )  # fmt: skip
+        )
         frames = samples // 160
         inputs = {"input_features": torch.randn(batch, frames, 80, generator=generator)}
         return ConformerSslModel(config), inputs
@@ -55,18 +59,29 @@ def build(system: str, args: argparse.Namespace):
         from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
         config = ParakeetEncoderConfig(
-            hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
-            conv_kernel_size=args.fast_kernel, subsampling_conv_channels=256, layerdrop=0.0,
-        )  # fmt: skip
+            hidden_size=d,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            conv_kernel_size=args.fast_kernel,
+            subsampling_conv_channels=256,
+            layerdrop=0.0,
+        )
         frames = samples // 160
         return ParakeetEncoder(config), {"input_features": torch.randn(batch, frames, 80, generator=generator)}
     from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
 
     config = Wav2Vec2ConformerConfig(
-        hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
-        conv_depthwise_kernel_size=kernel, position_embeddings_type="relative", layerdrop=0.0,
-        mask_time_prob=0.0, apply_spec_augment=False,
-    )  # fmt: skip
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        conv_depthwise_kernel_size=kernel,
+        position_embeddings_type="relative",
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        apply_spec_augment=False,
+    )
     return Wav2Vec2ConformerModel(config), {"input_values": torch.randn(batch, samples, generator=generator)}
 
 
@@ -145,8 +160,11 @@ def main() -> None:
             continue
         results[system] = json.loads(line.removeprefix("RESULT "))
         r = results[system]
-        print(f"  {system:20s} {r['params_m']:7.2f}M  train {r['train_audio_s_per_s']:8.2f} audio-s/s  "
-              f"fwd {r['forward_audio_s_per_s']:8.2f} audio-s/s  peak {r['peak_rss_gb']:.2f} GB", flush=True)  # fmt: skip
+        print(
+            f"  {system:20s} {r['params_m']:7.2f}M  train {r['train_audio_s_per_s']:8.2f} audio-s/s  "
+            f"fwd {r['forward_audio_s_per_s']:8.2f} audio-s/s  peak {r['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
 
     ratios = {}
     for ours, theirs in PAIRS:
@@ -157,13 +175,20 @@ def main() -> None:
                 "forward_throughput": round(a["forward_audio_s_per_s"] / b["forward_audio_s_per_s"], 2),
                 "peak_memory": round(a["peak_rss_gb"] / b["peak_rss_gb"], 2),
             }
-    print(f"\nworkload: batch {args.batch} x {args.seconds} s, hidden {args.hidden}, {args.layers} layers, "
-          f"{args.heads} heads, FFN {args.ffn}, fp32, {args.threads} threads, malloc {args.malloc}")  # fmt: skip
+    print(
+        f"\nworkload: batch {args.batch} x {args.seconds} s, hidden {args.hidden}, {args.layers} layers, "
+        f"{args.heads} heads, FFN {args.ffn}, fp32, {args.threads} threads, malloc {args.malloc}"
+    )
     for pair, r in ratios.items():
-        print(f"  {pair:36s} train x{r['train_throughput']}  forward x{r['forward_throughput']}  "
-              f"peak memory x{r['peak_memory']}")  # fmt: skip
-    print(json.dumps({"benchmark": "encoder", "settings": vars(args) | {"one": None}, "results": results,
-                      "ratios": ratios}))  # fmt: skip
+        print(
+            f"  {pair:36s} train x{r['train_throughput']}  forward x{r['forward_throughput']}  "
+            f"peak memory x{r['peak_memory']}"
+        )
+    print(
+        json.dumps(
+            {"benchmark": "encoder", "settings": vars(args) | {"one": None}, "results": results, "ratios": ratios}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Full pretraining-step throughput and peak memory: our objectives vs NeMo's recipes and transformers' wav2vec2.
 
-One step = masking + forward + loss + backward + gradient clipping (1.0) + AdamW update, on the DESIGN.md §9
+One step = masking + forward + loss + backward + gradient clipping (1.0) + AdamW update, on the reference
 workload: 8 utterances x 10 s, hidden 256, 4 heads, FFN 1024, 8 layers, fp32, 2 threads; depthwise kernel 31 for
 Conformer (4x striding), 9 for FastConformer (8x dw_striding).
 
@@ -17,7 +17,7 @@ The NeMo systems run benchmarks/nemo_pretrain_runner.py with the NeMo virtual en
 (`--nemo_python`, default $NEMO_PYTHON or /work/nemo_env/venv/bin/python; see benchmarks/README.md).
 
     python benchmarks/bench_pretrain.py --quick                       # smoke run, tiny sizes
-    python benchmarks/bench_pretrain.py                               # DESIGN §9 workload, every system
+    python benchmarks/bench_pretrain.py                               # the reference workload, every system
     python benchmarks/bench_pretrain.py --malloc both                 # default glibc malloc, then the tuned one
     python benchmarks/bench_pretrain.py --systems ours_bestrq nemo_nest --repeats 5 --profile 15
 
@@ -98,10 +98,21 @@ PEER_OBJECTIVE = {"w2v2": "contrastive", "featurise": "(log-mel)"} | {
 }
 # Run order: each peer next to the ours system it is compared with, so drifting machine load hits both alike.
 SYSTEMS = (
-    "nemo_contrastive", "ours_contrastive", "nemo_contrastive_mlm", "ours_contrastive_mlm", "nemo_nest",
-    "ours_bestrq", "w2v2", "ours_hubert", "ours_reconstruction", "ours_apc", "ours_cpc", "ours_mixed", "featurise",
-)  # fmt: skip
-# ours system -> the peer it must beat (DESIGN §9 / the issue's targets).
+    "nemo_contrastive",
+    "ours_contrastive",
+    "nemo_contrastive_mlm",
+    "ours_contrastive_mlm",
+    "nemo_nest",
+    "ours_bestrq",
+    "w2v2",
+    "ours_hubert",
+    "ours_reconstruction",
+    "ours_apc",
+    "ours_cpc",
+    "ours_mixed",
+    "featurise",
+)
+# ours system -> the peer it must beat (docs/performance.md).
 MATCHES = {
     "ours_contrastive": "nemo_contrastive",
     "ours_contrastive_mlm": "nemo_contrastive_mlm",
@@ -172,7 +183,7 @@ def time_steps(step: Callable[[int], float], warmup: int, repeats: int) -> dict:
     """Run `warmup` untimed then `repeats` timed calls of step(i) (which returns the loss as a float).
 
     Returns the median and all step times, the kernel (system) CPU seconds and minor page faults per timed step
-    (high values mean the allocator hands memory back to the OS every step, DESIGN §9), and the last loss."""
+    (high values mean the allocator hands memory back to the OS every step, docs/architecture.md §5), and the last loss."""
     loss = float("nan")
     for i in range(warmup):
         loss = step(i)
@@ -204,8 +215,10 @@ def profile_step(step: Callable[[int], float], index: int, top: int) -> list[lis
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     del torch
-    return [[e.key, round(e.self_cpu_time_total / 1e3, 1), e.count, round(e.self_cpu_time_total / total, 3)]
-            for e in events[:top]]  # fmt: skip
+    return [
+        [e.key, round(e.self_cpu_time_total / 1e3, 1), e.count, round(e.self_cpu_time_total / total, 3)]
+        for e in events[:top]
+    ]
 
 
 def finish(figures: dict, step: Callable[[int], float], args: argparse.Namespace) -> None:
@@ -255,10 +268,15 @@ def run_ours(objective: str, args: argparse.Namespace) -> None:
     encoder = args.encoder or spec["encoder"]
     kernel = args.kernel if encoder == "conformer" else args.fast_kernel
     config = ConformerSslConfig(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        intermediate_size=args.ffn, conv_depthwise_kernel_size=kernel, objectives=spec["objectives"],
-        **ENCODERS[encoder], **spec["config"],
-    )  # fmt: skip
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.ffn,
+        conv_depthwise_kernel_size=kernel,
+        objectives=spec["objectives"],
+        **ENCODERS[encoder],
+        **spec["config"],
+    )
     num_samples = int(args.seconds * SAMPLE_RATE)
     # What the data loader hands over: log-mel features of the batch (made here, outside the timed step).
     waves = torch.from_numpy(synthetic_speech(args.batch, num_samples))
@@ -314,11 +332,18 @@ def run_w2v2(args: argparse.Namespace) -> None:
 
     _threads(args.threads)
     config = Wav2Vec2ConformerConfig(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        intermediate_size=args.ffn, conv_depthwise_kernel_size=args.kernel, position_embeddings_type="relative",
-        layerdrop=0.0, mask_time_prob=0.65, mask_time_length=10, num_negatives=100,
-    )  # fmt: skip
-    # feat_extract_norm stays at the config default ("group", as in DESIGN §9): the example demands "layer" of a
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.ffn,
+        conv_depthwise_kernel_size=args.kernel,
+        position_embeddings_type="relative",
+        layerdrop=0.0,
+        mask_time_prob=0.65,
+        mask_time_length=10,
+        num_negatives=100,
+    )
+    # feat_extract_norm stays at the config default ("group", as in the reference measurement): the example demands "layer" of a
     # Wav2Vec2Config, and it costs w2v2 ~30% more per step on CPU (LayerNorm + transposes after all 7 convs);
     # the default is the faster, conservative peer.
     num_samples = int(args.seconds * SAMPLE_RATE)
@@ -341,9 +366,11 @@ def run_w2v2(args: argparse.Namespace) -> None:
         mask_time_indices = torch.tensor(mask_time_indices, dtype=torch.long)
         num_losses = mask_time_indices.sum()
         out = model(
-            input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices,
+            input_values,
+            attention_mask=attention_mask,
+            mask_time_indices=mask_time_indices,
             sampled_negative_indices=torch.tensor(negatives, dtype=torch.long),
-        )  # fmt: skip
+        )
         out.loss.backward()
         for p in params:  # the example's multiply_grads(params, 1 / num_losses)
             if p.grad is not None:
@@ -362,10 +389,32 @@ def run_w2v2(args: argparse.Namespace) -> None:
 
 
 def child_command(system: str, args: argparse.Namespace) -> list[str]:
-    sizes = ["--batch", str(args.batch), "--seconds", str(args.seconds), "--hidden", str(args.hidden),
-             "--layers", str(args.layers), "--heads", str(args.heads), "--ffn", str(args.ffn),
-             "--kernel", str(args.kernel), "--fast_kernel", str(args.fast_kernel), "--threads", str(args.threads),
-             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--profile", str(args.profile)]  # fmt: skip
+    sizes = [
+        "--batch",
+        str(args.batch),
+        "--seconds",
+        str(args.seconds),
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--ffn",
+        str(args.ffn),
+        "--kernel",
+        str(args.kernel),
+        "--fast_kernel",
+        str(args.fast_kernel),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--profile",
+        str(args.profile),
+    ]
     if system in NEMO_SYSTEMS:
         return [args.nemo_python, str(NEMO_RUNNER), "--recipe", NEMO_SYSTEMS[system], *sizes]
     if args.encoder:
@@ -423,11 +472,15 @@ def ratios(results: dict[str, dict], audio_seconds: float) -> dict:
 
 def print_table(results: dict[str, dict], malloc: str) -> None:
     print(f"\nmalloc {malloc}:")
-    print(f"  {'system':22s} {'objective':16s} {'encoder':14s} {'params':>8s} {'audio-s/s':>10s} {'step s':>8s} "
-          f"{'peak RSS':>9s} {'sys s':>6s}")  # fmt: skip
+    print(
+        f"  {'system':22s} {'objective':16s} {'encoder':14s} {'params':>8s} {'audio-s/s':>10s} {'step s':>8s} "
+        f"{'peak RSS':>9s} {'sys s':>6s}"
+    )
     for system, r in results.items():
-        print(f"  {system:22s} {r['objective']:16s} {r.get('encoder', '-'):14s} {r['params_m']:7.2f}M "
-              f"{r['audio_s_per_s']:10.2f} {r['step_s']:8.3f} {r['peak_rss_gb']:7.2f}GB {r['sys_s_per_step']:6.2f}")  # fmt: skip
+        print(
+            f"  {system:22s} {r['objective']:16s} {r.get('encoder', '-'):14s} {r['params_m']:7.2f}M "
+            f"{r['audio_s_per_s']:10.2f} {r['step_s']:8.3f} {r['peak_rss_gb']:7.2f}GB {r['sys_s_per_step']:6.2f}"
+        )
     for system, r in results.items():
         if "top_ops" in r:
             print(f"  top ops of {system} (self CPU ms, calls, share):")
@@ -476,15 +529,20 @@ def main() -> None:
 
     systems = [s for s in SYSTEMS if s in args.systems]
     if any(s in NEMO_SYSTEMS for s in systems) and not Path(args.nemo_python).exists():
-        print(f"NeMo python {args.nemo_python!r} not found: skipping NeMo systems (benchmarks/README.md says how "
-              "to make the environment; pass --nemo_python or set NEMO_PYTHON).", file=sys.stderr)  # fmt: skip
+        print(
+            f"NeMo python {args.nemo_python!r} not found: skipping NeMo systems (benchmarks/README.md says how "
+            "to make the environment; pass --nemo_python or set NEMO_PYTHON).",
+            file=sys.stderr,
+        )
         systems = [s for s in systems if s not in NEMO_SYSTEMS]
     settings = ("default", "tuned") if args.malloc == "both" else (args.malloc,)
     audio_seconds = args.batch * args.seconds
-    print(f"workload: {args.batch} x {args.seconds} s, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
-          f"FFN {args.ffn}, kernel {args.kernel} (Conformer) / {args.fast_kernel} (FastConformer), fp32, "
-          f"{args.threads} threads; {args.warmup} warm-up + {args.repeats} timed steps per process, "
-          f"{args.rounds} round(s); load average at start {os.getloadavg()}")  # fmt: skip
+    print(
+        f"workload: {args.batch} x {args.seconds} s, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+        f"FFN {args.ffn}, kernel {args.kernel} (Conformer) / {args.fast_kernel} (FastConformer), fp32, "
+        f"{args.threads} threads; {args.warmup} warm-up + {args.repeats} timed steps per process, "
+        f"{args.rounds} round(s); load average at start {os.getloadavg()}"
+    )
     report = {"benchmark": "pretrain", "settings": {k: v for k, v in vars(args).items() if k != "one"}, "malloc": {}}
     for malloc in settings:
         runs: dict[str, list[dict]] = {s: [] for s in systems}
@@ -495,8 +553,11 @@ def main() -> None:
                 if result is None:
                     continue
                 runs[system].append(result)
-                print(f"  [{malloc}] {system:22s} {result['audio_s_per_s']:8.2f} audio-s/s  "
-                      f"peak {result['peak_rss_gb']:.2f} GB  (load {result['loadavg_1min']})", flush=True)  # fmt: skip
+                print(
+                    f"  [{malloc}] {system:22s} {result['audio_s_per_s']:8.2f} audio-s/s  "
+                    f"peak {result['peak_rss_gb']:.2f} GB  (load {result['loadavg_1min']})",
+                    flush=True,
+                )
         results = {s: summarise(r) for s, r in runs.items() if r}
         for system, r in results.items():
             r.setdefault("objective", PEER_OBJECTIVE.get(system, "?"))
@@ -505,16 +566,23 @@ def main() -> None:
         for pair, r in report["malloc"][malloc]["ratios"].items():
             if pair.split("/")[1] in NEMO_SYSTEMS:
                 with_featurise = r.get("throughput_with_featurise", "? (run featurise)")
-                print(f"  {pair:44s} throughput x{r['throughput']} (x{with_featurise} with our featurising)  "
-                      f"peak memory x{r['peak_memory']}  target met: {r['meets_target']}")  # fmt: skip
+                print(
+                    f"  {pair:44s} throughput x{r['throughput']} (x{with_featurise} with our featurising)  "
+                    f"peak memory x{r['peak_memory']}  target met: {r['meets_target']}"
+                )
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
     # The one-line summary: ratios plus each system's headline figures (the full report goes to --output).
-    summary = {k: v for k, v in report.items() if k != "malloc"} | {"malloc": {
-        m: {"ratios": r["ratios"], "figures": {s: {k: f[k] for k in HEADLINE if k in f} for s, f in r["results"].items()}}
-        for m, r in report["malloc"].items()
-    }}  # fmt: skip
+    summary = {k: v for k, v in report.items() if k != "malloc"} | {
+        "malloc": {
+            m: {
+                "ratios": r["ratios"],
+                "figures": {s: {k: f[k] for k in HEADLINE if k in f} for s, f in r["results"].items()},
+            }
+            for m, r in report["malloc"].items()
+        }
+    }
     print(json.dumps(summary))
 
 

@@ -97,9 +97,14 @@ def build_nest_step(cfg, waves, lengths, optimizer_factory):
 
     def step(i: int) -> float:
         log_probs, encoded_len, masks, tokens = model.forward(
-            input_signal=waves, input_signal_length=lengths, noise_signal=noise, noise_signal_length=lengths,
-            noisy_input_signal=noisy, noisy_input_signal_length=lengths, apply_mask=True,
-        )  # fmt: skip
+            input_signal=waves,
+            input_signal_length=lengths,
+            noise_signal=noise,
+            noise_signal_length=lengths,
+            noisy_input_signal=noisy,
+            noisy_input_signal_length=lengths,
+            apply_mask=True,
+        )
         loss = model.loss(masks=masks, decoder_outputs=log_probs, targets=tokens, decoder_lengths=encoded_len)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
