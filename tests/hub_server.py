@@ -63,8 +63,16 @@ class _Repo:
         return self.order[-1]
 
     def commit(self, tree: dict[str, str], message: str) -> str:
-        payload = json.dumps({"parent": self.order[-1] if self.order else None, "tree": tree, "msg": message,
-                              "n": len(self.order), "t": time.time()}, sort_keys=True)  # fmt: skip
+        payload = json.dumps(
+            {
+                "parent": self.order[-1] if self.order else None,
+                "tree": tree,
+                "msg": message,
+                "n": len(self.order),
+                "t": time.time(),
+            },
+            sort_keys=True,
+        )
         oid = hashlib.sha1(payload.encode()).hexdigest()
         self.commits[oid] = dict(tree)
         self.order.append(oid)
@@ -96,8 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # silence the default stderr access log
         self.server.requests.append(f"{self.command} {self.path}")
 
-    def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-               content_type: str = "application/json") -> None:  # fmt: skip
+    def _reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -210,11 +223,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         tree = repo.commits[commit]
         if method == "GET" and action in ("", "revision"):
-            return self._json(200, {
-                "id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.private, "disabled": False,
-                "gated": False, "lastModified": "2024-01-01T00:00:00.000Z", "tags": [],
-                "siblings": [{"rfilename": p} for p in sorted(tree)],
-            })  # fmt: skip
+            return self._json(
+                200,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit,
+                    "private": repo.private,
+                    "disabled": False,
+                    "gated": False,
+                    "lastModified": "2024-01-01T00:00:00.000Z",
+                    "tags": [],
+                    "siblings": [{"rfilename": p} for p in sorted(tree)],
+                },
+            )
         if method == "GET" and action == "tree":
             sub = unquote(parts[1].split("/", 1)[1]) if "/" in parts[1] else ""
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
@@ -260,8 +282,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if key == "header":
                     message = value.get("summary") or message
                 elif key == "file":
-                    content = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else \
-                        value["content"].encode()  # fmt: skip
+                    content = (
+                        base64.b64decode(value["content"])
+                        if value.get("encoding") == "base64"
+                        else value["content"].encode()
+                    )
                     tree[value["path"]] = repo.store(content)
                 elif key == "deletedFile":
                     tree.pop(value["path"], None)
@@ -272,8 +297,15 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._error(400, None, f"The loopback hub only takes inline files, got {key!r}")
             oid = repo.commit(tree, message)
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
-        self._json(200, {"commitUrl": f"{self.server.url}/{prefix}{repo.repo_id}/commit/{oid}", "commitOid": oid,
-                         "pullRequestUrl": None, "success": True})  # fmt: skip
+        self._json(
+            200,
+            {
+                "commitUrl": f"{self.server.url}/{prefix}{repo.repo_id}/commit/{oid}",
+                "commitOid": oid,
+                "pullRequestUrl": None,
+                "success": True,
+            },
+        )
 
     def _resolve(self, repo_type: str, repo_id: str, revision: str, filename: str) -> None:
         repo = self._repo(repo_type, repo_id)
@@ -285,8 +317,11 @@ class _Handler(BaseHTTPRequestHandler):
         oid = repo.commits[commit].get(filename)
         headers = {"X-Repo-Commit": commit}
         if oid is None:
-            self._reply(404, b'{"error": "Entry not found"}',
-                        {**headers, "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"})  # fmt: skip
+            self._reply(
+                404,
+                b'{"error": "Entry not found"}',
+                {**headers, "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"},
+            )
             return
         content = repo.blob(oid)
         self._reply(200, content, {**headers, "ETag": f'"{oid}"'}, content_type="application/octet-stream")
@@ -338,8 +373,13 @@ class HubServer:
 
     def env(self, token: str = "hf_loopback_dummy_token") -> dict[str, str]:
         """Environment for a client process: this endpoint, no Xet, a dummy token."""
-        return {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
-                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}  # fmt: skip
+        return {
+            "HF_ENDPOINT": self.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": token,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "0",
+        }
 
     def start(self) -> HubServer:
         self._server = _Server(self.root)

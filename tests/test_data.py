@@ -175,9 +175,14 @@ def test_stream_yields_exactly_the_good_examples_and_counts_the_bad(tmp_path, ca
     manifest = write_manifest(tmp_path / "mixed.jsonl", rows)
     caplog.set_level(logging.WARNING, logger="hf_ssl_speech.data")
     loader = build_dataloader(
-        manifest, batch_seconds=4.0, num_workers=0, return_waveforms=True, return_ids=True, max_bad_fraction=1.0,
+        manifest,
+        batch_seconds=4.0,
+        num_workers=0,
+        return_waveforms=True,
+        return_ids=True,
+        max_bad_fraction=1.0,
         min_duration=0.1,
-    )  # fmt: skip
+    )
     ids = collect(loader)
     assert sorted(ids) == sorted(f"audio/u{i:03d}" for i in range(10))
     counter = loader.counter
@@ -210,6 +215,8 @@ def test_malformed_manifest_lines_name_file_and_line(tmp_path):
     assert all(reason == "malformed" for reason, _ in where.values())
     assert "audio_filepath" in where["3"][1] and "audio_filepath" in where["4"][1]
     assert "duration" in where["5"][1] and "text" in where["6"][1]
+    # The JSON parser's own "line 1" would contradict the manifest line number given in `where`.
+    assert "column" in where["2"][1] and "line 1" not in where["2"][1]
     assert all(str(manifest) in w for _, w, _ in source.problems)
 
 
@@ -218,9 +225,14 @@ def test_too_many_bad_examples_stops_the_run(tmp_path):
     bad = [{"audio_filepath": f"audio/gone{i}.wav", "duration": 1.0} for i in range(4)]
     manifest = write_manifest(tmp_path / "m.jsonl", good + bad)
     loader = build_dataloader(
-        manifest, batch_seconds=2.0, num_workers=0, return_waveforms=True, max_bad_fraction=0.25,
-        min_examples_before_check=4, shuffle=False,
-    )  # fmt: skip
+        manifest,
+        batch_seconds=2.0,
+        num_workers=0,
+        return_waveforms=True,
+        max_bad_fraction=0.25,
+        min_examples_before_check=4,
+        shuffle=False,
+    )
     with pytest.raises(TooManyBadExamplesError, match=r"max_bad_fraction=0.25[\s\S]*missing"):
         list(loader)
     # Malformed lines are checked when the loader is built.
@@ -318,9 +330,13 @@ def test_tar_shards_and_datasets_builders_give_the_same_examples(tmp_path):
     # Streaming: the same rows, exactly once per pass of each part, from an IterableDataset.
     streaming = datasets.load_dataset("json", data_files=str(manifest), split="train", streaming=True)
     loader = build_dataloader(
-        StreamingDatasetSource(streaming, base_dir=str(tmp_path)), batch_seconds=3.0, num_workers=0,
-        return_waveforms=True, return_ids=True, bucket_window=8,
-    )  # fmt: skip
+        StreamingDatasetSource(streaming, base_dir=str(tmp_path)),
+        batch_seconds=3.0,
+        num_workers=0,
+        return_waveforms=True,
+        return_ids=True,
+        bucket_window=8,
+    )
     seen: list[str] = []
     for batch in loader:
         seen += batch["ids"]
@@ -445,9 +461,15 @@ def test_batches_of_only_bad_examples_are_skipped_but_counted(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", good + bad)
     # One clip per batch, so three batches hold nothing but a missing file.
     loader = build_dataloader(
-        manifest, batch_seconds=1.0, max_batch_size=1, num_workers=2, return_waveforms=True, return_ids=True,
-        max_bad_fraction=0.6, shuffle=False,
-    )  # fmt: skip
+        manifest,
+        batch_seconds=1.0,
+        max_batch_size=1,
+        num_workers=2,
+        return_waveforms=True,
+        return_ids=True,
+        max_bad_fraction=0.6,
+        shuffle=False,
+    )
     planned = len(loader)
     assert planned == 6
     assert sorted(collect(loader)) == [f"audio/u{i:03d}" for i in range(3)]

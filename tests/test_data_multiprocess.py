@@ -55,6 +55,7 @@ accelerator.end_training()  # tear gloo down before exit: left to atexit a rank 
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_two_workers_exactly_once_and_resume(tmp_path: Path):
     rng = np.random.default_rng(0)
     rows = []
@@ -71,8 +72,22 @@ def test_two_processes_two_workers_exactly_once_and_resume(tmp_path: Path):
     out = tmp_path / "report.json"
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(manifest), str(out)]  # fmt: skip
+    command = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(manifest),
+        str(out),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     reports = json.loads(out.read_text())

@@ -301,9 +301,15 @@ def test_command_line(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("flite") is None, reason="flite is not installed (optional engine)")
 def test_recorded_voices_join_when_installed(tmp_path):
     summary = dc.make_demo_corpus(
-        tmp_path / "rec", 1.0, engines=["espeak", "flite"], voices=["espeak:m1", "espeak:f3", "flite:slt", "flite:rms"],
-        test_voices=["flite:rms"], recorded_share=1.0, progress=False, num_workers=2,
-    )  # fmt: skip
+        tmp_path / "rec",
+        1.0,
+        engines=["espeak", "flite"],
+        voices=["espeak:m1", "espeak:f3", "flite:slt", "flite:rms"],
+        test_voices=["flite:rms"],
+        recorded_share=1.0,
+        progress=False,
+        num_workers=2,
+    )
     assert summary["engines"] == ["espeak", "flite"]
     assert summary["test_voices"] == ["flite:rms"]
     rows = _manifest(tmp_path / "rec", "pretrain") + _manifest(tmp_path / "rec", "finetune")

@@ -49,9 +49,14 @@ def reference_features(audio: np.ndarray) -> np.ndarray:
     spectra = np.stack([np.fft.rfft(padded[k * HOP : k * HOP + n_fft] * window) for k in range(frames)])
     power = np.abs(spectra) ** 2  # (frames, 257)
     mel = mel_filter_bank(
-        num_frequency_bins=n_fft // 2 + 1, num_mel_filters=80, min_frequency=0.0, max_frequency=SR / 2,
-        sampling_rate=SR, norm="slaney", mel_scale="slaney",
-    )  # fmt: skip
+        num_frequency_bins=n_fft // 2 + 1,
+        num_mel_filters=80,
+        min_frequency=0.0,
+        max_frequency=SR / 2,
+        sampling_rate=SR,
+        norm="slaney",
+        mel_scale="slaney",
+    )
     log_mel = np.log(power @ mel + 2**-24)  # (frames, 80)
     return (log_mel - log_mel.mean(0)) / (log_mel.std(0, ddof=1) + 1e-5)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune_corpus import TINY_CTC_OVERRIDES, load_script, write_tone_corpus
+from support import TINY_CTC_OVERRIDES, load_script, write_tone_corpus
 
 from hf_ssl_speech import ConformerSslModel
 from hf_ssl_speech.finetune.args import parse_config_overrides
@@ -29,11 +29,29 @@ def _two_class_data(folder, train_per_class: int, eval_per_class: int) -> tuple[
 
 def _common_flags(output_dir, max_steps: int, learning_rate: float = 5e-3) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--use_cpu", "--seed", "0", "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", str(learning_rate),
-        "--warmup_steps", "5", "--logging_steps", "5", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--output_dir",
+        str(output_dir),
+        "--use_cpu",
+        "--seed",
+        "0",
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "16",
+        "--learning_rate",
+        str(learning_rate),
+        "--warmup_steps",
+        "5",
+        "--logging_steps",
+        "5",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
         "max_duration=2.0",
-    ]  # fmt: skip
+    ]
 
 
 def test_frozen_encoder_probe_from_checkpoint_learns_two_classes(tmp_path):
@@ -44,12 +62,26 @@ def test_frozen_encoder_probe_from_checkpoint_learns_two_classes(tmp_path):
     train, evaluation = _two_class_data(tmp_path / "data", train_per_class=12, eval_per_class=6)
     output_dir = tmp_path / "probe"
     result = load_script("finetune_classification").main(
-        ["--model_name_or_path", str(checkpoint), "--train_manifests", *train, "--eval_manifests", *evaluation,
-         "label_column=speaker", "--freeze_encoder", "--use_weighted_layer_sum", "classifier_proj_size=32",
-         "--eval_strategy", "steps", "--eval_steps", "40", *_common_flags(output_dir, 120, 3e-3)]
-    )  # fmt: skip
-    accuracies = {name: values["accuracy"] for name, values in result["results"].items()}
-    print(f"probe accuracies: {accuracies}, steps {result['summary']['steps']}")
+        [
+            "--model_name_or_path",
+            str(checkpoint),
+            "--train_manifests",
+            *train,
+            "--eval_manifests",
+            *evaluation,
+            "label_column=speaker",
+            "--freeze_encoder",
+            "--use_weighted_layer_sum",
+            "classifier_proj_size=32",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "40",
+            *_common_flags(output_dir, 120, 3e-3),
+        ]
+    )
+    accuracies = {name: values["accuracy"] for name, values in result.results.items()}
+    print(f"probe accuracies: {accuracies}, steps {result.summary['steps']}")
     assert set(accuracies) == {"dev_low", "dev_high"}
     assert sum(accuracies.values()) / 2 >= 0.9  # chance is 0.5
     saved = load_file(output_dir / "model.safetensors")
@@ -68,10 +100,19 @@ def test_frozen_encoder_probe_from_checkpoint_learns_two_classes(tmp_path):
 def test_from_scratch_with_held_out_split(tmp_path):
     train, _ = _two_class_data(tmp_path / "data", train_per_class=10, eval_per_class=1)
     result = load_script("finetune_classification").main(
-        ["--from_scratch", "--model_preset", "tiny", f"config_overrides={TINY_CTC_OVERRIDES}",
-         "--train_manifests", *train, "--eval_strategy", "no", *_common_flags(tmp_path / "scratch", 30)]
-    )  # fmt: skip
-    held_out = result["results"]["held_out"]
+        [
+            "--from_scratch",
+            "--model_preset",
+            "tiny",
+            f"config_overrides={TINY_CTC_OVERRIDES}",
+            "--train_manifests",
+            *train,
+            "--eval_strategy",
+            "no",
+            *_common_flags(tmp_path / "scratch", 30),
+        ]
+    )
+    held_out = result.results["held_out"]
     assert held_out["utterances"] == 4  # every 5th of 10 per class
     print(f"from-scratch held-out accuracy {held_out['accuracy']:.3f}")
     assert held_out["accuracy"] >= 0.75
@@ -84,6 +125,12 @@ def test_classification_needs_two_classes(tmp_path):
     manifest = write_tone_corpus(tmp_path, 4, speaker="only", name="one")
     with pytest.raises(ValueError, match="needs >= 2"):
         load_script("finetune_classification").main(
-            ["--from_scratch", "--model_preset", "tiny", "--train_manifests", str(manifest),
-             *_common_flags(tmp_path / "o", 1)]
-        )  # fmt: skip
+            [
+                "--from_scratch",
+                "--model_preset",
+                "tiny",
+                "--train_manifests",
+                str(manifest),
+                *_common_flags(tmp_path / "o", 1),
+            ]
+        )

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_speech_like
 from hub_server import HubServer, git_blob_oid
-from test_pretrain import TINY_MODEL, make_corpus, run_env, write_recipe
+from support import PRETRAIN_MODEL, make_corpus, make_speech_like, run_env, write_recipe
 
 from hf_ssl_speech.interop.hub import card_metadata, model_card_text, push_checkpoint, write_model_card
 
@@ -80,10 +79,21 @@ def test_push_errors_are_clear(tmp_path):
 def test_model_card_metadata_and_loading_instructions():
     from huggingface_hub import ModelCard
 
-    config = {"subsampling": "dw_striding", "subsampling_factor": 8, "hop_length": 160, "num_hidden_layers": 2,
-              "hidden_size": 96, "objectives": {"bestrq": {"weight": 1.0, "start_step": 0}}}  # fmt: skip
-    text = model_card_text("alice/nest-tiny", config, {"optimiser steps": 300, "final train loss": 3.25},
-                           datasets=["librispeech_asr"], recipe_yaml="train:\n  max_steps: 300\n")  # fmt: skip
+    config = {
+        "subsampling": "dw_striding",
+        "subsampling_factor": 8,
+        "hop_length": 160,
+        "num_hidden_layers": 2,
+        "hidden_size": 96,
+        "objectives": {"bestrq": {"weight": 1.0, "start_step": 0}},
+    }
+    text = model_card_text(
+        "alice/nest-tiny",
+        config,
+        {"optimiser steps": 300, "final train loss": 3.25},
+        datasets=["librispeech_asr"],
+        recipe_yaml="train:\n  max_steps: 300\n",
+    )
     card = ModelCard(text)
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "feature-extraction"
     assert set(card.data.tags) >= {"ssl", "speech", "conformer", "hf_ssl_speech"}
@@ -158,9 +168,22 @@ def test_pretrain_push_and_load_with_and_without_the_package(tmp_path):
     np.save(tmp_path / "audio.npy", audio, allow_pickle=True)
     with HubServer(lifetime_s=300) as hub:
         env = {**run_env(tmp_path), **hub.env(TOKEN)}
-        proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "pretrain.py"), "--config", str(recipe),
-                               "--push_to_hub", "alice/tiny-bestrq", "--no_progress"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO_ROOT / "scripts" / "pretrain.py"),
+                "--config",
+                str(recipe),
+                "--push_to_hub",
+                "alice/tiny-bestrq",
+                "--no_progress",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"Pushed:       {hub.url}/alice/tiny-bestrq/commit/" in proc.stdout
         checkpoint_model = tmp_path / "run" / "checkpoints" / "checkpoint-00000002" / "model"
@@ -174,9 +197,23 @@ def test_pretrain_push_and_load_with_and_without_the_package(tmp_path):
         isolated_cwd.mkdir()
         isolated_env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
         isolated_env["HF_HOME"] = str(tmp_path / "hf_home_remote")
-        proc = subprocess.run([sys.executable, "-I", "-S", str(script), purelib, "alice/tiny-bestrq",
-                               str(tmp_path / "audio.npy"), str(tmp_path / "remote.pt")], cwd=isolated_cwd,
-                              env=isolated_env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                str(script),
+                purelib,
+                "alice/tiny-bestrq",
+                str(tmp_path / "audio.npy"),
+                str(tmp_path / "remote.pt"),
+            ],
+            cwd=isolated_cwd,
+            env=isolated_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         assert info["model"] == "ConformerSslModel" and info["extractor"] == "ConformerSslFeatureExtractor"
@@ -185,10 +222,20 @@ def test_pretrain_push_and_load_with_and_without_the_package(tmp_path):
         # With the package installed.
         script = tmp_path / "installed_load.py"
         script.write_text(_INSTALLED_LOAD)
-        proc = subprocess.run([sys.executable, str(script), "alice/tiny-bestrq", str(tmp_path / "audio.npy"),
-                               str(tmp_path / "installed.pt")], cwd=isolated_cwd,
-                              env={**env, "HF_HOME": str(tmp_path / "hf_home_installed")},
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                "alice/tiny-bestrq",
+                str(tmp_path / "audio.npy"),
+                str(tmp_path / "installed.pt"),
+            ],
+            cwd=isolated_cwd,
+            env={**env, "HF_HOME": str(tmp_path / "hf_home_installed")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1])["module"] == "hf_ssl_speech.modeling_conformer_ssl"
 
@@ -200,7 +247,7 @@ def test_pretrain_push_and_load_with_and_without_the_package(tmp_path):
     inputs = extractor(list(audio), sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).last_hidden_state
-    assert expected.shape[0] == 2 and expected.shape[-1] == TINY_MODEL["hidden_size"]
+    assert expected.shape[0] == 2 and expected.shape[-1] == PRETRAIN_MODEL["hidden_size"]
     torch.testing.assert_close(torch.load(tmp_path / "remote.pt"), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.load(tmp_path / "installed.pt"), expected, rtol=1e-5, atol=1e-6)
     assert os.path.isfile(tmp_path / "run" / "loss_curves.png")

@@ -94,8 +94,14 @@ def test_contrastive_padding_invariance_and_fp32_under_autocast():
     for b in range(3):
         n = int(lengths[b])
         # each utterance alone, cut to its own length, with its own fixed mask and negatives
-        part = contrastive_loss(pred[b : b + 1, :n], targ[b : b + 1, :n], token_mask[b : b + 1, :n],
-                                neg_index[b : b + 1, :n], neg_valid[b : b + 1, :n], 0.1)  # fmt: skip
+        part = contrastive_loss(
+            pred[b : b + 1, :n],
+            targ[b : b + 1, :n],
+            token_mask[b : b + 1, :n],
+            neg_index[b : b + 1, :n],
+            neg_valid[b : b + 1, :n],
+            0.1,
+        )
         total += part.loss_sum.item()
         count += part.count.item()
     assert math.isclose(batched.loss_sum.item(), total, rel_tol=1e-5) and batched.count.item() == count
@@ -200,7 +206,15 @@ def test_cpc_matches_reference_and_padding_invariance():
     assert out.count.item() == count and math.isclose(out.loss_sum.item(), total, rel_tol=1e-5)
     assert out.metrics["correct"].item() == correct
     # per utterance, cut to its length, same sums
-    parts = [cpc_loss(preds[:, b : b + 1, : int(n)], z[b : b + 1, : int(n)], lengths[b : b + 1],
-                      neg_index[b : b + 1, : int(n)], neg_valid[b : b + 1, : int(n)]) for b, n in enumerate(lengths)]  # fmt: skip
+    parts = [
+        cpc_loss(
+            preds[:, b : b + 1, : int(n)],
+            z[b : b + 1, : int(n)],
+            lengths[b : b + 1],
+            neg_index[b : b + 1, : int(n)],
+            neg_valid[b : b + 1, : int(n)],
+        )
+        for b, n in enumerate(lengths)
+    ]
     assert math.isclose(sum(p.loss_sum.item() for p in parts), total, rel_tol=1e-5)
     assert sum(p.count.item() for p in parts) == count

@@ -19,18 +19,25 @@ import pytest
 
 from hf_ssl_speech.experiments.low_resource import (
     ExperimentError,
-    best_change,
     command_line,
     load_experiment_config,
     plan_finetune_runs,
     run_experiment,
 )
+from hf_ssl_speech.experiments.report import best_change
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY = REPO_ROOT / "configs" / "experiments" / "low_resource_toy.yaml"
 FULL = REPO_ROOT / "configs" / "experiments" / "low_resource.yaml"
-ROW_TYPES = {"objective": str, "labeled_minutes": (int, float), "init": str, "wer": (int, float),
-             "cer": (int, float), "steps": int, "wall_s": (int, float)}  # fmt: skip
+ROW_TYPES = {
+    "objective": str,
+    "labeled_minutes": (int, float),
+    "init": str,
+    "wer": (int, float),
+    "cer": (int, float),
+    "steps": int,
+    "wall_s": (int, float),
+}
 PNGS = ("wer_vs_labeled_minutes.png", "cer_vs_labeled_minutes.png", "pretraining_loss.png")
 
 
@@ -118,11 +125,21 @@ def test_recorded_command_is_the_one_that_reproduces_the_results():
 
 def test_best_change_compares_each_objective_with_its_own_architecture():
     def row(objective, init, architecture, wer, cer):
-        return {"objective": objective, "init": init, "architecture": architecture, "labeled_minutes": 10.0,
-                "wer": wer, "cer": cer}  # fmt: skip
+        return {
+            "objective": objective,
+            "init": init,
+            "architecture": architecture,
+            "labeled_minutes": 10.0,
+            "wer": wer,
+            "cer": cer,
+        }
 
-    rows = [row("nest", "pretrained", "non-causal", 0.5, 0.2), row("apc", "pretrained", "causal", 0.45, 0.3),
-            row("none", "scratch", "non-causal", 1.0, 0.5), row("none", "scratch", "causal", 0.5, 0.6)]  # fmt: skip
+    rows = [
+        row("nest", "pretrained", "non-causal", 0.5, 0.2),
+        row("apc", "pretrained", "causal", 0.45, 0.3),
+        row("none", "scratch", "non-causal", 1.0, 0.5),
+        row("none", "scratch", "causal", 0.5, 0.6),
+    ]
     pretrained = {"nest": {"architecture": "non-causal"}, "apc": {"architecture": "causal"}}
     # apc has the lowest WER but only -10% against the causal scratch model; nest halves its baseline
     assert best_change(rows, pretrained, 10.0, "wer") == ("nest", pytest.approx(-0.5))
@@ -151,8 +168,13 @@ def test_markdown_tables_list_every_run_and_family(toy):
     assert all(len(cells) == 1 + 4 * len(config.finetune.subsets) for cells in pivot)
     cer_pivot = _table(markdown, "### CER")
     assert [cells[0] for cells in cer_pivot] == list(config.pretrain.recipes)
-    first = next(r for r in rows if r["objective"] == cer_pivot[0][0] and r["init"] == "pretrained"
-                 and r["labeled_minutes"] == min(s.minutes for s in config.finetune.subsets))  # fmt: skip
+    first = next(
+        r
+        for r in rows
+        if r["objective"] == cer_pivot[0][0]
+        and r["init"] == "pretrained"
+        and r["labeled_minutes"] == min(s.minutes for s in config.finetune.subsets)
+    )
     assert float(cer_pivot[0][1]) == pytest.approx(100 * first["cer"], abs=0.051)
     assert "Best fine-tuned objective against scratch" in markdown
     assert "python scripts/low_resource_experiment.py --config" in markdown
@@ -210,8 +232,13 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     (target / "done.json").unlink()  # as if the run had been killed before it finished
     (work / "stages" / "finetune" / "done.json").unlink()
     outcome = run_experiment(config, log=lambda line: None)
-    assert outcome.status == {"corpus": "skipped", "pretrain": "skipped", "finetune": "ran", "evaluate": "ran",
-                              "report": "ran"}  # fmt: skip
+    assert outcome.status == {
+        "corpus": "skipped",
+        "pretrain": "skipped",
+        "finetune": "ran",
+        "evaluate": "ran",
+        "report": "ran",
+    }
     changed = {p for p, t in models.items() if p.stat().st_mtime_ns != t}
     assert changed == {target / "model" / "model.safetensors"}
     reevaluated = {p.parent.name for p, t in evaluations.items() if p.stat().st_mtime_ns != t}
@@ -243,8 +270,9 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     bad.write_text(TOY.read_text().replace("{minutes: 1.0, steps: 3}", "{minutes: 9.0, steps: 3}"))
     with pytest.raises(ExperimentError, match="exceeds the labeled pool.*corpus.minutes"):
         load_experiment_config(bad)
-    text = TOY.read_text().replace("  progress: false\nfinetune:", "  progress: false\n  family_overrides: "
-                                   "{apc: [train.max_steps=9]}\nfinetune:")  # fmt: skip
+    text = TOY.read_text().replace(
+        "  progress: false\nfinetune:", "  progress: false\n  family_overrides: {apc: [train.max_steps=9]}\nfinetune:"
+    )
     bad.write_text(text)
     with pytest.raises(ExperimentError, match="compute budget must be equal"):
         load_experiment_config(bad)
@@ -283,9 +311,11 @@ def test_full_config_pretrains_every_family_on_three_hours_with_one_budget():
     for recipe in config.pretrain.recipes.values():
         assert (REPO_ROOT / recipe).is_file(), recipe
     assert not config.pretrain.family_overrides or all(
-        not any(item.startswith(("model.hidden_size", "model.num_hidden_layers", "data.batch_seconds"))
-                for item in items) for items in config.pretrain.family_overrides.values()
-    )  # fmt: skip
+        not any(
+            item.startswith(("model.hidden_size", "model.num_hidden_layers", "data.batch_seconds")) for item in items
+        )
+        for items in config.pretrain.family_overrides.values()
+    )
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)

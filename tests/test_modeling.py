@@ -30,7 +30,7 @@ def _randomise_norm_statistics(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("conv_norm_type", ["batch_norm", "layer_norm"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_invariance(tiny_config, subsampling, conv_norm_type, causal):
-    """In eval mode an utterance's outputs in a padded batch equal its outputs alone (DESIGN §3)."""
+    """In eval mode an utterance's outputs in a padded batch equal its outputs alone (docs/architecture.md §2)."""
     config = tiny_config(subsampling=subsampling, conv_norm_type=conv_norm_type, causal=causal)
     model = ConformerSslModel(config).eval()
     _randomise_norm_statistics(model)
@@ -117,8 +117,9 @@ def test_gradients_reach_subsampling_and_checkpointing_matches(tiny_config):
 
 
 def test_layerdrop_skips_layers_in_training_only(tiny_config):
-    config = tiny_config(layerdrop=0.99, hidden_dropout=0.0, feat_proj_dropout=0.0, activation_dropout=0.0,
-                         attention_dropout=0.0)  # fmt: skip
+    config = tiny_config(
+        layerdrop=0.99, hidden_dropout=0.0, feat_proj_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0
+    )
     model = ConformerSslModel(config)
     features, _ = _batch([40], config.num_mel_bins)
     torch.manual_seed(3)
@@ -147,9 +148,14 @@ def test_ctc_head_loss_and_conventions(tiny_config):
         loss = model(features, attention_mask=attention_mask, labels=labels).loss
     log_probs = logits.log_softmax(-1).transpose(0, 1)
     reference = torch.nn.functional.ctc_loss(
-        log_probs, torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([20, 15]), torch.tensor([4, 2]), blank=0,
-        reduction="mean", zero_infinity=True,
-    )  # fmt: skip
+        log_probs,
+        torch.tensor([3, 4, 5, 6, 7, 8]),
+        torch.tensor([20, 15]),
+        torch.tensor([4, 2]),
+        blank=0,
+        reduction="mean",
+        zero_infinity=True,
+    )
     torch.testing.assert_close(loss, reference)
     with pytest.raises(ValueError, match="vocab_size"):
         model(features, attention_mask=attention_mask, labels=torch.tensor([[12, 1], [1, 1]]))
@@ -205,9 +211,12 @@ def test_fresh_models_have_the_intended_init_statistics(tiny_config, tmp_path):
 
     torch.manual_seed(0)
     config = tiny_config(
-        objectives={"contrastive": {}, "mlm": {}}, mask_fill="learned", num_codevectors_per_group=64,
-        codevector_dim=256, initializer_range=0.02,
-    )  # fmt: skip
+        objectives={"contrastive": {}, "mlm": {}},
+        mask_fill="learned",
+        num_codevectors_per_group=64,
+        codevector_dim=256,
+        initializer_range=0.02,
+    )
     model = ConformerSslForPreTraining(config)
     projection = model.quantizer.weight_proj
     intended = projection.in_features**-0.5  # 1 / sqrt(subsampling_factor * num_mel_bins) = 0.125

@@ -1,4 +1,4 @@
-"""NeMo checkpoint conversion (hf_ssl_speech/nemo_convert.py, scripts/convert_nemo_checkpoint.py).
+"""NeMo checkpoint conversion (hf_ssl_speech/interop/nemo.py, scripts/convert_nemo_checkpoint.py).
 
 Two groups:
 - Offline: tiny `.nemo` archives written here from our own models through the inverse key map (NeMo names,
@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import make_tiny_config, write_speech_wav
+from support import make_speech_like, make_tiny_config, write_speech_wav
 from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoModelForPreTraining, AutoProcessor
 
 import hf_ssl_speech  # noqa: F401  (registers the Auto classes)
@@ -115,50 +115,80 @@ def fake_ctc(tmp_path: Path, **config_overrides) -> tuple[Path, ConformerSslForC
             "feat_in": config.hidden_size,
             "num_classes": len(LABELS),
             "vocabulary": LABELS,
-        },  # fmt: skip
+        },
     }
     return write_nemo(tmp_path / "ctc.nemo", nemo_config, state), model, extractor
 
 
 def fake_nest(tmp_path: Path) -> tuple[Path, ConformerSslForPreTraining, ConformerSslFeatureExtractor]:
     """A NEST .nemo (2 codebooks, FastConformer) made from our bestrq model through the inverse map."""
-    config = make_tiny_config(subsampling="dw_striding", subsampling_conv_channels=8, bestrq_num_codebooks=2,
-                              objectives={"bestrq": {}}, mask_fill="learned")  # fmt: skip
+    config = make_tiny_config(
+        subsampling="dw_striding",
+        subsampling_conv_channels=8,
+        bestrq_num_codebooks=2,
+        objectives={"bestrq": {}},
+        mask_fill="learned",
+    )
     model = randomise_(ConformerSslForPreTraining(config))
     extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins)
     books, classes = config.bestrq_num_codebooks, config.bestrq_codebook_size
     state = our_encoder_state_dict_to_nemo(model.conformer.state_dict())
     state.update(featurizer_buffers(extractor))
-    state.update({
-        "quantizer.proj.weight": rpq_projection_to_nemo(model.bestrq_quantizer.projection),
-        "quantizer.codebooks": model.bestrq_quantizer.codebooks.double(),  # NeMo keeps them in float64
-        "decoder.decoder_layers.0.weight": book_major_rows_to_multisoftmax(
-            model.bestrq_head.weight.detach(), classes, books).unsqueeze(-1),
-        "decoder.decoder_layers.0.bias": book_major_rows_to_multisoftmax(model.bestrq_head.bias.detach(), classes, books),
-        "mask_processor.mask_embedding": model.masked_spec_embed.detach().clone(),
-    })  # fmt: skip
+    state.update(
+        {
+            "quantizer.proj.weight": rpq_projection_to_nemo(model.bestrq_quantizer.projection),
+            "quantizer.codebooks": model.bestrq_quantizer.codebooks.double(),  # NeMo keeps them in float64
+            "decoder.decoder_layers.0.weight": book_major_rows_to_multisoftmax(
+                model.bestrq_head.weight.detach(), classes, books
+            ).unsqueeze(-1),
+            "decoder.decoder_layers.0.bias": book_major_rows_to_multisoftmax(
+                model.bestrq_head.bias.detach(), classes, books
+            ),
+            "mask_processor.mask_embedding": model.masked_spec_embed.detach().clone(),
+        }
+    )
     factor, mels = config.subsampling_factor, config.num_mel_bins
     nemo_config = {
         "target": "nemo.collections.asr.models.ssl_models.EncDecDenoiseMaskedTokenPredModel",
         "preprocessor": nemo_preprocessor_config(extractor),
         "encoder": nemo_encoder_config(config),
         "mask_position": "pre_conv",
-        "masking": {"_target_": "nemo.collections.asr.modules.RandomBlockMasking", "block_size": 40, "mask_prob": 0.01,
-                    "feat_in": "${preprocessor.features}", "freeze": True, "allow_overlap": True},
-        "quantizer": {"_target_": "nemo.collections.asr.modules.RandomProjectionVectorQuantizer", "feat_in": mels,
-                      "code_dim": config.bestrq_codebook_dim, "num_books": books, "num_classes": classes,
-                      "dist_fn": "l2", "freeze": True, "combine_time_steps": "${model.encoder.subsampling_factor}"},
-        "decoder": {"_target_": "nemo.collections.asr.modules.MultiSoftmaxDecoder", "feat_in": config.hidden_size,
-                    "num_classes": classes, "num_decoders": books, "use_bias": True},
-        "loss": {"_target_": "nemo.collections.asr.losses.MultiMLMLoss", "combine_time_steps": factor,
-                 "mask_threshold": 0.8, "num_decoders": books},
-    }  # fmt: skip
+        "masking": {
+            "_target_": "nemo.collections.asr.modules.RandomBlockMasking",
+            "block_size": 40,
+            "mask_prob": 0.01,
+            "feat_in": "${preprocessor.features}",
+            "freeze": True,
+            "allow_overlap": True,
+        },
+        "quantizer": {
+            "_target_": "nemo.collections.asr.modules.RandomProjectionVectorQuantizer",
+            "feat_in": mels,
+            "code_dim": config.bestrq_codebook_dim,
+            "num_books": books,
+            "num_classes": classes,
+            "dist_fn": "l2",
+            "freeze": True,
+            "combine_time_steps": "${model.encoder.subsampling_factor}",
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.MultiSoftmaxDecoder",
+            "feat_in": config.hidden_size,
+            "num_classes": classes,
+            "num_decoders": books,
+            "use_bias": True,
+        },
+        "loss": {
+            "_target_": "nemo.collections.asr.losses.MultiMLMLoss",
+            "combine_time_steps": factor,
+            "mask_threshold": 0.8,
+            "num_decoders": books,
+        },
+    }
     return write_nemo(tmp_path / "nest.nemo", nemo_config, state), model, extractor
 
 
 def features_for(extractor: ConformerSslFeatureExtractor, seconds=(0.9, 0.6)) -> dict[str, torch.Tensor]:
-    from conftest import make_speech_like
-
     audio = [make_speech_like(s, seed=i) for i, s in enumerate(seconds)]
     return extractor(audio, sampling_rate=16000, return_tensors="pt")
 
@@ -333,13 +363,18 @@ TOLERANCE = 1e-4
 def nemo_models(tmp_path_factory) -> Path:
     """Run make_models.py with the NeMo interpreter once: .nemo files + NeMo's reference tensors."""
     folder = tmp_path_factory.mktemp("nemo_parity")
-    wavs = [write_speech_wav(folder / "a.wav", 1.61, seed=1, subtype="FLOAT"),
-            write_speech_wav(folder / "b.wav", 1.23, seed=2, subtype="FLOAT")]  # fmt: skip
+    wavs = [
+        write_speech_wav(folder / "a.wav", 1.61, seed=1, subtype="FLOAT"),
+        write_speech_wav(folder / "b.wav", 1.23, seed=2, subtype="FLOAT"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [nemo_python(), str(REPO / "tests" / "nemo_parity" / "make_models.py"), str(folder / "out"), *map(str, wavs)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return folder
 
@@ -442,8 +477,9 @@ def test_nest_targets_and_logits_match_nemo(nemo_models: Path) -> None:
     nemo_log_probs = ref["log_probs"].permute(0, 1, 3, 2)  # NeMo: (B, T', codes, books)
     assert max_valid_diff(logits.log_softmax(-1), nemo_log_probs, steps) <= TOLERANCE
 
-    stacked, token_lengths = stack_frames(inputs["input_features"], inputs["attention_mask"].sum(-1),
-                                          model.config.subsampling_factor)  # fmt: skip
+    stacked, token_lengths = stack_frames(
+        inputs["input_features"], inputs["attention_mask"].sum(-1), model.config.subsampling_factor
+    )
     quantizer = model.bestrq_quantizer
     assert model.config.bestrq_normalize_input is False  # NeMo projects the stacked frames unstandardised
     assert quantizer.normalize_input is False
@@ -465,13 +501,15 @@ def test_contrastive_quantizer_and_mlm_match_nemo(nemo_models: Path) -> None:
     assert set(model.config.objectives) == {"mlm"}
     inputs = our_features(nemo_models, out_dir)
     hidden, steps = encode(model, inputs)
-    stacked, token_lengths = stack_frames(inputs["input_features"], inputs["attention_mask"].sum(-1),
-                                          model.config.subsampling_factor)  # fmt: skip
+    stacked, token_lengths = stack_frames(
+        inputs["input_features"], inputs["attention_mask"].sum(-1), model.config.subsampling_factor
+    )
     with torch.no_grad():
         quantized = model.quantizer(stacked, temperature=2.0)  # eval: argmax codes, no Gumbel noise
         mlm_logits = model.mlm_head(hidden)
-    assert all(torch.equal(quantized.code_ids[i, :n], ref["gumbel_ids"][i, :n])
-               for i, n in enumerate(token_lengths.tolist()))  # fmt: skip
+    assert all(
+        torch.equal(quantized.code_ids[i, :n], ref["gumbel_ids"][i, :n]) for i, n in enumerate(token_lengths.tolist())
+    )
     assert max_valid_diff(quantized.codevectors, ref["quantized"], token_lengths) <= TOLERANCE
     # NeMo's MLM decoder has one extra never-targeted class (dropped): compare the shared classes' logits.
     assert max_valid_diff(mlm_logits, ref["mlm_logits"][..., : mlm_logits.shape[-1]], steps) <= TOLERANCE

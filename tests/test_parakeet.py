@@ -17,9 +17,14 @@ from hf_ssl_speech.interop.parakeet import (
 
 def _random_parakeet() -> ParakeetEncoder:
     config = ParakeetEncoderConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_kernel_size=9,
-        subsampling_conv_channels=32, num_mel_bins=80,
-    )  # fmt: skip
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_kernel_size=9,
+        subsampling_conv_channels=32,
+        num_mel_bins=80,
+    )
     torch.manual_seed(0)
     encoder = ParakeetEncoder(config).eval()
     generator = torch.Generator().manual_seed(0)

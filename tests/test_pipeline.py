@@ -13,7 +13,7 @@ import jiwer
 import numpy as np
 import pytest
 import soundfile as sf
-from test_finetune_corpus import load_script, train_tone_ctc
+from support import load_script
 from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
 import hf_ssl_speech  # noqa: F401  (Auto registration)
@@ -22,8 +22,8 @@ from hf_ssl_speech.finetune.ctc import transcribe
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tone_ctc(tmp_path_factory.getbasetemp() / "shared_ctc")
+def trained(tone_ctc):
+    return tone_ctc  # session-scoped (conftest): test_finetune.py shares the same model
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,10 @@ def test_chunked_long_form_matches_unchunked(trained, asr):
     chunked = asr(long_audio, chunk_length_s=2.5, stride_length_s=0.5)["text"]
     batched = asr(long_audio, chunk_length_s=2.5, stride_length_s=0.5, batch_size=4)["text"]
     agreement = 1.0 - jiwer.cer(unchunked, chunked)
-    print(f"long-form: {len(long_audio) / 16000:.1f} s, chunked vs unchunked agreement {agreement:.4f}, "
-          f"CER unchunked {jiwer.cer(reference, unchunked):.4f}, chunked {jiwer.cer(reference, chunked):.4f}")  # fmt: skip
+    print(
+        f"long-form: {len(long_audio) / 16000:.1f} s, chunked vs unchunked agreement {agreement:.4f}, "
+        f"CER unchunked {jiwer.cer(reference, unchunked):.4f}, chunked {jiwer.cer(reference, chunked):.4f}"
+    )
     assert agreement >= 0.95
     assert jiwer.cer(reference, chunked) <= 0.15
     assert batched == chunked  # padded chunks in a batch are cut back by their strides
@@ -90,24 +92,36 @@ def test_wrong_logits_ratio_would_break_chunking(trained, asr, monkeypatch):
 def test_transcribe_script_writes_jsonl_with_scores(trained, tmp_path, capsys):
     script = load_script("transcribe")
     output = tmp_path / "hyp.jsonl"
-    result = script.main([str(trained["output_dir"]), "--manifest", str(trained["heldout"]), "--output", str(output),
-                          "--batch_size", "3", "--device", "cpu"])  # fmt: skip
+    result = script.main(
+        [
+            str(trained["output_dir"]),
+            "--manifest",
+            str(trained["heldout"]),
+            "--output",
+            str(output),
+            "--batch_size",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(records) == 8 and all(
         {"audio_filepath", "duration", "hypothesis", "reference"} <= set(r) for r in records
     )
     scores = json.loads(output.with_suffix(".metrics.json").read_text())
     assert scores["utterances"] == 8
-    assert scores["cer"] == pytest.approx(trained["result"]["results"]["heldout"]["cer"], abs=1e-6)
+    assert scores["cer"] == pytest.approx(trained["result"].results["heldout"]["cer"], abs=1e-6)
     assert scores["wer"] == pytest.approx(
         jiwer.wer([r["reference"] for r in records], [r["hypothesis"] for r in records])
     )
     assert "CER" in capsys.readouterr().err
     # Files on the command line, chunked through the pipeline: same text as the batched path.
     files = [records[0]["audio_filepath"], records[1]["audio_filepath"]]
-    chunked = script.main([str(trained["output_dir"]), *files, "--chunk_length_s", "1.5", "--stride_length_s", "0.3",
-                           "--device", "cpu"])  # fmt: skip
+    chunked = script.main(
+        [str(trained["output_dir"]), *files, "--chunk_length_s", "1.5", "--stride_length_s", "0.3", "--device", "cpu"]
+    )
     printed = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[1] for line in printed] == [r["hypothesis"] for r in chunked["records"]]
-    assert jiwer.cer([r["hypothesis"] for r in records[:2]], [r["hypothesis"] for r in chunked["records"]]) <= 0.05
-    assert result["scores"]["cer"] == scores["cer"]
+    assert [line.split("\t")[1] for line in printed] == [r["hypothesis"] for r in chunked.records]
+    assert jiwer.cer([r["hypothesis"] for r in records[:2]], [r["hypothesis"] for r in chunked.records]) <= 0.05
+    assert result.scores["cer"] == scores["cer"]

@@ -101,9 +101,12 @@ def test_librilight_segments_and_whole_files(tmp_path):
     (root / "100" / "book_a" / "chapter_1.json").write_text(json.dumps(vad))
     clip(root / "200" / "book_b" / "chapter_9.flac", 2.0, seed=1)  # no json: one whole-file row
     out = tmp_path / "ll.jsonl"
-    assert load_script("prepare_corpus").main(
-        ["librilight", str(root), "--out", str(out), "--max-segment", "5", "--no-progress"]
-    ) == 0  # fmt: skip
+    assert (
+        load_script("prepare_corpus").main(
+            ["librilight", str(root), "--out", str(out), "--max-segment", "5", "--no-progress"]
+        )
+        == 0
+    )
     rows = read_manifest(out)
     segments = [row for row in rows if "offset" in row]
     assert [(r["offset"], r["duration"]) for r in segments] == [(0.5, 2.5), (3.2, 4.3), (8.0, 3.9)]

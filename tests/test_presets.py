@@ -32,9 +32,12 @@ def _params_as_published(name: str) -> int:
         hidden_layers, vocab = counted_with.removeprefix("rnnt_").split("_vocab")
         hidden, layers = (int(v) for v in hidden_layers.split("x"))
         rnnt = ParakeetRNNTConfig(
-            vocab_size=int(vocab) + 1, decoder_hidden_size=hidden, num_decoder_layers=layers,
-            encoder_config=to_parakeet_config(config).to_dict(), blank_token_id=int(vocab),
-        )  # fmt: skip
+            vocab_size=int(vocab) + 1,
+            decoder_hidden_size=hidden,
+            num_decoder_layers=layers,
+            encoder_config=to_parakeet_config(config).to_dict(),
+            blank_token_id=int(vocab),
+        )
         model = ParakeetForRNNT(rnnt)
         assert _count(model.encoder) == encoder  # the same network in transformers' own implementation
         return _count(model)

@@ -7,7 +7,6 @@ few steps in subprocesses (the way a user runs it).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,48 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import write_speech_wav
 from safetensors.torch import load_file
-from test_training import accelerate_launch
+from support import REPO_ROOT, accelerate_launch, make_corpus, run_env, write_recipe
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"
-
-TINY_MODEL = {
-    "num_mel_bins": 32, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "intermediate_size": 64, "conv_depthwise_kernel_size": 3, "subsampling": "striding", "subsampling_factor": 4,
-    "max_position_embeddings": 512, "hidden_dropout": 0.1, "activation_dropout": 0.0, "attention_dropout": 0.0,
-    "feat_proj_dropout": 0.0,
-}  # fmt: skip
-
-
-def make_corpus(folder: Path, count: int, seconds: float, vary: bool = False) -> Path:
-    """`count` speech-like WAVs (equal length unless `vary`) and a NeMo manifest; returns the manifest path."""
-    lines = []
-    for index in range(count):
-        duration = seconds * (1.0 + 0.5 * (index % 3) / 2) if vary else seconds
-        path = write_speech_wav(folder / "audio" / f"utt{index:03d}.wav", duration, seed=index)
-        lines.append(json.dumps({"audio_filepath": f"audio/{path.name}", "duration": duration}))
-    manifest = folder / "train.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def write_recipe(path: Path, model: dict, objectives: dict, data: dict, optim: dict, train: dict) -> Path:
-    recipe = {"model": {**TINY_MODEL, **model}, "objectives": objectives,
-              "data": {"num_workers": 0, "min_duration": 0.5, "max_duration": 10.0, **data},
-              "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 2, **optim},
-              "train": {"report_to": "none", "log_steps": 1, "eval_batches": 2, "keep_last": 5, **train}}  # fmt: skip
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def run_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO_ROOT / "tests"))  # fmt: skip
-    return env
 
 
 def final_params(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -101,34 +62,65 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     common = dict(
         # Masks, negatives, Gumbel noise, denoising mixes, dither and dropout all draw random numbers: the
         # resumed run must restore every one of their states to match the uninterrupted run bit for bit.
-        model={"mask_strategy": "block", "mask_time_prob": 0.05, "mask_time_length": 8, "mask_fill": "noise",
-               "bestrq_codebook_size": 64, "bestrq_codebook_dim": 8, "num_codevectors_per_group": 8,
-               "codevector_dim": 16, "proj_codevector_dim": 16, "num_negatives": 4},
+        model={
+            "mask_strategy": "block",
+            "mask_time_prob": 0.05,
+            "mask_time_length": 8,
+            "mask_fill": "noise",
+            "bestrq_codebook_size": 64,
+            "bestrq_codebook_dim": 8,
+            "num_codevectors_per_group": 8,
+            "codevector_dim": 16,
+            "proj_codevector_dim": 16,
+            "num_negatives": 4,
+        },
         objectives={"bestrq": {}, "contrastive": {"weight": 0.5, "start_step": 2}},
-        data={"train_manifests": [str(manifest)], "valid_manifests": [str(manifest)], "batch_seconds": 4.0,
-              "denoising_prob": 0.5},
+        data={
+            "train_manifests": [str(manifest)],
+            "valid_manifests": [str(manifest)],
+            "batch_seconds": 4.0,
+            "denoising_prob": 0.5,
+        },
         optim={"gumbel_temperature_decay": 0.9},
-    )  # fmt: skip
+    )
     train = {"max_steps": 2 * n, "save_steps": n, "eval_steps": n, "seed": 7}
     straight = write_recipe(tmp_path / "straight.yaml", **common, train={**train, "output_dir": "straight"})
     killed = write_recipe(tmp_path / "killed.yaml", **common, train={**train, "output_dir": "killed"})
     env = run_env(tmp_path)
 
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(straight), "--no_progress"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(straight), "--no_progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Checkpoint:" in proc.stdout and "Loss curves:" in proc.stdout
 
     script = tmp_path / "kill_after_save.py"
     script.write_text(_KILL_AFTER_SAVE)
-    proc = subprocess.run([sys.executable, str(script), str(n), "--config", str(killed), "--no_progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script), str(n), "--config", str(killed), "--no_progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert checkpoints == [f"checkpoint-{n:08d}"]
 
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(killed), "--resume", "--no_progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(killed), "--resume", "--no_progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Resumed from killed/checkpoints/checkpoint-{n:08d} at step {n}" in proc.stdout
 
@@ -151,14 +143,28 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # has the same target count, so one process accumulating batches (2k, 2k+1) computes the same update as
     # two processes taking one each. APC has no random masks; without dropout and dither nothing is random.
     manifest = make_corpus(tmp_path / "corpus", count=16, seconds=1.0)
-    common = dict(model={"causal": True, "apc_shift": 3, "hidden_dropout": 0.0}, objectives={"apc": {}},
-                  data={"train_manifests": [str(manifest)], "valid_manifests": [str(manifest)], "batch_seconds": 2.0,
-                        "dither": 0.0}, optim={})  # fmt: skip
+    common = dict(
+        model={"causal": True, "apc_shift": 3, "hidden_dropout": 0.0},
+        objectives={"apc": {}},
+        data={
+            "train_manifests": [str(manifest)],
+            "valid_manifests": [str(manifest)],
+            "batch_seconds": 2.0,
+            "dither": 0.0,
+        },
+        optim={},
+    )
     steps = 4
-    one = write_recipe(tmp_path / "one.yaml", **common,
-                       train={"max_steps": steps, "save_steps": steps, "output_dir": "one", "grad_accum": 2})  # fmt: skip
-    two = write_recipe(tmp_path / "two.yaml", **common,
-                       train={"max_steps": steps, "save_steps": steps, "output_dir": "two", "grad_accum": 1})  # fmt: skip
+    one = write_recipe(
+        tmp_path / "one.yaml",
+        **common,
+        train={"max_steps": steps, "save_steps": steps, "output_dir": "one", "grad_accum": 2},
+    )
+    two = write_recipe(
+        tmp_path / "two.yaml",
+        **common,
+        train={"max_steps": steps, "save_steps": steps, "output_dir": "two", "grad_accum": 1},
+    )
     env = run_env(tmp_path)
     for recipe, processes in ((one, 1), (two, 2)):
         proc = accelerate_launch(SCRIPT, ["--config", str(recipe), "--no_progress"], processes, env, tmp_path, 300)
@@ -219,17 +225,28 @@ _NAN_AT_STEPS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
     manifest = make_corpus(tmp_path / "corpus", count=6, seconds=1.0)
-    recipe = write_recipe(tmp_path / "r.yaml", model={"mask_time_length": 8, "mask_time_prob": 0.05,
-                                                      "bestrq_codebook_size": 64, "bestrq_codebook_dim": 8},
-                          objectives={"bestrq": {}}, data={"train_manifests": [str(manifest)], "batch_seconds": 2.0},
-                          optim={}, train={"max_steps": 4, "save_steps": 4, "output_dir": "run", "max_nonfinite": 3})  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        model={"mask_time_length": 8, "mask_time_prob": 0.05, "bestrq_codebook_size": 64, "bestrq_codebook_dim": 8},
+        objectives={"bestrq": {}},
+        data={"train_manifests": [str(manifest)], "batch_seconds": 2.0},
+        optim={},
+        train={"max_steps": 4, "save_steps": 4, "output_dir": "run", "max_nonfinite": 3},
+    )
     script = tmp_path / "nan.py"
     script.write_text(_NAN_AT_STEPS)
     env = run_env(tmp_path)
-    proc = subprocess.run([sys.executable, str(script), "2", "--config", str(recipe), "--no_progress"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script), "2", "--config", str(recipe), "--no_progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Step 1: non-finite loss (nan); skipping the update (1 in a row, 1 in total)" in proc.stderr
     history = train_history(tmp_path / "run", 4)
@@ -239,44 +256,80 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
 
     # The same command again without --resume would mix two runs in one folder: refused, nothing touched.
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "already holds a run (newest checkpoint checkpoint-00000004)" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
-    proc = subprocess.run([sys.executable, str(script), "all", "--config", str(recipe), "--no_progress",
-                           "train.output_dir=diverged"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script), "all", "--config", str(recipe), "--no_progress", "train.output_dir=diverged"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2  # a user-facing stop: one clear message, no traceback
     assert "error: 3 consecutive steps (up to step 0) had a non-finite loss" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_overrides(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "train.max_step=3"], cwd=tmp_path, env=run_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "train.max_step=3"],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Did you mean 'train.max_steps'?" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_clear_line_before_any_model_is_built(tmp_path):
     """A manifest that does not exist, named in a recipe or an override: the field and the path, exit 2, no
     traceback (the review got a 20-line FileNotFoundError from the data pipeline); --debug brings it back."""
     manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
-    recipe = write_recipe(tmp_path / "r.yaml", model={}, objectives={"bestrq": {}},
-                          data={"train_manifests": [str(manifest)], "valid_manifests": ["missing/test.jsonl"]},
-                          optim={}, train={"max_steps": 1, "output_dir": "run"})  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        model={},
+        objectives={"bestrq": {}},
+        data={"train_manifests": [str(manifest)], "valid_manifests": ["missing/test.jsonl"]},
+        optim={},
+        train={"max_steps": 1, "output_dir": "run"},
+    )
     env = run_env(tmp_path)
     for args, field in (
         ([], "data.valid_manifests"),
         (["data.train_manifests=[/nonexistent.jsonl]"], "data.train_manifests"),
     ):
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--config", str(recipe), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"error: {field}: path" in proc.stderr and "does not exist" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "run").exists()  # refused before anything was written
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), "--debug"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(recipe), "--debug"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "MissingPathError" in proc.stderr

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_tiny_config, write_speech_wav
+from support import make_tiny_config, write_speech_wav
 
 from hf_ssl_speech.data.augment import mix_for_denoising
+from hf_ssl_speech.errors import run_command
 from hf_ssl_speech.feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from hf_ssl_speech.masking import frame_to_token_mask, sample_negatives
 from hf_ssl_speech.modeling_conformer_ssl import (
@@ -22,6 +23,7 @@ from hf_ssl_speech.modeling_conformer_ssl import (
     ConformerSslForPreTraining,
     ConformerSslModel,
 )
+from hf_ssl_speech.pretrain.kmeans import assign, fit_kmeans, make_kmeans_labels
 from hf_ssl_speech.targets import stack_frames
 
 
@@ -110,8 +112,13 @@ def audio_batch(tmp_path_factory):
     # HuBERT-style frame labels that are a function of the audio: the best of 10 fixed projections per frame.
     projections = torch.randn(16, 10, generator=_gen(0))
     frame_labels = (features @ projections).argmax(-1).masked_fill(attention_mask == 0, -100)
-    return {"features": features, "attention_mask": attention_mask, "frame_labels": frame_labels,
-            "paths": paths, "folder": folder}  # fmt: skip
+    return {
+        "features": features,
+        "attention_mask": attention_mask,
+        "frame_labels": frame_labels,
+        "paths": paths,
+        "folder": folder,
+    }
 
 
 def _forward(model, batch, **kwargs):
@@ -166,8 +173,12 @@ def test_explicit_masks_and_negatives_are_deterministic_and_used(audio_batch):
     token_mask = frame_to_token_mask(frame_mask, lengths, 4, model.config.mask_token_threshold)
     negatives, valid = sample_negatives(token_mask, model.config.num_negatives, _gen(3))
     explicit = negatives.masked_fill(~valid, -1)
-    outs = [_forward(model, audio_batch, mask_time_indices=frame_mask, sampled_negative_indices=explicit,
-                     generator=_gen(seed)) for seed in (1, 2)]  # fmt: skip
+    outs = [
+        _forward(
+            model, audio_batch, mask_time_indices=frame_mask, sampled_negative_indices=explicit, generator=_gen(seed)
+        )
+        for seed in (1, 2)
+    ]
     for name in ("contrastive", "bestrq", "hubert"):
         assert torch.equal(outs[0].loss_sums[name], outs[1].loss_sums[name]), name
     assert torch.equal(outs[0].mask_time_indices.bool(), frame_mask)
@@ -209,8 +220,9 @@ def test_targets_come_from_target_features_for_denoising(audio_batch):
     noisy = features + 0.5 * torch.randn(features.shape, generator=_gen(7)) * attention_mask[..., None]
     frame_mask = torch.zeros(features.shape[:2], dtype=torch.bool)
     frame_mask[:, 8:48] = True
-    out = model(noisy, attention_mask, mask_time_indices=frame_mask, target_features=features,
-                output_hidden_states=True)  # fmt: skip
+    out = model(
+        noisy, attention_mask, mask_time_indices=frame_mask, target_features=features, output_hidden_states=True
+    )
     # recompute: the head reads the encoder of the noisy input, the target is the clean stacked input
     stacked, _ = stack_frames(features, attention_mask.sum(-1), 4)
     token_mask = out.token_mask.bool()
@@ -255,16 +267,26 @@ def test_batched_sums_equal_per_utterance_sums_and_global_normalisation(audio_ba
     token_mask = frame_to_token_mask(frame_mask, lengths, 4, model.config.mask_token_threshold)
     negatives, valid = sample_negatives(token_mask, model.config.num_negatives, _gen(1))
     explicit = negatives.masked_fill(~valid, -1)
-    batched = model(features, attention_mask, mask_time_indices=frame_mask, sampled_negative_indices=explicit,
-                    frame_labels=audio_batch["frame_labels"])  # fmt: skip
+    batched = model(
+        features,
+        attention_mask,
+        mask_time_indices=frame_mask,
+        sampled_negative_indices=explicit,
+        frame_labels=audio_batch["frame_labels"],
+    )
     names = [n for n in batched.loss_sums if n != "diversity"]  # diversity is a batch-level marginal
     parts = []
     for b in range(3):
         n, steps = int(lengths[b]), int((lengths[b] + 3) // 4)
-        parts.append(model(features[b : b + 1, :n], attention_mask[b : b + 1, :n],
-                           mask_time_indices=frame_mask[b : b + 1, :n],
-                           sampled_negative_indices=explicit[b : b + 1, :steps],
-                           frame_labels=audio_batch["frame_labels"][b : b + 1, :n]))  # fmt: skip
+        parts.append(
+            model(
+                features[b : b + 1, :n],
+                attention_mask[b : b + 1, :n],
+                mask_time_indices=frame_mask[b : b + 1, :n],
+                sampled_negative_indices=explicit[b : b + 1, :steps],
+                frame_labels=audio_batch["frame_labels"][b : b + 1, :n],
+            )
+        )
     for name in names:
         total = sum(p.loss_sums[name] for p in parts)
         assert torch.allclose(batched.loss_sums[name], total, rtol=1e-4), name
@@ -273,8 +295,9 @@ def test_batched_sums_equal_per_utterance_sums_and_global_normalisation(audio_ba
     counts = {n: parts[0].loss_counts[n] + parts[1].loss_counts[n] + parts[2].loss_counts[n] for n in names}
     weights = {n: batched.loss_weights[n] for n in names}
     rank0 = model.combine_losses({n: parts[0].loss_sums[n] for n in names}, counts, weights, scale=2)
-    rank1 = model.combine_losses({n: parts[1].loss_sums[n] + parts[2].loss_sums[n] for n in names}, counts,
-                                 weights, scale=2)  # fmt: skip
+    rank1 = model.combine_losses(
+        {n: parts[1].loss_sums[n] + parts[2].loss_sums[n] for n in names}, counts, weights, scale=2
+    )
     whole = model.combine_losses({n: batched.loss_sums[n] for n in names}, batched.loss_counts, weights)
     assert torch.allclose((rank0 + rank1) / 2, whole, rtol=1e-4)
 
@@ -336,37 +359,26 @@ def test_hubert_needs_frame_labels_and_apc_needs_causal(audio_batch):
 # ----------------------------------------------------------------------------------------------- k-means labels
 
 
-def _load_kmeans_script():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "make_kmeans_labels.py"
-    spec = importlib.util.spec_from_file_location("make_kmeans_labels", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_kmeans_labels"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kmeans_recovers_separated_clusters_and_is_seeded():
-    kmeans = _load_kmeans_script()
     g = _gen(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     truth = torch.randint(0, 4, (400,), generator=g)
     points = centres[truth] + 0.5 * torch.randn(400, 2, generator=g)
-    centroids, inertia = kmeans.fit_kmeans(points, 4, iterations=10, seed=3)
-    labels = kmeans.assign(points, centroids)
+    centroids, inertia = fit_kmeans(points, 4, iterations=10, seed=3)
+    labels = assign(points, centroids)
     # each true cluster maps to exactly one k-means cluster (a permutation)
     pairs = set(zip(truth.tolist(), labels.tolist()))
     assert len(pairs) == 4 and len({p[1] for p in pairs}) == 4
     assert inertia < 0.6  # 2-D N(0, 0.25) noise: mean squared distance 0.5
-    again, _ = kmeans.fit_kmeans(points, 4, iterations=10, seed=3)
+    again, _ = fit_kmeans(points, 4, iterations=10, seed=3)
     assert torch.equal(again, centroids)
-    with pytest.raises(ValueError, match="num-clusters"):
-        kmeans.fit_kmeans(points[:3], 4)
+    with pytest.raises(ValueError, match="num_clusters"):
+        fit_kmeans(points[:3], 4)
 
 
 def test_make_kmeans_labels_writes_frame_labels_the_data_pipeline_and_hubert_use(audio_batch, tmp_path):
     from hf_ssl_speech.data import ManifestSource
 
-    kmeans = _load_kmeans_script()
     checkpoint = tmp_path / "ckpt"
     ConformerSslForPreTraining(_config({"bestrq": {}})).save_pretrained(checkpoint)
     manifest = tmp_path / "in" / "train.jsonl"
@@ -375,8 +387,7 @@ def test_make_kmeans_labels_writes_frame_labels_the_data_pipeline_and_hubert_use
     lines.append({"audio_filepath": "missing.wav", "duration": 1.0})  # a bad row is skipped and counted
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out_dir = tmp_path / "labels"
-    summary = kmeans.main(["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--output-dir",
-                           str(out_dir), "--layer", "1", "--num-clusters", "5", "--iterations", "4"])  # fmt: skip
+    summary = make_kmeans_labels(checkpoint, manifest, out_dir, layer=1, num_clusters=5, iterations=4)
     assert summary["labelled"] == 3 and sum(summary["skipped"].values()) == 1
     assert 1 <= summary["clusters_used"] <= 5
     source = ManifestSource(out_dir / "manifest.jsonl")
@@ -399,6 +410,26 @@ def test_make_kmeans_labels_writes_frame_labels_the_data_pipeline_and_hubert_use
     model = ConformerSslForPreTraining(_config({"hubert": {}}, hubert_num_labels=5))
     out = model(audio_batch["features"], audio_batch["attention_mask"], frame_labels=padded, generator=_gen(0))
     assert torch.isfinite(out.loss) and out.loss_counts["hubert"] > 0
+
+
+def test_make_kmeans_labels_command_names_a_missing_manifest(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "make_kmeans_labels", Path(__file__).parents[1] / "scripts" / "make_kmeans_labels.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = [
+        "--checkpoint",
+        str(tmp_path),
+        "--manifest",
+        str(tmp_path / "absent.jsonl"),
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    assert run_command(script.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--manifest" in err and "absent.jsonl" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 _REMOTE_PRETRAINING = """
@@ -444,8 +475,12 @@ def test_pretraining_checkpoint_loads_with_trust_remote_code_without_the_package
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", _REMOTE_PRETRAINING, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "o.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["module"].startswith("transformers_modules.")
     remote = torch.load(tmp_path / "o.pt")

@@ -24,10 +24,19 @@ BASE = {"model": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layer
 
 
 def test_overrides_are_typed_and_coerced():
-    recipe = load_recipe(base=BASE, overrides=[
-        "train.max_steps=100", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "data.train_manifests=a.jsonl",
-        "train.push_to_hub=user/model", "train.max_minutes=null", "model.causal=true", "objectives.apc.weight=2",
-    ])  # fmt: skip
+    recipe = load_recipe(
+        base=BASE,
+        overrides=[
+            "train.max_steps=100",
+            "optim.lr=1e-3",
+            "optim.betas=[0.8, 0.9]",
+            "data.train_manifests=a.jsonl",
+            "train.push_to_hub=user/model",
+            "train.max_minutes=null",
+            "model.causal=true",
+            "objectives.apc.weight=2",
+        ],
+    )
     assert recipe.train.max_steps == 100
     assert recipe.optim.lr == 1e-3 and isinstance(recipe.optim.lr, float)  # YAML reads "1e-3" as a string
     assert recipe.optim.betas == (0.8, 0.9)
@@ -40,8 +49,10 @@ def test_overrides_are_typed_and_coerced():
 
 
 def test_objective_can_be_removed_by_override():
-    recipe = load_recipe(base={**BASE, "objectives": {"bestrq": {}, "reconstruction": {"weight": 0.5}}},
-                         overrides=["objectives.reconstruction=null"])  # fmt: skip
+    recipe = load_recipe(
+        base={**BASE, "objectives": {"bestrq": {}, "reconstruction": {"weight": 0.5}}},
+        overrides=["objectives.reconstruction=null"],
+    )
     assert list(recipe.objectives) == ["bestrq"]
 
 
@@ -82,8 +93,9 @@ def test_preset_is_expanded_and_recipe_fields_win(tmp_path):
     )
     (tmp_path / "pretrain").mkdir()
     recipe_path = tmp_path / "pretrain" / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump({"model": {"preset": "small", "num_hidden_layers": 2},
-                                           "objectives": {"bestrq": {}}}))  # fmt: skip
+    recipe_path.write_text(
+        yaml.safe_dump({"model": {"preset": "small", "num_hidden_layers": 2}, "objectives": {"bestrq": {}}})
+    )
     recipe = load_recipe(recipe_path)
     assert recipe.model == {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
     recipe_path.write_text(yaml.safe_dump({"model": {"preset": "huge"}, "objectives": {"bestrq": {}}}))
@@ -116,8 +128,11 @@ def test_shipped_recipes_build_valid_model_configs(path):
         assert config.hidden_size <= 96 and config.num_hidden_layers <= 4, "tiny recipes must run on a CPU"
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.startswith("tiny_")],
-                         ids=[p.stem for p in RECIPES if p.stem.startswith("tiny_")])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [p for p in RECIPES if p.stem.startswith("tiny_")],
+    ids=[p.stem for p in RECIPES if p.stem.startswith("tiny_")],
+)
 def test_tiny_recipes_run_a_pretraining_step(path):
     from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
 

@@ -94,8 +94,12 @@ def test_trust_remote_code_without_the_package(tiny_config, tmp_path):
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", _REMOTE_SCRIPT, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["model"].startswith("transformers_modules."), loaded  # built from the folder's code
@@ -107,12 +111,14 @@ def test_trust_remote_code_without_the_package(tiny_config, tmp_path):
 
 
 def test_package_registers_auto_classes_in_init_only():
-    """DESIGN §2: `__init__.py` is the only place that registers Auto classes."""
+    """docs/architecture.md §1: `__init__.py` is the only place that registers Auto classes."""
     for path in Path(hf_ssl_speech.__file__).parent.glob("*.py"):
         if path.name == "__init__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-                "register", "register_for_auto_class"
-            ):  # fmt: skip
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("register", "register_for_auto_class")
+            ):
                 pytest.fail(f"{path.name}:{node.lineno} registers an Auto class outside __init__.py")

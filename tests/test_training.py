@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import accelerate_launch, make_tiny_config
 from torch import nn
 
 from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
@@ -38,36 +38,10 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def accelerate_launch(script: Path, args: list[str], num_processes: int, env: dict[str, str], cwd: Path,
-                      timeout: float = 180) -> subprocess.CompletedProcess:  # fmt: skip
-    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` (N gloo workers; N=1: one process).
-
-    The rendezvous port is picked free just before the launch; another process on this shared machine can still
-    take it in between, so an "address already in use" failure (only that) is retried with a new port.
-    """
-    for _ in range(3):
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
-        launch += (
-            ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
-        )
-        proc = subprocess.run([*launch, str(script), *args], env={**env, "ACCELERATE_USE_CPU": "1"}, cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            return proc
-    return proc
-
-
 # ---------------------------------------------------------------------------------------------- schedules
 def test_noam_peak_matches_nemo_formula_and_shape():
     d_model, warmup, lr = 512, 25_000, 5.0
-    # NeMo: the peak is lr * (d_model * warmup)^-0.5, reached at the end of warmup (DESIGN: ~1.4e-3).
+    # NeMo: the peak is lr * (d_model * warmup)^-0.5, reached at the end of warmup (docs/architecture.md §4: ~1.4e-3).
     peak = lr * noam_factor(warmup, d_model, warmup)
     assert peak == pytest.approx(lr / math.sqrt(d_model * warmup), rel=1e-12)
     assert peak == pytest.approx(1.4e-3, rel=0.01)
@@ -210,7 +184,10 @@ _NORMALISER_SCRIPT = textwrap.dedent(
         torch.save({"weight": module.weight.grad, "bias": module.bias.grad, "world": world}, out_path)
     accelerator.wait_for_everyone()
     # Tear gloo down before interpreter exit: left to atexit, a rank can abort ("terminate called without an
-    # active exception") while its peer is already gone.
+    # active exception") while its peer is already gone. The DDP wrapper's reducer holds the process group, so
+    # it goes first (the module global and accelerate's own reference), then the group itself.
+    del model
+    accelerator.free_memory()
     accelerator.end_training()  # destroys the process group
     """
 )
@@ -242,6 +219,7 @@ def _reference_grads(grad_accum: int, split: int = 1) -> dict[str, torch.Tensor]
     return {"weight": model.weight.grad, "bias": model.bias.grad}
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_global_count_normalisation_two_gloo_processes_match_one(tmp_path, grad_accum):
@@ -280,8 +258,9 @@ def test_loss_tracker_reports_global_sum_over_count():
     tracker = LossTracker()
     metrics = {"bestrq_correct": 1.0, "bestrq_accuracy": 0.5, "bestrq_perplexity": 10.0}
     tracker.update({"bestrq": 3.0}, {"bestrq": 2.0}, metrics, weights={"bestrq": 2.0})
-    tracker.update({"bestrq": 5.0}, {"bestrq": 6.0}, {"bestrq_correct": 5.0, "bestrq_accuracy": 0.8,
-                                                      "bestrq_perplexity": 20.0})  # fmt: skip
+    tracker.update(
+        {"bestrq": 5.0}, {"bestrq": 6.0}, {"bestrq_correct": 5.0, "bestrq_accuracy": 0.8, "bestrq_perplexity": 20.0}
+    )
     out = tracker.compute()
     assert out["loss/bestrq"] == pytest.approx(8 / 8)
     assert out["loss"] == pytest.approx(2.0)  # weight remembered from the first update
@@ -346,10 +325,10 @@ _CHECKPOINT_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, torch
     from accelerate import Accelerator
-    from conftest import make_tiny_config
     from hf_ssl_speech import ConformerSslModel
     from hf_ssl_speech.pretrain.checkpoints import CheckpointManager
     from hf_ssl_speech.pretrain.optim import build_optimizer
+    from support import make_tiny_config  # tests/ is on PYTHONPATH
 
     output_dir, kill_at = sys.argv[1], int(sys.argv[2])
     accelerator = Accelerator(cpu=True)
@@ -378,8 +357,13 @@ def _run_checkpoint_script(tmp_path: Path, kill_at: int) -> subprocess.Completed
     script.write_text(_CHECKPOINT_SCRIPT)
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, str(script), str(out), str(kill_at)], env=_clean_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), str(out), str(kill_at)],
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_checkpoints_keep_last_and_restore_state(tmp_path):
@@ -414,7 +398,6 @@ def test_kill_during_checkpoint_write_leaves_previous_usable(tmp_path):
     from hf_ssl_speech import ConformerSslModel
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from conftest import make_tiny_config
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(123)  # different init: everything must come from the checkpoint

@@ -180,8 +180,36 @@ loss:
   squeeze_single: false
 """
 
-LABELS = [" ", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t",
-          "u", "v", "w", "x", "y", "z", "'"]  # fmt: skip
+LABELS = [
+    " ",
+    "a",
+    "b",
+    "c",
+    "d",
+    "e",
+    "f",
+    "g",
+    "h",
+    "i",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "o",
+    "p",
+    "q",
+    "r",
+    "s",
+    "t",
+    "u",
+    "v",
+    "w",
+    "x",
+    "y",
+    "z",
+    "'",
+]
 
 # asr/conf/fastconformer/fast-conformer_ctc_char.yaml: FastConformer CTC on characters, layer-norm conv module.
 CTC = f"""
@@ -308,9 +336,12 @@ def make_nest(out: Path, audio: torch.Tensor, lengths: torch.Tensor, generator: 
     model.eval()
     ref = encode(model, audio, lengths)
     log_probs, encoded_len, _, tokens = model(
-        input_signal=audio, input_signal_length=lengths, noisy_input_signal=audio,
-        noisy_input_signal_length=lengths, apply_mask=False,
-    )  # fmt: skip
+        input_signal=audio,
+        input_signal_length=lengths,
+        noisy_input_signal=audio,
+        noisy_input_signal_length=lengths,
+        apply_mask=False,
+    )
     if not torch.equal(encoded_len, ref["encoded_lengths"]):
         raise RuntimeError("NeMo's model forward and encoder disagree on the output lengths")
     ref.update(
@@ -344,9 +375,16 @@ def make_ctc_bpe(out: Path, audio: torch.Tensor, lengths: torch.Tensor, generato
         text_file.write_text("\n".join(BPE_TEXT) + "\n")
         # NeMo's process_asr_text_tokenizer.py settings for a bpe tokenizer: no bos/eos, unk id 0.
         sentencepiece.SentencePieceTrainer.train(
-            input=str(text_file), model_prefix=f"{folder}/tokenizer", vocab_size=48, model_type="bpe",
-            character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2,
-        )  # fmt: skip
+            input=str(text_file),
+            model_prefix=f"{folder}/tokenizer",
+            vocab_size=48,
+            model_type="bpe",
+            character_coverage=1.0,
+            bos_id=-1,
+            eos_id=-1,
+            unk_id=0,
+            minloglevel=2,
+        )
         # NeMo registers a vocab.txt next to the model as an artifact (its tokenizer script writes one too).
         pieces = sentencepiece.SentencePieceProcessor(model_file=f"{folder}/tokenizer.model")
         vocab = [pieces.id_to_piece(i) for i in range(pieces.get_piece_size())]
