@@ -190,20 +190,37 @@ class ConformerSslConfig(PreTrainedConfig):
     def validate(self) -> None:
         """Check every field; each error names the field, the value and the allowed range."""
         positive_ints = (
-            "num_mel_bins", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "hop_length", "classifier_proj_size", "num_codevector_groups",
-            "num_codevectors_per_group", "codevector_dim", "proj_codevector_dim", "num_negatives",
-            "bestrq_num_codebooks", "bestrq_codebook_size", "bestrq_codebook_dim", "hubert_num_labels",
-            "apc_shift", "cpc_steps", "cpc_num_negatives", "mask_time_length",
-        )  # fmt: skip
+            "num_mel_bins",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "hop_length",
+            "classifier_proj_size",
+            "num_codevector_groups",
+            "num_codevectors_per_group",
+            "codevector_dim",
+            "proj_codevector_dim",
+            "num_negatives",
+            "bestrq_num_codebooks",
+            "bestrq_codebook_size",
+            "bestrq_codebook_dim",
+            "hubert_num_labels",
+            "apc_shift",
+            "cpc_steps",
+            "cpc_num_negatives",
+            "mask_time_length",
+        )
         for name in positive_ints:
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                   "an integer >= 1")  # fmt: skip
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "an integer >= 1")
         _check(
             self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size", self.hidden_size, f"a multiple of num_attention_heads={self.num_attention_heads}",
-        )  # fmt: skip
+            "hidden_size",
+            self.hidden_size,
+            f"a multiple of num_attention_heads={self.num_attention_heads}",
+        )
         _check(self.hidden_size % 2 == 0, "hidden_size", self.hidden_size, "an even number (sinusoidal positions)")
         k = self.conv_depthwise_kernel_size
         _check(isinstance(k, int) and k >= 1 and k % 2 == 1, "conv_depthwise_kernel_size", k, "an odd integer >= 1")
@@ -218,69 +235,110 @@ class ConformerSslConfig(PreTrainedConfig):
             isinstance(f, int) and f >= 2 and (f & (f - 1)) == 0, "subsampling_factor", f, "a power of 2 >= 2 (4 or 8)"
         )
         _check(
-            self.num_mel_bins // f >= 1, "num_mel_bins", self.num_mel_bins,
+            self.num_mel_bins // f >= 1,
+            "num_mel_bins",
+            self.num_mel_bins,
             f"at least subsampling_factor={f} (the convs also halve the feature axis)",
-        )  # fmt: skip
+        )
         c = self.subsampling_conv_channels
         _check(c == -1 or (isinstance(c, int) and c >= 1), "subsampling_conv_channels", c, "-1 (= hidden_size) or >= 1")
-        for name in ("hidden_dropout", "activation_dropout", "attention_dropout", "feat_proj_dropout",
-                     "dropout_positions", "layerdrop", "final_dropout"):  # fmt: skip
+        for name in (
+            "hidden_dropout",
+            "activation_dropout",
+            "attention_dropout",
+            "feat_proj_dropout",
+            "dropout_positions",
+            "layerdrop",
+            "final_dropout",
+        ):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, name, value, "a probability in [0, 1)")
         _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "> 0")
         _check(self.initializer_range > 0, "initializer_range", self.initializer_range, "> 0")
         _check(
-            self.ctc_loss_reduction in CTC_REDUCTIONS, "ctc_loss_reduction", self.ctc_loss_reduction,
+            self.ctc_loss_reduction in CTC_REDUCTIONS,
+            "ctc_loss_reduction",
+            self.ctc_loss_reduction,
             f"one of {CTC_REDUCTIONS}",
-        )  # fmt: skip
+        )
         if self.vocab_size is not None:
             _check(self.vocab_size >= 2, "vocab_size", self.vocab_size, "None or >= 2 (blank + one symbol)")
             _check(
                 self.pad_token_id is not None and 0 <= self.pad_token_id < self.vocab_size,
-                "pad_token_id", self.pad_token_id, f"the CTC blank id, in [0, vocab_size={self.vocab_size})",
-            )  # fmt: skip
+                "pad_token_id",
+                self.pad_token_id,
+                f"the CTC blank id, in [0, vocab_size={self.vocab_size})",
+            )
         # --- pretraining
         _check(self.mask_strategy in MASK_STRATEGIES, "mask_strategy", self.mask_strategy, f"one of {MASK_STRATEGIES}")
         _check(0.0 <= self.mask_time_prob <= 1.0, "mask_time_prob", self.mask_time_prob, "a probability in [0, 1]")
         _check(self.mask_time_min_masks >= 0, "mask_time_min_masks", self.mask_time_min_masks, "an integer >= 0")
         _check(self.mask_fill in MASK_FILLS, "mask_fill", self.mask_fill, f"one of {MASK_FILLS}")
         _check(
-            0.0 < self.mask_token_threshold <= 1.0, "mask_token_threshold", self.mask_token_threshold,
+            0.0 < self.mask_token_threshold <= 1.0,
+            "mask_token_threshold",
+            self.mask_token_threshold,
             "a fraction in (0, 1]",
-        )  # fmt: skip
+        )
         _check(
-            self.contrastive_target in CONTRASTIVE_TARGETS, "contrastive_target", self.contrastive_target,
+            self.contrastive_target in CONTRASTIVE_TARGETS,
+            "contrastive_target",
+            self.contrastive_target,
             f"one of {CONTRASTIVE_TARGETS}",
-        )  # fmt: skip
+        )
         _check(
-            self.codevector_dim % self.num_codevector_groups == 0, "codevector_dim", self.codevector_dim,
+            self.codevector_dim % self.num_codevector_groups == 0,
+            "codevector_dim",
+            self.codevector_dim,
             f"a multiple of num_codevector_groups={self.num_codevector_groups}",
-        )  # fmt: skip
-        _check(self.contrastive_logits_temperature > 0, "contrastive_logits_temperature",
-               self.contrastive_logits_temperature, "> 0")  # fmt: skip
+        )
+        _check(
+            self.contrastive_logits_temperature > 0,
+            "contrastive_logits_temperature",
+            self.contrastive_logits_temperature,
+            "> 0",
+        )
         _check(self.diversity_loss_weight >= 0, "diversity_loss_weight", self.diversity_loss_weight, ">= 0")
         _check(
-            self.reconstruction_loss in RECONSTRUCTION_LOSSES, "reconstruction_loss", self.reconstruction_loss,
+            self.reconstruction_loss in RECONSTRUCTION_LOSSES,
+            "reconstruction_loss",
+            self.reconstruction_loss,
             f"one of {RECONSTRUCTION_LOSSES}",
-        )  # fmt: skip
+        )
         if self.objectives is not None:
             names = tuple(OBJECTIVES)
-            _check(isinstance(self.objectives, dict) and len(self.objectives) > 0, "objectives", self.objectives,
-                   f"a non-empty dict name -> settings, names from {names}")  # fmt: skip
+            _check(
+                isinstance(self.objectives, dict) and len(self.objectives) > 0,
+                "objectives",
+                self.objectives,
+                f"a non-empty dict name -> settings, names from {names}",
+            )
             for name, spec in self.objectives.items():
                 _check(name in OBJECTIVES, "objectives", name, f"objective names from {names}")
                 defaults = OBJECTIVES[name].defaults
                 unknown = set(spec) - set(defaults)
                 _check(not unknown, f"objectives.{name}", sorted(unknown), f"only the keys {tuple(defaults)}")
                 weight = spec["weight"]
-                _check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0,
-                       f"objectives.{name}.weight", weight, "a finite number >= 0")  # fmt: skip
-                _check(isinstance(spec["start_step"], int) and spec["start_step"] >= 0,
-                       f"objectives.{name}.start_step", spec["start_step"], "an integer >= 0")  # fmt: skip
+                _check(
+                    isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0,
+                    f"objectives.{name}.weight",
+                    weight,
+                    "a finite number >= 0",
+                )
+                _check(
+                    isinstance(spec["start_step"], int) and spec["start_step"] >= 0,
+                    f"objectives.{name}.start_step",
+                    spec["start_step"],
+                    "an integer >= 0",
+                )
                 layer = spec["layer"]
                 n = self.num_hidden_layers
-                _check(isinstance(layer, int) and -n - 1 <= layer <= n, f"objectives.{name}.layer", layer,
-                       f"an index into the {n + 1} hidden states, in [{-n - 1}, {n}]")  # fmt: skip
+                _check(
+                    isinstance(layer, int) and -n - 1 <= layer <= n,
+                    f"objectives.{name}.layer",
+                    layer,
+                    f"an index into the {n + 1} hidden states, in [{-n - 1}, {n}]",
+                )
             causal_readers = sorted(n for n in self.objectives if OBJECTIVES[n].reads == "clean")
             if causal_readers:
                 _check(

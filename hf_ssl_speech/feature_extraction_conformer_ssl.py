@@ -103,9 +103,14 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
         """
         window = torch.hann_window(self.win_length, periodic=False, device=device)
         stft = torch.stft(
-            waveform, self.n_fft, hop_length=self.hop_length, win_length=self.win_length, window=window,
-            return_complex=True, pad_mode="constant",
-        )  # fmt: skip
+            waveform,
+            self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+            window=window,
+            return_complex=True,
+            pad_mode="constant",
+        )
         power = stft.real.square() + stft.imag.square()  # (batch, freq, frames + 1)
         mel = torch.matmul(self.mel_filters.to(device), power)
         return torch.log(mel + LOG_ZERO_GUARD).transpose(1, 2)

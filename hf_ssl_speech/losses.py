@@ -217,8 +217,9 @@ def cpc_loss(
             neg_index = negative_indices[batch_index, target_index]  # (N, K)
             candidates = torch.cat([target_index[:, None], neg_index], dim=1)
             logits = scores[batch_index[:, None], time_index[:, None], candidates]  # (N, 1 + K)
-            candidate_valid = torch.cat([torch.ones_like(neg_index[:, :1], dtype=torch.bool),
-                                         negative_valid[batch_index, target_index]], dim=1)  # fmt: skip
+            candidate_valid = torch.cat(
+                [torch.ones_like(neg_index[:, :1], dtype=torch.bool), negative_valid[batch_index, target_index]], dim=1
+            )
             loss, correct = _info_nce(logits, candidate_valid)
             total = total + loss.sum()
             count = count + loss.shape[0]

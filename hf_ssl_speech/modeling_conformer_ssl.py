@@ -796,10 +796,20 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         clean = input_features if target_features is None else target_features
         stacked, step_lengths = stack_frames(clean, lengths, config.subsampling_factor)  # (B, T', f * F)
         book = LossBook()
-        common = {"stacked": stacked, "step_lengths": step_lengths, "frame_lengths": lengths, "book": book,
-                  "generator": generator, "gumbel_temperature": gumbel_temperature}  # fmt: skip
-        encode = {"attention_mask": attention_mask, "output_hidden_states": True,
-                  "output_attentions": output_attentions, "return_dict": True}  # fmt: skip
+        common = {
+            "stacked": stacked,
+            "step_lengths": step_lengths,
+            "frame_lengths": lengths,
+            "book": book,
+            "generator": generator,
+            "gumbel_temperature": gumbel_temperature,
+        }
+        encode = {
+            "attention_mask": attention_mask,
+            "output_hidden_states": True,
+            "output_attentions": output_attentions,
+            "return_dict": True,
+        }
         contexts: dict[str, ObjectiveContext] = {}
         frame_mask = token_mask = encoded = None
 
@@ -809,9 +819,13 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
             encoded = self.conformer(masked_input, **encode)
             contexts["masked"] = ObjectiveContext(
-                config, encoded.hidden_states, **common, token_mask=token_mask, frame_labels=frame_labels,
+                config,
+                encoded.hidden_states,
+                **common,
+                token_mask=token_mask,
+                frame_labels=frame_labels,
                 sampled_negative_indices=sampled_negative_indices,
-            )  # fmt: skip
+            )
             book.metrics["masked_frame_fraction"] = (frame_mask.sum() / lengths.sum().clamp(min=1)).float().detach()
             book.metrics["masked_tokens"] = token_mask.sum().float().detach()
         if "clean" in passes:  # causal context (config.causal is required) over the clean input

@@ -170,8 +170,9 @@ class GumbelVectorQuantizer(nn.Module):
             selected = torch.ones(batch, steps, dtype=torch.bool, device=hidden_states.device)
         # Code logits and softmaxes in float32 even under autocast: fp16 Gumbel noise overflows.
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            logits = nn.functional.linear(hidden_states.float(), self.weight_proj.weight.float(),
-                                          self.weight_proj.bias.float())  # fmt: skip
+            logits = nn.functional.linear(
+                hidden_states.float(), self.weight_proj.weight.float(), self.weight_proj.bias.float()
+            )
             logits = logits.view(batch, steps, self.num_groups, self.num_codes)
             if self.training:
                 gen_device = generator.device if generator is not None else logits.device

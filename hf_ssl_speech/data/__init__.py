@@ -27,8 +27,8 @@ The parts, in the order data flows through them:
 
 Use with accelerate: build one loader per process with `rank=accelerator.process_index,
 world_size=accelerator.num_processes` and do **not** pass it to `accelerator.prepare` (accelerate would
-shard it a second time, and its default `dispatch_batches=True` fails on variable-length batches; DESIGN.md
-§7). Move batches to the device with `batch[k].to(accelerator.device)`.
+shard it a second time, and its default `dispatch_batches=True` fails on variable-length batches; docs/architecture.md
+§5). Move batches to the device with `batch[k].to(accelerator.device)`.
 
 Streaming: a streaming dataset cannot be planned globally. Each (process, worker) pair reads a disjoint part
 of the stream (whole shards when there are enough, else every n-th row) and buckets it in windows; the

@@ -3,7 +3,7 @@
 Everything that can go wrong with one audio file becomes an `AudioError` whose `reason` is one of the
 keys of `BAD_REASONS`, so the pipeline can skip the example, count it by reason and name the file.
 No torchcodec / torchaudio: `datasets`' `Audio` feature needs torchcodec, whose PyPI wheel does not
-import next to CPU torch (DESIGN.md §7), so paths and bytes are decoded here with libsndfile.
+import next to CPU torch (docs/architecture.md §5), so paths and bytes are decoded here with libsndfile.
 """
 
 from __future__ import annotations

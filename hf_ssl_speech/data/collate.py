@@ -16,7 +16,7 @@ from .audio_io import TARGET_SAMPLING_RATE
 
 
 class SpeechCollator:
-    """Pads a list of example dicts into model inputs (docs/CONTRACTS.md).
+    """Pads a list of example dicts into model inputs (docs/architecture.md §2).
 
     Two modes:
     - features (default): `input_features (B, T, n_mels) float32`, `attention_mask (B, T) long` from

@@ -33,7 +33,7 @@ def _frame_labels(raw: RawExample, crop_start: float, frames: int, tolerance: in
 
 
 def decode_example(raw: RawExample, config: DataConfig, rng: np.random.Generator | None = None) -> dict[str, Any]:
-    """Decode a `RawExample` into the example dict of docs/CONTRACTS.md. Raises `AudioError` if unusable.
+    """Decode a `RawExample` into the example dict of docs/architecture.md §2. Raises `AudioError` if unusable.
 
     Args:
         raw: from a source's `raw()`.

@@ -213,8 +213,15 @@ def prepare_librispeech(
                 bad.append((str(audio), "missing: listed in the transcript, no .flac"))
                 continue
             speaker = utt.split("-", 1)[0]
-            rows.append({"audio_filepath": str(audio.resolve()), "duration": None,
-                         "text": text.lower() if lowercase else text, "speaker": speaker, "id": utt})  # fmt: skip
+            rows.append(
+                {
+                    "audio_filepath": str(audio.resolve()),
+                    "duration": None,
+                    "text": text.lower() if lowercase else text,
+                    "speaker": speaker,
+                    "id": utt,
+                }
+            )
     good, unreadable = _rows_with_durations(rows, jobs, progress, f"LibriSpeech {split_dir.name}")
     return good, bad + unreadable
 
@@ -276,15 +283,24 @@ def prepare_librilight(
                 bad.append((str(meta_path), f"malformed: {error}; using the whole file"))
         if intervals:
             for offset, duration in segments_from_vad(intervals, max_segment, min_segment):
-                segmented.append({"audio_filepath": str(audio.resolve()), "offset": offset, "duration": duration,
-                                  "speaker": speaker, "id": f"{base_id}@{offset:.3f}"})  # fmt: skip
+                segmented.append(
+                    {
+                        "audio_filepath": str(audio.resolve()),
+                        "offset": offset,
+                        "duration": duration,
+                        "speaker": speaker,
+                        "id": f"{base_id}@{offset:.3f}",
+                    }
+                )
         else:
             whole.append({"audio_filepath": str(audio.resolve()), "duration": None, "speaker": speaker, "id": base_id})
     # Segments were cut from metadata; make sure their files open (one header read per file).
     readable, unreadable = _rows_with_durations(
         [{"audio_filepath": p, "duration": None} for p in sorted({r["audio_filepath"] for r in segmented})],
-        jobs, progress, "LibriLight headers",
-    )  # fmt: skip
+        jobs,
+        progress,
+        "LibriLight headers",
+    )
     lengths = {row["audio_filepath"]: row["duration"] for row in readable}
     segments = [r for r in segmented if r["audio_filepath"] in lengths and r["offset"] < lengths[r["audio_filepath"]]]
     for row in segments:
@@ -343,8 +359,13 @@ def prepare_commonvoice(
             bad.append((f"{tsv}:{number}", "malformed: empty 'path' or 'sentence'"))
             continue
         audio = root / "clips" / clip
-        row = {"audio_filepath": str(audio.resolve()), "duration": known.get(clip), "text": sentence.strip(),
-               "speaker": entry.get("client_id") or None, "id": Path(clip).stem}  # fmt: skip
+        row = {
+            "audio_filepath": str(audio.resolve()),
+            "duration": known.get(clip),
+            "text": sentence.strip(),
+            "speaker": entry.get("client_id") or None,
+            "id": Path(clip).stem,
+        }
         rows.append(row)
     if convert_to is not None:
         converted_dir = Path(converted_dir or root / f"clips_{convert_to}")
@@ -437,8 +458,15 @@ def prepare_an4(
         except AudioError as error:
             bad.append((str(sphere), f"{error.reason}: {error.detail}".rstrip(": ")))
             continue
-        rows.append({"audio_filepath": str(target.resolve()), "duration": round(duration, 4),
-                     "text": text.lower() if lowercase else text, "speaker": speaker, "id": file_id})  # fmt: skip
+        rows.append(
+            {
+                "audio_filepath": str(target.resolve()),
+                "duration": round(duration, 4),
+                "text": text.lower() if lowercase else text,
+                "speaker": speaker,
+                "id": file_id,
+            }
+        )
     return rows, bad
 
 

@@ -20,8 +20,12 @@ from ..frames import HOP_LENGTH, SAMPLING_RATE
 CARD_TAGS = ["ssl", "speech", "conformer", "hf_ssl_speech", "self-supervised-learning"]
 
 
-def card_metadata(datasets: Sequence[str] = (), extra_tags: Sequence[str] = (), license: str = "apache-2.0",
-                  language: Sequence[str] = ("en",)) -> dict[str, Any]:  # fmt: skip
+def card_metadata(
+    datasets: Sequence[str] = (),
+    extra_tags: Sequence[str] = (),
+    license: str = "apache-2.0",
+    language: Sequence[str] = ("en",),
+) -> dict[str, Any]:
     """The YAML header of the card: what the Hub indexes (library, pipeline, tags, datasets)."""
     metadata: dict[str, Any] = {
         "library_name": "transformers",
@@ -134,8 +138,13 @@ def _frame_ms(config: Mapping[str, Any] | None) -> int:
     return int(1000 * config.get("hop_length", HOP_LENGTH) * config.get("subsampling_factor", 4) / SAMPLING_RATE)
 
 
-def write_model_card(folder: str | Path, repo_id: str, training_summary: Mapping[str, Any] | None = None,
-                     datasets: Sequence[str] = (), recipe_yaml: str | None = None) -> Path:  # fmt: skip
+def write_model_card(
+    folder: str | Path,
+    repo_id: str,
+    training_summary: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    recipe_yaml: str | None = None,
+) -> Path:
     """Write `README.md` into a `save_pretrained` folder (config read from its `config.json`); returns its path."""
     folder = Path(folder)
     path = folder / "README.md"

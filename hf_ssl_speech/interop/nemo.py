@@ -156,8 +156,9 @@ def read_nemo(path: str | Path) -> NemoCheckpoint:
     try:
         archive = tarfile.open(path, "r:*")
     except tarfile.ReadError as error:
-        raise NemoConversionError(f"{path}: not a tar archive ({error}); a .nemo file is a tar of "
-                                  f"{CONFIG_MEMBER} + {WEIGHTS_MEMBER}") from error  # fmt: skip
+        raise NemoConversionError(
+            f"{path}: not a tar archive ({error}); a .nemo file is a tar of {CONFIG_MEMBER} + {WEIGHTS_MEMBER}"
+        ) from error
     members: dict[str, bytes] = {}
     with archive:
         for member in archive.getmembers():
@@ -214,8 +215,18 @@ _PREPROCESSOR_FIXED = {
     "mel_norm": "slaney",
     "lowfreq": 0,
 }
-_PREPROCESSOR_MAPPED = ("sample_rate", "window_size", "window_stride", "n_window_size", "n_window_stride", "n_fft",
-                        "features", "dither", "preemph", "highfreq")  # fmt: skip
+_PREPROCESSOR_MAPPED = (
+    "sample_rate",
+    "window_size",
+    "window_stride",
+    "n_window_size",
+    "n_window_stride",
+    "n_fft",
+    "features",
+    "dither",
+    "preemph",
+    "highfreq",
+)
 
 
 def convert_preprocessor(preprocessor: dict) -> tuple[ConformerSslFeatureExtractor, list[str]]:
@@ -231,8 +242,11 @@ def convert_preprocessor(preprocessor: dict) -> tuple[ConformerSslFeatureExtract
     problems, notes = [], []
     for key, expected in _PREPROCESSOR_FIXED.items():
         value = preprocessor.get(key, expected)
-        same = math.isclose(value, expected) if isinstance(expected, float) and isinstance(value, (int, float)) \
-            else value == expected  # fmt: skip
+        same = (
+            math.isclose(value, expected)
+            if isinstance(expected, float) and isinstance(value, (int, float))
+            else value == expected
+        )
         if not same:
             problems.append(f"preprocessor.{key}={value!r} (ours implements only {expected!r})")
     unknown = sorted(
@@ -259,8 +273,10 @@ def convert_preprocessor(preprocessor: dict) -> tuple[ConformerSslFeatureExtract
     preemphasis = preprocessor.get("preemph", 0.97)
     _refuse(problems, "the NeMo preprocessor")
     if float(preprocessor.get("nb_augmentation_prob", 0.0) or 0.0) > 0:
-        notes.append(f"preprocessor.nb_augmentation_prob={preprocessor['nb_augmentation_prob']} not carried over "
-                     "(narrow-band augmentation, training only)")  # fmt: skip
+        notes.append(
+            f"preprocessor.nb_augmentation_prob={preprocessor['nb_augmentation_prob']} not carried over "
+            "(narrow-band augmentation, training only)"
+        )
     extractor = ConformerSslFeatureExtractor(
         feature_size=int(preprocessor.get("features", 64)),
         sampling_rate=sample_rate,
@@ -288,8 +304,9 @@ def check_featurizer_buffers(extractor: ConformerSslFeatureExtractor, state_dict
     if window is not None:
         ours = torch.hann_window(extractor.win_length, periodic=False, dtype=torch.float64)
         if window.shape != ours.shape or (window.to(torch.float64) - ours).abs().max() > 1e-6:
-            raise NemoConversionError("preprocessor.featurizer.window is not a symmetric Hann window of "
-                                      f"{extractor.win_length} samples")  # fmt: skip
+            raise NemoConversionError(
+                f"preprocessor.featurizer.window is not a symmetric Hann window of {extractor.win_length} samples"
+            )
 
 
 # ConformerEncoder settings: mapped to a config field (name -> ours), ignored (with the reason), or fixed.
@@ -350,13 +367,17 @@ def convert_encoder_config(encoder: dict) -> tuple[dict, list[str]]:
         problems.append(f"encoder.self_attention_model={encoder['self_attention_model']!r} (ours: 'rel_pos')")
     context = encoder.get("att_context_size")
     if context is not None and [int(c) for c in context] != [-1, -1]:
-        problems.append(f"encoder.att_context_size={context!r} (ours: unlimited context [-1, -1]; our `causal` also "
-                        "makes the subsampling causal, which NeMo does differently)")  # fmt: skip
+        problems.append(
+            f"encoder.att_context_size={context!r} (ours: unlimited context [-1, -1]; our `causal` also "
+            "makes the subsampling causal, which NeMo does differently)"
+        )
     conv_context = encoder.get("conv_context_size")
     symmetric = [(kernel - 1) // 2, (kernel - 1) // 2]
     if conv_context is not None and conv_context != symmetric:
-        problems.append(f"encoder.conv_context_size={conv_context!r} (ours: centred {symmetric}; a causal conv "
-                        "context alone, without causal attention and subsampling, is not one of our settings)")  # fmt: skip
+        problems.append(
+            f"encoder.conv_context_size={conv_context!r} (ours: centred {symmetric}; a causal conv "
+            "context alone, without causal attention and subsampling, is not one of our settings)"
+        )
     feat_out = encoder.get("feat_out", -1)
     if feat_out not in (-1, None, d_model) and feat_out > 0:
         problems.append(f"encoder.feat_out={feat_out} (an output projection, ours has none)")
@@ -369,10 +390,22 @@ def convert_encoder_config(encoder: dict) -> tuple[dict, list[str]]:
     norm = encoder.get("conv_norm_type", "batch_norm")
     if norm not in ("batch_norm", "layer_norm", "fused_batch_norm"):
         problems.append(f"encoder.conv_norm_type={norm!r} (ours: batch_norm, layer_norm; fused_batch_norm as BN)")
-    known = set(_ENCODER_MAPPED) | set(_ENCODER_IGNORED) | {
-        "causal_downsampling", "self_attention_model", "att_context_size", "conv_context_size", "feat_out",
-        "reduction", "reduction_position", "reduction_factor", "global_tokens", "att_chunk_context_size",
-    }  # fmt: skip
+    known = (
+        set(_ENCODER_MAPPED)
+        | set(_ENCODER_IGNORED)
+        | {
+            "causal_downsampling",
+            "self_attention_model",
+            "att_context_size",
+            "conv_context_size",
+            "feat_out",
+            "reduction",
+            "reduction_position",
+            "reduction_factor",
+            "global_tokens",
+            "att_chunk_context_size",
+        }
+    )
     problems += [f"encoder.{k}={encoder[k]!r} (unknown setting)" for k in sorted(set(encoder) - known)]
     _refuse(problems, "the NeMo encoder")
 
@@ -389,11 +422,15 @@ def convert_encoder_config(encoder: dict) -> tuple[dict, list[str]]:
     kwargs["hidden_act"] = "silu"
     kwargs["layer_norm_eps"] = 1e-5
     if float(encoder.get("stochastic_depth_drop_prob", 0.0) or 0.0) > 0:
-        notes.append(f"encoder.stochastic_depth_drop_prob={encoder['stochastic_depth_drop_prob']} not carried over "
-                     "(training-time regulariser; set `layerdrop` to fine-tune with one)")  # fmt: skip
+        notes.append(
+            f"encoder.stochastic_depth_drop_prob={encoder['stochastic_depth_drop_prob']} not carried over "
+            "(training-time regulariser; set `layerdrop` to fine-tune with one)"
+        )
     if norm == "fused_batch_norm":
-        notes.append("conv_norm_type=fused_batch_norm became batch_norm with running mean 0 and variance 1 - eps: "
-                     "identical in eval mode; in training it normalises by batch statistics, unlike NeMo's affine")  # fmt: skip
+        notes.append(
+            "conv_norm_type=fused_batch_norm became batch_norm with running mean 0 and variance 1 - eps: "
+            "identical in eval mode; in training it normalises by batch statistics, unlike NeMo's affine"
+        )
     if not encoder.get("untie_biases", True):
         notes.append("NeMo shared pos_bias_u/v across layers (untie_biases=false); each layer now holds a copy")
     return kwargs, notes
@@ -412,12 +449,25 @@ _LAYER_RENAMES = {
     "self_attn.pos_bias_v": "self_attn.bias_v",
     "conv.batch_norm": "conv.norm",
 }
-_LAYER_SAME = ("norm_feed_forward1", "feed_forward1.linear1", "feed_forward1.linear2", "norm_self_att", "norm_conv",
-               "conv.pointwise_conv1", "conv.depthwise_conv", "conv.pointwise_conv2", "norm_feed_forward2",
-               "feed_forward2.linear1", "feed_forward2.linear2", "norm_out")  # fmt: skip
+_LAYER_SAME = (
+    "norm_feed_forward1",
+    "feed_forward1.linear1",
+    "feed_forward1.linear2",
+    "norm_self_att",
+    "norm_conv",
+    "conv.pointwise_conv1",
+    "conv.depthwise_conv",
+    "conv.pointwise_conv2",
+    "norm_feed_forward2",
+    "feed_forward2.linear1",
+    "feed_forward2.linear2",
+    "norm_out",
+)
 _POINTWISE = ("conv.pointwise_conv1.weight", "conv.pointwise_conv2.weight")
-_ENCODER_KEY = re.compile(r"encoder\.(?:pre_encode\.conv\.(\d+)\.(weight|bias)|pre_encode\.out\.(weight|bias)|"
-                          r"layers\.(\d+)\.(.+))")  # fmt: skip
+_ENCODER_KEY = re.compile(
+    r"encoder\.(?:pre_encode\.conv\.(\d+)\.(weight|bias)|pre_encode\.out\.(weight|bias)|"
+    r"layers\.(\d+)\.(.+))"
+)
 
 
 def _rename_layer_key(rest: str) -> str | None:
@@ -572,11 +622,14 @@ def build_ctc_tokenizer(checkpoint: NemoCheckpoint, num_classes: int) -> tuple[A
         raise NemoConversionError("no `labels` / `decoder.vocabulary` in the config: cannot build the CTC vocabulary")
     labels = list(labels)
     if len(labels) + 1 != num_classes:
-        raise NemoConversionError(f"decoder has {num_classes} classes but the vocabulary has {len(labels)} labels + "
-                                  "blank")  # fmt: skip
+        raise NemoConversionError(
+            f"decoder has {num_classes} classes but the vocabulary has {len(labels)} labels + blank"
+        )
     if "|" in labels or "<pad>" in labels:
-        raise NemoConversionError("the NeMo vocabulary contains '|' or '<pad>', which our CTC tokenizer reserves for "
-                                  "the word delimiter and the blank")  # fmt: skip
+        raise NemoConversionError(
+            "the NeMo vocabulary contains '|' or '<pad>', which our CTC tokenizer reserves for "
+            "the word delimiter and the blank"
+        )
     from transformers import Wav2Vec2CTCTokenizer
 
     vocab = {("|" if label == " " else label): index for index, label in enumerate(labels)}
@@ -586,13 +639,24 @@ def build_ctc_tokenizer(checkpoint: NemoCheckpoint, num_classes: int) -> tuple[A
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False))
         # No <unk>: NeMo's vocabulary has none (its char parser drops unknown characters); adding one would grow
         # the vocabulary past the CTC head. Normalise transcripts to the vocabulary before tokenising.
-        tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=None, pad_token="<pad>", word_delimiter_token="|",
-                                         bos_token=None, eos_token=None, do_lower_case=False)  # fmt: skip
+        tokenizer = Wav2Vec2CTCTokenizer(
+            str(vocab_file),
+            unk_token=None,
+            pad_token="<pad>",
+            word_delimiter_token="|",
+            bos_token=None,
+            eos_token=None,
+            do_lower_case=False,
+        )
     if len(tokenizer) != num_classes or tokenizer.pad_token_id != num_classes - 1:
-        raise NemoConversionError(f"built a tokenizer of {len(tokenizer)} tokens / pad {tokenizer.pad_token_id}, "
-                                  f"expected {num_classes} / {num_classes - 1}")  # fmt: skip
-    notes = ["character vocabulary from NeMo's labels: '|' stands for the space, '<pad>' (last id) is the CTC blank; "
-             "it has no <unk>, so transcripts must be normalised to these characters (NeMo drops the others)"]  # fmt: skip
+        raise NemoConversionError(
+            f"built a tokenizer of {len(tokenizer)} tokens / pad {tokenizer.pad_token_id}, "
+            f"expected {num_classes} / {num_classes - 1}"
+        )
+    notes = [
+        "character vocabulary from NeMo's labels: '|' stands for the space, '<pad>' (last id) is the CTC blank; "
+        "it has no <unk>, so transcripts must be normalised to these characters (NeMo drops the others)"
+    ]
     return tokenizer, notes
 
 
@@ -607,12 +671,14 @@ def _artifact(checkpoint: NemoCheckpoint, reference: str | None) -> tuple[str, b
 def _bpe_tokenizer(checkpoint: NemoCheckpoint, num_classes: int) -> tuple[Any, list[str]]:
     tokenizer_config = checkpoint.config["tokenizer"]
     if tokenizer_config.get("type") not in ("bpe", "wpe"):
-        raise NemoConversionError(f"tokenizer.type={tokenizer_config.get('type')!r}: only 'bpe' (SentencePiece) "
-                                  "tokenizers are supported")  # fmt: skip
+        raise NemoConversionError(
+            f"tokenizer.type={tokenizer_config.get('type')!r}: only 'bpe' (SentencePiece) tokenizers are supported"
+        )
     model = _artifact(checkpoint, tokenizer_config.get("model_path"))
     if tokenizer_config.get("type") != "bpe" or model is None:
-        raise NemoConversionError(f"tokenizer: no SentencePiece model in the archive (model_path="
-                                  f"{tokenizer_config.get('model_path')!r})")  # fmt: skip
+        raise NemoConversionError(
+            f"tokenizer: no SentencePiece model in the archive (model_path={tokenizer_config.get('model_path')!r})"
+        )
     try:
         from tokenizers import AddedToken
         from transformers import ParakeetTokenizer
@@ -621,18 +687,25 @@ def _bpe_tokenizer(checkpoint: NemoCheckpoint, num_classes: int) -> tuple[Any, l
         with tempfile.TemporaryDirectory() as folder:
             model_file = Path(folder) / "tokenizer.model"
             model_file.write_bytes(model[1])
-            tokenizer = ParakeetTokenizer(tokenizer_object=ParakeetConverter(str(model_file)).converted(),
-                                          clean_up_tokenization_spaces=False)  # fmt: skip
+            tokenizer = ParakeetTokenizer(
+                tokenizer_object=ParakeetConverter(str(model_file)).converted(), clean_up_tokenization_spaces=False
+            )
         # NeMo's CTC blank is one past the SentencePiece vocabulary: add it as <pad> (transformers' Parakeet does too).
         tokenizer.add_special_tokens({"pad_token": AddedToken("<pad>", normalized=False, special=True)})
     except (ImportError, RuntimeError, ValueError) as error:
-        return None, [f"the SentencePiece tokenizer could not be converted ({error}); its files are written under "
-                      "nemo_tokenizer/ for use with sentencepiece"]  # fmt: skip
+        return None, [
+            f"the SentencePiece tokenizer could not be converted ({error}); its files are written under "
+            "nemo_tokenizer/ for use with sentencepiece"
+        ]
     if len(tokenizer) != num_classes or tokenizer.pad_token_id != num_classes - 1:
-        raise NemoConversionError(f"SentencePiece tokenizer has {len(tokenizer) - 1} pieces + blank, but the CTC "
-                                  f"head has {num_classes} classes")  # fmt: skip
-    return tokenizer, ["SentencePiece BPE tokenizer converted to a ParakeetTokenizer (CTC decoding merges repeats "
-                       "and drops the blank '<pad>', the last id)"]  # fmt: skip
+        raise NemoConversionError(
+            f"SentencePiece tokenizer has {len(tokenizer) - 1} pieces + blank, but the CTC "
+            f"head has {num_classes} classes"
+        )
+    return tokenizer, [
+        "SentencePiece BPE tokenizer converted to a ParakeetTokenizer (CTC decoding merges repeats "
+        "and drops the blank '<pad>', the last id)"
+    ]
 
 
 def _nest_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int) -> HeadPlan:
@@ -645,18 +718,23 @@ def _nest_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int) -> He
     if _target_name(decoder) != "MultiSoftmaxDecoder":
         problems.append(f"decoder._target_={decoder.get('_target_')!r} (expected MultiSoftmaxDecoder)")
     if config.get("mask_position", "pre_conv") != "pre_conv":
-        problems.append(f"mask_position={config['mask_position']!r} (ours masks and quantizes log-mel frames, "
-                        "'pre_conv')")  # fmt: skip
+        problems.append(
+            f"mask_position={config['mask_position']!r} (ours masks and quantizes log-mel frames, 'pre_conv')"
+        )
     if int(quantizer.get("combine_time_steps", 1)) != factor or int(quantizer.get("feat_in", 0)) != num_mel_bins:
-        problems.append(f"quantizer stacks {quantizer.get('combine_time_steps')} frames of {quantizer.get('feat_in')} "
-                        f"features (ours: subsampling_factor={factor} frames of {num_mel_bins})")  # fmt: skip
+        problems.append(
+            f"quantizer stacks {quantizer.get('combine_time_steps')} frames of {quantizer.get('feat_in')} "
+            f"features (ours: subsampling_factor={factor} frames of {num_mel_bins})"
+        )
     if quantizer.get("time_ahead", False):
         problems.append("quantizer.time_ahead=True")
     _refuse(problems, "the NEST quantizer / decoder")
     books, classes, dim = int(quantizer["num_books"]), int(quantizer["num_classes"]), int(quantizer["code_dim"])
     if int(decoder.get("num_decoders", 1)) != books or int(decoder["num_classes"]) != classes:
-        raise NemoConversionError(f"decoder has {decoder.get('num_decoders')} x {decoder.get('num_classes')} outputs "
-                                  f"but the quantizer {books} books x {classes} codes")  # fmt: skip
+        raise NemoConversionError(
+            f"decoder has {decoder.get('num_decoders')} x {decoder.get('num_classes')} outputs "
+            f"but the quantizer {books} books x {classes} codes"
+        )
     proj, codebooks = state["quantizer.proj.weight"], state["quantizer.codebooks"]
     head_weight = _conv1x1_to_linear(state["decoder.decoder_layers.0.weight"], "decoder.decoder_layers.0.weight")
     head_bias = state.get("decoder.decoder_layers.0.bias")
@@ -670,8 +748,12 @@ def _nest_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int) -> He
         "bestrq_head.weight": multisoftmax_rows_to_book_major(head_weight, classes, books),
         "bestrq_head.bias": multisoftmax_rows_to_book_major(head_bias, classes, books),
     }
-    plan.used = {"quantizer.proj.weight", "quantizer.codebooks", "decoder.decoder_layers.0.weight",
-                 "decoder.decoder_layers.0.bias"} & set(state)  # fmt: skip
+    plan.used = {
+        "quantizer.proj.weight",
+        "quantizer.codebooks",
+        "decoder.decoder_layers.0.weight",
+        "decoder.decoder_layers.0.bias",
+    } & set(state)
     if "mask_processor.mask_embedding" in state:
         plan.weights["masked_spec_embed"] = state["mask_processor.mask_embedding"]
         plan.used.add("mask_processor.mask_embedding")
@@ -684,13 +766,20 @@ def _nest_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int) -> He
         "mask_token_threshold": float(config.get("loss", {}).get("mask_threshold", 0.8)),
     }
     if _target_name(masking) == "RandomBlockMasking":
-        plan.config.update(mask_strategy="block", mask_time_prob=float(masking.get("mask_prob", 0.5)),
-                           mask_time_length=int(masking.get("block_size", 48)))  # fmt: skip
+        plan.config.update(
+            mask_strategy="block",
+            mask_time_prob=float(masking.get("mask_prob", 0.5)),
+            mask_time_length=int(masking.get("block_size", 48)),
+        )
         if not masking.get("allow_overlap", False):
-            plan.notes.append("NeMo masking used allow_overlap=false (a masked fraction); our block masking draws "
-                              "overlapping blocks with a start probability: check mask_time_prob")  # fmt: skip
-    plan.notes.append(f"quantizer.dist_fn={quantizer.get('dist_fn', 'cosine')!r}: on unit vectors the nearest code "
-                      "by l2 is the code of highest cosine (|x - c|^2 = 2 - 2 x.c), which is what ours computes")  # fmt: skip
+            plan.notes.append(
+                "NeMo masking used allow_overlap=false (a masked fraction); our block masking draws "
+                "overlapping blocks with a start probability: check mask_time_prob"
+            )
+    plan.notes.append(
+        f"quantizer.dist_fn={quantizer.get('dist_fn', 'cosine')!r}: on unit vectors the nearest code "
+        "by l2 is the code of highest cosine (|x - c|^2 = 2 - 2 x.c), which is what ours computes"
+    )
     # NeMo projects the stacked features as they are; ours standardises them unless told not to.
     plan.config["bestrq_normalize_input"] = False
     return plan
@@ -704,11 +793,15 @@ def _contrastive_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int
     """
     config, state, plan = checkpoint.config, checkpoint.state_dict, HeadPlan()
     if "loss_list" in config:
-        entries = {name: (f"decoder_losses.{name}.decoder.", f"decoder_losses.{name}.loss.", spec)
-                   for name, spec in config["loss_list"].items() if spec.get("is_active", True)}  # fmt: skip
+        entries = {
+            name: (f"decoder_losses.{name}.decoder.", f"decoder_losses.{name}.loss.", spec)
+            for name, spec in config["loss_list"].items()
+            if spec.get("is_active", True)
+        }
     else:
-        entries = {"contrastive": ("decoder_ssl.", "loss.", {"decoder": config.get("decoder"),
-                                                             "loss": config.get("loss")})}  # fmt: skip
+        entries = {
+            "contrastive": ("decoder_ssl.", "loss.", {"decoder": config.get("decoder"), "loss": config.get("loss")})
+        }
     objectives, quantizer_source = {}, None
     for name, (decoder_prefix, loss_prefix, spec) in entries.items():
         loss_type, decoder_type = _target_name(spec.get("loss")), _target_name(spec.get("decoder"))
@@ -717,8 +810,9 @@ def _contrastive_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int
         loss_keys = sorted(k for k in state if k.startswith(loss_prefix))
         if int(loss_cfg.get("combine_time_steps", factor)) != factor:
             for key in decoder_keys + loss_keys:
-                plan.unmappable[key] = f"{name}: combine_time_steps={loss_cfg.get('combine_time_steps')} != " \
-                                       f"subsampling_factor={factor}"  # fmt: skip
+                plan.unmappable[key] = (
+                    f"{name}: combine_time_steps={loss_cfg.get('combine_time_steps')} != subsampling_factor={factor}"
+                )
             continue
         if loss_type == "ContrastiveLoss":
             if loss_cfg.get("quantized_targets", False):
@@ -727,8 +821,10 @@ def _contrastive_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int
                 for key in loss_keys:
                     plan.unmappable[key] = "contrastive target projection: only used by the contrastive head"
             for key in decoder_keys:
-                plan.unmappable[key] = (f"{name}: {decoder_type} (1x1 conv, ReLU, 1x1 conv) has no counterpart in our "
-                                        "single-Linear contrastive head `project_hid`")  # fmt: skip
+                plan.unmappable[key] = (
+                    f"{name}: {decoder_type} (1x1 conv, ReLU, 1x1 conv) has no counterpart in our "
+                    "single-Linear contrastive head `project_hid`"
+                )
             plan.config.update(
                 num_negatives=int(loss_cfg.get("num_negatives", 100)),
                 contrastive_logits_temperature=float(loss_cfg.get("logit_temp", 0.1)),
@@ -761,37 +857,48 @@ def _contrastive_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int
         elif "mlm" in objectives:
             shared = codevectors.shape[1] == codes
             table = codevectors[0].expand(groups, -1, -1) if shared else codevectors[0].reshape(groups, codes, -1)
-            plan.weights.update({
-                "quantizer.weight_proj.weight": state[prefix + "weight_proj.weight"],
-                "quantizer.weight_proj.bias": state[prefix + "weight_proj.bias"],
-                "quantizer.codevectors": table.contiguous().clone(),
-            })  # fmt: skip
+            plan.weights.update(
+                {
+                    "quantizer.weight_proj.weight": state[prefix + "weight_proj.weight"],
+                    "quantizer.weight_proj.bias": state[prefix + "weight_proj.bias"],
+                    "quantizer.codevectors": table.contiguous().clone(),
+                }
+            )
             plan.used |= {prefix + "vars", prefix + "weight_proj.weight", prefix + "weight_proj.bias"}
             if shared:
-                plan.notes.append("NeMo's Gumbel groups share one code table (combine_groups); each of our groups "
-                                  "holds a copy, which trains separately from here on")  # fmt: skip
+                plan.notes.append(
+                    "NeMo's Gumbel groups share one code table (combine_groups); each of our groups "
+                    "holds a copy, which trains separately from here on"
+                )
             weight = _conv1x1_to_linear(state[mlm["_decoder"] + "decoder_layers.0.weight"], mlm["_decoder"])
             bias = state[mlm["_decoder"] + "decoder_layers.0.bias"]
             classes = codes**groups
             if weight.shape[0] not in (classes, classes + 1):
-                raise NemoConversionError(f"mlm decoder has {weight.shape[0]} classes, expected codebook_size^groups = "
-                                          f"{classes} (+1 blank)")  # fmt: skip
+                raise NemoConversionError(
+                    f"mlm decoder has {weight.shape[0]} classes, expected codebook_size^groups = {classes} (+1 blank)"
+                )
             if weight.shape[0] == classes + 1:
-                plan.notes.append("NeMo's MLM decoder (ConvASRDecoder) has one extra 'blank' class that no target "
-                                  "uses; it was dropped: logits agree, NeMo's log-softmax also spread mass onto it")  # fmt: skip
+                plan.notes.append(
+                    "NeMo's MLM decoder (ConvASRDecoder) has one extra 'blank' class that no target "
+                    "uses; it was dropped: logits agree, NeMo's log-softmax also spread mass onto it"
+                )
             plan.weights.update({"mlm_head.weight": weight[:classes], "mlm_head.bias": bias[:classes]})
             plan.used |= {mlm["_decoder"] + "decoder_layers.0.weight", mlm["_decoder"] + "decoder_layers.0.bias"}
-            plan.config.update(num_codevector_groups=groups, num_codevectors_per_group=codes,
-                               codevector_dim=int(codevectors.shape[-1]) * groups,
-                               proj_codevector_dim=int(codevectors.shape[-1]) * groups)  # fmt: skip
+            plan.config.update(
+                num_codevector_groups=groups,
+                num_codevectors_per_group=codes,
+                codevector_dim=int(codevectors.shape[-1]) * groups,
+                proj_codevector_dim=int(codevectors.shape[-1]) * groups,
+            )
         else:
             for key in (k for k in state if k.startswith(prefix)):
                 plan.unmappable[key] = (
                     f"{source_name}: the Gumbel quantizer is only used by objectives that cannot be mapped"
                 )
     if objectives:
-        plan.config["objectives"] = {n: {k: v for k, v in s.items() if not k.startswith("_")}
-                                     for n, s in objectives.items()}  # fmt: skip
+        plan.config["objectives"] = {
+            n: {k: v for k, v in s.items() if not k.startswith("_")} for n, s in objectives.items()
+        }
         plan.config.update(_nemo_masking(config.get("spec_augment") or {}, plan.notes))
         # NeMo's spec augmentation writes zeros into masked frames: a learned embedding that starts at zero.
         plan.weights["masked_spec_embed"] = torch.zeros(int(num_mel_bins))
@@ -817,11 +924,15 @@ def _nemo_masking(spec_augment: dict, notes: list[str]) -> dict:
             fields["mask_time_prob"] = patches
         else:
             fields["mask_time_prob"] = 0.5
-            notes.append(f"spec_augment.mask_patches={patches:g} is a count of patches; ours masks a fraction "
-                         "(mask_time_prob=0.5 set, NeMo's recipe default): adjust it for your utterance lengths")  # fmt: skip
+            notes.append(
+                f"spec_augment.mask_patches={patches:g} is a count of patches; ours masks a fraction "
+                "(mask_time_prob=0.5 set, NeMo's recipe default): adjust it for your utterance lengths"
+            )
         if int(spec_augment.get("freq_masks", 0)) > 0:
-            notes.append(f"spec_augment.freq_masks={spec_augment['freq_masks']}: frequency masking is not one of our "
-                         "pretraining masks (use the fine-tuning SpecAugment options)")  # fmt: skip
+            notes.append(
+                f"spec_augment.freq_masks={spec_augment['freq_masks']}: frequency masking is not one of our "
+                "pretraining masks (use the fine-tuning SpecAugment options)"
+            )
         return fields
     if spec_augment:
         notes.append(f"spec_augment ({_target_name(spec_augment)}) not carried over: pick mask_strategy yourself")
@@ -905,8 +1016,9 @@ def convert_checkpoint(
     encoder_kwargs, encoder_notes = convert_encoder_config(config.get("encoder") or {})
     notes += encoder_notes
     if int(encoder_kwargs["num_mel_bins"]) != extractor.feature_size:
-        raise NemoConversionError(f"encoder.feat_in={encoder_kwargs['num_mel_bins']} != preprocessor.features="
-                                  f"{extractor.feature_size}")  # fmt: skip
+        raise NemoConversionError(
+            f"encoder.feat_in={encoder_kwargs['num_mel_bins']} != preprocessor.features={extractor.feature_size}"
+        )
     encoder_weights, used = encoder_state_dict_to_ours(
         state, fused_batch_norm=(config["encoder"].get("conv_norm_type") == "fused_batch_norm")
     )
@@ -922,10 +1034,14 @@ def convert_checkpoint(
     notes += plan.notes
     used |= plan.used
     # The mel filterbank and window were compared with ours above; they are not weights of the model.
-    dropped = {k: "mel filterbank / window of NeMo's preprocessor, checked against ours" for k in state
-               if k.startswith("preprocessor.featurizer.")}  # fmt: skip
-    leftover = {k: plan.unmappable.get(k, "no counterpart in our classes") for k in state
-                if k not in used and k not in dropped}  # fmt: skip
+    dropped = {
+        k: "mel filterbank / window of NeMo's preprocessor, checked against ours"
+        for k in state
+        if k.startswith("preprocessor.featurizer.")
+    }
+    leftover = {
+        k: plan.unmappable.get(k, "no counterpart in our classes") for k in state if k not in used and k not in dropped
+    }
     if leftover and not (drop_unmappable or encoder_only):
         listing = "\n  ".join(f"{k}: {why}" for k, why in sorted(leftover.items()))
         raise NemoConversionError(
@@ -981,8 +1097,11 @@ def load_all_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in sorted(set(weights) & set(expected)) if weights[k].shape != expected[k].shape]  # fmt: skip
+    wrong = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(weights) & set(expected))
+        if weights[k].shape != expected[k].shape
+    ]
     if missing or unexpected or wrong:
         raise NemoConversionError(
             "the mapped weights do not fill the model exactly:"
@@ -998,42 +1117,66 @@ def convert_nemo(
     path: str | Path, license: str | None = None, drop_unmappable: bool = False, encoder_only: bool = False
 ) -> Conversion:
     """`read_nemo` + `convert_checkpoint` (see its arguments)."""
-    return convert_checkpoint(read_nemo(path), license=license, drop_unmappable=drop_unmappable,
-                              encoder_only=encoder_only)  # fmt: skip
+    return convert_checkpoint(
+        read_nemo(path), license=license, drop_unmappable=drop_unmappable, encoder_only=encoder_only
+    )
 
 
 # ----------------------------------------------------------------------------------------------- saving
 
 
 # Licence names the Hub knows as `license:` ids; any other text goes to `license_name` under `license: other`.
-HUB_LICENSES = {"cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "apache-2.0", "mit", "openrail",
-                "bsd-3-clause", "cc0-1.0", "gpl-3.0", "llama2", "other"}  # fmt: skip
+HUB_LICENSES = {
+    "cc-by-4.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-4.0",
+    "cc-by-nc-sa-4.0",
+    "apache-2.0",
+    "mit",
+    "openrail",
+    "bsd-3-clause",
+    "cc0-1.0",
+    "gpl-3.0",
+    "llama2",
+    "other",
+}
 
 # How to load each kind of converted folder (the README's usage snippet).
 USAGE = {
-    "ctc": ("from transformers import pipeline\n"
-            "import hf_ssl_speech  # registers the classes (or pass trust_remote_code=True)\n"
-            "asr = pipeline('automatic-speech-recognition', model=PATH)\n"
-            "print(asr({'raw': audio_16khz, 'sampling_rate': 16000})['text'])"),
-    "nest": ("from transformers import AutoFeatureExtractor, AutoModelForPreTraining\n"
-             "import hf_ssl_speech\n"
-             "model = AutoModelForPreTraining.from_pretrained(PATH)  # continue pretraining, or AutoModel for the encoder"),
-    "contrastive": ("from transformers import AutoFeatureExtractor, AutoModelForPreTraining\n"
-                    "import hf_ssl_speech\n"
-                    "model = AutoModelForPreTraining.from_pretrained(PATH)  # or AutoModel for the encoder"),
-    "encoder": ("from transformers import AutoFeatureExtractor, AutoModel\n"
-                "import hf_ssl_speech\n"
-                "extractor = AutoFeatureExtractor.from_pretrained(PATH)\n"
-                "model = AutoModel.from_pretrained(PATH)"),
-}  # fmt: skip
+    "ctc": (
+        "from transformers import pipeline\n"
+        "import hf_ssl_speech  # registers the classes (or pass trust_remote_code=True)\n"
+        "asr = pipeline('automatic-speech-recognition', model=PATH)\n"
+        "print(asr({'raw': audio_16khz, 'sampling_rate': 16000})['text'])"
+    ),
+    "nest": (
+        "from transformers import AutoFeatureExtractor, AutoModelForPreTraining\n"
+        "import hf_ssl_speech\n"
+        "model = AutoModelForPreTraining.from_pretrained(PATH)  # continue pretraining, or AutoModel for the encoder"
+    ),
+    "contrastive": (
+        "from transformers import AutoFeatureExtractor, AutoModelForPreTraining\n"
+        "import hf_ssl_speech\n"
+        "model = AutoModelForPreTraining.from_pretrained(PATH)  # or AutoModel for the encoder"
+    ),
+    "encoder": (
+        "from transformers import AutoFeatureExtractor, AutoModel\n"
+        "import hf_ssl_speech\n"
+        "extractor = AutoFeatureExtractor.from_pretrained(PATH)\n"
+        "model = AutoModel.from_pretrained(PATH)"
+    ),
+}
 
 
 def model_card(conversion: Conversion) -> str:
     """README.md for the converted folder: source, licence, what was mapped, dropped and approximated."""
     config = conversion.model.config
     licence_id = conversion.license.strip().lower()
-    front = [f"license: {licence_id}"] if licence_id in HUB_LICENSES else \
-        ["license: other", f"license_name: {json.dumps(conversion.license, ensure_ascii=False)}"]  # fmt: skip
+    front = (
+        [f"license: {licence_id}"]
+        if licence_id in HUB_LICENSES
+        else ["license: other", f"license_name: {json.dumps(conversion.license, ensure_ascii=False)}"]
+    )
     objectives = sorted(config.objectives) if getattr(conversion.model, "objectives", None) else "none"
     lines = [
         "---",

@@ -32,10 +32,22 @@ _RENAMED = {
     "xscaling": "scale_input",
 }
 _SAME = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act", "attention_bias",
-    "convolution_bias", "subsampling_factor", "num_mel_bins", "dropout_positions", "layerdrop", "activation_dropout",
-    "attention_dropout", "max_position_embeddings", "initializer_range",
-)  # fmt: skip
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "attention_bias",
+    "convolution_bias",
+    "subsampling_factor",
+    "num_mel_bins",
+    "dropout_positions",
+    "layerdrop",
+    "activation_dropout",
+    "attention_dropout",
+    "max_position_embeddings",
+    "initializer_range",
+)
 _POINTWISE = ("conv.pointwise_conv1.weight", "conv.pointwise_conv2.weight")
 
 

@@ -87,8 +87,13 @@ class LossTracker:
         self.metric_steps = 0
         self.weights: dict[str, float] = {}
 
-    def update(self, sums: Mapping[str, Any], counts: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
-               weights: Mapping[str, float] | None = None) -> None:  # fmt: skip
+    def update(
+        self,
+        sums: Mapping[str, Any],
+        counts: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
         """Add one micro-batch: sums[o], counts[o] (global), metrics: name -> global mean or `_correct` sum."""
         for name in sums:
             self.sums[name] = self.sums.get(name, 0.0) + float(sums[name])
@@ -123,8 +128,13 @@ class LossTracker:
         self.metric_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "counts": dict(self.counts), "metric_sums": dict(self.metric_sums),
-                "metric_steps": self.metric_steps, "weights": dict(self.weights)}  # fmt: skip
+        return {
+            "sums": dict(self.sums),
+            "counts": dict(self.counts),
+            "metric_sums": dict(self.metric_sums),
+            "metric_steps": self.metric_steps,
+            "weights": dict(self.weights),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sums, self.counts = dict(state["sums"]), dict(state["counts"])

@@ -30,8 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         "train.max_steps=1000 optim.lr=2e-3\n  hf-ssl-pretrain --config configs/pretrain/tiny_apc.yaml --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help=f"recipe YAML (configs/pretrain/<name>.yaml) or a packaged recipe's name; "
-                                         f"default: {DEFAULT_RECIPE}")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        help=f"recipe YAML (configs/pretrain/<name>.yaml) or a packaged recipe's name; default: {DEFAULT_RECIPE}",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",

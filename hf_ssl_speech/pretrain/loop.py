@@ -62,8 +62,14 @@ class PretrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def featurise(batch: dict[str, Any], extractor: ConformerSslFeatureExtractor, device: torch.device,
-              recipe: Recipe, generator: torch.Generator | None, train: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+def featurise(
+    batch: dict[str, Any],
+    extractor: ConformerSslFeatureExtractor,
+    device: torch.device,
+    recipe: Recipe,
+    generator: torch.Generator | None,
+    train: bool,
+) -> dict[str, torch.Tensor]:
     """Collator waveforms -> model inputs on `device`: log-mels (dither and NEST denoising in training only).
 
     With denoising the model sees the noisy features while its targets come from the clean ones
@@ -76,8 +82,9 @@ def featurise(batch: dict[str, Any], extractor: ConformerSslFeatureExtractor, de
     if train and data.denoising_prob > 0:
         clean, _ = extractor.extract_batch(waveforms, lengths)
         inputs["target_features"] = clean
-        waveforms, _ = mix_for_denoising(waveforms, lengths, data.denoising_prob, None, data.noise_snr_db,
-                                         data.speech_snr_db, generator=generator)  # fmt: skip
+        waveforms, _ = mix_for_denoising(
+            waveforms, lengths, data.denoising_prob, None, data.noise_snr_db, data.speech_snr_db, generator=generator
+        )
     dither = data.dither if train else 0.0
     features, frames = extractor.extract_batch(waveforms, lengths, dither=dither, generator=generator)  # (B, T, F)
     inputs["input_features"] = features
@@ -113,14 +120,23 @@ def _objective_totals(out: Any, audio_seconds: float, reduce: Any, num_processes
     sums = {n: total[f"sum/{n}"] for n in out.loss_sums}
     counts = {n: total[f"count/{n}"] for n in out.loss_sums}
     # `<objective>_correct` are counts (summed over processes); other metrics are averaged over processes.
-    metrics = {k[7:]: float(v) / (1 if k.endswith("_correct") else num_processes)
-               for k, v in total.items() if k.startswith("metric/")}  # fmt: skip
+    metrics = {
+        k[7:]: float(v) / (1 if k.endswith("_correct") else num_processes)
+        for k, v in total.items()
+        if k.startswith("metric/")
+    }
     metrics["audio_seconds"] = float(total["audio_seconds"])
     return sums, counts, metrics
 
 
-def evaluate(model: torch.nn.Module, loader: Any, extractor: ConformerSslFeatureExtractor, accelerator: Accelerator,
-             recipe: Recipe, temperature: float) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    model: torch.nn.Module,
+    loader: Any,
+    extractor: ConformerSslFeatureExtractor,
+    accelerator: Accelerator,
+    recipe: Recipe,
+    temperature: float,
+) -> dict[str, float]:
     """Validation losses of every objective with the same masks at each evaluation (fixed generator seed)."""
     model.eval()
     generator = torch.Generator(device=accelerator.device).manual_seed(
@@ -204,8 +220,15 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     generator = torch.Generator(device=accelerator.device).manual_seed(1_000_003 * (t.seed + 1) + rank)
 
     # --- data: one planned loader per process, NOT passed to accelerator.prepare (it would shard it again).
-    loader_args = {**d.loader_config(), "num_workers": d.num_workers, "rank": rank, "world_size": world,
-                   "seed": t.seed, "return_waveforms": True, "frame_labels_key": d.frame_labels_key or "frame_labels"}  # fmt: skip
+    loader_args = {
+        **d.loader_config(),
+        "num_workers": d.num_workers,
+        "rank": rank,
+        "world_size": world,
+        "seed": t.seed,
+        "return_waveforms": True,
+        "frame_labels_key": d.frame_labels_key or "frame_labels",
+    }
     train_loader = build_dataloader(d.train_manifests, d.weights, **loader_args)
     valid_loader = (
         build_dataloader(d.valid_manifests, None, **{**loader_args, "shuffle": False}) if d.valid_manifests else None
@@ -235,14 +258,25 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     def save(step: int) -> Path:
         def finish(folder: Path) -> None:  # main process, inside the temporary folder, before the rename
             metrics.plot(folder / "loss_curves.png", title=f"{out_dir.name}: step {step}")
-            summary = {"optimiser steps": step, "audio hours seen": audio_seconds_total / 3600,
-                       "processes": world, **{k: v for k, v in latest_metrics.items() if "loss" in k}}  # fmt: skip
+            summary = {
+                "optimiser steps": step,
+                "audio hours seen": audio_seconds_total / 3600,
+                "processes": world,
+                **{k: v for k, v in latest_metrics.items() if "loss" in k},
+            }
             write_model_card(folder / "model", t.push_to_hub or out_dir.name, summary, recipe_yaml=_recipe_yaml())
 
-        trainer_state = {"audio_seconds_total": audio_seconds_total, "metrics": metrics.state_dict(),
-                         "guard": guard.state_dict(), "recipe": recipe.to_dict()}  # fmt: skip
-        rank_state = {"generator": generator.get_state(), "data": train_loader.state_dict(),
-                      "tracker": tracker.state_dict()}  # fmt: skip
+        trainer_state = {
+            "audio_seconds_total": audio_seconds_total,
+            "metrics": metrics.state_dict(),
+            "guard": guard.state_dict(),
+            "recipe": recipe.to_dict(),
+        }
+        rank_state = {
+            "generator": generator.get_state(),
+            "data": train_loader.state_dict(),
+            "tracker": tracker.state_dict(),
+        }
         return checkpoints.save(step, accelerator, model, trainer_state, rank_state, extractor, before_rename=finish)
 
     def _recipe_yaml() -> str:
@@ -253,14 +287,20 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     latest_metrics: dict[str, float] = {}
     valid_metrics: dict[str, float] = {}
     last_saved = step if start is not None else None
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
-               dynamic_ncols=True, desc="pretrain")  # fmt: skip
+    bar = tqdm(
+        total=t.max_steps,
+        initial=step,
+        disable=not (progress and accelerator.is_local_main_process),
+        dynamic_ncols=True,
+        desc="pretrain",
+    )
     started = interval_start = time.monotonic()
     wait_time, interval_audio, grad_norm = 0.0, 0.0, float("nan")
     model.train()
     while step < t.max_steps:
-        temperature = gumbel_temperature(step, o.gumbel_temperature_start, o.gumbel_temperature_end,
-                                         o.gumbel_temperature_decay)  # fmt: skip
+        temperature = gumbel_temperature(
+            step, o.gumbel_temperature_start, o.gumbel_temperature_end, o.gumbel_temperature_decay
+        )
         finite = True
         for micro in range(t.grad_accum):
             before = time.monotonic()
@@ -300,14 +340,23 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
 
         if finite and step % t.log_steps == 0:
             elapsed = time.monotonic() - interval_start
-            latest_metrics = {**tracker.compute(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                              "gumbel_temperature": temperature, "audio_seconds_per_s": interval_audio / elapsed,
-                              "data_wait_fraction": wait_time / elapsed, "skipped_steps": guard.total_skipped}  # fmt: skip
+            latest_metrics = {
+                **tracker.compute(),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "gumbel_temperature": temperature,
+                "audio_seconds_per_s": interval_audio / elapsed,
+                "data_wait_fraction": wait_time / elapsed,
+                "skipped_steps": guard.total_skipped,
+            }
             audio_seconds_total += interval_audio
             metrics.log(step, latest_metrics, "train")
-            bar.set_postfix(loss=f"{latest_metrics.get('loss', float('nan')):.3f}", lr=f"{latest_metrics['lr']:.2e}",
-                            audio_s_per_s=f"{latest_metrics['audio_seconds_per_s']:.1f}",
-                            wait=f"{latest_metrics['data_wait_fraction']:.0%}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{latest_metrics.get('loss', float('nan')):.3f}",
+                lr=f"{latest_metrics['lr']:.2e}",
+                audio_s_per_s=f"{latest_metrics['audio_seconds_per_s']:.1f}",
+                wait=f"{latest_metrics['data_wait_fraction']:.0%}",
+            )
             tracker.reset()
             interval_start, wait_time, interval_audio = time.monotonic(), 0.0, 0.0
         out_of_time = t.max_minutes is not None and _any_process(
@@ -318,8 +367,10 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         if finite and valid_loader is not None and (step % t.eval_steps == 0 or done):
             valid_metrics = evaluate(model, valid_loader, extractor, accelerator, recipe, temperature)
             metrics.log(step, valid_metrics, "valid")
-            accelerator.print(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in valid_metrics.items()
-                                                                 if k.startswith("loss")))  # fmt: skip
+            accelerator.print(
+                f"step {step}: valid "
+                + ", ".join(f"{k} {v:.4g}" for k, v in valid_metrics.items() if k.startswith("loss"))
+            )
         if finite and (step % t.save_steps == 0 or done) and last_saved != step:
             save(step)
             last_saved = step
@@ -335,8 +386,12 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     plot = metrics.plot(out_dir / "loss_curves.png", title=out_dir.name) if accelerator.is_main_process else None
     hub_url = None
     if t.push_to_hub and final is not None and accelerator.is_main_process:
-        hub_url = push_checkpoint(final / "model", t.push_to_hub, private=t.hub_private,
-                                  commit_message=f"Pretrained {step} steps ({recipe_name(recipe)})")  # fmt: skip
+        hub_url = push_checkpoint(
+            final / "model",
+            t.push_to_hub,
+            private=t.hub_private,
+            commit_message=f"Pretrained {step} steps ({recipe_name(recipe)})",
+        )
         accelerator.print(f"Pushed {final / 'model'} to {hub_url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -219,8 +219,12 @@ def validate(recipe: Recipe) -> None:
     for key in ("max_steps", "save_steps", "eval_steps", "log_steps", "grad_accum", "keep_last", "max_nonfinite"):
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     check(d.batch_seconds > 0, "data.batch_seconds", d.batch_seconds, "> 0")
-    check(d.max_duration is None or d.min_duration <= d.max_duration, "data.min_duration", d.min_duration,
-          f"<= max_duration={d.max_duration}")  # fmt: skip
+    check(
+        d.max_duration is None or d.min_duration <= d.max_duration,
+        "data.min_duration",
+        d.min_duration,
+        f"<= max_duration={d.max_duration}",
+    )
     if d.weights is not None:
         check(
             len(d.weights) == len(d.train_manifests),
@@ -249,8 +253,9 @@ def recipe_path(config: str | Path) -> Path:
     return path
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> Recipe:  # fmt: skip
+def load_recipe(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Recipe:
     """Read a recipe YAML file (or start from `base`), apply `section.key=value` overrides, validate.
 
     Args:

@@ -66,12 +66,43 @@ _ROSTER_SEED = 20240917  # fixes the speaker roster independently of the corpus 
 # espeak variants used as talkers: the standard male/female/klatt sets plus community variants with natural
 # settings (no whisper, robot, or breathy-only voices).
 ESPEAK_TALKERS: tuple[str, ...] = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8",
-    "f1", "f2", "f3", "f4", "f5",
-    "croak", "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6",
-    "Andrea", "belinda", "steph", "grandma", "anika", "zac",
-    "ed", "grandpa", "michel", "paul", "quincy", "robert", "travis", "Denis", "Michael", "Lee",
-)  # fmt: skip
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "croak",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt4",
+    "klatt5",
+    "klatt6",
+    "Andrea",
+    "belinda",
+    "steph",
+    "grandma",
+    "anika",
+    "zac",
+    "ed",
+    "grandpa",
+    "michel",
+    "paul",
+    "quincy",
+    "robert",
+    "travis",
+    "Denis",
+    "Michael",
+    "Lee",
+)
 
 # Recorded-voice engines: voice id -> (talker, engine-specific voice name).
 FLITE_VOICES: dict[str, tuple[str, str]] = {
@@ -179,9 +210,13 @@ def resolve_voices(engines: str | Sequence[str] = "auto", voices: Sequence[str] 
         found += [BaseVoice("espeak", v, v.lower()) for v in ESPEAK_TALKERS if v in installed_variants]
     for engine, table, installed, hint in (
         ("flite", FLITE_VOICES, _flite_voices_installed, "apt-get install flite"),
-        ("festival", FESTIVAL_VOICES, _festival_voices_installed,
-         "apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"),
-    ):  # fmt: skip
+        (
+            "festival",
+            FESTIVAL_VOICES,
+            _festival_voices_installed,
+            "apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
+        ),
+    ):
         if engine not in wanted:
             continue
         present = installed()
@@ -396,9 +431,15 @@ def _synthesize(speaker: Speaker, text: str, rate: float, pitch: int | None, see
             text_path = Path(tmp) / "text.txt"
             text_path.write_text(text + "\n")
             command = [
-                "text2wave", "-eval", f"(voice_{name})", "-eval", f"(Parameter.set 'Duration_Stretch {rate})",
-                "-o", str(wav_path), str(text_path),
-            ]  # fmt: skip
+                "text2wave",
+                "-eval",
+                f"(voice_{name})",
+                "-eval",
+                f"(Parameter.set 'Duration_Stretch {rate})",
+                "-o",
+                str(wav_path),
+                str(text_path),
+            ]
         else:
             raise DemoCorpusError(f"speaker {speaker.id}: unknown engine {engine!r}; choose from {ENGINES}")
         return _run_recorder(command, wav_path)
@@ -460,10 +501,20 @@ def _write_wav(path: Path, pcm: np.ndarray) -> None:
     data = pcm.astype("<i2").tobytes()
     header = struct.pack(
         "<4sI4s4sIHHIIHH4sI",
-        b"RIFF", 36 + len(data), b"WAVE",
-        b"fmt ", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16,  # PCM, mono, rate, byte rate, block align, bits
-        b"data", len(data),
-    )  # fmt: skip
+        b"RIFF",
+        36 + len(data),
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        1,
+        SAMPLE_RATE,
+        SAMPLE_RATE * 2,
+        2,
+        16,  # PCM, mono, rate, byte rate, block align, bits
+        b"data",
+        len(data),
+    )
     path.write_bytes(header + data)
 
 
@@ -577,7 +628,7 @@ def _clear_folder(out_dir: Path, overwrite: bool) -> None:
     for name in ["summary.json"] + [f"{s}.jsonl" for s in SPLITS]:
         (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / _MARKER).write_text("folder written by hf_ssl_speech.demo_corpus; safe to regenerate\n")
+    (out_dir / _MARKER).write_text("folder written by hf_ssl_speech.synthetic.corpus; safe to regenerate\n")
     audio_dir.mkdir()
 
 
@@ -699,9 +750,18 @@ def make_demo_corpus(
         for split in SPLITS:
             speakers = test_speakers if split == "test" else train_speakers
             records[split] = _render_split(
-                split, targets[split], seed, speakers, babble_speakers, generator, params, out_path, pool, bar,
+                split,
+                targets[split],
+                seed,
+                speakers,
+                babble_speakers,
+                generator,
+                params,
+                out_path,
+                pool,
+                bar,
                 mean_s=_MEAN_UTTERANCE_S,
-            )  # fmt: skip
+            )
     finally:
         if pool is not None:
             pool.terminate()
@@ -745,11 +805,19 @@ def _render_split(split, target_s, seed, speakers, babble_speakers, generator, p
         count = max(2, int(np.ceil(remaining / mean * (1.02 if len(records) >= 8 else 0.8))))
         plans = [
             plan_utterance(
-                split, i, seed, speakers, babble_speakers, generator, params["noise_fraction"],
-                params["noise_types"], tuple(params["snr_db"]), params["recorded_share"],
+                split,
+                i,
+                seed,
+                speakers,
+                babble_speakers,
+                generator,
+                params["noise_fraction"],
+                params["noise_types"],
+                tuple(params["snr_db"]),
+                params["recorded_share"],
             )
             for i in range(index, index + count)
-        ]  # fmt: skip
+        ]
         index += count
         jobs = [(plan, str(out_path)) for plan in plans]
         results = pool.imap(_render_star, jobs, chunksize=4) if pool is not None else map(_render_star, jobs)
