@@ -27,10 +27,9 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoM
 
 import hf_ssl_speech  # noqa: F401  (registers the Auto classes)
 from hf_ssl_speech.feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
-from hf_ssl_speech.interop.nemo import (
-    NemoConversionError,
+from hf_ssl_speech.interop.nemo import NemoConversionError, convert_nemo
+from hf_ssl_speech.interop.nemo_mapping import (
     book_major_rows_to_multisoftmax,
-    convert_nemo,
     nemo_encoder_config,
     nemo_encoder_key_to_ours,
     nemo_preprocessor_config,
