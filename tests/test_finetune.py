@@ -41,6 +41,7 @@ from hf_ssl_speech.finetune.model_init import init_ctc_model
 from hf_ssl_speech.finetune.optim import FreezeEncoderCallback, build_optimizer, layerwise_param_groups
 from hf_ssl_speech.finetune.report import ctc_model_card, plot_training_curves, write_results
 from hf_ssl_speech.finetune.rows import manifest_rows, rows_to_dataset
+from hf_ssl_speech.finetune.run import OutputDirInUseError, check_output_dir
 from hf_ssl_speech.finetune.text import build_processor, build_vocab, normalize_transcript
 from hf_ssl_speech.finetune.trainers import CtcTrainer, SslTrainer
 
@@ -544,42 +545,57 @@ def test_overfit_on_demo_corpus_speech(tmp_path):
 def test_early_stopping_on_wer_stops_the_run(tmp_path):
     """learning_rate 0 keeps WER constant: with patience 1 the run stops at the second evaluation."""
     manifest = write_tone_corpus(tmp_path / "data", count=4, seed=5)
-    result = load_script("finetune_ctc").main(
-        [
-            "--from_scratch",
-            "--model_preset",
-            "tiny",
-            f"config_overrides={TINY_CTC_OVERRIDES}",
-            "--train_manifests",
-            str(manifest),
-            "--eval_manifests",
-            str(manifest),
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--use_cpu",
-            "--max_steps",
-            "50",
-            "--per_device_train_batch_size",
-            "4",
-            "--learning_rate",
-            "0",
-            "--eval_strategy",
-            "steps",
-            "--eval_steps",
-            "2",
-            "--save_strategy",
-            "steps",
-            "--save_steps",
-            "2",
-            "--load_best_model_at_end",
-            "early_stopping_patience=1",
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+    argv = [
+        "--from_scratch",
+        "--model_preset",
+        "tiny",
+        f"config_overrides={TINY_CTC_OVERRIDES}",
+        "--train_manifests",
+        str(manifest),
+        "--eval_manifests",
+        str(manifest),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--use_cpu",
+        "--max_steps",
+        "50",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "0",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--load_best_model_at_end",
+        "early_stopping_patience=1",
+        "--disable_tqdm",
+        "true",
+    ]
+    result = load_script("finetune_ctc").main(argv)
     assert result.summary["steps"] == 4
     history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "eval_wer" in entry] == [2, 4]
+    # The run says why it ended early instead of leaving the progress bar at 4/50.
+    assert result.summary["early_stopped"].startswith("early stopping at step 4 of 50: wer did not improve")
+    # The same command again would mix two runs in one folder: refused before any model is built.
+    with pytest.raises(OutputDirInUseError, match=r"already holds a run \(last checkpoint checkpoint-4\)"):
+        load_script("finetune_ctc").main(argv)
+
+
+def test_a_fresh_run_takes_an_empty_or_missing_folder_and_resume_continues(tmp_path):
+    check_output_dir(TrainingArguments(output_dir=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    check_output_dir(TrainingArguments(output_dir=str(tmp_path / "empty")))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "all_results.json").write_text("{}")
+    with pytest.raises(OutputDirInUseError, match="files of an earlier run"):
+        check_output_dir(TrainingArguments(output_dir=str(tmp_path / "used")))
+    check_output_dir(TrainingArguments(output_dir=str(tmp_path / "used"), resume_from_checkpoint="x"))
 
 
 def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
