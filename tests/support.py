@@ -286,6 +286,11 @@ def write_tone_corpus(
     return manifest
 
 
+def tiny_scratch_args(overrides: str = TINY_CTC_OVERRIDES) -> list[str]:
+    """Fine-tuning flags for the tiny model from scratch: the `tiny` preset with `overrides` (the CTC ones)."""
+    return ["--from_scratch", "--model_preset", "tiny", f"config_overrides={overrides}"]
+
+
 OVERFIT_STEPS = 200
 
 
@@ -303,10 +308,7 @@ def train_tone_ctc(root: Path) -> dict[str, Any]:
     heldout = write_tone_corpus(Path(root) / "tones", count=8, seed=7, words=(1, 6), name="heldout")
     output_dir = Path(root) / "ctc"
     argv = [
-        "--from_scratch",
-        "--model_preset",
-        "tiny",
-        f"config_overrides={TINY_CTC_OVERRIDES}",
+        *tiny_scratch_args(),
         "--train_manifests",
         str(manifest),
         "--eval_manifests",

@@ -21,6 +21,7 @@ from support import (
     TINY_CTC_OVERRIDES,
     letter_chord,
     load_script,
+    tiny_scratch_args,
     write_tone_corpus,
 )
 from transformers import AutoModelForCTC, AutoProcessor, Trainer, TrainingArguments
@@ -424,10 +425,7 @@ def test_push_to_hub_uploads_model_processor_code_and_card(tmp_path):
         command = [
             sys.executable,
             str(REPO_ROOT / "scripts" / "finetune_ctc.py"),
-            "--from_scratch",
-            "--model_preset",
-            "tiny",
-            f"config_overrides={TINY_CTC_OVERRIDES}",
+            *tiny_scratch_args(),
             "--train_manifests",
             str(manifest),
             "--eval_manifests",
@@ -506,10 +504,7 @@ def test_overfit_on_demo_corpus_speech(tmp_path):
     )
     result = load_script("finetune_ctc").main(
         [
-            "--from_scratch",
-            "--model_preset",
-            "tiny",
-            f"config_overrides={overrides}",
+            *tiny_scratch_args(overrides),
             "--train_manifests",
             str(manifest),
             "--eval_manifests",
@@ -546,10 +541,7 @@ def test_early_stopping_on_wer_stops_the_run(tmp_path):
     """learning_rate 0 keeps WER constant: with patience 1 the run stops at the second evaluation."""
     manifest = write_tone_corpus(tmp_path / "data", count=4, seed=5)
     argv = [
-        "--from_scratch",
-        "--model_preset",
-        "tiny",
-        f"config_overrides={TINY_CTC_OVERRIDES}",
+        *tiny_scratch_args(),
         "--train_manifests",
         str(manifest),
         "--eval_manifests",
@@ -607,10 +599,7 @@ def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
     folder = tmp_path / "demo"
     result = load_script("finetune_ctc").main(
         [
-            "--from_scratch",
-            "--model_preset",
-            "tiny",
-            f"config_overrides={TINY_CTC_OVERRIDES}",
+            *tiny_scratch_args(),
             f"demo_corpus_dir={folder}",
             "demo_minutes=0.3",
             "--output_dir",

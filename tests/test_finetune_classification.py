@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import TINY_CTC_OVERRIDES, load_script, write_tone_corpus
+from support import TINY_CTC_OVERRIDES, load_script, tiny_scratch_args, write_tone_corpus
 
 from hf_ssl_speech import ConformerSslModel
 from hf_ssl_speech.finetune.args import parse_config_overrides
@@ -101,10 +101,7 @@ def test_from_scratch_with_held_out_split(tmp_path):
     train, _ = _two_class_data(tmp_path / "data", train_per_class=10, eval_per_class=1)
     result = load_script("finetune_classification").main(
         [
-            "--from_scratch",
-            "--model_preset",
-            "tiny",
-            f"config_overrides={TINY_CTC_OVERRIDES}",
+            *tiny_scratch_args(),
             "--train_manifests",
             *train,
             "--eval_strategy",

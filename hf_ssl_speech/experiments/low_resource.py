@@ -46,7 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..data import DataConfig
 from ..finetune.args import DataArguments, FinetuneArguments, ModelArguments
 from ..finetune.ctc import transcribe
-from ..finetune.metrics import load_metrics
+from ..finetune.inference import score
 from ..finetune.rows import decode_rows, manifest_rows
 from ..finetune.run import run_ctc
 from ..finetune.text import normalize_transcript
@@ -545,8 +545,7 @@ def evaluate_model(model_dir: Path, manifest: Path, batch_size: int, max_utteran
     for position, index in enumerate(order):
         hypotheses[index] = hypotheses_sorted[position]
     references = [normalize_transcript(e["text"]) for e in examples]
-    metrics = load_metrics()
-    scores = {name: float(m.compute(predictions=hypotheses, references=references)) for name, m in metrics.items()}
+    scores = score([{"hypothesis": h, "reference": r} for h, r in zip(hypotheses, references)])
     return {
         **scores,
         "utterances": len(examples),

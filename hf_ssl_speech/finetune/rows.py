@@ -162,9 +162,18 @@ def decode_rows(
     return examples
 
 
-def resolve_manifests(data_args: DataArguments) -> tuple[list[str], list[str]]:
-    """(train, eval) manifests: the given ones (checked to exist), or the demo corpus' finetune/test splits (made
-    if missing, in the folder pretraining's demo uses too)."""
+def resolve_manifests(
+    data_args: DataArguments,
+    demo_train: Sequence[str] = ("finetune",),
+    demo_eval: Sequence[str] = ("test",),
+) -> tuple[list[str], list[str]]:
+    """(train, eval) manifests: the given ones (checked to exist), or splits of the demo corpus (made if missing,
+    in the folder pretraining's demo uses too).
+
+    Args:
+        demo_train / demo_eval: the demo splits to train and evaluate on when no train manifests are given
+            (CTC: finetune / test; the eval split is used only when no eval manifests are given).
+    """
     if data_args.train_manifests:
         check_paths(data_args.train_manifests, "train_manifests")
         check_paths(data_args.eval_manifests, "eval_manifests")
@@ -172,5 +181,5 @@ def resolve_manifests(data_args: DataArguments) -> tuple[list[str], list[str]]:
     logger.warning("no --train_manifests: using the demo corpus in %s", data_args.demo_corpus_dir)
     folder = ensure_demo_corpus(data_args.demo_corpus_dir, data_args.demo_minutes)
     check_paths(data_args.eval_manifests, "eval_manifests")
-    eval_manifests = list(data_args.eval_manifests) or [str(folder / "test.jsonl")]
-    return [str(folder / "finetune.jsonl")], eval_manifests
+    eval_manifests = list(data_args.eval_manifests) or [str(folder / f"{split}.jsonl") for split in demo_eval]
+    return [str(folder / f"{split}.jsonl") for split in demo_train], eval_manifests

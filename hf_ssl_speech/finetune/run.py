@@ -284,12 +284,8 @@ def run_classification(
     set_seed(training_args.seed)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
 
-    train_manifests, eval_manifests = resolve_manifests(data_args)
-    if not data_args.train_manifests:
-        train_manifests = [
-            str(Path(data_args.demo_corpus_dir) / f"{split}.jsonl") for split in ("pretrain", "finetune")
-        ]
-        eval_manifests = list(data_args.eval_manifests)
+    # The demo corpus' test split holds only unseen talkers: classify the training talkers' utterances instead.
+    train_manifests, eval_manifests = resolve_manifests(data_args, demo_train=("pretrain", "finetune"), demo_eval=())
     label = data_args.label_column
     train_rows, _ = manifest_rows(
         train_manifests, data_args.min_duration, None, False, label, data_args.max_train_samples
