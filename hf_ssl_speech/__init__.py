@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForAudioClassification,
     AutoModelForCTC,
     AutoModelForPreTraining,
+    AutoProcessor,
 )
 
 from .configuration_conformer_ssl import ConformerSslConfig
@@ -24,6 +25,7 @@ from .modeling_conformer_ssl import (
     ConformerSslModel,
     ConformerSslPreTrainedModel,
 )
+from .processing_conformer_ssl_lm import ConformerSslLmProcessorKey, ConformerSslProcessorWithLM
 
 AutoConfig.register("conformer_ssl", ConformerSslConfig)
 AutoFeatureExtractor.register(ConformerSslConfig, ConformerSslFeatureExtractor)
@@ -31,6 +33,7 @@ AutoModel.register(ConformerSslConfig, ConformerSslModel)
 AutoModelForCTC.register(ConformerSslConfig, ConformerSslForCTC)
 AutoModelForAudioClassification.register(ConformerSslConfig, ConformerSslForSequenceClassification)
 AutoModelForPreTraining.register(ConformerSslConfig, ConformerSslForPreTraining)
+AutoProcessor.register(ConformerSslLmProcessorKey, ConformerSslProcessorWithLM)
 
 ConformerSslConfig.register_for_auto_class()
 ConformerSslFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
@@ -43,6 +46,7 @@ __all__ = [
     "ConformerSslConfig",
     "ConformerSslFeatureExtractor",
     "ConformerSslForCTC",
+    "ConformerSslProcessorWithLM",
     "ConformerSslForPreTraining",
     "ConformerSslForPreTrainingOutput",
     "ConformerSslForSequenceClassification",

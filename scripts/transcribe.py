@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Transcribe audio files with a fine-tuned CTC model (greedy decoding).
+"""Transcribe audio files with a fine-tuned CTC model (greedy, or beam search with the folder's n-gram LM).
 
     python scripts/transcribe.py runs/ctc_demo a.wav b.flac          # prints "path<TAB>text" lines
     python scripts/transcribe.py runs/ctc_demo --manifest test.jsonl --output hyp.jsonl
     python scripts/transcribe.py user/model long.wav --chunk_length_s 20 --stride_length_s 4
+    python scripts/transcribe.py docs/results/models/ctc_10min_pretrained_nest a.wav --decoder lm
 
 MODEL is a folder or Hub repo holding an `AutoModelForCTC` + `AutoProcessor` pair (what finetune_ctc.py
 saves). Audio is decoded with soundfile, mixed to mono and resampled to 16 kHz. With `--chunk_length_s`,
 each file goes through `pipeline("automatic-speech-recognition")` in overlapping chunks (long recordings);
 otherwise files are batched. `--output` gets one JSON line per file (`audio_filepath`, `duration`,
-`hypothesis`, and `reference` when the manifest has text); with references, corpus WER/CER are printed and
+`hypothesis`, and `reference` when the manifest has text). `--decoder auto` (the default) decodes with
+the folder's LM when it has one (`scripts/build_lm.py` adds one), `greedy` never, `lm` always; with references, corpus WER/CER are printed and
 written to `<output>.metrics.json`. The work is `hf_ssl_speech.finetune.inference.transcribe_files`.
 """
 
@@ -36,6 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk_length_s", type=float, default=0.0, help="chunked long-form decoding (seconds)")
     parser.add_argument("--stride_length_s", type=float, default=None, help="context on each side of a chunk")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decoder", choices=("auto", "greedy", "lm"), default="auto", help="see above")
+    parser.add_argument("--beam_width", type=int, default=24, help="beams of the LM search")
     parser.add_argument("--trust_remote_code", action="store_true", help="use the code stored next to the weights")
     args = parser.parse_args(argv)
     if not args.files and not args.manifest:
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> Transcription:
         stride_length_s=args.stride_length_s,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        decoder=args.decoder,
+        beam_width=args.beam_width,
     )
     if args.output:
         write_records(result.records, args.output, result.scores)

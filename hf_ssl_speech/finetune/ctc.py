@@ -104,6 +104,39 @@ def make_ctc_compute_metrics(
 
 
 @torch.no_grad()
+def ctc_outputs(
+    model: ConformerSslForCTC,
+    processor: Wav2Vec2Processor,
+    audios: Sequence[np.ndarray],
+    batch_size: int = 8,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[list[str], list[np.ndarray]]:
+    """Greedy CTC transcripts and the unpadded log-probabilities (steps, vocab) of each waveform, in batches.
+
+    Args:
+        model / processor: a fine-tuned pair (e.g. `AutoModelForCTC` / `AutoProcessor` of one folder).
+        audios: 16 kHz mono float32 arrays; batches are formed in the given order (sort by length for speed).
+        batch_size: utterances per forward pass.
+        progress: called with the number of utterances done after each batch (e.g. `tqdm.update`).
+    The log-probabilities are what a beam search with an LM (`finetune.lm.lm_decode`) takes.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    log_probs: list[np.ndarray] = []
+    for start in range(0, len(audios), batch_size):
+        chunk = list(audios[start : start + batch_size])
+        inputs = processor.feature_extractor(chunk, sampling_rate=SAMPLING_RATE, return_tensors="pt", device=device)
+        logits = model(**inputs).logits.float()  # (batch, steps, vocab)
+        lengths = model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1))
+        texts.extend(processor.tokenizer.batch_decode(greedy_ctc_ids(logits, lengths, model.config.pad_token_id).cpu()))
+        scores = torch.log_softmax(logits, dim=-1).cpu().numpy()
+        log_probs.extend(scores[i, : int(n)] for i, n in enumerate(lengths))
+        if progress is not None:
+            progress(len(chunk))
+    return texts, log_probs
+
+
 def transcribe(
     model: ConformerSslForCTC,
     processor: Wav2Vec2Processor,
@@ -111,24 +144,5 @@ def transcribe(
     batch_size: int = 8,
     progress: Callable[[int], Any] | None = None,
 ) -> list[str]:
-    """
-    Greedy CTC transcripts of 16 kHz mono float32 arrays, in batches, padded steps ignored.
-
-    Args:
-        model / processor: a fine-tuned pair (e.g. `AutoModelForCTC` / `AutoProcessor` of one folder).
-        audios: the waveforms; batches are formed in the given order.
-        batch_size: utterances per forward pass.
-        progress: called with the number of utterances done after each batch (e.g. `tqdm.update`).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    texts: list[str] = []
-    for start in range(0, len(audios), batch_size):
-        chunk = list(audios[start : start + batch_size])
-        inputs = processor.feature_extractor(chunk, sampling_rate=SAMPLING_RATE, return_tensors="pt", device=device)
-        logits = model(**inputs).logits  # (batch, steps, vocab)
-        lengths = model._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1))
-        texts.extend(processor.batch_decode(greedy_ctc_ids(logits, lengths, model.config.pad_token_id).cpu()))
-        if progress is not None:
-            progress(len(chunk))
-    return texts
+    """Greedy CTC transcripts of 16 kHz mono float32 arrays, padded steps ignored (see `ctc_outputs`)."""
+    return ctc_outputs(model, processor, audios, batch_size, progress)[0]

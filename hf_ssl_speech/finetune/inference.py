@@ -3,7 +3,9 @@
 Audio is decoded with soundfile, mixed to mono and resampled to 16 kHz (`hf_ssl_speech.data.load_audio`);
 unreadable files are skipped with a warning. With `chunk_length_s`, each file goes through
 `pipeline("automatic-speech-recognition")` in overlapping chunks (long recordings); otherwise files are
-batched through `ctc.transcribe`. With references (a manifest with text), corpus WER/CER are computed.
+batched through `ctc.ctc_outputs`. Decoding is greedy, or a beam search with the folder's n-gram LM
+(`decoder="lm"`; `"auto"` uses the LM when the folder has one, `finetune.lm.attach_lm`). With references (a
+manifest with text), corpus WER/CER are computed.
 """
 
 from __future__ import annotations
@@ -23,12 +25,41 @@ from transformers import AutoModelForCTC, AutoProcessor, pipeline
 from ..data.audio_io import AudioError, load_audio
 from ..errors import check_paths
 from ..frames import SAMPLING_RATE
-from .ctc import transcribe
+from .ctc import ctc_outputs
 from .metrics import load_metrics
 from .rows import manifest_rows
 from .text import normalize_transcript
 
 logger = logging.getLogger(__name__)
+
+
+DECODERS = ("auto", "greedy", "lm")
+
+
+def load_lm_processor(model_name_or_path: str | os.PathLike, decoder: str) -> Any:
+    """The folder's `ConformerSslProcessorWithLM` when `decoder` asks for the LM ("lm", or "auto" and one is there)."""
+    from .lm import LmError, has_lm
+
+    if decoder == "greedy":
+        return None
+    if not has_lm(model_name_or_path):
+        if decoder == "lm":
+            raise LmError(
+                f"{model_name_or_path}: no language model in this folder (alphabet.json + language_model/); add one "
+                "with scripts/build_lm.py, or use --decoder greedy"
+            )
+        return None
+    try:
+        from ..processing_conformer_ssl_lm import ConformerSslProcessorWithLM
+
+        return ConformerSslProcessorWithLM.from_pretrained(str(model_name_or_path))
+    except ImportError as error:
+        if decoder == "lm":
+            raise LmError(
+                f"LM decoding needs pyctcdecode and kenlm: pip install 'hf_ssl_speech[lm]' ({error})"
+            ) from error
+        logger.warning("%s has an LM but decoding is greedy: %s", model_name_or_path, error)
+        return None
 
 
 @dataclass
@@ -65,17 +96,25 @@ def transcribe_files(
     stride_length_s: float | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    decoder: str = "auto",
+    beam_width: int = 24,
 ) -> Transcription:
-    """Greedy CTC transcripts of `files` and the utterances of `manifests`, scored where they have text.
+    """CTC transcripts of `files` and the utterances of `manifests`, scored where they have text.
 
     Args:
         model_name_or_path: a folder or Hub repo with an `AutoModelForCTC` + `AutoProcessor` pair (what
             `run_ctc` saves).
         files / manifests: audio paths, and NeMo JSONL manifests (their `offset`/`duration` segments are kept).
         chunk_length_s / stride_length_s: > 0 sends each file through the ASR pipeline in chunks of that length.
+        decoder: "greedy", "lm" (beam search with the folder's LM; an error if it has none) or "auto" (the LM
+            when the folder has one and pyctcdecode/kenlm are installed, else greedy).
+        beam_width: beams of the LM search.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder={decoder!r}: choose one of {', '.join(DECODERS)}")
     items_in = collect_inputs(files, manifests)
     processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    processor_lm = load_lm_processor(model_name_or_path, decoder)
     model = AutoModelForCTC.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
     model.eval()
 
@@ -97,6 +136,7 @@ def transcribe_files(
                 model=model,
                 tokenizer=processor.tokenizer,
                 feature_extractor=processor.feature_extractor,
+                decoder=processor_lm.decoder if processor_lm is not None else None,
                 device=device,
             )
             hypotheses = []
@@ -104,7 +144,11 @@ def transcribe_files(
                 hypotheses.append(asr(audio, chunk_length_s=chunk_length_s, stride_length_s=stride_length_s)["text"])
                 bar.update(1)
         else:
-            hypotheses = transcribe(model, processor, audios, batch_size, progress=bar.update)
+            hypotheses, log_probs = ctc_outputs(model, processor, audios, batch_size, progress=bar.update)
+            if processor_lm is not None:
+                from .lm import lm_decode
+
+                hypotheses = lm_decode(processor_lm, log_probs, beam_width=beam_width)
 
     records = []
     for item, hypothesis in zip(items, hypotheses):
@@ -138,3 +182,26 @@ def write_records(records: Sequence[dict[str, Any]], output: str | os.PathLike, 
 
 
 __all__ = ["Transcription", "collect_inputs", "score", "transcribe_files", "write_records"]
+
+
+def load_validation_outputs(
+    model_name_or_path: str | os.PathLike, manifest: str | os.PathLike, batch_size: int = 8, device: str = "cpu"
+) -> tuple[list[str], list[Any]]:
+    """(normalised references, CTC log-probabilities) of a manifest's utterances with text: what the LM weights
+    are tuned on (`finetune.lm.tune_lm_weights`)."""
+    items = [item for item in collect_inputs([], [str(manifest)]) if item["reference"] is not None]
+    if not items:
+        raise ValueError(f"{manifest}: no utterance with text; tuning LM weights needs references")
+    processor = AutoProcessor.from_pretrained(model_name_or_path)
+    model = AutoModelForCTC.from_pretrained(model_name_or_path).to(device)
+    audios, references = [], []
+    for item in items:
+        try:
+            audio, _ = load_audio(item["audio_filepath"], offset=item["offset"], duration=item["read_duration"])
+        except AudioError as error:
+            logger.warning("skipping %s", error)
+            continue
+        audios.append(audio)
+        references.append(item["reference"])
+    _, log_probs = ctc_outputs(model, processor, audios, batch_size)
+    return references, log_probs
