@@ -316,3 +316,15 @@ def test_recorded_voices_join_when_installed(tmp_path):
     assert {r["voice"] for r in rows} == {"flite:slt"}  # recorded_share=1: only the recorded training voice
     assert {r["voice"] for r in _manifest(tmp_path / "rec", "test")} == {"flite:rms"}
     assert summary["engine_minutes"]["espeak"] == 0 and summary["engine_minutes"]["flite"] >= 1.0
+
+
+@pytest.mark.parametrize("engine", ["flite", "festival", "pico"])
+def test_every_installed_recorded_voice_speaks(engine):
+    """Each voice of an installed engine (scripts/setup_voices.sh) renders a sentence: 16 kHz speech, not silence."""
+    voices = [v for v in dc.resolve_voices("auto") if v.engine == engine]
+    if not voices:
+        pytest.skip(f"no {engine} voice installed (bash scripts/setup_voices.sh)")
+    for speaker in dc.build_speakers(voices, 1):
+        audio = dc._render_speech(speaker, "the quick brown fox jumps", 1.0, None, seed=0)
+        assert audio.dtype == np.float32 and 0.8 < len(audio) / dc.SAMPLE_RATE < 5.0, speaker.id
+        assert np.sqrt(np.mean(audio**2)) > 0.01, f"{speaker.id} rendered (near) silence"

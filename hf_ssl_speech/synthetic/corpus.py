@@ -11,7 +11,9 @@
 Voices. espeak-ng (always; pip-only through `espeakng-loader`, see `tts_espeak`) gives formant "talkers"
 (its voice variants m1..m8, f1..f5, klatt..., each with its own formants and pitch) that can speak with 8
 English accents. Recorded-voice engines are used when installed and never required: `flite` (slt, rms, awb,
-kal16) and `festival` (kallpc16k, kdlpc16k, us-slt-hts), voices built from real talkers.
+kal16), `festival` (kallpc16k, kdlpc16k, us-slt-hts, rablpc16k, don, and the MBROLA diphone voices us1, us2,
+us3, en1) and SVOX `pico` (en-US, en-GB), voices built from real talkers; `scripts/setup_voices.sh` installs
+them all from Debian.
 
 Speakers. Each base voice becomes several pseudo-speakers: an accent (espeak), a speaking rate, a pitch and a
 vocal-tract-length factor. The last one resamples the waveform by 0.88-0.96 or 1.04-1.12 (and plays it back
@@ -32,6 +34,7 @@ count. A split stops at the first utterance that makes its cumulative duration r
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import multiprocessing
 import os
@@ -111,12 +114,30 @@ FLITE_VOICES: dict[str, tuple[str, str]] = {
     "flite:awb": ("awb", "awb"),
     "flite:kal16": ("kal", "kal16"),
 }
+# festival's own diphone and HTS voices, and the MBROLA diphone databases us1/us2/us3/en1 through festival's
+# MBROLA front end (Debian contrib/non-free: festvox-us1 ... festvox-en1 pull mbrola and its voice data).
 FESTIVAL_VOICES: dict[str, tuple[str, str]] = {
     "festival:kallpc16k": ("kal", "kal_diphone"),
     "festival:kdlpc16k": ("ked", "ked_diphone"),
     "festival:us-slt-hts": ("slt", "cmu_us_slt_arctic_hts"),
+    "festival:rablpc16k": ("rab", "rab_diphone"),
+    "festival:don": ("don", "don_diphone"),
+    "festival:us1-mbrola": ("mbrola-us1", "us1_mbrola"),
+    "festival:us2-mbrola": ("mbrola-us2", "us2_mbrola"),
+    "festival:us3-mbrola": ("mbrola-us3", "us3_mbrola"),
+    "festival:en1-mbrola": ("mbrola-en1", "en1_mbrola"),
 }
-ENGINES = ("espeak", "flite", "festival")
+# SVOX Pico (Debian non-free: libttspico-utils): two female talkers, American and British.
+PICO_VOICES: dict[str, tuple[str, str]] = {
+    "pico:en-US": ("pico-lh0", "en-US"),
+    "pico:en-GB": ("pico-kh0", "en-GB"),
+}
+ENGINES = ("espeak", "flite", "festival", "pico")
+# Installs every recorded voice above (the experiment's set-up step: scripts/setup_voices.sh).
+RECORDED_VOICES_HINT = (
+    "bash scripts/setup_voices.sh (apt-get install flite festival festvox-* mbrola-* libttspico-utils, "
+    "with Debian contrib/non-free enabled)"
+)
 
 # Held out by default: two female, one male and one klatt espeak talker, one recorded male per engine.
 DEFAULT_TEST_VOICES: tuple[str, ...] = (
@@ -188,6 +209,14 @@ def _festival_voices_installed() -> set[str]:
     return {vid for vid, (_, name) in FESTIVAL_VOICES.items() if name in found}
 
 
+def _pico_voices_installed() -> set[str]:
+    if shutil.which("pico2wave") is None:
+        return set()
+    roots = [Path("/usr/share/pico/lang"), Path("/usr/lib/pico/lang")]
+    found = {p.name.split("_", 1)[0] for root in roots if root.is_dir() for p in root.glob("*_sg.bin")}
+    return {vid for vid, (_, name) in PICO_VOICES.items() if name in found}
+
+
 def resolve_voices(engines: str | Sequence[str] = "auto", voices: Sequence[str] | None = None) -> list[BaseVoice]:
     """The base voices to use.
 
@@ -210,12 +239,8 @@ def resolve_voices(engines: str | Sequence[str] = "auto", voices: Sequence[str] 
         found += [BaseVoice("espeak", v, v.lower()) for v in ESPEAK_TALKERS if v in installed_variants]
     for engine, table, installed, hint in (
         ("flite", FLITE_VOICES, _flite_voices_installed, "apt-get install flite"),
-        (
-            "festival",
-            FESTIVAL_VOICES,
-            _festival_voices_installed,
-            "apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
-        ),
+        ("festival", FESTIVAL_VOICES, _festival_voices_installed, RECORDED_VOICES_HINT),
+        ("pico", PICO_VOICES, _pico_voices_installed, RECORDED_VOICES_HINT),
     ):
         if engine not in wanted:
             continue
@@ -440,6 +465,11 @@ def _synthesize(speaker: Speaker, text: str, rate: float, pitch: int | None, see
                 str(wav_path),
                 str(text_path),
             ]
+        elif engine == "pico":
+            # pico2wave has no rate flag; its SVOX markup sets speed in percent (100 = as recorded)
+            name = PICO_VOICES[speaker.voice.id][1]
+            markup = f"<speed level='{round(100 / rate)}'>{html.escape(text)}</speed>"
+            command = ["pico2wave", "-l", name, "-w", str(wav_path), markup]
         else:
             raise DemoCorpusError(f"speaker {speaker.id}: unknown engine {engine!r}; choose from {ENGINES}")
         return _run_recorder(command, wav_path)
