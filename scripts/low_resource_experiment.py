@@ -5,14 +5,17 @@
     python scripts/low_resource_experiment.py --config configs/experiments/low_resource_toy.yaml --out /tmp/toy
     python scripts/low_resource_experiment.py --config ... --stages corpus pretrain     # only these stages
 
-Stages (hf_ssl_speech/experiments/low_resource.py): corpus -> pretrain (one encoder per objective, equal budgets) ->
-finetune (CTC on 10 min / 1 h: pretrained, frozen-encoder probe, scratch baseline) -> evaluate (WER/CER on
-held-out voices) -> report (low_resource.json / .md / PNGs in the config's results_dir). Each stage, and
-each run inside it, leaves a done.json marker: run the same command again after an interruption and it
-continues where it stopped. `--out` moves the working folder (corpus, checkpoints), `--results_dir` the report.
+Stages (hf_ssl_speech/experiments/low_resource.py): corpus (unlabeled pool, few-speaker labels, held-out
+validation and test voices, in-domain audio, LM text) -> pretrain (one encoder per objective and arm, equal
+budgets) -> finetune (CTC on 10 min / 1 h: pretrained, frozen-encoder probe, scratch baseline; learning rate and
+checkpoint chosen on validation) -> evaluate (greedy and n-gram-LM WER/CER on the test voices, LM weights chosen
+on validation) -> probes (SUPERB-style, frozen encoders vs FBANK) -> report (low_resource.json / .md / PNGs in
+the config's results_dir, models in its models_dir). Each stage, and each run inside it, leaves a done.json
+marker: run the same command again after an interruption and it continues where it stopped. `--out` moves the
+working folder (corpus, checkpoints), `--results_dir` the report, `--models_dir` the exported models.
 
-Recorded voices (flite/festival) are used when installed (engines: auto); on Debian/Ubuntu:
-    apt-get install -y flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+Recorded voices (flite, festival, MBROLA, pico) are used when installed (engines: auto), and the LM is built
+with irstlm; on Debian/Ubuntu, as root:  bash scripts/setup_voices.sh
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
     parser.add_argument("--out", default=None, help="working folder (default: the config's output_dir)")
     parser.add_argument("--results_dir", default=None, help="report folder (default: the config's results_dir)")
+    parser.add_argument("--models_dir", default=None, help="exported models (default: the config's models_dir)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="run only these stages")
     args = parser.parse_args(argv)
     if argv is None:  # process-wide logging set-up belongs to the command, not to a call from Python (tests)
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
     command = command_line(sys.argv if argv is None else ["scripts/low_resource_experiment.py", *argv])
     try:
-        config = load_experiment_config(args.config, {"output_dir": args.out, "results_dir": args.results_dir})
+        config = load_experiment_config(args.config, {"output_dir": args.out, "results_dir": args.results_dir, "models_dir": args.models_dir})
         result = run_experiment(config, args.stages, command=command)
     except ExperimentError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,10 +1,10 @@
 """The low-resource experiment end to end at toy scale (configs/experiments/low_resource_toy.yaml).
 
-One module-level run of `scripts/low_resource_experiment.py` (about 15 s on one core: ~3 minutes of espeak
-audio, 2 objective families, 3 steps per pretraining and fine-tuning run) makes every artefact; the tests
-check their form (JSON schema, Markdown tables, readable PNGs), the data splits, and that finished stages are
-skipped, redone work re-evaluated and changed settings refused. Never the WER values: at this scale they mean
-nothing.
+One module-level run of `scripts/low_resource_experiment.py` (~3 minutes of espeak audio, 2 objective families
+and an in-domain arm, 3 steps per pretraining and fine-tuning run, an n-gram LM, the probes) makes every artefact;
+the tests check their form (JSON schema, Markdown tables, readable PNGs), the data splits and hold-outs, the
+validation choices, and that finished stages are skipped, redone work re-evaluated and changed settings refused.
+Never the error-rate values: at this scale they mean nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_ssl_speech.experiments.config import ARMS, INITS, ROW_KEYS
 from hf_ssl_speech.experiments.low_resource import (
     ExperimentError,
     command_line,
@@ -29,15 +30,7 @@ from hf_ssl_speech.experiments.report import best_change
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY = REPO_ROOT / "configs" / "experiments" / "low_resource_toy.yaml"
 FULL = REPO_ROOT / "configs" / "experiments" / "low_resource.yaml"
-ROW_TYPES = {
-    "objective": str,
-    "labeled_minutes": (int, float),
-    "init": str,
-    "wer": (int, float),
-    "cer": (int, float),
-    "steps": int,
-    "wall_s": (int, float),
-}
+ROW_TYPES = {key: (int, float) if kind is float else kind for key, kind in ROW_KEYS.items()}
 PNGS = ("wer_vs_labeled_minutes.png", "cer_vs_labeled_minutes.png", "pretraining_loss.png")
 
 
@@ -53,17 +46,22 @@ def load_script():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The toy experiment, run once through the script: (work folder, results folder, toy config)."""
+    from hf_ssl_speech.finetune.lm import irstlm_available
     from hf_ssl_speech.synthetic.espeak import EspeakError, check_espeak
 
     try:
         check_espeak()
     except EspeakError as error:
         pytest.skip(f"espeak unavailable: {error}")
+    if not irstlm_available():
+        pytest.skip("irstlm is not installed (apt-get install irstlm): the experiment builds its LM with it")
     root = tmp_path_factory.mktemp("low_resource")
     work, results = root / "work", root / "results"
-    argv = ["--config", str(TOY), "--out", str(work), "--results_dir", str(results)]
+    argv = ["--config", str(TOY), "--out", str(work), "--results_dir", str(results), "--models_dir", str(root / "m")]
     assert load_script().main(argv) == 0
-    config = load_experiment_config(TOY, {"output_dir": str(work), "results_dir": str(results)})
+    config = load_experiment_config(
+        TOY, {"output_dir": str(work), "results_dir": str(results), "models_dir": str(root / "m")}
+    )
     return work, results, config
 
 
@@ -85,34 +83,79 @@ def _manifest(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ artefacts
-def test_json_has_one_well_formed_row_per_run(toy):
+def test_json_has_one_well_formed_row_per_kept_run(toy):
     work, results, config = toy
     document = json.loads((results / "low_resource.json").read_text())
     rows = document["rows"]
-    families = list(config.pretrain.recipes)
+    keys = [*config.pretrain.recipes, *(f"{f}@in_domain" for f in config.pretrain.in_domain)]
     subsets = [s.minutes for s in config.finetune.subsets]
-    # pretrained + probe per family and subset, and one scratch run per architecture (nest non-causal, apc causal)
-    assert len(rows) == len(subsets) * (2 * len(families) + 2)
+    # pretrained + probe per pretraining run and subset, one scratch run per architecture (nest non-causal, apc causal)
+    assert len(rows) == len(subsets) * (2 * len(keys) + 2)
     for row in rows:
         for key, kind in ROW_TYPES.items():
             assert isinstance(row[key], kind) and not isinstance(row[key], bool), (key, row)
-        assert row["init"] in ("pretrained", "probe", "scratch")
-        assert math.isfinite(row["wer"]) and row["wer"] >= 0 and math.isfinite(row["cer"]) and row["cer"] >= 0
+        assert row["init"] in ("pretrained", "probe", "scratch") and row["arm"] in ARMS
+        for metric in ("wer", "cer", "wer_lm", "cer_lm"):
+            assert math.isfinite(row[metric]) and row[metric] >= 0, (metric, row)
         assert row["steps"] == 3 and row["wall_s"] >= 0
         assert row["labeled_minutes"] in subsets
         assert (row["objective"] == "none") == (row["init"] == "scratch")
-        assert row["objective"] in families or row["objective"] == "none"
+        assert row["objective"] in config.pretrain.recipes or row["objective"] == "none"
+        assert (row["arm"] == "in_domain") == row["key"].endswith("@in_domain")
+        assert row["lm_alpha"] in config.evaluate.lm_alphas and row["lm_beta"] in config.evaluate.lm_betas
     scratch = {(r["architecture"], r["labeled_minutes"]) for r in rows if r["init"] == "scratch"}
     assert scratch == {(arch, m) for arch in ("causal", "non-causal") for m in subsets}
     assert {r["architecture"] for r in rows if r["objective"] == "apc"} == {"causal"}
     pretraining = document["pretraining"]
-    assert set(pretraining) == set(families)
-    # the same budget for every family: steps, batch seconds and encoder size
+    assert set(pretraining) == set(keys)
+    # the same budget for every family and arm: steps, batch seconds and encoder size
     assert {p["steps"] for p in pretraining.values()} == {config.pretrain.max_steps}
     assert len({p["batch_seconds"] for p in pretraining.values()}) == 1
     assert len({p["encoder_params"] for p in pretraining.values()}) == 1
-    assert all(p["wall_s"] > 0 for p in pretraining.values())
+    assert all(p["wall_s"] > 0 and 0 < p["flop_utilisation"] < 1 for p in pretraining.values())
     assert "python scripts/low_resource_experiment.py --config" in document["command"]
+
+
+def test_validation_chooses_one_learning_rate_per_group_and_larger_subsets_reuse_it(toy):
+    _, results, config = toy
+    document = json.loads((results / "low_resource.json").read_text())
+    selection = document["selection"]
+    groups = {item["group"] for item in selection}
+    for group in groups:
+        members = [item for item in selection if item["group"] == group]
+        kept = [item for item in members if item["kept"]]
+        assert len(kept) == 1, group
+        assert kept[0]["valid_cer"] == min(item["valid_cer"] for item in members)
+    first = config.finetune.subsets[0].minutes
+    grid = config.finetune.learning_rates["pretrained"]
+    nest_first = [i for i in selection if i["group"] == f"nest__pretrained__labeled_{first:g}min"]
+    assert sorted(i["learning_rate"] for i in nest_first) == sorted(grid)
+    chosen = next(i["learning_rate"] for i in nest_first if i["kept"])
+    last = config.finetune.subsets[-1].minutes
+    assert [i["learning_rate"] for i in selection if i["group"] == f"nest__pretrained__labeled_{last:g}min"] == [chosen]
+
+
+def test_lm_and_exported_models_load_and_transcribe(toy):
+    from transformers import Wav2Vec2ProcessorWithLM, pipeline
+
+    work, results, config = toy
+    document = json.loads((results / "low_resource.json").read_text())
+    models = document["models"]
+    assert any(name.startswith("ctc_") and "pretrained" in name for name in models)
+    assert any(name.endswith("_scratch") for name in models) and any(name.startswith("encoder_") for name in models)
+    folder = Path(config.models_dir) / next(n for n in models if "pretrained" in n)
+    assert (folder / "model.safetensors").is_file() and (folder / "language_model").is_dir()
+    from transformers import AutoProcessor
+
+    assert isinstance(AutoProcessor.from_pretrained(folder), Wav2Vec2ProcessorWithLM)
+    test_row = _manifest(work / "corpus" / "test.jsonl")[0]
+    asr = pipeline("automatic-speech-recognition", model=str(folder))
+    assert asr.type == "ctc_with_lm"  # the folder's LM is what the pipeline decodes with
+    import soundfile as sf
+
+    audio, rate = sf.read(work / "corpus" / test_row["audio_filepath"], dtype="float32")
+    assert isinstance(asr({"raw": audio, "sampling_rate": rate})["text"], str)
+    assert sum(info["megabytes"] for info in models.values()) < 25
 
 
 def test_recorded_command_is_the_one_that_reproduces_the_results():
@@ -124,15 +167,8 @@ def test_recorded_command_is_the_one_that_reproduces_the_results():
 
 
 def test_best_change_compares_each_objective_with_its_own_architecture():
-    def row(objective, init, architecture, wer, cer):
-        return {
-            "objective": objective,
-            "init": init,
-            "architecture": architecture,
-            "labeled_minutes": 10.0,
-            "wer": wer,
-            "cer": cer,
-        }
+    def row(key, init, architecture, wer, cer):
+        return {"key": key, "init": init, "architecture": architecture, "labeled_minutes": 10.0, "wer": wer, "cer": cer}
 
     rows = [
         row("nest", "pretrained", "non-causal", 0.5, 0.2),
@@ -145,40 +181,40 @@ def test_best_change_compares_each_objective_with_its_own_architecture():
     assert best_change(rows, pretrained, 10.0, "wer") == ("nest", pytest.approx(-0.5))
     assert best_change(rows, pretrained, 10.0, "cer") == ("nest", pytest.approx(-0.6))
     assert best_change(rows, pretrained, 60.0, "wer") is None
+    assert best_change(rows, pretrained, 10.0, "wer", arm="in_domain") is None
 
 
 def test_markdown_tables_list_every_run_and_family(toy):
     _, results, config = toy
     markdown = (results / "low_resource.md").read_text()
-    rows = json.loads((results / "low_resource.json").read_text())["rows"]
-    every_run = _table(markdown, "### Every run")
+    document = json.loads((results / "low_resource.json").read_text())
+    rows = document["rows"]
+    every_run = _table(markdown, "### Every kept run")
     assert len(every_run) == len(rows)
     for cells, row in zip(every_run, rows):
-        assert len(cells) == 11
-        expected_lr = {"probe": config.finetune.probe_learning_rate, "scratch": config.finetune.scratch_learning_rate}
-        assert (
-            float(cells[7]) == row["learning_rate"] == (expected_lr.get(row["init"]) or config.finetune.learning_rate)
-        )
-        assert cells[0] == row["objective"] and cells[2] == row["init"]
-        assert float(cells[4]) == pytest.approx(100 * row["wer"], abs=0.051)
-    pretraining = _table(markdown, "## Pretraining")
-    assert [cells[0] for cells in pretraining] == list(config.pretrain.recipes)
-    pivot = _table(markdown, "## Results on held-out voices")
-    assert [cells[0] for cells in pivot] == list(config.pretrain.recipes)
-    assert all(len(cells) == 1 + 4 * len(config.finetune.subsets) for cells in pivot)
-    cer_pivot = _table(markdown, "### CER")
-    assert [cells[0] for cells in cer_pivot] == list(config.pretrain.recipes)
+        assert len(cells) == 15
+        assert cells[2] == row["init"] and cells[1] == row["arm"]
+        assert float(cells[4]) == pytest.approx(100 * row["cer"], abs=0.051)
+        assert float(cells[6]) == pytest.approx(100 * row["cer_lm"], abs=0.051)
+        assert float(cells[9]) == row["learning_rate"]
+    keys = list(document["pretraining"])
+    assert [cells[0] for cells in _table(markdown, "## Pretraining")] == keys
+    for heading in ("### CER", "### WER"):
+        pivot = _table(markdown, heading)
+        assert [cells[0] for cells in pivot] == keys
+        assert all(len(cells) == 2 + 5 * len(config.finetune.subsets) for cells in pivot)
     first = next(
         r
         for r in rows
-        if r["objective"] == cer_pivot[0][0]
+        if r["key"] == keys[0]
         and r["init"] == "pretrained"
-        and r["labeled_minutes"] == min(s.minutes for s in config.finetune.subsets)
+        and r["labeled_minutes"] == config.finetune.subsets[0].minutes
     )
-    assert float(cer_pivot[0][1]) == pytest.approx(100 * first["cer"], abs=0.051)
-    assert "Best fine-tuned objective against scratch" in markdown
+    assert _table(markdown, "### CER")[0][2] == f"{100 * first['cer']:.1f} / {100 * first['cer_lm']:.1f}"
+    assert "**standard** arm" in markdown and "**in_domain** arm" in markdown
     assert "python scripts/low_resource_experiment.py --config" in markdown
     assert "Machine:" in markdown and "held-out voices" in markdown
+    assert "## SUPERB-style probes" in markdown
     for png in PNGS:
         assert f"]({png})" in markdown
 
@@ -193,13 +229,22 @@ def test_plots_are_readable_images(toy, name):
 
 
 # ------------------------------------------------------------------------------------------ data splits
-def test_test_voices_never_occur_in_training_data_and_subsets_nest(toy):
+def test_held_out_voices_never_occur_in_training_data_and_subsets_nest(toy):
     work, _, config = toy
     corpus = work / "corpus"
     seen = _manifest(corpus / "pretrain.jsonl") + _manifest(corpus / "finetune.jsonl")
-    test = _manifest(corpus / "test.jsonl")
-    assert test and not {r["voice"] for r in test} & {r["voice"] for r in seen}
-    assert not {r["speaker"] for r in test} & {r["speaker"] for r in seen}
+    splits = {name: _manifest(corpus / f"{name}.jsonl") for name in ("valid", "test", "in_domain")}
+    for name in ("valid", "test"):
+        rows = splits[name]
+        assert rows and not {r["voice"] for r in rows} & {r["voice"] for r in seen}, name
+        assert not {r["speaker"] for r in rows} & {r["speaker"] for r in seen}, name
+    assert not {r["voice"] for r in splits["valid"]} & {r["voice"] for r in splits["test"]}
+    # in-domain audio: the test voices, other sentences
+    assert {r["voice"] for r in splits["in_domain"]} <= {r["voice"] for r in splits["test"]}
+    assert not {r["text"] for r in splits["in_domain"]} & {r["text"] for r in splits["test"] + splits["valid"]}
+    lm_text = (corpus / "lm_text.txt").read_text().splitlines()
+    held = " | ".join(r["text"] for r in splits["test"] + splits["valid"])
+    assert lm_text and not any(sentence in held for sentence in lm_text[:200])
     pool = {r["audio_filepath"] for r in _manifest(corpus / "finetune.jsonl")}
     previous: set[str] = set()
     for subset in config.finetune.subsets:
@@ -207,26 +252,48 @@ def test_test_voices_never_occur_in_training_data_and_subsets_nest(toy):
         files = {r["audio_filepath"] for r in rows}
         assert files <= pool and previous <= files  # drawn from the labeled pool, nested
         assert sum(r["duration"] for r in rows) >= 60 * subset.minutes
-        assert sum(r["duration"] for r in rows[:-1]) < 60 * subset.minutes  # the shortest prefix that reaches it
+        assert sum(r["duration"] for r in rows[:-1]) < 60 * subset.minutes  # it stops at the minutes
+        if subset.voices is not None:
+            assert {r["voice"] for r in rows} <= set(config.corpus.labeled_voices[: subset.voices])
+        if subset.speakers is not None:
+            assert len({r["speaker"] for r in rows}) <= subset.speakers
         previous = files
+
+
+def test_probes_json_has_every_task_for_fbank_and_each_encoder(toy):
+    from hf_ssl_speech.experiments.probes import FBANK, TASKS
+
+    _, results, config = toy
+    document = json.loads((results / "probes.json").read_text())
+    rows = document["rows"]
+    encoders = [key for key in config.pretrain.recipes]
+    assert {(r["task"], r["features"]) for r in rows} == {(t, f) for t in TASKS for f in [FBANK, *encoders]}
+    for row in rows:
+        assert set(row) >= {"task", "features", "metric", "value", "higher_is_better"}
+        assert row["metric"] == ("per" if row["task"] == "phone_recognition" else "accuracy")
+        assert row["higher_is_better"] == (row["task"] != "phone_recognition")
+        assert math.isfinite(row["value"]) and row["value"] >= 0
+        assert sum(row["layer_weights"]) == pytest.approx(1.0, abs=1e-2)
+    assert (results / "probes.png").stat().st_size > 1000 and "| task |" in (results / "probes.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ resuming
 def test_rerun_skips_every_finished_stage(toy, capsys):
-    work, results, _ = toy
+    work, results, config = toy
     watched = [results / "low_resource.json", *sorted((work / "finetune").glob("*/model/model.safetensors"))]
     before = {path: path.stat().st_mtime_ns for path in watched}
-    argv = ["--config", str(TOY), "--out", str(work), "--results_dir", str(results)]
+    argv = ["--config", str(TOY), "--out", str(work), "--results_dir", str(results), "--models_dir", config.models_dir]
     assert load_script().main(argv) == 0
-    assert "stages: corpus skipped, pretrain skipped, finetune skipped, evaluate skipped, report skipped" in (
-        capsys.readouterr().out
+    assert (
+        "stages: corpus skipped, pretrain skipped, finetune skipped, evaluate skipped, probes skipped, report skipped"
+        in (capsys.readouterr().out)
     )
     assert {path: path.stat().st_mtime_ns for path in watched} == before
 
 
 def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     work, results, config = toy
-    target = work / "finetune" / "apc__probe__labeled_1min"
+    target = work / "finetune" / "apc__probe__labeled_1min__lr0.005"
     models = {p: p.stat().st_mtime_ns for p in (work / "finetune").glob("*/model/model.safetensors")}
     evaluations = {p: p.stat().st_mtime_ns for p in (work / "evaluate").glob("*/done.json")}
     (target / "done.json").unlink()  # as if the run had been killed before it finished
@@ -237,13 +304,14 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
         "pretrain": "skipped",
         "finetune": "ran",
         "evaluate": "ran",
+        "probes": "ran",
         "report": "ran",
     }
     changed = {p for p, t in models.items() if p.stat().st_mtime_ns != t}
     assert changed == {target / "model" / "model.safetensors"}
     reevaluated = {p.parent.name for p, t in evaluations.items() if p.stat().st_mtime_ns != t}
     assert reevaluated == {target.name}
-    assert len(json.loads((results / "low_resource.json").read_text())["rows"]) == len(models)
+    assert len(json.loads((results / "low_resource.json").read_text())["rows"]) == len(evaluations)
 
 
 def test_changed_settings_are_refused_not_mixed(toy):
@@ -268,7 +336,10 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     with pytest.raises(ExperimentError, match="result_dir.*Did you mean 'results_dir'"):
         load_experiment_config(bad)
     bad.write_text(TOY.read_text().replace("{minutes: 1.0, steps: 3}", "{minutes: 9.0, steps: 3}"))
-    with pytest.raises(ExperimentError, match="exceeds the labeled pool.*corpus.minutes"):
+    with pytest.raises(ExperimentError, match="exceeds corpus.labeled_minutes"):
+        load_experiment_config(bad)
+    bad.write_text(TOY.read_text().replace("valid_voices: [espeak:m2]", "valid_voices: [espeak:f2]"))
+    with pytest.raises(ExperimentError, match="espeak:f2.*named in two"):
         load_experiment_config(bad)
     text = TOY.read_text().replace(
         "  progress: false\nfinetune:", "  progress: false\n  family_overrides: {apc: [train.max_steps=9]}\nfinetune:"
@@ -291,31 +362,35 @@ def test_scratch_baseline_per_distinct_encoder():
             "finished_at": 3.0,
         },
     }
-    runs = plan_finetune_runs(config, pretrained)
+    subset = config.finetune.subsets[-1]
+    chosen = {(key, init): 1e-3 for key in [*pretrained, "scratch-non-causal", "scratch-causal"] for init in INITS}
+    runs = plan_finetune_runs(config, pretrained, subset, chosen)
     scratch = [r for r in runs if r.init == "scratch"]
-    assert sorted((r.architecture, r.checkpoint) for r in scratch) == sorted(
-        [("non-causal", "a"), ("causal", "c")] * len(config.finetune.subsets)
-    )
-    assert len(runs) == len(config.finetune.subsets) * (2 * len(pretrained) + 2)
+    assert sorted((r.architecture, r.checkpoint) for r in scratch) == [("causal", "c"), ("non-causal", "a")]
+    assert len(runs) == 2 * len(pretrained) + 2
     assert len({r.name for r in runs}) == len(runs)
+    grid = plan_finetune_runs(config, pretrained, config.finetune.subsets[0])  # the first subset: every rate
+    rates = config.finetune.learning_rates
+    assert len(grid) == len(pretrained) * (len(rates["pretrained"]) + len(rates["probe"])) + 2 * len(rates["scratch"])
 
 
-def test_full_config_pretrains_every_family_on_three_hours_with_one_budget():
+def test_full_config_is_the_regime_ssl_is_used_in():
+    """>= 10 h of pool from >= 300 pseudo-speakers; 10 min from <= 8 speakers of <= 3 voices; 1 h from <= 30
+    speakers; >= 6 held-out test voices of >= 3 engines; validation voices of their own; one budget for all."""
     config = load_experiment_config(FULL)
     c = config.corpus
-    assert c.engines == "auto"
-    assert c.minutes * (1 - c.finetune_fraction - c.test_fraction) >= 180 and c.min_pretrain_hours >= 3
-    assert set(config.pretrain.recipes) == {"nest", "contrastive_mlm", "reconstruction", "apc", "cpc", "mixed"}
-    assert [s.minutes for s in config.finetune.subsets] == [10, 60]
-    assert set(config.finetune.inits) == {"pretrained", "probe", "scratch"}
+    assert c.engines == "auto" and c.pool_minutes >= 600 and c.min_pretrain_hours >= 9.5
+    pool_voices = 51 - len(c.valid_voices) - len(c.test_voices)  # 36 espeak + 15 recorded voices installed
+    assert pool_voices * c.speakers_per_voice >= 300
+    ten, hour = config.finetune.subsets
+    assert (ten.minutes, hour.minutes) == (10, 60) and ten.voices <= 3 and ten.speakers <= 8
+    assert len(c.labeled_voices) * c.labeled_speakers_per_voice <= 30
+    assert len(c.test_voices) >= 6 and len({v.split(":")[0] for v in c.test_voices}) >= 3
+    assert c.valid_voices and not set(c.valid_voices) & set(c.test_voices) and c.in_domain_minutes > 0
+    assert set(config.finetune.inits) == {"pretrained", "probe", "scratch"} and config.pretrain.in_domain
     for recipe in config.pretrain.recipes.values():
         assert (REPO_ROOT / recipe).is_file(), recipe
-    assert not config.pretrain.family_overrides or all(
-        not any(
-            item.startswith(("model.hidden_size", "model.num_hidden_layers", "data.batch_seconds")) for item in items
-        )
-        for items in config.pretrain.family_overrides.values()
-    )
+    assert not config.pretrain.family_overrides
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
@@ -324,3 +399,4 @@ def test_shipped_experiment_configs_load_and_their_recipes_exist(path):
     for family, recipe in config.pretrain.recipes.items():
         assert (REPO_ROOT / recipe).is_file(), (family, recipe)
     assert Path(config.results_dir).parts[:2] == ("docs", "results")
+    assert config.models_dir is None or Path(config.models_dir).parts[:2] == ("docs", "results")

@@ -14,14 +14,19 @@ from typing import Any
 from .. import config_io
 from ..errors import ConfigError
 
-STAGES = ("corpus", "pretrain", "finetune", "evaluate", "report")
+STAGES = ("corpus", "pretrain", "finetune", "evaluate", "probes", "report")
 INITS = ("pretrained", "probe", "scratch")
+ARMS = ("standard", "in_domain")
+IN_DOMAIN = "@in_domain"  # suffix of a family trained on the in-domain pool: "nest@in_domain"
 ROW_KEYS = {
+    "arm": str,  # standard (unlabeled pool of other voices) | in_domain (the pool + unlabeled test-voice audio)
     "objective": str,  # pretraining family, or "none" for scratch baselines
     "labeled_minutes": float,  # the nominal size of the labeled subset (10, 60, ...)
     "init": str,  # pretrained | probe | scratch
-    "wer": float,  # fraction (0.25 = 25 %) on the held-out-voice test split
+    "wer": float,  # fraction (0.25 = 25 %) on the held-out-voice test split, greedy CTC
     "cer": float,
+    "wer_lm": float,  # the same model, beam search with the n-gram word LM (weights chosen on validation)
+    "cer_lm": float,
     "steps": int,  # fine-tuning optimiser steps
     "wall_s": float,  # fine-tuning wall time
 }
@@ -34,26 +39,46 @@ class ExperimentError(ConfigError):
 # ============================================================================================ configuration
 @dataclass
 class CorpusSpec:
-    """Arguments of `make_demo_corpus` (see there); `minutes` covers all three splits."""
+    """The experiment's corpus: five parts made with `make_demo_corpus`, each from its own voices and seed.
 
-    minutes: float = 270.0
+    - pool (`pool_minutes`): unlabeled pretraining audio of every voice not held out, `speakers_per_voice`
+      pseudo-speakers each;
+    - labeled (`labeled_minutes`): transcribed audio of `labeled_voices` only, `labeled_speakers_per_voice`
+      pseudo-speakers each; the nested subsets (`finetune.subsets`) are drawn from it;
+    - valid / test (`valid_minutes` / `test_minutes`): held-out voices (`valid_voices` / `test_voices`, with every
+      voice of the same talker), never in the pool or the labels (asserted);
+    - in_domain (`in_domain_minutes`, 0 = no in-domain arm): unlabeled audio of the test voices, other sentences.
+    `lm_sentences` grammar sentences, none of which occurs in a valid or test utterance, train the word LM.
+    """
+
+    pool_minutes: float = 600.0
+    labeled_minutes: float = 66.0
+    valid_minutes: float = 12.0
+    test_minutes: float = 20.0
+    in_domain_minutes: float = 0.0
+    lm_sentences: int = 20000
     seed: int = 0
-    finetune_fraction: float = 0.25
-    test_fraction: float = 0.06
     engines: str | list[str] = "auto"
-    speakers_per_voice: int = 4
+    speakers_per_voice: int = 8
+    labeled_voices: list[str] = field(default_factory=list)  # ordered: a subset's `voices` takes the first N
+    labeled_speakers_per_voice: int = 3
+    valid_voices: list[str] = field(default_factory=list)
+    test_voices: list[str] = field(default_factory=list)
     recorded_share: float | None = None
     noise_fraction: float = 0.0
     num_workers: int | None = None
-    min_pretrain_hours: float = 0.0  # refuse to run when the pretraining split is smaller (guards the full config)
+    min_pretrain_hours: float = 0.0  # refuse to run when the pool is smaller (guards the full config)
 
 
 @dataclass
 class SubsetSpec:
-    """One labeled subset: `minutes` of transcribed audio from finetune.jsonl, fine-tuned for `steps` steps."""
+    """One labeled subset: `minutes` of transcribed audio from the first `voices` labeled voices (None: all) and at
+    most `speakers` of their pseudo-speakers (None: all), fine-tuned for `steps` steps."""
 
     minutes: float
     steps: int
+    voices: int | None = None
+    speakers: int | None = None
 
 
 @dataclass
@@ -65,6 +90,7 @@ class PretrainSpec:
     """
 
     recipes: dict[str, str] = field(default_factory=dict)
+    in_domain: list[str] = field(default_factory=list)  # families also pretrained on pool + in-domain audio
     overrides: list[str] = field(default_factory=list)
     family_overrides: dict[str, list[str]] = field(default_factory=dict)
     max_steps: int = 1000
@@ -73,14 +99,18 @@ class PretrainSpec:
 
 @dataclass
 class FinetuneSpec:
-    """CTC fine-tuning of every (init, subset): the same optimisation for all, fixed steps, no test peeking."""
+    """CTC fine-tuning of every (init, subset): the same optimisation for all; every choice made on validation.
+
+    `learning_rates[init]` is a grid: on the first (smallest) subset every rate runs and the one with the lowest
+    validation CER is kept; larger subsets use it. Within a run, the checkpoint with the best validation CER
+    (evaluated every `eval_steps`) is the model kept, so the number of steps is chosen on validation too.
+    """
 
     subsets: list[SubsetSpec] = field(default_factory=list)
     batch_size: int = 8
-    learning_rate: float = 2e-3
-    probe_learning_rate: float = 5e-3  # only the CTC head trains: it takes a larger step
-    scratch_learning_rate: float | None = None  # the baseline's own rate (None: learning_rate), so it is not held
-    # back by a rate chosen for pretrained encoders
+    learning_rates: dict[str, list[float]] = field(
+        default_factory=lambda: {"pretrained": [2e-3], "probe": [5e-3], "scratch": [2e-3]}
+    )
     warmup_steps: int = 100
     weight_decay: float = 1e-3
     freeze_encoder_steps: int = 0  # pretrained runs: head-only steps first (fairseq freeze_finetune_updates)
@@ -88,15 +118,37 @@ class FinetuneSpec:
     spec_augment: bool = True
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
-    save_steps: int = 250  # Trainer checkpoints, so a killed run resumes
+    eval_steps: int = 100  # validation CER every N steps; the best checkpoint is the model kept
+    valid_utterances: int | None = None  # validation utterances scored during training (None: all)
+    dataloader_num_workers: int = 1  # features are made in loader workers, not in the training process
+    save_steps: int = 250  # unused when eval_steps is set: checkpoints follow the evaluations
     logging_steps: int = 25
     progress: bool = False
 
 
 @dataclass
 class EvaluateSpec:
+    """Greedy and n-gram-LM decoding of every kept model on validation (to tune the LM weights) and test."""
+
     batch_size: int = 16
     max_utterances: int | None = None  # None: the whole test split
+    lm_order: int = 3
+    lm_alphas: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.0])
+    lm_betas: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0])
+    beam_width: int = 32
+
+
+@dataclass
+class ProbeStageSpec:
+    """SUPERB-style probes on the frozen encoders of the standard arm (`experiments.probes`); `settings` fill its
+    `ProbeSpec`. `command_train_voices` speak the keyword training set (default: the first labeled voices)."""
+
+    enabled: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)
+    command_train_voices: list[str] = field(default_factory=list)
+    # whose speakers speaker_id tells apart: the unlabeled pool's ("pretrain") or, where the pool is too small
+    # to give each speaker a few utterances (the toy config), the labeled pool's ("finetune")
+    speaker_manifest: str = "pretrain"
 
 
 @dataclass
@@ -113,6 +165,8 @@ class ExperimentConfig:
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    probes: ProbeStageSpec = field(default_factory=ProbeStageSpec)
+    models_dir: str | None = None  # where the best 10-min models are exported (docs/results/models), None: not
 
 
 def load_experiment_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -146,6 +200,11 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
                 )
     if p.max_steps < 1:
         raise ExperimentError(f"{where}: pretrain.max_steps={p.max_steps}: must be >= 1")
+    if config.probes.speaker_manifest not in ("pretrain", "finetune"):
+        raise ExperimentError(
+            f"{where}: probes.speaker_manifest={config.probes.speaker_manifest!r}: choose 'pretrain' (the unlabeled "
+            "pool) or 'finetune' (the labeled pool)"
+        )
     if not f.subsets:
         raise ExperimentError(f"{where}: finetune.subsets is empty; e.g. [{{minutes: 10, steps: 400}}]")
     minutes = [s.minutes for s in f.subsets]
@@ -156,9 +215,32 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
     bad = [i for i in f.inits if i not in INITS]
     if bad or not f.inits:
         raise ExperimentError(f"{where}: finetune.inits={f.inits}: choose one or more of {INITS}")
-    pool = config.corpus.minutes * config.corpus.finetune_fraction
-    if minutes[-1] > pool:
+    for name in p.in_domain:
+        if name not in p.recipes:
+            raise ExperimentError(f"{where}: pretrain.in_domain names {name!r}, not a family of pretrain.recipes")
+    if p.in_domain and config.corpus.in_domain_minutes <= 0:
+        raise ExperimentError(f"{where}: pretrain.in_domain is set but corpus.in_domain_minutes is 0; raise it")
+    c = config.corpus
+    for key in ("labeled_voices", "valid_voices", "test_voices"):
+        if not getattr(c, key):
+            raise ExperimentError(f"{where}: corpus.{key} is empty; list voice ids such as espeak:m3, flite:slt")
+    clash = (set(c.labeled_voices) | set(c.valid_voices)) & set(c.test_voices) | set(c.labeled_voices) & set(
+        c.valid_voices
+    )
+    if clash:
+        raise ExperimentError(f"{where}: voices {sorted(clash)} are named in two of labeled/valid/test voices")
+    for index, subset in enumerate(f.subsets):
+        if subset.voices is not None and not 1 <= subset.voices <= len(c.labeled_voices):
+            raise ExperimentError(
+                f"{where}: finetune.subsets[{index}].voices={subset.voices}: must be 1..{len(c.labeled_voices)} "
+                "(the number of corpus.labeled_voices)"
+            )
+    if minutes[-1] > c.labeled_minutes:
         raise ExperimentError(
-            f"{where}: the largest labeled subset ({minutes[-1]} min) exceeds the labeled pool "
-            f"(corpus.minutes * corpus.finetune_fraction = {pool:.1f} min); raise corpus.minutes or finetune_fraction"
+            f"{where}: the largest labeled subset ({minutes[-1]} min) exceeds corpus.labeled_minutes "
+            f"({c.labeled_minutes}); raise corpus.labeled_minutes"
         )
+    for init in f.inits:
+        rates = f.learning_rates.get(init)
+        if not rates or any(not r > 0 for r in rates):
+            raise ExperimentError(f"{where}: finetune.learning_rates.{init}={rates}: give one or more rates > 0")

@@ -43,9 +43,10 @@ import yaml
 from transformers import AutoProcessor, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from .. import config_io
 from ..data import DataConfig
 from ..finetune.args import DataArguments, FinetuneArguments, ModelArguments
-from ..finetune.ctc import transcribe
+from ..finetune.ctc import ctc_outputs
 from ..finetune.inference import score
 from ..finetune.rows import decode_rows, manifest_rows
 from ..finetune.run import run_ctc
@@ -53,8 +54,11 @@ from ..finetune.text import normalize_transcript
 from ..modeling_conformer_ssl import ConformerSslForCTC, ConformerSslModel
 from ..pretrain.loop import pretrain
 from ..pretrain.recipe import load_recipe, model_config
-from ..synthetic.corpus import make_demo_corpus
+from ..synthetic.corpus import make_demo_corpus, resolve_voices
+from ..synthetic.sentences import SentenceGenerator
+from .compute import matmul_peak_flops, training_flops_per_audio_second, utilisation
 from .config import (
+    IN_DOMAIN,
     INITS,
     ROW_KEYS,
     STAGES,
@@ -75,6 +79,7 @@ from .report import (
     plot_error_curves,
     plot_pretraining_losses,
     result_rows,
+    selection_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -195,93 +200,234 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def draw_nested_subsets(rows: Sequence[Mapping[str, Any]], minutes: Sequence[float], seed: int) -> list[list[dict]]:
-    """Nested labeled subsets: one seeded shuffle of the pool, each subset the shortest prefix reaching its minutes.
+def _write_manifest(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
+
+
+def _speaker_index(speaker: str) -> int:
+    """Pseudo-speaker ids end in their index within the base voice ("flite-slt-2" -> 2)."""
+    return int(speaker.rsplit("-", 1)[1])
+
+
+def subset_speakers(rows: Sequence[Mapping[str, Any]], voices: Sequence[str], count: int | None) -> list[str]:
+    """Up to `count` speakers of `voices`, taken round-robin over the voices by speaker index (so 8 speakers of
+    3 voices are 3 + 3 + 2), which makes the speakers of a smaller subset a subset of a larger one's."""
+    by_voice = {v: sorted({r["speaker"] for r in rows if r["voice"] == v}, key=_speaker_index) for v in voices}
+    order = [
+        spk
+        for depth in range(max(map(len, by_voice.values()), default=0))
+        for v in voices
+        for spk in by_voice[v][depth : depth + 1]
+    ]
+    return order if count is None else order[:count]
+
+
+def draw_nested_subsets(
+    rows: Sequence[Mapping[str, Any]], subsets: Sequence[SubsetSpec], labeled_voices: Sequence[str], seed: int
+) -> list[list[dict]]:
+    """Nested labeled subsets from few speakers: each subset keeps the rows of the smaller one and adds rows of its
+    own (larger) speaker set, in one seeded order, until it reaches its minutes.
 
     Nesting (10 min inside 1 h, as in Libri-light) makes the curves comparable: a larger subset only adds data.
     """
     order = np.random.default_rng([seed, 7]).permutation(len(rows))
     shuffled = [dict(rows[i]) for i in order]
-    cumulative = np.cumsum([float(r["duration"]) for r in shuffled])
-    subsets = []
-    for target in minutes:
-        count = int(np.searchsorted(cumulative, 60.0 * target)) + 1
-        if count > len(shuffled):
+    drawn: list[list[dict]] = []
+    previous: list[dict] = []
+    previous_speakers: set[str] = set()
+    for spec in subsets:
+        voices = list(labeled_voices[: spec.voices] if spec.voices else labeled_voices)
+        speakers = set(subset_speakers(rows, voices, spec.speakers))
+        if not previous_speakers <= speakers:
             raise ExperimentError(
-                f"labeled subset of {target} min: the labeled pool has only {cumulative[-1] / 60:.1f} min; "
-                "raise corpus.minutes or corpus.finetune_fraction"
+                f"labeled subset of {spec.minutes} min: its speakers do not include the smaller subset's; give it at "
+                "least as many voices and speakers"
             )
-        subsets.append(shuffled[:count])
-    return subsets
+        chosen = list(previous)
+        total = sum(float(r["duration"]) for r in chosen)
+        taken = {r["audio_filepath"] for r in chosen}
+        for row in shuffled:
+            if total >= 60.0 * spec.minutes:
+                break
+            if row["speaker"] in speakers and row["audio_filepath"] not in taken:
+                chosen.append(row)
+                total += float(row["duration"])
+        if total < 60.0 * spec.minutes:
+            raise ExperimentError(
+                f"labeled subset of {spec.minutes} min: its {len(speakers)} speakers have only {total / 60:.1f} min; "
+                "raise corpus.labeled_minutes or the subset's voices/speakers"
+            )
+        drawn.append(chosen)
+        previous, previous_speakers = chosen, speakers
+    return drawn
 
 
 def check_held_out(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-    """Assert that no test voice or speaker occurs in pretrain/finetune; returns the sets for the report."""
-    train_voices = {r["voice"] for s in ("pretrain", "finetune") for r in splits[s]}
-    train_speakers = {r["speaker"] for s in ("pretrain", "finetune") for r in splits[s]}
-    test_voices = {r["voice"] for r in splits["test"]}
-    test_speakers = {r["speaker"] for r in splits["test"]}
-    if not splits["test"]:
-        raise ExperimentError("the test split is empty: raise corpus.test_fraction or corpus.minutes")
-    shared = sorted((test_voices & train_voices) | (test_speakers & train_speakers))
-    if shared:
-        raise ExperimentError(f"test voices/speakers {shared} also occur in pretrain/finetune: they must be held out")
+    """Assert that no valid or test voice or speaker occurs in the pool or the labels, that valid and test share
+    none either, and that in-domain audio never repeats a valid/test sentence; returns the sets for the report."""
+    seen = [r for s in ("pretrain", "finetune") for r in splits[s]]
+    train_voices, train_speakers = {r["voice"] for r in seen}, {r["speaker"] for r in seen}
+    report: dict[str, Any] = {"train_voices": sorted(train_voices), "train_speakers": len(train_speakers)}
+    for split in ("valid", "test"):
+        if not splits[split]:
+            raise ExperimentError(f"the {split} split is empty: raise corpus.{split}_minutes")
+        voices, speakers = {r["voice"] for r in splits[split]}, {r["speaker"] for r in splits[split]}
+        shared = sorted((voices & train_voices) | (speakers & train_speakers))
+        if shared:
+            raise ExperimentError(f"{split} voices/speakers {shared} also occur in pretrain/finetune: hold them out")
+        report[f"{split}_voices"], report[f"{split}_speakers"] = sorted(voices), len(speakers)
+    both = set(report["valid_voices"]) & set(report["test_voices"])
+    if both:
+        raise ExperimentError(f"voices {sorted(both)} are in both the valid and the test split")
+    held_texts = {r["text"] for s in ("valid", "test") for r in splits[s]}
+    repeated = [r["text"] for r in splits.get("in_domain", []) if r["text"] in held_texts]
+    if repeated:
+        raise ExperimentError(f"in-domain audio repeats {len(repeated)} valid/test utterance(s), e.g. {repeated[0]!r}")
+    return report
+
+
+def lm_sentences(count: int, seed: int, held_out_texts: Sequence[str]) -> tuple[list[str], int]:
+    """`count` grammar sentences for the word LM, dropping any that occurs inside a valid or test utterance (so
+    the LM never saw a sentence it is scored on); returns (sentences, how many were dropped)."""
+    generator = SentenceGenerator()
+    rng = np.random.default_rng([seed, 11])
+    held = "\n".join(normalize_transcript(t) for t in held_out_texts)
+    kept, dropped = [], 0
+    while len(kept) < count:
+        sentence = normalize_transcript(generator.sentence(rng))
+        if sentence and sentence in held:
+            dropped += 1
+            continue
+        kept.append(sentence)
+    return kept, dropped
+
+
+# Corpus parts: (folder, which make_demo_corpus split holds the audio, seed offset). Different seeds give the
+# parts different sentences; voices come from the config.
+CORPUS_PARTS = {
+    "pool": ("pretrain", 0),
+    "labeled": ("finetune", 1),
+    "valid": ("test", 2),
+    "test": ("test", 3),
+    "in_domain": ("pretrain", 4),
+}
+
+
+def corpus_voices(c: CorpusSpec) -> dict[str, list[str]]:
+    """Voice ids per corpus part. The pool gets every available voice whose talker is not held out."""
+    available = resolve_voices(c.engines)
+    by_id = {v.id: v for v in available}
+    for key in ("labeled_voices", "valid_voices", "test_voices"):
+        missing = [v for v in getattr(c, key) if v not in by_id]
+        if missing:
+            raise ExperimentError(
+                f"corpus.{key}: {missing} not available (install the voices: bash scripts/setup_voices.sh); "
+                f"available: {sorted(by_id)}"
+            )
+    held_talkers = {by_id[v].talker for v in [*c.valid_voices, *c.test_voices]}
+    pool = [v.id for v in available if v.talker not in held_talkers]
+    leaked = [v for v in c.labeled_voices if v not in pool]
+    if leaked:
+        raise ExperimentError(f"corpus.labeled_voices {leaked} share a talker with a held-out voice; choose others")
+    valid_talkers = {by_id[v].talker for v in c.valid_voices}
+    test_talkers = {by_id[v].talker for v in c.test_voices}
+    if valid_talkers & test_talkers:
+        raise ExperimentError(f"valid and test voices share talkers {sorted(valid_talkers & test_talkers)}")
     return {
-        "test_voices": sorted(test_voices),
-        "test_speakers": len(test_speakers),
-        "train_voices": sorted(train_voices),
-        "train_speakers": len(train_speakers),
+        "pool": pool,
+        "labeled": list(c.labeled_voices),
+        "valid": [v.id for v in available if v.talker in valid_talkers],
+        "test": [v.id for v in available if v.talker in test_talkers],
+        "in_domain": [v.id for v in available if v.talker in test_talkers],
     }
 
 
-def stage_corpus(config: ExperimentConfig, out: Path) -> dict[str, Any]:
-    """Make (or reuse) the demo corpus, check the hold-out, write the labeled subsets; returns the summary."""
+def _relative_rows(rows: Sequence[Mapping[str, Any]], part: str) -> list[dict[str, Any]]:
+    """A part's manifest rows with audio paths relative to corpus/ (where the experiment's manifests live)."""
+    return [{**r, "audio_filepath": f"{part}/{r['audio_filepath']}", "part": part} for r in rows]
 
+
+def stage_corpus(config: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """Make (or reuse) the corpus parts, check the hold-out, write the manifests, subsets and LM text."""
     c = config.corpus
     corpus_dir = out / "corpus"
-    summary = make_demo_corpus(
-        corpus_dir,
-        c.minutes,
-        c.seed,
-        finetune_fraction=c.finetune_fraction,
-        test_fraction=c.test_fraction,
-        engines=c.engines,
-        speakers_per_voice=c.speakers_per_voice,
-        recorded_share=c.recorded_share,
-        noise_fraction=c.noise_fraction,
-        num_workers=c.num_workers,
-        progress=config.pretrain.progress,
-    )
-    splits = {s: read_manifest(corpus_dir / f"{s}.jsonl") for s in ("pretrain", "finetune", "test")}
-    held_out = check_held_out(splits)
-    pretrain_hours = sum(r["duration"] for r in splits["pretrain"]) / 3600
+    voices = corpus_voices(c)
+    minutes = {
+        "pool": c.pool_minutes,
+        "labeled": c.labeled_minutes,
+        "valid": c.valid_minutes,
+        "test": c.test_minutes,
+        "in_domain": c.in_domain_minutes,
+    }
+    splits: dict[str, list[dict[str, Any]]] = {}
+    summaries = {}
+    for part, (split, seed_offset) in CORPUS_PARTS.items():
+        if minutes[part] <= 0:
+            splits[part] = []
+            continue
+        summary = make_demo_corpus(
+            corpus_dir / part,
+            minutes[part],
+            c.seed + seed_offset,
+            finetune_fraction=1.0 if split == "finetune" else 0.0,
+            test_fraction=1.0 if split == "test" else 0.0,
+            test_voices=voices[part] if split == "test" else [],
+            engines=c.engines,
+            voices=voices[part],
+            speakers_per_voice=c.labeled_speakers_per_voice if part == "labeled" else c.speakers_per_voice,
+            recorded_share=c.recorded_share,
+            noise_fraction=c.noise_fraction,
+            num_workers=c.num_workers,
+            progress=config.pretrain.progress,
+        )
+        summaries[part] = summary
+        splits[part] = _relative_rows(read_manifest(corpus_dir / part / f"{split}.jsonl"), part)
+    held_texts = {r["text"] for p in ("valid", "test") for r in splits[p]}
+    splits["in_domain"] = [r for r in splits["in_domain"] if r["text"] not in held_texts]  # other sentences only
+    named = {
+        "pretrain": splits["pool"],
+        "finetune": splits["labeled"],
+        "valid": splits["valid"],
+        "test": splits["test"],
+        "in_domain": splits["in_domain"],
+    }
+    held_out = check_held_out(named)
+    for name, rows in named.items():
+        _write_manifest(corpus_dir / f"{name}.jsonl", rows)
+    pretrain_hours = sum(r["duration"] for r in named["pretrain"]) / 3600
     if pretrain_hours < c.min_pretrain_hours:
         raise ExperimentError(
             f"corpus: {pretrain_hours:.2f} h of pretraining audio < corpus.min_pretrain_hours={c.min_pretrain_hours}; "
-            "raise corpus.minutes or lower corpus.finetune_fraction / test_fraction"
+            "raise corpus.pool_minutes"
         )
+    sentences, dropped = lm_sentences(c.lm_sentences, c.seed, sorted(held_texts))
+    (corpus_dir / "lm_text.txt").write_text("\n".join(sentences) + "\n")
     subsets = {}
-    minutes = [s.minutes for s in config.finetune.subsets]
-    for target, rows in zip(minutes, draw_nested_subsets(splits["finetune"], minutes, config.seed)):
-        name = subset_name(target)
-        (corpus_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = draw_nested_subsets(named["finetune"], config.finetune.subsets, c.labeled_voices, config.seed)
+    for spec, rows in zip(config.finetune.subsets, drawn):
+        name = subset_name(spec.minutes)
+        _write_manifest(corpus_dir / f"{name}.jsonl", rows)
         subsets[name] = {
             "manifest": f"corpus/{name}.jsonl",
-            "nominal_minutes": target,
+            "nominal_minutes": spec.minutes,
             "utterances": len(rows),
             "minutes": round(sum(r["duration"] for r in rows) / 60, 3),
             "speakers": len({r["speaker"] for r in rows}),
+            "voices": sorted({r["voice"] for r in rows}),
         }
+    engines = sorted({v.split(":", 1)[0] for vs in voices.values() for v in vs})
     return {
         "corpus_dir": "corpus",
-        "engines": summary["engines"],
-        "engine_minutes": summary.get("engine_minutes", {}),
-        "minutes": summary["minutes"],
+        "engines": engines,
+        "minutes": {k: round(sum(r["duration"] for r in rows) / 60, 2) for k, rows in named.items()},
         "pretrain_hours": round(pretrain_hours, 3),
-        "num_speakers": summary["num_speakers"],
-        "utterances": {s: len(rows) for s, rows in splits.items()},
+        "in_domain_hours": round(sum(r["duration"] for r in named["in_domain"]) / 3600, 3),
+        "pool_voices": len(voices["pool"]),
+        "utterances": {s: len(rows) for s, rows in named.items()},
         "subsets": subsets,
-        "generation_wall_s": summary.get("wall_time_s"),
+        "lm_sentences": len(sentences),
+        "lm_sentences_dropped": dropped,
+        "generation_wall_s": round(sum(s.get("wall_time_s") or 0.0 for s in summaries.values()), 1),
         **held_out,
     }
 
@@ -291,16 +437,33 @@ def subset_name(minutes: float) -> str:
 
 
 # ============================================================================================ 2. pretrain
-def family_recipe_overrides(config: ExperimentConfig, family: str, out: Path) -> list[str]:
+def base_family(key: str) -> str:
+    """ "nest@in_domain" -> "nest": the objective family of a pretraining key."""
+    return key.removesuffix(IN_DOMAIN)
+
+
+def arm_of(key: str) -> str:
+    return "in_domain" if key.endswith(IN_DOMAIN) else "standard"
+
+
+def pretrain_keys(config: ExperimentConfig) -> list[str]:
+    """One pretraining run per family on the pool (standard arm), and one more per `pretrain.in_domain` family on
+    the pool plus the in-domain audio."""
+    return [*config.pretrain.recipes, *(f"{family}{IN_DOMAIN}" for family in config.pretrain.in_domain)]
+
+
+def family_recipe_overrides(config: ExperimentConfig, key: str, out: Path) -> list[str]:
     """The overrides that turn a family's recipe into this experiment's run (data, budget, output folder)."""
     corpus = out / "corpus"
+    family = base_family(key)
+    train = [corpus / "pretrain.jsonl"] + ([corpus / "in_domain.jsonl"] if arm_of(key) == "in_domain" else [])
     return [
-        f"data.train_manifests=[{corpus / 'pretrain.jsonl'}]",
-        f"data.valid_manifests=[{corpus / 'test.jsonl'}]",  # held-out voices: losses only, no selection
+        f"data.train_manifests=[{','.join(map(str, train))}]",
+        f"data.valid_manifests=[{corpus / 'valid.jsonl'}]",  # held-out voices: losses only, no selection
         "train.max_minutes=null",  # the budget is steps, equal for all; a wall-clock stop would differ per family
         *config.pretrain.overrides,
         f"train.max_steps={config.pretrain.max_steps}",
-        f"train.output_dir={out / 'pretrain' / family}",
+        f"train.output_dir={out / 'pretrain' / key}",
         *config.pretrain.family_overrides.get(family, []),
     ]
 
@@ -320,18 +483,18 @@ def _count_encoder_params(model_config: Any) -> int:
     return sum(p.numel() for p in encoder.parameters())
 
 
-def pretrain_family(config: ExperimentConfig, family: str, out: Path, corpus_id: float) -> dict[str, Any]:
-    """Pretrain one family (or continue its newest checkpoint); returns its done.json result.
+def pretrain_family(config: ExperimentConfig, key: str, out: Path, corpus_id: float) -> dict[str, Any]:
+    """Pretrain one family on one arm's pool (or continue its newest checkpoint); returns its done.json result.
 
     Args:
-        config / family / out: the experiment, the family (a key of `pretrain.recipes`), the working folder.
+        config / key / out: the experiment, the run ("nest", "nest@in_domain": `pretrain_keys`), the working folder.
         corpus_id: finish time of the corpus stage (a new corpus invalidates the encoders trained on the old).
     """
-
+    family = base_family(key)
     recipe_path = resolve_path(config.pretrain.recipes[family])
-    overrides = family_recipe_overrides(config, family, out)
+    overrides = family_recipe_overrides(config, key, out)
     settings = {"recipe": str(config.pretrain.recipes[family]), "overrides": overrides, "corpus": corpus_id}
-    folder = out / "pretrain" / family
+    folder = out / "pretrain" / key
     done = unit_done(folder, settings)
     if done is not None:
         return done
@@ -339,19 +502,22 @@ def pretrain_family(config: ExperimentConfig, family: str, out: Path, corpus_id:
     cfg = model_config(recipe)
     has_checkpoint = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("checkpoint-*"))
     logger.info(
-        "pretrain %s: %s + %d overrides%s", family, recipe_path, len(overrides), " (resuming)" if has_checkpoint else ""
+        "pretrain %s: %s + %d overrides%s", key, recipe_path, len(overrides), " (resuming)" if has_checkpoint else ""
     )
     start = time.perf_counter()
     # resume=True: continue the newest checkpoint when there is one (the unit folder is this family's own).
     result = pretrain(recipe, resume=True, progress=config.pretrain.progress)
     wall = time.perf_counter() - start
     if result.checkpoint is None or result.step < recipe.train.max_steps:
-        raise ExperimentError(f"pretrain {family}: stopped at step {result.step} of {recipe.train.max_steps}")
+        raise ExperimentError(f"pretrain {key}: stopped at step {result.step} of {recipe.train.max_steps}")
     state = json.loads((result.checkpoint / "trainer_state.json").read_text())
     history = state["metrics"]["history"]
     throughput = [row["train/audio_seconds_per_s"] for row in history if "train/audio_seconds_per_s" in row]
+    flops = training_flops_per_audio_second(cfg)
+    audio_per_s = float(np.mean(throughput)) if throughput else None
     summary = {
         "family": family,
+        "arm": arm_of(key),
         "objectives": sorted(recipe.objectives),
         "recipe": str(config.pretrain.recipes[family]),
         "architecture": architecture_label(cfg),
@@ -362,7 +528,9 @@ def pretrain_family(config: ExperimentConfig, family: str, out: Path, corpus_id:
         "audio_hours_seen": round(state.get("audio_seconds_total", 0.0) / 3600, 3),
         "wall_s": round(wall, 1),
         "resumed": has_checkpoint,
-        "audio_seconds_per_s": round(float(np.mean(throughput)), 2) if throughput else None,
+        "audio_seconds_per_s": round(audio_per_s, 2) if audio_per_s else None,
+        "flops_per_audio_second": flops,
+        "flop_utilisation": utilisation(flops, audio_per_s),
         "final_train": {k: v for k, v in result.train_metrics.items() if k.startswith("loss")},
         "final_valid": {k: v for k, v in result.valid_metrics.items() if k.startswith("loss")},
         "checkpoint": str(result.checkpoint.relative_to(out) / "model"),
@@ -372,92 +540,116 @@ def pretrain_family(config: ExperimentConfig, family: str, out: Path, corpus_id:
 
 
 def stage_pretrain(config: ExperimentConfig, out: Path, corpus_id: float) -> dict[str, Any]:
-    families = {family: pretrain_family(config, family, out, corpus_id) for family in config.pretrain.recipes}
-    return {"families": families}
+    families = {key: pretrain_family(config, key, out, corpus_id) for key in pretrain_keys(config)}
+    return {"families": families, "matmul_peak_flops": matmul_peak_flops()}
 
 
 # ============================================================================================ 3. finetune
 @dataclass(frozen=True)
 class FinetuneRun:
-    """One fine-tuning run: `objective` = the pretrained family ("none" for scratch), its encoder checkpoint."""
+    """One fine-tuning run: `key` = the pretraining run ("nest", "nest@in_domain"; "none" for scratch)."""
 
-    objective: str
+    key: str
     init: str
     architecture: str
     subset: str
     minutes: float
     steps: int
+    learning_rate: float
     checkpoint: str  # relative to the experiment folder: the weights (pretrained, probe) or the config (scratch)
     encoder_id: float  # finish time of that pretraining run (a redone pretraining invalidates this run)
 
     @property
+    def objective(self) -> str:
+        return base_family(self.key) if self.init != "scratch" else "none"
+
+    @property
+    def arm(self) -> str:
+        return arm_of(self.key) if self.init != "scratch" else "standard"
+
+    @property
     def name(self) -> str:
-        who = self.objective if self.init != "scratch" else f"scratch-{self.architecture}"
-        return f"{who}__{self.init}__{self.subset}"
+        who = self.key if self.init != "scratch" else f"scratch-{self.architecture}"
+        return f"{who}__{self.init}__{self.subset}__lr{self.learning_rate:g}"
+
+    @property
+    def group(self) -> str:
+        """Runs that differ only in learning rate share a group: validation picks one run per group."""
+        return self.name.rsplit("__lr", 1)[0]
 
 
-def plan_finetune_runs(config: ExperimentConfig, pretrained: Mapping[str, Mapping[str, Any]]) -> list[FinetuneRun]:
-    """Every (family, init, subset), plus one scratch run per distinct encoder architecture and subset."""
+def plan_finetune_runs(
+    config: ExperimentConfig,
+    pretrained: Mapping[str, Mapping[str, Any]],
+    subset: SubsetSpec,
+    chosen_rates: Mapping[tuple[str, str], float] | None = None,
+) -> list[FinetuneRun]:
+    """The runs of one subset: every (pretraining run, init), plus one scratch run per distinct encoder
+    architecture; each with every rate of `finetune.learning_rates[init]`, or, when `chosen_rates` is given
+    ((key, init) -> rate, from the first subset), only the chosen one."""
     runs = []
     architectures: dict[str, tuple[str, str, float]] = {}  # signature -> (label, checkpoint, id) of its 1st family
     for info in pretrained.values():
         key = json.dumps(info["encoder"], sort_keys=True)
         architectures.setdefault(key, (info["architecture"], info["checkpoint"], info["finished_at"]))
     labels = [label for label, _, _ in architectures.values()]
-    for subset in config.finetune.subsets:
-        name = subset_name(subset.minutes)
-        for family, info in pretrained.items():
-            for init in ("pretrained", "probe"):
-                if init in config.finetune.inits:
-                    runs.append(
-                        FinetuneRun(
-                            family,
-                            init,
-                            info["architecture"],
-                            name,
-                            subset.minutes,
-                            subset.steps,
-                            info["checkpoint"],
-                            info["finished_at"],
-                        )
-                    )
-        if "scratch" in config.finetune.inits:
-            for index, (label, checkpoint, encoder_id) in enumerate(architectures.values()):
-                # Two different non-causal encoders would share a label: number them apart.
-                label = label if labels.count(label) == 1 else f"{label}{index}"
-                runs.append(
-                    FinetuneRun("none", "scratch", label, name, subset.minutes, subset.steps, checkpoint, encoder_id)
-                )
+    name = subset_name(subset.minutes)
+    rates = config.finetune.learning_rates
+
+    def add(key: str, init: str, label: str, checkpoint: str, encoder_id: float) -> None:
+        grid = [chosen_rates[(key, init)]] if chosen_rates is not None else rates[init]
+        for lr in grid:
+            runs.append(FinetuneRun(key, init, label, name, subset.minutes, subset.steps, lr, checkpoint, encoder_id))
+
+    for key, info in pretrained.items():
+        for init in ("pretrained", "probe"):
+            if init in config.finetune.inits:
+                add(key, init, info["architecture"], info["checkpoint"], info["finished_at"])
+    if "scratch" in config.finetune.inits:
+        for index, (label, checkpoint, encoder_id) in enumerate(architectures.values()):
+            # Two different non-causal encoders would share a label: number them apart.
+            label = label if labels.count(label) == 1 else f"{label}{index}"
+            add(f"scratch-{label}", "scratch", label, checkpoint, encoder_id)
     return runs
 
 
 def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet_texts: Sequence[str]) -> dict:
-    """Train one CTC model with `finetune.run.run_ctc` (resuming its Trainer checkpoint if an attempt was killed)."""
+    """Train one CTC model with `finetune.run.run_ctc` (resuming its Trainer checkpoint if an attempt was killed).
+
+    The validation split is scored every `finetune.eval_steps`; the best checkpoint (validation CER) is the model
+    kept, and its validation CER is what the learning-rate choice compares.
+    """
     f = config.finetune
     folder = out / "finetune" / run.name
-    lr = {"probe": f.probe_learning_rate, "scratch": f.scratch_learning_rate}.get(run.init) or f.learning_rate
     settings = {
         **dataclasses.asdict(run),
         "batch_size": f.batch_size,
-        "learning_rate": lr,
         "warmup_steps": f.warmup_steps,
         "weight_decay": f.weight_decay,
         "spec_augment": f.spec_augment,
         "freeze_encoder_steps": f.freeze_encoder_steps if run.init == "pretrained" else 0,
         "layer_decay": f.layer_decay if run.init == "pretrained" else 1.0,
+        "eval_steps": f.eval_steps,
+        "valid_utterances": f.valid_utterances,
         "seed": config.seed,
     }
     done = unit_done(folder, settings)
     if done is not None:
-        return {"learning_rate": lr, **done}  # the settings matched: the rate is the one it ran with
+        return done
     logger.info("finetune %s: %d steps", run.name, run.steps)
     run_dir = folder / "model"  # run_ctc saves the finished model here, beside its resume points
     resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
     if run_dir.is_dir() and resume is None:
         shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to continue
+    valid = out / "corpus" / "valid.jsonl"
+    if f.valid_utterances is not None:  # a fixed slice, the same for every run
+        valid = out / "corpus" / "valid_during_training.jsonl"
+        if not valid.is_file():
+            _write_manifest(valid, read_manifest(out / "corpus" / "valid.jsonl")[: f.valid_utterances])
     model_args = ModelArguments(model_name_or_path=str(out / run.checkpoint), from_scratch=run.init == "scratch")
     data_args = DataArguments(
         train_manifests=[str(out / "corpus" / f"{run.subset}.jsonl")],
+        eval_manifests=[str(valid)],
         min_duration=0.1,
         max_duration=f.max_duration,
         spec_augment=f.spec_augment,
@@ -467,26 +659,34 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         freeze_encoder_steps=settings["freeze_encoder_steps"],
         layer_decay=settings["layer_decay"],
     )
+    eval_steps = min(f.eval_steps, run.steps)
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         max_steps=run.steps,
         per_device_train_batch_size=f.batch_size,
-        learning_rate=lr,
+        per_device_eval_batch_size=config.evaluate.batch_size,
+        learning_rate=run.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=min(f.warmup_steps, run.steps // 2),
         weight_decay=f.weight_decay,
         adam_beta2=0.98,
         max_grad_norm=1.0,
         train_sampling_strategy="group_by_length",
-        eval_strategy="no",
+        eval_strategy="steps",
+        eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=f.save_steps,
+        save_steps=eval_steps,  # a checkpoint per evaluation: the best one is loaded at the end
         save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="cer",
+        greater_is_better=False,
         logging_steps=f.logging_steps,
         seed=config.seed,
         report_to="none",
         disable_tqdm=not f.progress,
-        dataloader_num_workers=0,
+        # Features (decode, log-mel, SpecAugment) are made in loader workers, overlapping the step.
+        dataloader_num_workers=f.dataloader_num_workers,
+        dataloader_persistent_workers=f.dataloader_num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         resume_from_checkpoint=resume,
@@ -501,14 +701,30 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         vocabulary_texts=alphabet_texts,
         require_complete_encoder=run.init != "scratch",
     )
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    best_step = int(str(state.get("best_model_checkpoint") or f"-{run.steps}").rsplit("-", 1)[1])
+    valid_cer = next(iter(result.results.values()))["cer"]  # the kept (best) model, scored again at the end
     for stale in run_dir.glob("checkpoint-*"):  # the finished model is in model/; resume points are not needed
         shutil.rmtree(stale, ignore_errors=True)
+    train_audio_s = result.summary.get("train_audio_seconds")
+    cfg = ConformerSslForCTC.config_class.from_pretrained(str(run_dir))
+    flops = training_flops_per_audio_second(cfg) / (3 if run.init == "probe" else 1)  # probe: forward only
+    audio_per_s = None
+    if train_audio_s and result.summary.get("train_seconds"):
+        epochs = run.steps * f.batch_size / max(result.summary["train_utterances"], 1)
+        audio_per_s = round(train_audio_s * epochs / result.summary["train_seconds"], 1)
     result_row = {
         **dataclasses.asdict(run),
+        "objective": run.objective,
+        "arm": run.arm,
+        "group": run.group,
         "run": run.name,
         "steps": int(result.summary["steps"]),
-        "learning_rate": lr,
+        "best_step": best_step,
+        "valid_cer": valid_cer,
         "wall_s": result.summary["train_seconds"],
+        "audio_seconds_per_s": audio_per_s,
+        "flop_utilisation": utilisation(flops, audio_per_s),
         "resumed": resume is not None,
         "train_loss": result.summary["train_loss"],
         "train_utterances": result.summary["train_utterances"],
@@ -519,73 +735,229 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
     return finish_unit(folder, result_row)
 
 
+def choose_by_validation(results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """group -> the run name with the lowest validation CER (ties: the first rate of the grid)."""
+    best: dict[str, str] = {}
+    for name, info in results.items():
+        current = best.get(info["group"])
+        if current is None or (info["valid_cer"] or 1e9) < (results[current]["valid_cer"] or 1e9):
+            best[info["group"]] = name
+    return best
+
+
 def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str, Any]) -> dict[str, Any]:
+    """The first subset runs every learning rate of the grid; validation CER picks one per (run, init), which the
+    larger subsets reuse. Every run is kept in `runs`; `chosen` names the one per group that goes on to test."""
     alphabet_texts = [r["text"] for r in read_manifest(out / "corpus" / "finetune.jsonl")]
-    runs = plan_finetune_runs(config, pretrained)
-    results = {}
-    for run in runs:
-        results[run.name] = finetune_one(config, run, out, alphabet_texts)
-    return {"runs": results}
+    results: dict[str, Any] = {}
+    chosen_rates: dict[tuple[str, str], float] | None = None
+    for subset in config.finetune.subsets:
+        runs = plan_finetune_runs(config, pretrained, subset, chosen_rates)
+        subset_results = {run.name: finetune_one(config, run, out, alphabet_texts) for run in runs}
+        results.update(subset_results)
+        if chosen_rates is None:
+            picks = choose_by_validation(subset_results)
+            chosen_rates = {
+                (subset_results[n]["key"], subset_results[n]["init"]): subset_results[n]["learning_rate"]
+                for n in picks.values()
+            }
+    chosen = sorted(choose_by_validation(results).values())
+    return {"runs": results, "chosen": chosen}
 
 
 # ============================================================================================ 4. evaluate
-def evaluate_model(model_dir: Path, manifest: Path, batch_size: int, max_utterances: int | None) -> dict[str, Any]:
-    """Greedy-CTC WER/CER of a fine-tuned folder on a manifest (references normalised like the training text)."""
+def _decode_split(model, processor, manifest: Path, batch_size: int, limit: int | None):
+    rows, _ = manifest_rows([str(manifest)], 0.0, None, require_text=True, limit=limit)
+    examples = decode_rows(rows, DataConfig(min_duration=0.0, max_duration=None, crop_long=False))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["audio"]))  # little padding per batch
+    texts_sorted, probs_sorted = ctc_outputs(model, processor, [examples[i]["audio"] for i in order], batch_size)
+    texts, probs = [""] * len(examples), [None] * len(examples)
+    for position, index in enumerate(order):
+        texts[index], probs[index] = texts_sorted[position], probs_sorted[position]
+    references = [normalize_transcript(e["text"]) for e in examples]
+    return references, texts, probs
+
+
+def _scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    return score([{"hypothesis": h, "reference": r} for h, r in zip(hypotheses, references)])
+
+
+def evaluate_model(
+    model_dir: Path, valid: Path, test: Path, lm_path: Path | None, spec: EvaluateSpec
+) -> dict[str, Any]:
+    """Greedy and LM WER/CER of a fine-tuned folder on the test split; the LM weights are tuned on validation.
+
+    With `lm_path` (an ARPA file), the folder gets a `Wav2Vec2ProcessorWithLM` holding that LM and the chosen
+    weights, so `pipeline("automatic-speech-recognition", model=model_dir)` decodes the same way.
+    """
+    from ..finetune.lm import attach_lm, lm_decode, tune_lm_weights  # pyctcdecode + kenlm: only when decoding
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
     model = ConformerSslForCTC.from_pretrained(str(model_dir))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    rows, _ = manifest_rows([str(manifest)], 0.0, None, require_text=True, limit=max_utterances)
-    examples = decode_rows(rows, DataConfig(min_duration=0.0, max_duration=None, crop_long=False))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["audio"]))  # little padding per batch
     start = time.perf_counter()
-    hypotheses_sorted = transcribe(model, processor, [examples[i]["audio"] for i in order], batch_size)
-    wall = time.perf_counter() - start
-    hypotheses = [""] * len(examples)
-    for position, index in enumerate(order):
-        hypotheses[index] = hypotheses_sorted[position]
-    references = [normalize_transcript(e["text"]) for e in examples]
-    scores = score([{"hypothesis": h, "reference": r} for h, r in zip(hypotheses, references)])
-    return {
-        **scores,
-        "utterances": len(examples),
-        "eval_wall_s": round(wall, 1),
-        "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(references, hypotheses))[:3]],
+    valid_refs, valid_greedy, valid_probs = _decode_split(model, processor, valid, spec.batch_size, None)
+    test_refs, test_greedy, test_probs = _decode_split(model, processor, test, spec.batch_size, spec.max_utterances)
+    result: dict[str, Any] = {
+        **_scores(test_refs, test_greedy),
+        "valid": _scores(valid_refs, valid_greedy),
+        "utterances": len(test_refs),
     }
+    examples = [{"reference": r, "hypothesis": h} for r, h in list(zip(test_refs, test_greedy))[:3]]
+    if lm_path is not None:
+        processor_lm = attach_lm(model_dir, lm_path)
+        alpha, beta, table = tune_lm_weights(
+            processor_lm, valid_probs, valid_refs, spec.lm_alphas, spec.lm_betas, beam_width=spec.beam_width
+        )
+        processor_lm = attach_lm(model_dir, lm_path, alpha=alpha, beta=beta)  # saved with the chosen weights
+        test_lm = lm_decode(processor_lm, test_probs, beam_width=spec.beam_width)
+        lm_scores = _scores(test_refs, test_lm)
+        result.update({"wer_lm": lm_scores["wer"], "cer_lm": lm_scores["cer"], "lm_alpha": alpha, "lm_beta": beta})
+        result["lm_grid"] = table
+        for example, hypothesis in zip(examples, test_lm):
+            example["hypothesis_lm"] = hypothesis
+    result["examples"] = examples
+    result["eval_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def build_lm(config: ExperimentConfig, out: Path) -> Path:
+    """The word n-gram LM of the experiment (irstlm, from corpus/lm_text.txt), built once."""
+    from ..finetune.lm import build_arpa
+
+    arpa = out / "corpus" / f"lm_{config.evaluate.lm_order}gram.arpa"
+    if not arpa.is_file():
+        text = (out / "corpus" / "lm_text.txt").read_text().splitlines()
+        build_arpa(text, arpa, order=config.evaluate.lm_order)
+    return arpa
 
 
 def stage_evaluate(config: ExperimentConfig, out: Path, finetuned: Mapping[str, Any]) -> dict[str, Any]:
-    test = out / "corpus" / "test.jsonl"
+    """Score the runs validation chose (one per group), never the others, on test: greedy and with the LM."""
+    corpus = out / "corpus"
+    lm_path = build_lm(config, out)
     scores = {}
-    for name, info in finetuned.items():
+    for name in finetuned["chosen"]:
+        info = finetuned["runs"][name]
         folder = out / "evaluate" / name
         settings = {
             "model": info["model"],
             "model_id": info["finished_at"],
             "test": "corpus/test.jsonl",
+            "lm": lm_path.name,
             **dataclasses.asdict(config.evaluate),
         }
         done = unit_done(folder, settings)
         if done is None:
             logger.info("evaluate %s", name)
             result = evaluate_model(
-                out / info["model"], test, config.evaluate.batch_size, config.evaluate.max_utterances
+                out / info["model"], corpus / "valid.jsonl", corpus / "test.jsonl", lm_path, config.evaluate
             )
             done = finish_unit(folder, result)
         scores[name] = done
     return {"scores": scores}
 
 
-# ============================================================================================ 5. report
+# ============================================================================================ 5. probes
+def stage_probes(
+    config: ExperimentConfig, out: Path, corpus: Mapping[str, Any], pretrained: Mapping[str, Any]
+) -> dict[str, Any]:
+    """SUPERB-style probes (`experiments.probes`) of every standard-arm encoder against FBANK, on held-out data:
+    speaker ID on pool speakers (disjoint utterances), keywords spoken by held-out voices, phones of test voices."""
+    from .probes import ProbeData, ProbeSpec, run_probes  # matplotlib and the keyword synthesiser: only here
+
+    if not config.probes.enabled:
+        return {"rows": []}
+    c = out / "corpus"
+    largest = subset_name(config.finetune.subsets[-1].minutes)
+    data = ProbeData(
+        speaker_manifest=c / f"{config.probes.speaker_manifest}.jsonl",
+        phone_train_manifest=c / f"{largest}.jsonl",
+        phone_valid_manifest=c / "valid.jsonl",
+        phone_test_manifest=c / "test.jsonl",
+        command_train_voices=config.probes.command_train_voices or list(config.corpus.labeled_voices),
+        command_test_voices=list(corpus["test_voices"]),
+        commands_dir=out / "probes" / "commands",
+    )
+    spec = config_io.build(ProbeSpec, dict(config.probes.settings), "probes.settings", "probe setting", ExperimentError)
+    encoders = {key: out / info["checkpoint"] for key, info in pretrained.items() if arm_of(key) == "standard"}
+    start = time.perf_counter()
+    rows = run_probes(spec, encoders, data, out / "probes", Path(config.results_dir))
+    return {"rows": rows, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+# ============================================================================================ 6. report
+def export_models(
+    config: ExperimentConfig, out: Path, rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Copy the best pretrained -> CTC model of the fewest labels (standard arm, lowest VALIDATION CER), its
+    scratch twin and its pretrained encoder to `config.models_dir` as plain save_pretrained folders."""
+    if not config.models_dir:
+        return {}
+    fewest = min(r["labeled_minutes"] for r in rows)
+    candidates = [r for r in rows if r["labeled_minutes"] == fewest and r["arm"] == "standard"]
+    tuned = [r for r in candidates if r["init"] == "pretrained"]
+    scratch = [r for r in candidates if r["init"] == "scratch"]
+    if not tuned or not scratch:
+        return {}
+    best = min(tuned, key=lambda r: r["valid_cer"])
+    # The twin has the same architecture (a causal APC encoder's twin is causal), chosen on validation too.
+    twin = min(
+        [r for r in scratch if r["architecture"] == best["architecture"]] or scratch, key=lambda r: r["valid_cer"]
+    )
+    target = Path(config.models_dir)
+    chosen = {
+        f"ctc_{_minutes_tag(fewest)}_pretrained_{best['objective']}": out / best["model"],
+        f"ctc_{_minutes_tag(fewest)}_scratch": out / twin["model"],
+        f"encoder_{best['objective']}": out / pretrained[best["key"]]["checkpoint"],
+    }
+    keep = {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "alphabet.json",
+        "language_model",
+        "README.md",
+    }
+    exported = {}
+    for name, source in chosen.items():
+        folder = target / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for item in source.iterdir():
+            if item.name in keep:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+        exported[name] = {
+            "from": str(source.relative_to(out)),
+            "megabytes": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 2),
+        }
+    return exported
+
+
+def _minutes_tag(minutes: float) -> str:
+    return f"{minutes:g}min"
+
+
 def stage_report(
     config: ExperimentConfig, out: Path, results: Mapping[str, Any], command: str, total_wall_s: float | None
 ) -> dict[str, Any]:
     pretrained = results["pretrain"]["families"]
-    rows = result_rows(pretrained, results["finetune"]["runs"], results["evaluate"]["scores"])
+    finetuned = results["finetune"]
+    chosen = {name: finetuned["runs"][name] for name in finetuned["chosen"]}
+    rows = result_rows(pretrained, chosen, results["evaluate"]["scores"])
     check_rows(rows)
     results_dir = Path(config.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
+    machine["matmul_peak_gflops"] = round(results["pretrain"].get("matmul_peak_flops", 0.0) / 1e9, 1)
+    models = export_models(config, out, rows, pretrained)
+    selection = selection_rows(finetuned["runs"], set(finetuned["chosen"]))
     document = {
         "experiment": config.name,
         "command": command,
@@ -593,10 +965,22 @@ def stage_report(
         "corpus": results["corpus"],
         "pretraining": {k: {key: v for key, v in info.items() if key != "history"} for k, info in pretrained.items()},
         "rows": rows,
+        "selection": selection,
+        "models": models,
     }
     (results_dir / "low_resource.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
     markdown = markdown_report(
-        config, results["corpus"], pretrained, rows, command, machine, total_wall_s, results["evaluate"]["scores"]
+        config,
+        results["corpus"],
+        pretrained,
+        rows,
+        command,
+        machine,
+        total_wall_s,
+        results["evaluate"]["scores"],
+        selection=selection,
+        probes=results.get("probes", {}).get("rows", []),
+        models=models,
     )
     (results_dir / "low_resource.md").write_text(markdown + "\n")
     plot_error_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
@@ -605,6 +989,7 @@ def stage_report(
     return {
         "results_dir": str(results_dir),
         "rows": len(rows),
+        "models": models,
         "files": [
             "low_resource.json",
             "low_resource.md",
@@ -616,10 +1001,11 @@ def stage_report(
 
 
 def compute_wall_s(results: Mapping[str, Any]) -> float:
-    """Seconds of work behind a report: corpus and evaluation stages plus every pretraining and fine-tuning run's
-    own wall time. Summing runs, not stage times, keeps the figure right when a stage was interrupted and resumed
-    in another invocation (its stage time then covers only the last part)."""
+    """Seconds of work behind a report: corpus, evaluation and probe stages plus every pretraining and fine-tuning
+    run's own wall time. Summing runs, not stage times, keeps the figure right when a stage was interrupted and
+    resumed in another invocation (its stage time then covers only the last part)."""
     total = results["corpus"]["stage_wall_s"] + results["evaluate"]["stage_wall_s"]
+    total += results.get("probes", {}).get("stage_wall_s", 0.0)
     total += sum(info["wall_s"] for info in results["pretrain"]["families"].values())
     return total + sum(run["wall_s"] for run in results["finetune"]["runs"].values())
 
@@ -639,7 +1025,7 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     if stage == "corpus":
         return {
             "corpus": dataclasses.asdict(config.corpus),
-            "subsets": [s.minutes for s in config.finetune.subsets],
+            "subsets": [dataclasses.asdict(s) for s in config.finetune.subsets],
             "seed": config.seed,
         }
     if stage == "pretrain":
@@ -654,7 +1040,9 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
         }
     if stage == "evaluate":
         return {"evaluate": dataclasses.asdict(config.evaluate)}
-    return {"results_dir": str(Path(config.results_dir).resolve())}
+    if stage == "probes":
+        return {"probes": dataclasses.asdict(config.probes), "results_dir": str(Path(config.results_dir).resolve())}
+    return {"results_dir": str(Path(config.results_dir).resolve()), "models_dir": config.models_dir}
 
 
 def run_experiment(
@@ -706,7 +1094,9 @@ def run_experiment(
         elif stage == "finetune":
             result = stage_finetune(config, out, results["pretrain"]["families"])
         elif stage == "evaluate":
-            result = stage_evaluate(config, out, results["finetune"]["runs"])
+            result = stage_evaluate(config, out, results["finetune"])
+        elif stage == "probes":
+            result = stage_probes(config, out, results["corpus"], results["pretrain"]["families"])
         else:
             total = compute_wall_s(results)
             result = stage_report(config, out, results, command, total)
