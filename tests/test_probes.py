@@ -99,14 +99,19 @@ def test_beats_fbank_respects_the_metric_direction():
     assert beats_fbank(rows) == {"speaker_id": {"nest": True}, "phone_recognition": {"nest": False}}
 
 
-def test_espeak_phonemes_are_ipa_tokens_without_stress_or_word_marks():
+def _need_espeak() -> None:
     from hf_ssl_speech.synthetic.espeak import EspeakError, check_espeak
-    from hf_ssl_speech.synthetic.phonemes import phonemize, phonemize_many
 
     try:
         check_espeak()
     except EspeakError as error:
         pytest.skip(f"espeak unavailable: {error}")
+
+
+def test_espeak_phonemes_are_ipa_tokens_without_stress_or_word_marks():
+    from hf_ssl_speech.synthetic.phonemes import phonemize, phonemize_many
+
+    _need_espeak()
     assert phonemize("cat") == ["k", "æ", "t"]
     the_cat, yes_no = phonemize_many(["the cat", "yes no"])
     assert the_cat == ["ð", "ə", "k", "æ", "t"]
@@ -116,12 +121,8 @@ def test_espeak_phonemes_are_ipa_tokens_without_stress_or_word_marks():
 
 def test_command_set_holds_every_label_and_keeps_test_voices_apart(tmp_path):
     from hf_ssl_speech.synthetic.commands import LABELS, CommandSetError, make_command_set
-    from hf_ssl_speech.synthetic.espeak import EspeakError, check_espeak
 
-    try:
-        check_espeak()
-    except EspeakError as error:
-        pytest.skip(f"espeak unavailable: {error}")
+    _need_espeak()
     summary = make_command_set(
         tmp_path,
         ["espeak:m3"],
@@ -147,5 +148,7 @@ def test_command_set_holds_every_label_and_keeps_test_voices_apart(tmp_path):
         )["wall_time_s"]
         == summary["wall_time_s"]
     )  # reused as is
+    with pytest.raises(CommandSetError, match=r"different parameters \['repeats'\]"):
+        make_command_set(tmp_path, ["espeak:m3"], ["espeak:f2"], speakers_per_voice=1, unknown_per_speaker=1, repeats=2)
     with pytest.raises(CommandSetError, match="share a talker"):
         make_command_set(tmp_path / "x", ["espeak:m3"], ["espeak:m3"], progress=False)

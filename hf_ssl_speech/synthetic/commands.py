@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -40,8 +39,11 @@ from ..errors import UserError
 from .corpus import (
     SAMPLE_RATE,
     BaseVoice,
+    GeneratedFolder,
     Speaker,
+    _clear_folder,
     _default_workers,
+    _existing_folder,
     _pink_noise,
     _pool_context,
     _render_speech,
@@ -69,6 +71,11 @@ MANIFEST_KEYS = ("audio_filepath", "duration", "label", "word", "speaker", "voic
 
 class CommandSetError(UserError, RuntimeError):
     """A command-set request that cannot be satisfied; the message names the argument and the fix."""
+
+
+_FOLDER = GeneratedFolder(
+    "a command set", _MARKER, SPLITS, "clips", CommandSetError, "hf_ssl_speech.synthetic.commands"
+)
 
 
 @dataclass(frozen=True)
@@ -182,60 +189,6 @@ def _split_speakers(
     return {"train": train, "valid": valid, "test": build_speakers(test_voices, test_speakers_per_voice)}
 
 
-def _is_complete(out_dir: Path, summary: dict) -> bool:
-    try:
-        for split in SPLITS:
-            path = out_dir / f"{split}.jsonl"
-            if not path.is_file():
-                return False
-            lines = path.read_text().splitlines()
-            if len(lines) != summary["splits"][split]["clips"]:
-                return False
-            if not all((out_dir / json.loads(line)["audio_filepath"]).is_file() for line in lines):
-                return False
-    except (KeyError, TypeError, json.JSONDecodeError):
-        return False
-    return True
-
-
-def _existing(out_dir: Path, params: dict, overwrite: bool) -> dict | None:
-    path = out_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        summary = None
-    if summary is None:
-        return None
-    if summary.get("params") == params:
-        return summary if _is_complete(out_dir, summary) else None
-    if not overwrite:
-        old = summary.get("params") or {}
-        differing = sorted(k for k in params if old.get(k) != params[k])
-        raise CommandSetError(
-            f"out_dir={str(out_dir)!r} already holds a command set made with different parameters {differing}; "
-            "choose another out_dir or pass overwrite=True to replace it"
-        )
-    return None
-
-
-def _clear(out_dir: Path, overwrite: bool) -> None:
-    """Remove a previous (or partial) set of ours and mark the folder; never an audio/ folder we did not write."""
-    audio_dir = out_dir / "audio"
-    ours = (out_dir / _MARKER).is_file()
-    if audio_dir.is_dir() and any(audio_dir.iterdir()) and not ours and not overwrite:
-        raise CommandSetError(
-            f"out_dir={str(out_dir)!r} has an audio/ folder that make_command_set did not write; choose an empty "
-            "out_dir or pass overwrite=True"
-        )
-    if audio_dir.is_dir():
-        shutil.rmtree(audio_dir)
-    for name in ["summary.json"] + [f"{s}.jsonl" for s in SPLITS]:
-        (out_dir / name).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / _MARKER).write_text("folder written by hf_ssl_speech.synthetic.commands; safe to regenerate\n")
-    audio_dir.mkdir()
-
-
 def make_command_set(
     out_dir: str | os.PathLike,
     train_voices: Sequence[str],
@@ -301,7 +254,7 @@ def make_command_set(
         "labels": list(LABELS),
         "sample_rate": SAMPLE_RATE,
     }
-    existing = _existing(out_path, params, overwrite)
+    existing = _existing_folder(out_path, params, overwrite, _FOLDER)
     if existing is not None:
         return existing  # reusing needs no synthesiser
 
@@ -327,7 +280,7 @@ def make_command_set(
         ]
         for split in SPLITS
     }
-    _clear(out_path, overwrite)
+    _clear_folder(out_path, overwrite, _FOLDER)
     workers = num_workers or _default_workers()
     total = sum(len(p) for p in plans.values())
     bar = tqdm(total=total, unit="clip", desc="command set", disable=not progress)

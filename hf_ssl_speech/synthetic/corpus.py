@@ -607,15 +607,28 @@ def _read_summary(out_dir: Path) -> dict | None:
         return None
 
 
-def _is_complete(out_dir: Path, summary: dict) -> bool:
-    """Every manifest holds the summary's utterance count and every listed audio file exists."""
+@dataclass(frozen=True)
+class GeneratedFolder:
+    """What a generator writes into its folder, for reusing, refusing or clearing one: the manifests of `splits`
+    (each with `summary["splits"][split][count_key]` lines), summary.json, audio/ and the `marker` file."""
+
+    what: str  # "a demo corpus", in error messages
+    marker: str
+    splits: tuple[str, ...]
+    count_key: str
+    error: type[Exception]
+    writer: str  # the module named in the marker file
+
+
+def _is_complete(out_dir: Path, summary: dict, layout: GeneratedFolder) -> bool:
+    """Every manifest holds the summary's count and every listed audio file exists."""
     try:
-        for split in SPLITS:
+        for split in layout.splits:
             manifest = out_dir / f"{split}.jsonl"
             if not manifest.is_file():
                 return False
             lines = manifest.read_text().splitlines()
-            if len(lines) != summary["splits"][split]["utterances"]:
+            if len(lines) != summary["splits"][split][layout.count_key]:
                 return False
             if not all((out_dir / json.loads(line)["audio_filepath"]).is_file() for line in lines):
                 return False
@@ -624,42 +637,47 @@ def _is_complete(out_dir: Path, summary: dict) -> bool:
     return True
 
 
-def _existing_corpus(out_dir: Path, params: dict, overwrite: bool) -> dict | None:
-    """The summary of a complete corpus with the same params in `out_dir`, if there is one.
+def _existing_folder(out_dir: Path, params: dict, overwrite: bool, layout: GeneratedFolder) -> dict | None:
+    """The summary of a complete folder made with the same params in `out_dir`, if there is one.
 
-    A corpus made with other parameters is an error unless `overwrite` (it is then rebuilt).
+    One made with other parameters is an error unless `overwrite` (it is then rebuilt).
     """
     summary = _read_summary(out_dir)
     if summary is None:
         return None
     if summary.get("params") == params:
-        return summary if _is_complete(out_dir, summary) else None
+        return summary if _is_complete(out_dir, summary, layout) else None
     if not overwrite:
         old = summary.get("params") or {}
         differing = sorted(k for k in params if old.get(k) != params[k])
-        raise DemoCorpusError(
-            f"out_dir={str(out_dir)!r} already holds a demo corpus made with different parameters {differing}; "
+        raise layout.error(
+            f"out_dir={str(out_dir)!r} already holds {layout.what} made with different parameters {differing}; "
             "choose another out_dir or pass overwrite=True (--overwrite) to replace it"
         )
     return None
 
 
-def _clear_folder(out_dir: Path, overwrite: bool) -> None:
-    """Remove a previous (or partial) corpus's outputs and mark the folder as ours; never foreign audio."""
+def _clear_folder(out_dir: Path, overwrite: bool, layout: GeneratedFolder) -> None:
+    """Remove a previous (or partial) folder's outputs and mark the folder as ours; never foreign audio."""
     audio_dir = out_dir / "audio"
-    ours = (out_dir / _MARKER).is_file() or (out_dir / "summary.json").is_file()
+    ours = (out_dir / layout.marker).is_file() or (out_dir / "summary.json").is_file()
     if audio_dir.is_dir() and any(audio_dir.iterdir()) and not ours and not overwrite:
-        raise DemoCorpusError(
+        raise layout.error(
             f"out_dir={str(out_dir)!r} has an audio/ folder that this generator did not write; "
             "choose an empty out_dir or pass overwrite=True (--overwrite)"
         )
     if audio_dir.is_dir():
         shutil.rmtree(audio_dir)
-    for name in ["summary.json"] + [f"{s}.jsonl" for s in SPLITS]:
+    for name in ["summary.json"] + [f"{s}.jsonl" for s in layout.splits]:
         (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / _MARKER).write_text("folder written by hf_ssl_speech.synthetic.corpus; safe to regenerate\n")
+    (out_dir / layout.marker).write_text(f"folder written by {layout.writer}; safe to regenerate\n")
     audio_dir.mkdir()
+
+
+_CORPUS_FOLDER = GeneratedFolder(
+    "a demo corpus", _MARKER, SPLITS, "utterances", DemoCorpusError, "hf_ssl_speech.synthetic.corpus"
+)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -749,7 +767,7 @@ def make_demo_corpus(
         "sample_rate": SAMPLE_RATE,
         "text_source": "grammar",
     }
-    existing = _existing_corpus(out_path, params, overwrite)
+    existing = _existing_folder(out_path, params, overwrite, _CORPUS_FOLDER)
     if existing is not None:
         return existing  # reusing needs no synthesiser
 
@@ -771,7 +789,7 @@ def make_demo_corpus(
     babble_speakers = [s for s in train_speakers if s.voice.engine == "espeak"] or train_speakers
     generator = SentenceGenerator()
     workers = num_workers or _default_workers()
-    _clear_folder(out_path, overwrite)
+    _clear_folder(out_path, overwrite, _CORPUS_FOLDER)
 
     bar = tqdm(total=round(sum(targets.values())), unit="s", desc="demo corpus (audio seconds)", disable=not progress)
     pool = _pool_context().Pool(workers) if workers > 1 else None
