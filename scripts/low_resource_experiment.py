@@ -57,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
     command = command_line(sys.argv if argv is None else ["scripts/low_resource_experiment.py", *argv])
     try:
-        config = load_experiment_config(args.config, {"output_dir": args.out, "results_dir": args.results_dir, "models_dir": args.models_dir})
+        config = load_experiment_config(
+            args.config, {"output_dir": args.out, "results_dir": args.results_dir, "models_dir": args.models_dir}
+        )
         result = run_experiment(config, args.stages, command=command)
     except ExperimentError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -254,3 +254,15 @@ def test_extract_batch_on_cuda_matches_cpu(extractor, utterances):
         gpu, gpu_lengths = extractor.extract_batch(waveforms.cuda(), lengths.cuda())
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32 and gpu_lengths.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
+
+
+def test_do_normalize_false_returns_the_raw_log_mels():
+    """The raw log-mels keep each utterance's level (a louder copy is higher); normalised features do not."""
+    extractor = ConformerSslFeatureExtractor()
+    audio = np.random.default_rng(0).normal(0, 0.05, 8000).astype(np.float32)
+    quiet, loud = audio, 4 * audio
+    raw = extractor([quiet, loud], sampling_rate=16000, return_tensors="pt", do_normalize=False)["input_features"]
+    assert float(raw[1].mean() - raw[0].mean()) == pytest.approx(2 * np.log(4), rel=0.05)  # log power: 4x amplitude
+    normal = extractor([quiet, loud], sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.allclose(normal[0], normal[1], atol=0.05)  # per-utterance standardisation removes the level
+    assert torch.allclose(normal[0].mean(0), torch.zeros(80), atol=1e-4)

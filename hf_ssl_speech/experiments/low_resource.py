@@ -931,7 +931,8 @@ def export_models(
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         for item in source.iterdir():
-            if item.name in keep:
+            # *.py: the model's own code (save_pretrained writes it), for trust_remote_code without the package
+            if item.name in keep or item.suffix == ".py":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         exported[name] = {
             "from": str(source.relative_to(out)),

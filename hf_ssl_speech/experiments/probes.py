@@ -11,7 +11,8 @@ Tasks, each on data no probe trained on:
 
 How a probe is trained. Features are computed once per encoder: every hidden state (the subsampling output and each
 block) of `ConformerSslModel`, standardised per dimension with training-set statistics. FBANK is the feature
-extractor's 80 log-mels, with `subsampling_factor` consecutive frames stacked so that it runs at the encoder's rate.
+extractor's 80 log-mels before its per-utterance normalisation (which would leave mean-pooled features all zero),
+with `subsampling_factor` consecutive frames stacked so that it runs at the encoder's rate.
 The head sees softmax(w)-weighted sums of the layers (w learned with the head). Every setting that is chosen (the
 learning rate) is chosen on the validation split; the test split is scored once, with the chosen one.
 """
@@ -111,7 +112,10 @@ def layer_features(
     out: list[torch.Tensor | None] = [None] * len(audios)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs = extractor([audios[i] for i in chunk], sampling_rate=16000, return_tensors="pt")
+        waves = [audios[i] for i in chunk]
+        # FBANK: the raw log-mels. The models' input is standardised per utterance, which would leave a mean-pooled
+        # FBANK head nothing but zeros; the probe standardises with training-set statistics instead.
+        inputs = extractor(waves, sampling_rate=16000, return_tensors="pt", do_normalize=encoder is not None)
         frames = inputs["attention_mask"].sum(-1)
         if encoder is None:
             mels = inputs["input_features"]  # (batch, frames, 80)

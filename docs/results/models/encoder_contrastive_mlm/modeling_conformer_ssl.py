@@ -1,0 +1,893 @@
+"""Conformer / FastConformer speech encoders and their heads, as transformers `PreTrainedModel`s.
+
+Read top to bottom: blocks (subsampling, positions, feed-forward, attention, convolution, layer), then the
+pretrained base, then the heads (CTC, sequence classification, self-supervised pretraining).
+
+Hub-bound: copied next to the weights by `save_pretrained`; imports only torch, numpy, transformers and
+flat siblings.
+
+Shapes: B = batch, T = feature frames, T' = encoder steps (T / subsampling_factor), D = hidden_size,
+H = attention heads. Inside the model padding travels as `lengths` (B,) and `padding_mask` (B, T', True =
+pad); at the HF boundary it is `attention_mask` (1 = real).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutput, ModelOutput, SequenceClassifierOutput
+
+from .configuration_conformer_ssl import ConformerSslConfig
+from .frames import lengths_to_padding_mask, output_lengths
+from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask
+from .objectives import OBJECTIVES, LossBook, ObjectiveContext, objective_settings
+from .targets import GumbelVectorQuantizer, RandomProjectionQuantizer, stack_frames
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+
+class ConformerSslSubsampling(nn.Module):
+    """Conv2d front end over (time, mel): `striding` (Conformer) or `dw_striding` (FastConformer).
+
+    `striding`:    log2(f) x [Conv2d 3x3 stride 2 -> ReLU], channels = conv_channels.
+    `dw_striding`: Conv2d 3x3 s2 -> ReLU, then (log2(f) - 1) x [depthwise 3x3 s2 -> pointwise 1x1 -> ReLU].
+    Then (B, C, T', F') -> (B, T', C * F') -> Linear -> D. Layer indices in `layers` follow NeMo's
+    `pre_encode.conv` and transformers' Parakeet `subsampling.layers`, so checkpoints map index to index.
+
+    Padded frames are zeroed after every conv (before its ReLU: ReLU(0) = 0), so they never leak into real
+    frames. In causal mode the time axis is padded on the left only (2 frames), which keeps the output length
+    at ceil(L / 2) while each output step sees only current and past frames.
+
+    Speed (this front end dominates a FastConformer's cost on CPU): activations stay channels-last
+    (B, T, F, C) throughout; the 1-channel first conv is a (patches x 9) @ (9 x C) matmul, the 1x1 convs are
+    matmuls, masking and ReLU run in place, and the final flatten permutes the small Linear weight instead of
+    the large activation. The parameters keep their Conv2d shapes and meaning.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.causal = config.causal
+        self.num_stages = int(math.log2(config.subsampling_factor))
+        channels = config.conv_channels
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+        for _ in range(self.num_stages - 1):
+            if config.subsampling == "dw_striding":
+                layers += [
+                    nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1, groups=channels),
+                    nn.Conv2d(channels, channels, kernel_size=1),
+                    nn.ReLU(),
+                ]
+            else:
+                layers += [nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+        self.layers = nn.ModuleList(layers)
+        freq = config.num_mel_bins
+        for _ in range(self.num_stages):
+            freq = (freq - 1) // 2 + 1
+        self.out_freq = freq
+        self.linear = nn.Linear(channels * freq, config.hidden_size)
+
+    def _time_padding(self) -> tuple[int, int]:
+        return (2, 0) if self.causal else (1, 1)
+
+    def _first_conv(self, features: torch.Tensor) -> torch.Tensor:
+        """Conv2d(1 -> C, 3x3, stride 2) as a matmul over 3x3 patches. (B, T, F) -> (B, T1, F1, C)."""
+        conv = self.layers[0]
+        padded = F.pad(features, (1, 1, *self._time_padding()))  # (B, T + 2, F + 2)
+        patches = padded.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T1, F1, 3, 3), a view
+        patches = patches.reshape(*patches.shape[:3], 9)
+        return torch.addmm(conv.bias, patches.reshape(-1, 9), conv.weight.view(conv.out_channels, 9).t()).view(
+            *patches.shape[:3], conv.out_channels
+        )
+
+    def _strided_conv(self, conv: nn.Conv2d, hidden: torch.Tensor) -> torch.Tensor:
+        """3x3 stride-2 conv (full or depthwise) on channels-last (B, T, F, C) -> (B, T', F', C)."""
+        nchw = hidden.permute(0, 3, 1, 2)  # a channels-last view of (B, C, T, F)
+        if self.causal:
+            nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
+            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=(0, 1), groups=conv.groups)
+        else:
+            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=1, groups=conv.groups)
+        return out.permute(0, 2, 3, 1)  # channels-last memory: (B, T', F', C) is contiguous
+
+    @staticmethod
+    def _mask_(hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Zero the padded time steps of a fresh conv output (B, T, F, C), in place."""
+        if lengths is not None:
+            hidden.masked_fill_(lengths_to_padding_mask(lengths, hidden.shape[1])[:, :, None, None], 0.0)
+        return hidden
+
+    def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_features (B, T, n_mels) from the feature extractor; lengths (B,) valid frames.
+        Returns hidden (B, T', D) and the new lengths (B,)."""
+        padded = bool((lengths < input_features.shape[1]).any())
+        if padded:
+            input_features = input_features.masked_fill(
+                lengths_to_padding_mask(lengths, input_features.shape[1])[..., None], 0.0
+            )
+        lengths = output_lengths(lengths, 2)
+        hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
+        index = 2
+        while index < len(self.layers):
+            conv = self.layers[index]
+            lengths = output_lengths(lengths, 2)
+            hidden = self._mask_(self._strided_conv(conv, hidden), lengths if padded else None)
+            index += 1
+            if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
+                pointwise = self.layers[index]
+                hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
+                hidden = self._mask_(hidden, lengths if padded else None)
+                index += 1
+            hidden = hidden.relu_()
+            index += 1  # the ReLU module
+        batch, steps, freq, channels = hidden.shape
+        # NeMo flattens (C, F) channel-major; permute the Linear's columns to our (F, C) order instead.
+        weight = self.linear.weight.view(-1, channels, freq).transpose(1, 2).reshape(-1, freq * channels)
+        return F.linear(hidden.reshape(batch, steps, freq * channels), weight, self.linear.bias), lengths
+
+
+class ConformerSslRelPositionalEncoding(nn.Module):
+    """Transformer-XL sinusoidal embeddings of relative distances T'-1 ... -(T'-1) (sin/cos interleaved)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.max_positions = config.max_position_embeddings
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.hidden_size, 2, dtype=torch.float) / config.hidden_size))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns (2 * steps - 1, D): row i is the embedding of distance (steps - 1 - i)."""
+        if steps > self.max_positions:
+            raise ValueError(
+                f"input of {steps} encoder steps exceeds max_position_embeddings={self.max_positions}; "
+                "raise config.max_position_embeddings or chunk the audio"
+            )
+        distance = torch.arange(steps - 1, -steps, -1, device=self.inv_freq.device, dtype=torch.float)
+        angles = distance[:, None] * self.inv_freq[None, :]  # (2T'-1, D/2)
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).to(dtype)
+
+
+class ConformerSslFeedForward(nn.Module):
+    """Linear -> Swish -> dropout -> Linear (the caller halves the residual: macaron)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.attention_bias)
+        self.activation = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.activation_dropout)
+        self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(hidden))))
+
+
+class ConformerSslRelPositionAttention(nn.Module):
+    """Multi-head self-attention with Transformer-XL relative positions (Dai et al. 2019, section 3.3).
+
+    score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r r_(i-j), all divided by sqrt(d_head). The positional term
+    (b + d) is computed once against the 2T'-1 distances and "rel-shifted" into (T', T'); it then enters
+    `scaled_dot_product_attention` as an additive bias together with the padding / causal mask, so the
+    content term (a + c) and the softmax run in the fused kernel.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.relative_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # W_r
+        self.bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # content bias u
+        self.bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # position bias v
+        # "eager": explicit softmax (transformers' attn_implementation); otherwise the fused SDPA kernel.
+        self.config = config
+
+    @property
+    def eager(self) -> bool:
+        return self.config._attn_implementation == "eager"
+
+    @staticmethod
+    def rel_shift(scores: torch.Tensor) -> torch.Tensor:
+        """(B, H, T', 2T'-1) scores against distances T'-1..-(T'-1) -> (B, H, T', T') scores against key j.
+
+        Query i and key j are at distance i - j, stored in column (T'-1) - (i - j): row i of the result starts
+        at flat offset i * (2T'-1) + T'-1 - i = i * (2T'-2) + T'-1. That is a strided view: no copy.
+        """
+        scores = scores.contiguous()
+        batch, heads, steps, positions = scores.shape
+        stride = scores.stride()
+        return scores.as_strided(
+            (batch, heads, steps, steps), (stride[0], stride[1], positions - 1, 1), scores.storage_offset() + steps - 1
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (B, T', D); position_embeddings (2T'-1, D); attention_bias (B, 1, T', T') additive
+        (-inf-like where a key is padding or in the future) or None."""
+        batch, steps, _ = hidden.shape
+        shape = (batch, steps, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden).view(shape).transpose(1, 2)  # (B, H, T', d)
+        key = self.k_proj(hidden).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden).view(shape).transpose(1, 2)
+        rel_key = self.relative_k_proj(position_embeddings).view(-1, self.num_heads, self.head_dim)  # (2T'-1, H, d)
+
+        scale = self.head_dim**-0.5
+        # (q + v) . W_r r / sqrt(d): one matmul against the shared distance table, no batch copy of it.
+        position_query = (query + self.bias_v[:, None, :]) * scale
+        position_scores = torch.matmul(position_query, rel_key.permute(1, 2, 0))  # (B, H, T', 2T'-1)
+        bias = self.rel_shift(position_scores)  # (B, H, T', T') view
+        bias = bias + attention_bias if attention_bias is not None else bias.contiguous()
+        query = query + self.bias_u[:, None, :]
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions or self.eager:
+            weights = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * scale + bias, dim=-1)
+            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        else:
+            weights = None
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
+        context = context.transpose(1, 2).reshape(batch, steps, -1)  # (B, T', D)
+        return self.o_proj(context), weights
+
+
+class ConformerSslConvModule(nn.Module):
+    """Pointwise (D -> 2D) + GLU -> depthwise conv (k) -> BatchNorm | LayerNorm -> Swish -> pointwise (D -> D).
+
+    Pointwise convs are Linear layers over (B, T', D) (same maths as a 1x1 Conv1d, no transposes). Padding is
+    zeroed right before the depthwise conv, the only place where time steps mix. Causal mode pads k - 1 steps
+    on the left instead of (k - 1) / 2 on each side.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        channels, kernel = config.hidden_size, config.conv_depthwise_kernel_size
+        self.causal_padding = kernel - 1 if config.causal else 0
+        bias = config.convolution_bias
+        self.pointwise_conv1 = nn.Linear(channels, 2 * channels, bias=bias)
+        self.depthwise_conv = nn.Conv1d(
+            channels, channels, kernel, padding=0 if config.causal else (kernel - 1) // 2, groups=channels, bias=bias
+        )
+        self.norm_type = config.conv_norm_type
+        if self.norm_type == "batch_norm":
+            self.norm = nn.BatchNorm1d(channels)
+        else:
+            self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.activation = ACT2FN[config.hidden_act]
+        self.pointwise_conv2 = nn.Linear(channels, channels, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = F.glu(self.pointwise_conv1(hidden), dim=-1)  # (B, T', D)
+        if padding_mask is not None:
+            hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
+        hidden = hidden.transpose(1, 2)  # (B, D, T')
+        if self.causal_padding:
+            hidden = F.pad(hidden, (self.causal_padding, 0))
+        hidden = self.depthwise_conv(hidden)
+        if self.norm_type == "batch_norm":
+            hidden = self.norm(hidden).transpose(1, 2)
+        else:
+            hidden = self.norm(hidden.transpose(1, 2))
+        return self.pointwise_conv2(self.activation(hidden))  # (B, T', D)
+
+
+class ConformerSslLayer(GradientCheckpointingLayer):
+    """Pre-LN macaron Conformer block: x + FF/2 -> + MHSA -> + Conv -> + FF/2 -> LayerNorm (Gulati et al. 2020)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.norm_feed_forward1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.feed_forward1 = ConformerSslFeedForward(config)
+        self.norm_self_att = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.self_attn = ConformerSslRelPositionAttention(config)
+        self.norm_conv = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.conv = ConformerSslConvModule(config)
+        self.norm_feed_forward2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.feed_forward2 = ConformerSslFeedForward(config)
+        self.norm_out = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = torch.add(hidden, self.dropout(self.feed_forward1(self.norm_feed_forward1(hidden))), alpha=0.5)
+        attended, weights = self.self_attn(
+            self.norm_self_att(hidden), position_embeddings, attention_bias, output_attentions
+        )
+        hidden = hidden + self.dropout(attended)
+        hidden = hidden + self.dropout(self.conv(self.norm_conv(hidden), padding_mask))
+        hidden = torch.add(hidden, self.dropout(self.feed_forward2(self.norm_feed_forward2(hidden))), alpha=0.5)
+        return self.norm_out(hidden), weights
+
+
+# ----------------------------------------------------------------------------------------------- base
+
+
+@dataclass
+class ConformerSslModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, T', D) output of the last block.
+    hidden_states: num_hidden_layers + 1 tensors (B, T', D): the scaled subsampling output, then every block.
+    attentions: one (B, H, T', T') tensor per block, when asked for.
+    output_lengths: (B,) valid encoder steps per utterance.
+    attention_mask: (B, T') long, 1 on valid encoder steps.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    output_lengths: torch.LongTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+
+
+class ConformerSslPreTrainedModel(PreTrainedModel):
+    config_class = ConformerSslConfig
+    config: ConformerSslConfig
+    base_model_prefix = "conformer"
+    main_input_name = "input_features"
+    input_modalities = "audio"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ConformerSslLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    # Our heads normalise their own losses and take no `num_items_in_batch`: Trainer must divide by the
+    # accumulation steps itself (it skips that for models whose forward accepts **kwargs).
+    accepts_loss_kwargs = False
+
+    # Parameters that weight decay must not pull towards zero, besides every 1-d tensor (biases, norm scales,
+    # masked_spec_embed, layer_weights): the rel-pos attention biases u, v and the Gumbel code vectors.
+    _no_weight_decay_names = ("bias_u", "bias_v", "codevectors")
+
+    def no_weight_decay_parameters(self) -> set[str]:
+        """Names of the parameters that get no weight decay: norms, biases and embeddings, by one rule.
+
+        A norm's scale decayed towards 0 means a dead layer, a bias or an embedding has no scale to regularise.
+        Every 1-d parameter is one of those; the 2-d and 3-d ones are named in `_no_weight_decay_names`. The
+        pretraining and fine-tuning optimisers both build their groups from this.
+        """
+        return {
+            name
+            for name, param in self.named_parameters()
+            if param.ndim <= 1 or name.rsplit(".", 1)[-1] in self._no_weight_decay_names
+        }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Every module's initialisation, in one place (transformers calls it children first, then the parent)."""
+        super()._init_weights(module)  # Linear/Conv normal(0, initializer_range), zero biases, norms to identity
+        if isinstance(module, ConformerSslRelPositionAttention):
+            # NeMo starts u and v at zero: at initialisation attention is content + position without bias.
+            init.zeros_(module.bias_u)
+            init.zeros_(module.bias_v)
+        elif isinstance(module, ConformerSslRelPositionalEncoding):
+            hidden = self.config.hidden_size
+            init.copy_(module.inv_freq, 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float) / hidden)))
+        elif isinstance(module, nn.BatchNorm1d) and module.running_mean is not None:
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, GumbelVectorQuantizer):
+            module.reset_parameters()  # after the generic init of its weight_proj Linear, which it replaces
+        elif isinstance(module, RandomProjectionQuantizer):
+            # Takes effect only for buffers a checkpoint lacks: loaded tensors are flagged as initialised.
+            projection, codebooks = module.draw_buffers()
+            init.copy_(module.projection, projection)
+            init.copy_(module.codebooks, codebooks)
+        if isinstance(getattr(module, "masked_spec_embed", None), nn.Parameter):
+            init.uniform_(module.masked_spec_embed)  # the learned mask fill (wav2vec 2.0)
+        if isinstance(getattr(module, "layer_weights", None), nn.Parameter):
+            init.constant_(module.layer_weights, 1.0 / module.layer_weights.numel())  # SUPERB: start uniform
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the weight files made readable like the others.
+
+        transformers writes the weights through a private temporary file (mode 0600) while config.json and the
+        code are 0644; a shared checkpoint folder would then be unreadable to the rest of a team.
+        """
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in Path(save_directory).glob("*.safetensors*"):
+            if path.is_file() and path.stat().st_mode & 0o077 == 0:
+                path.chmod(0o666 & ~umask)
+        return saved
+
+    def freeze_base_model(self) -> None:
+        """Heads: freeze the encoder so only the head trains (linear probing, or the first fine-tuning steps)."""
+        self.conformer.requires_grad_(False)
+
+    def unfreeze_base_model(self) -> None:
+        self.conformer.requires_grad_(True)
+
+    def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Encoder steps for `input_lengths` feature frames: `frames.output_lengths` (ceil(L / subsampling))."""
+        return output_lengths(input_lengths, self.config.subsampling_factor)
+
+    def _input_lengths(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.full((input_features.shape[0],), input_features.shape[1], device=input_features.device)
+        return attention_mask.sum(-1).to(torch.long)
+
+
+class ConformerSslModel(ConformerSslPreTrainedModel):
+    """The bare encoder: subsampling -> xscaling -> Conformer blocks. Outputs every layer for probing."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.subsampling = ConformerSslSubsampling(config)
+        self.position_encoding = ConformerSslRelPositionalEncoding(config)
+        self.xscale = math.sqrt(config.hidden_size) if config.xscaling else 1.0
+        self.dropout = nn.Dropout(config.feat_proj_dropout)
+        self.dropout_positions = nn.Dropout(config.dropout_positions)
+        self.layers = nn.ModuleList([ConformerSslLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The layer whose output feeds the Conformer blocks (the subsampling's projection to hidden_size).
+
+        `PreTrainedModel.enable_input_require_grads` hooks it, so PEFT adapters keep their gradients under
+        gradient checkpointing while the front end is frozen."""
+        return self.subsampling.linear
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ConformerSslModelOutput | tuple:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch, frames, num_mel_bins)`):
+            Log-mel features from `ConformerSslFeatureExtractor`.
+        attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
+            1 for real frames, 0 for padding (from the feature extractor).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        lengths = self._input_lengths(input_features, attention_mask)
+        hidden, lengths = self.subsampling(input_features, lengths)  # (B, T', D)
+        hidden = self.dropout(hidden * self.xscale)
+        steps = hidden.shape[1]
+        position_embeddings = self.dropout_positions(self.position_encoding(steps, hidden.dtype))  # (2T'-1, D)
+
+        padding_mask = lengths_to_padding_mask(lengths, steps)  # (B, T')
+        has_padding = bool(padding_mask.any())
+        blocked = padding_mask[:, None, None, :]  # keys that no query may see: (B, 1, 1, T')
+        if self.config.causal:
+            future = torch.ones(steps, steps, dtype=torch.bool, device=hidden.device).triu(1)
+            blocked = blocked | future
+        attention_bias = None
+        if has_padding or self.config.causal:
+            # A large finite negative (not -inf): padded query rows stay finite and are zeroed downstream anyway.
+            attention_bias = torch.zeros(blocked.shape, dtype=hidden.dtype, device=hidden.device)
+            attention_bias = attention_bias.masked_fill(blocked, torch.finfo(hidden.dtype).min)
+        conv_padding_mask = padding_mask if has_padding else None
+
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if self.training and self.config.layerdrop > 0 and torch.rand([]) < self.config.layerdrop:
+                layer_out = (hidden, None)  # LayerDrop (Fan et al. 2019): skip the whole block
+            else:
+                layer_out = layer(hidden, position_embeddings, attention_bias, conv_padding_mask, output_attentions)
+            hidden = layer_out[0]
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_attentions += (layer_out[1],)
+
+        output_mask = (~padding_mask).long()
+        if not return_dict:
+            return tuple(v for v in (hidden, all_hidden, all_attentions, lengths, output_mask) if v is not None)
+        return ConformerSslModelOutput(
+            last_hidden_state=hidden,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+            output_lengths=lengths,
+            attention_mask=output_mask,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- heads
+
+
+class ConformerSslForCTC(ConformerSslPreTrainedModel):
+    """Encoder + dropout + linear over the vocabulary, trained with CTC (blank = `config.pad_token_id`)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise ValueError(
+                "ConformerSslConfig.vocab_size=None: a CTC head needs the vocabulary size. Build the tokenizer "
+                "first and pass `vocab_size=len(tokenizer)` (and `pad_token_id=tokenizer.pad_token_id`, the blank)."
+            )
+        self.conformer = ConformerSslModel(config)
+        self.dropout = nn.Dropout(config.final_dropout)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, target_length)`, *optional*):
+            Token ids of the transcripts (from the tokenizer), padded with -100.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.conformer(
+            input_features,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(self.dropout(outputs.last_hidden_state))  # (B, T', V)
+
+        loss = None
+        if labels is not None:
+            if labels.max() >= self.config.vocab_size:
+                raise ValueError(f"labels contain id {int(labels.max())} >= vocab_size={self.config.vocab_size}")
+            target_mask = labels >= 0
+            target_lengths = target_mask.sum(-1)
+            targets = labels.masked_select(target_mask)
+            # CTC in fp32 even under autocast: log-probabilities of long sequences underflow in half precision.
+            log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)  # (T', B, V)
+            with torch.backends.cudnn.flags(enabled=False):
+                loss = F.ctc_loss(
+                    log_probs,
+                    targets,
+                    outputs.output_lengths,
+                    target_lengths,
+                    blank=self.config.pad_token_id,
+                    reduction=self.config.ctc_loss_reduction,
+                    zero_infinity=self.config.ctc_zero_infinity,
+                )
+
+        if not return_dict:
+            output = (logits, outputs.hidden_states, outputs.attentions)
+            output = tuple(v for v in output if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
+    """Utterance classification (speaker, keyword, intent): optional learned weighted sum of all layers
+    (SUPERB-style probing), projection, mean pooling over valid steps, linear classifier."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.conformer = ConformerSslModel(config)
+        num_layers = config.num_hidden_layers + 1  # subsampling output + every block
+        if config.use_weighted_layer_sum:
+            self.layer_weights = nn.Parameter(torch.empty(num_layers))
+        self.projector = nn.Linear(config.hidden_size, config.classifier_proj_size)
+        self.classifier = nn.Linear(config.classifier_proj_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*): class ids (or float targets for regression).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        want_hidden = True if self.config.use_weighted_layer_sum else output_hidden_states
+        outputs = self.conformer(
+            input_features,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=want_hidden,
+            return_dict=True,
+        )
+        if self.config.use_weighted_layer_sum:
+            stacked = torch.stack(outputs.hidden_states, dim=1)  # (B, L + 1, T', D)
+            weights = torch.softmax(self.layer_weights, dim=-1)
+            hidden = (stacked * weights[None, :, None, None]).sum(dim=1)
+        else:
+            hidden = outputs.last_hidden_state
+        hidden = self.projector(hidden)  # (B, T', P)
+        valid = outputs.attention_mask[..., None].to(hidden.dtype)  # (B, T', 1)
+        pooled = (hidden * valid).sum(1) / valid.sum(1).clamp(min=1.0)  # mean over valid steps only
+        logits = self.classifier(pooled)
+
+        loss = None
+        if labels is not None:
+            loss = self._classification_loss(logits, labels)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = tuple(v for v in (logits, hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions
+        )
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.config.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.float().view(-1, self.config.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+# ----------------------------------------------------------------------------------------------- pretraining
+# ConformerSslForPreTraining: the objectives themselves (defaults, heads, losses) are the entries of
+# `objectives.OBJECTIVES`; this class masks, encodes, and hands each pass to the objectives that read it.
+
+
+@dataclass
+class ConformerSslForPreTrainingOutput(ModelOutput):
+    """
+    loss: scalar, sum over the active objectives of weight * loss_sum / loss_count with this batch's own
+        counts (what `Trainer` back-propagates). For normalisation by the global count across processes and
+        accumulation steps, use the dicts below with `ConformerSslForPreTraining.combine_losses`.
+    loss_sums: objective -> differentiable float32 sum over its targets ("diversity" is wav2vec2's codebook
+        penalty, attached to contrastive or mlm).
+    loss_counts: objective -> float32 number of targets in that sum (masked steps, pairs, or elements).
+    loss_weights: objective -> its weight (objectives before their start step are absent from all dicts).
+    objective_losses: objective -> detached loss_sum / loss_count.
+    metrics: detached scalars: `<objective>_accuracy` and `<objective>_correct` (a sum over the objective's
+        count), `codebook_perplexity` / `codebook_usage` (Gumbel), `bestrq_perplexity` / `bestrq_usage`
+        (fraction of codes used), `masked_frame_fraction`, `masked_tokens`.
+    hidden_states: encoder hidden states when asked for (those of the masked pass when both passes run).
+    attentions: encoder attention weights when asked for (same pass as hidden_states).
+    mask_time_indices: (B, T) long frame mask used, 1 = masked (None without masked objectives; long rather
+        than bool so generic output comparisons, which subtract tensors, work).
+    token_mask: (B, T') long, 1 = masked encoder step.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_sums: dict[str, torch.Tensor] | None = None
+    loss_counts: dict[str, torch.Tensor] | None = None
+    loss_weights: dict[str, float] | None = None
+    objective_losses: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    mask_time_indices: torch.LongTensor | None = None
+    token_mask: torch.LongTensor | None = None
+
+
+class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
+    """Encoder + the self-supervised objectives of `config.objectives`, weighted and scheduled.
+
+    "masked" objectives (contrastive, mlm, bestrq, hubert, reconstruction) mask the log-mel frames before the
+    encoder (`config.mask_strategy`), fill them with `masked_spec_embed` or N(0, 0.1) noise (`mask_fill`), and
+    predict targets built from the clean features stacked by `subsampling_factor` at the masked encoder steps
+    (a step is masked when `mask_token_threshold` of its frames are). "clean" objectives (apc, cpc) read the
+    clean features through the causal encoder. A recipe mixing both runs the encoder twice.
+    `config.objectives=None` means BEST-RQ alone (the NEST recipe). In eval mode without a generator the
+    masks, noise and negatives come from a generator seeded with 0: validation losses are comparable.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.conformer = ConformerSslModel(config)
+        self.objectives = objective_settings(config.objectives)
+        entries = [OBJECTIVES[name] for name in OBJECTIVES if name in self.objectives]
+        if any(entry.reads == "masked" for entry in entries) and config.mask_fill == "learned":
+            self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins))
+        for entry in entries:
+            for attribute, build in entry.heads(config).items():
+                if not hasattr(self, attribute):  # shared by two objectives (the Gumbel quantizer): built once
+                    self.add_module(attribute, build())
+        # e.g. the random-projection codebooks stay float32 when the model is loaded in fp16 / bf16 (set per
+        # instance: those modules exist only with their objective).
+        self._keep_in_fp32_modules_strict = [name for entry in entries for name in entry.fp32_modules]
+        self.post_init()
+
+    @staticmethod
+    def combine_losses(
+        loss_sums: dict[str, torch.Tensor],
+        loss_counts: dict[str, torch.Tensor],
+        loss_weights: dict[str, float],
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """sum_o weight_o * sum_o / count_o * scale (an objective with count 0 contributes 0).
+
+        Normalising once by the GLOBAL count, with N processes under DDP (which averages gradients):
+            counts = {o: accelerator.reduce(c.detach(), "sum") for o, c in out.loss_counts.items()}
+            loss = model.combine_losses(out.loss_sums, counts, out.loss_weights, scale=N)
+        With gradient accumulation, also sum the counts over the step's micro-batches (or, approximately,
+        divide each micro-batch's loss by the number of micro-batches). Accuracy is normalised the same way:
+        all-reduce `metrics["<objective>_correct"]` and the counts.
+        """
+        total = None
+        for name, value in loss_sums.items():
+            term = loss_weights[name] * value / loss_counts[name].clamp(min=1.0) * scale
+            total = term if total is None else total + term
+        return total
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None,
+        sampled_negative_indices: torch.Tensor | None = None,
+        frame_labels: torch.Tensor | None = None,
+        target_features: torch.Tensor | None = None,
+        gumbel_temperature: float = 2.0,
+        step: int | None = None,
+        generator: torch.Generator | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ConformerSslForPreTrainingOutput | tuple:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch, frames, num_mel_bins)`):
+            Log-mel features from `ConformerSslFeatureExtractor` (the noisy ones when denoising).
+        attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*): 1 = real frame.
+        mask_time_indices (`torch.BoolTensor` of shape `(batch, frames)`, *optional*):
+            Explicit frame mask (True = masked; padding is ignored) instead of drawing one.
+        sampled_negative_indices (`torch.LongTensor` of shape `(batch, steps, num_negatives)`, *optional*):
+            Explicit contrastive distractors: encoder-step indices into the same utterance, -1 = none.
+        frame_labels (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
+            Frame-rate labels for the hubert objective (from the collator, -100 padded).
+        target_features (`torch.FloatTensor` like `input_features`, *optional*):
+            Clean features the targets are built from (NEST denoising); default `input_features`.
+        gumbel_temperature (`float`): the Gumbel-softmax temperature of this step (the loop's 2 -> 0.5 decay).
+        step (`int`, *optional*): training step; objectives whose `start_step` is later are skipped. None = all.
+        generator (`torch.Generator`, *optional*): randomness of masks, noise fill, negatives and Gumbel noise.
+            Default: the global RNG in training, a generator seeded with 0 in eval (fixed validation masks).
+        """
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        if generator is None and not self.training:
+            generator = torch.Generator().manual_seed(0)  # CPU: draws are made there and moved to the data
+        active = {n: s for n, s in self.objectives.items() if step is None or step >= s["start_step"]}
+        passes = {OBJECTIVES[name].reads for name in active}
+        lengths = self._input_lengths(input_features, attention_mask)  # (B,) frames
+        clean = input_features if target_features is None else target_features
+        stacked, step_lengths = stack_frames(clean, lengths, config.subsampling_factor)  # (B, T', f * F)
+        book = LossBook()
+        common = {
+            "stacked": stacked,
+            "step_lengths": step_lengths,
+            "frame_lengths": lengths,
+            "book": book,
+            "generator": generator,
+            "gumbel_temperature": gumbel_temperature,
+        }
+        encode = {
+            "attention_mask": attention_mask,
+            "output_hidden_states": True,
+            "output_attentions": output_attentions,
+            "return_dict": True,
+        }
+        contexts: dict[str, ObjectiveContext] = {}
+        frame_mask = token_mask = encoded = None
+
+        if "masked" in passes:
+            frame_mask, token_mask = self._draw_masks(input_features, lengths, mask_time_indices, generator)
+            embed = getattr(self, "masked_spec_embed", None)
+            masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
+            encoded = self.conformer(masked_input, **encode)
+            contexts["masked"] = ObjectiveContext(
+                config,
+                encoded.hidden_states,
+                **common,
+                token_mask=token_mask,
+                frame_labels=frame_labels,
+                sampled_negative_indices=sampled_negative_indices,
+            )
+            book.metrics["masked_frame_fraction"] = (frame_mask.sum() / lengths.sum().clamp(min=1)).float().detach()
+            book.metrics["masked_tokens"] = token_mask.sum().float().detach()
+        if "clean" in passes:  # causal context (config.causal is required) over the clean input
+            clean_encoded = self.conformer(input_features, **encode)
+            contexts["clean"] = ObjectiveContext(config, clean_encoded.hidden_states, **common)
+            encoded = clean_encoded if encoded is None else encoded
+
+        for name, entry in OBJECTIVES.items():  # a fixed order, whatever the order of config.objectives
+            if name in active:
+                book.add(name, entry.loss(self, contexts[entry.reads], active[name]), active[name]["weight"])
+
+        if book.sums:
+            loss = self.combine_losses(book.sums, book.counts, book.weights)
+        else:  # every objective waits for its start step: a zero that still back-propagates
+            loss = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        objective_losses = {n: (book.sums[n] / book.counts[n].clamp(min=1.0)).detach() for n in book.sums}
+        output = ConformerSslForPreTrainingOutput(
+            loss=loss,
+            loss_sums=book.sums,
+            loss_counts=book.counts,
+            loss_weights=book.weights,
+            objective_losses=objective_losses,
+            metrics=book.metrics,
+            hidden_states=encoded.hidden_states if output_hidden_states and encoded is not None else None,
+            attentions=encoded.attentions if output_attentions and encoded is not None else None,
+            mask_time_indices=None if frame_mask is None else frame_mask.long(),
+            token_mask=None if token_mask is None else token_mask.long(),
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _draw_masks(
+        self,
+        input_features: torch.Tensor,
+        lengths: torch.Tensor,
+        mask_time_indices: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame mask (B, T) (drawn, or the explicit one on valid frames) and the token mask (B, T')."""
+        config = self.config
+        frames = input_features.shape[1]
+        if mask_time_indices is None:
+            frame_mask = compute_frame_mask(
+                config.mask_strategy,
+                lengths,
+                frames,
+                config.mask_time_prob,
+                config.mask_time_length,
+                config.mask_time_min_masks,
+                generator,
+            )
+        else:
+            valid_frames = torch.arange(frames, device=input_features.device)[None, :] < lengths[:, None]
+            frame_mask = mask_time_indices.to(device=input_features.device, dtype=torch.bool) & valid_frames
+        token_mask = frame_to_token_mask(frame_mask, lengths, config.subsampling_factor, config.mask_token_threshold)
+        return frame_mask, token_mask
+
+
+__all__ = [
+    "ConformerSslPreTrainedModel",
+    "ConformerSslModel",
+    "ConformerSslForCTC",
+    "ConformerSslForSequenceClassification",
+    "ConformerSslForPreTraining",
+    "ConformerSslForPreTrainingOutput",
+]
