@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data import BadExampleCounter, build_dataloader
 from ..data.augment import mix_for_denoising
+from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
@@ -204,6 +205,13 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         # Heads of objectives before their start step, or a mask embedding with noise fill, get no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate turns fp16 autocast and its gradient scaler on for accelerators only: on the CPU the run
+        # would silently stay fp32 while its logs said fp16.
+        raise UserError(
+            "train.mixed_precision=fp16 on the CPU: accelerate runs fp16 (with a gradient scaler) on GPUs only, so "
+            "this run would silently be fp32; use train.mixed_precision=bf16 (CPU autocast) or no"
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     reduce = lambda t_: accelerator.reduce(t_.to(accelerator.device), "sum")  # noqa: E731
 
