@@ -78,3 +78,42 @@ def test_fp16_on_the_cpu_is_refused_with_the_fix(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train.mixed_precision=fp16 on the CPU" in proc.stderr and "use train.mixed_precision=bf16" in proc.stderr
     assert not (tmp_path / "fp16" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ddp_looks_for_unused_parameters_only_where_a_step_can_leave_some(tmp_path):
+    """2 gloo processes: NEST and contrastive + MLM use every parameter every step, so DDP is built without
+    `find_unused_parameters` (no per-step graph search, no warning on each rank); an objective with a later
+    start step leaves its head idle, and that run needs and gets it (without it DDP stops at the first step whose
+    gradients miss a parameter)."""
+    from support import accelerate_launch
+
+    from hf_ssl_speech.configuration_conformer_ssl import ConformerSslConfig
+    from hf_ssl_speech.pretrain.loop import unused_parameters_possible
+
+    manifest = make_corpus(tmp_path / "corpus", count=8, seconds=1.5)
+    masking = {"mask_time_prob": 0.05, "mask_time_length": 8}
+    quantizer = {"num_codevectors_per_group": 8, "codevector_dim": 16, "proj_codevector_dim": 16, "num_negatives": 4}
+    runs = {
+        "nest": ({"bestrq": {}}, {"mask_fill": "noise", "bestrq_codebook_size": 64, "bestrq_codebook_dim": 8}),
+        "contrastive_mlm": ({"contrastive": {}, "mlm": {"weight": 0.5}}, quantizer),
+        "late_mlm": ({"contrastive": {}, "mlm": {"weight": 0.5, "start_step": 2}}, quantizer),
+    }
+    for name, (objectives, model) in runs.items():
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            model={**masking, **model},
+            objectives=objectives,
+            data={"train_manifests": [str(manifest)], "batch_seconds": 4.0},
+            optim={},
+            train={"max_steps": 3, "save_steps": 3, "output_dir": name},
+        )
+        proc = accelerate_launch(SCRIPT, ["--config", str(recipe), "--no_progress"], 2, run_env(tmp_path), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        expected = name == "late_mlm"
+        assert unused_parameters_possible(ConformerSslConfig(objectives=objectives)) is expected
+        if not expected:  # (a late start warns once, after its head joins: then nothing is unused any more)
+            assert "find_unused_parameters=True was specified" not in proc.stderr, name
+        assert (tmp_path / name / "checkpoints" / "checkpoint-00000003").is_dir()
+    assert unused_parameters_possible(ConformerSslConfig(layerdrop=0.1))
+    assert unused_parameters_possible(ConformerSslConfig(objectives={"mlm": {"layer": 1}}, num_hidden_layers=2))
