@@ -16,6 +16,18 @@ SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"
 STEPS = 20
 
 
+def _pretrain(tmp_path, recipe) -> subprocess.CompletedProcess:
+    """scripts/pretrain.py in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _run(tmp_path, manifest, precision: str) -> list[dict]:
     recipe = write_recipe(
         tmp_path / f"{precision}.yaml",
@@ -31,14 +43,7 @@ def _run(tmp_path, manifest, precision: str) -> list[dict]:
             "mixed_precision": precision,
         },
     )
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
-        cwd=tmp_path,
-        env=run_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _pretrain(tmp_path, recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return train_history(tmp_path / precision, STEPS)
 
@@ -67,14 +72,7 @@ def test_fp16_on_the_cpu_is_refused_with_the_fix(tmp_path):
         optim={},
         train={"max_steps": 1, "output_dir": "fp16", "mixed_precision": "fp16"},
     )
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
-        cwd=tmp_path,
-        env=run_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _pretrain(tmp_path, recipe)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train.mixed_precision=fp16 on the CPU" in proc.stderr and "use train.mixed_precision=bf16" in proc.stderr
     assert not (tmp_path / "fp16" / "checkpoints").exists()

@@ -48,9 +48,9 @@ from .corpus import (
     _pool_context,
     _render_speech,
     _write_atomic,
-    _write_wav,
     build_speakers,
     resolve_voices,
+    write_clip,
 )
 from .sentences import SentenceGenerator
 
@@ -155,13 +155,10 @@ def render_clip(plan: ClipPlan, out_dir: str) -> dict:
         audio[start : start + speech.size] = speech
         speech_power = np.mean(speech**2) + 1e-12
         audio += rng.standard_normal(size) * np.sqrt(speech_power / 10 ** (plan.floor_db / 10))
-    audio = audio * (10 ** (plan.peak_dbfs / 20) / (np.abs(audio).max() + 1e-12))
-    pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
-    relative = f"audio/{plan.id}.wav"
-    _write_wav(Path(out_dir) / relative, pcm)
+    relative, duration = write_clip(audio, plan.peak_dbfs, f"audio/{plan.id}.wav", out_dir)
     return {
         "audio_filepath": relative,
-        "duration": round(pcm.size / SAMPLE_RATE, 6),
+        "duration": duration,
         "label": plan.label,
         "word": plan.word,
         "speaker": None if plan.speaker is None else plan.speaker.id,

@@ -560,13 +560,10 @@ def render_utterance(plan: UtterancePlan, out_dir: str) -> dict:
         noise = _noise(plan, audio.size)
         noise_power = np.mean(noise**2) + 1e-12
         audio = audio + noise * np.sqrt(speech_power / (noise_power * 10 ** (plan.snr_db / 10)))
-    audio = audio * (10 ** (plan.peak_dbfs / 20) / (np.abs(audio).max() + 1e-12))
-    pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
-    relative = f"audio/{plan.id}.wav"
-    _write_wav(Path(out_dir) / relative, pcm)
+    relative, duration = write_clip(audio, plan.peak_dbfs, f"audio/{plan.id}.wav", out_dir)
     return {
         "audio_filepath": relative,
-        "duration": round(pcm.size / SAMPLE_RATE, 6),
+        "duration": duration,
         "text": plan.text,
         "speaker": plan.speaker.id,
         "voice": plan.speaker.voice.id,
@@ -678,6 +675,14 @@ def _clear_folder(out_dir: Path, overwrite: bool, layout: GeneratedFolder) -> No
 _CORPUS_FOLDER = GeneratedFolder(
     "a demo corpus", _MARKER, SPLITS, "utterances", DemoCorpusError, "hf_ssl_speech.synthetic.corpus"
 )
+
+
+def write_clip(audio: np.ndarray, peak_dbfs: float, relative: str, out_dir: str | os.PathLike) -> tuple[str, float]:
+    """Scale `audio` to `peak_dbfs`, write it as 16 kHz PCM16 at `out_dir/relative`; returns (relative, seconds)."""
+    audio = audio * (10 ** (peak_dbfs / 20) / (np.abs(audio).max() + 1e-12))
+    pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
+    _write_wav(Path(out_dir) / relative, pcm)
+    return relative, round(pcm.size / SAMPLE_RATE, 6)
 
 
 def _write_atomic(path: Path, text: str) -> None:
