@@ -26,14 +26,12 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ..configuration_conformer_ssl import ConformerSslConfig
 from ..data import BadExampleCounter, build_dataloader
 from ..data.augment import mix_for_denoising
 from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
-from ..objectives import objective_settings
 from .bookkeeping import LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
 from .optim import build_optimizer, build_scheduler, gumbel_temperature
@@ -184,18 +182,6 @@ def _resume_path(resume: bool | str | Path, checkpoints: CheckpointManager) -> P
     return Path(resume)
 
 
-def unused_parameters_possible(config: ConformerSslConfig) -> bool:
-    """Whether a training step can leave trainable parameters without a gradient, so that DDP must look for them
-    (`find_unused_parameters`): an objective that starts later (its head idles until then), layerdrop (a skipped
-    block), or objectives that all read a lower layer (the blocks above it idle). Masked inputs always reach the
-    learned mask embedding (`apply_frame_mask` blends it in even where nothing is masked)."""
-    settings = objective_settings(config.objectives)
-    if any(s["start_step"] > 0 for s in settings.values()) or config.layerdrop > 0:
-        return True
-    top = config.num_hidden_layers
-    return all(s["layer"] not in (-1, top) for s in settings.values())
-
-
 def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool = True) -> PretrainResult:
     """Run (or continue) the pretraining described by `recipe`; call from every process of `accelerate launch`.
 
@@ -210,16 +196,14 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     # Checked by every process before any writes (no process writes until all have joined the Accelerator).
     check_recipe_paths(recipe)
     check_output_dir(out_dir, resume)
-    config = model_config(recipe)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
         project_dir=str(out_dir),
         # One scheduler step per optimiser step: by default accelerate steps it once per process.
         step_scheduler_with_optimizer=False,
-        # DDP looks for parameters without a gradient (a graph traversal every step) only where a step can leave
-        # some: otherwise it costs time and warns on every rank.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters_possible(config))],
+        # Heads of objectives before their start step, or a mask embedding with noise fill, get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate turns fp16 autocast and its gradient scaler on for accelerators only: on the CPU the run
@@ -233,6 +217,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
 
     # --- model, feature extractor, optimiser, schedule. Same initial weights on every process.
     set_seed(t.seed)
+    config = model_config(recipe)
     model = ConformerSslForPreTraining(config)
     extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps)
