@@ -21,7 +21,7 @@ from pathlib import Path
 
 import hf_ssl_speech  # noqa: F401  (registers the conformer_ssl classes with the Auto factories)
 from hf_ssl_speech.errors import run_command
-from hf_ssl_speech.finetune.lm import attach_lm, build_arpa, tune_lm_weights
+from hf_ssl_speech.finetune.lm import attach_lm, build_arpa, save_lm, tune_lm_weights
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -49,16 +49,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         arpa = Path(args.arpa)
+    processor_lm = attach_lm(folder, arpa, alpha=args.alpha, beta=args.beta, save=False)
     alpha, beta, table = args.alpha, args.beta, []
     if args.valid_manifest:
         from hf_ssl_speech.finetune.inference import load_validation_outputs
 
         references, log_probs = load_validation_outputs(folder, args.valid_manifest)
-        processor_lm = attach_lm(folder, arpa, save=False)
         alpha, beta, table = tune_lm_weights(
             processor_lm, log_probs, references, args.alphas, args.betas, args.beam_width
         )
-    attach_lm(folder, arpa, alpha=alpha, beta=beta)
+    save_lm(processor_lm, folder, alpha=alpha, beta=beta)
     if args.text:
         arpa.unlink()  # the folder's language_model/ holds its own copy
     summary = {"model": str(folder), "alpha": alpha, "beta": beta, "grid": table}

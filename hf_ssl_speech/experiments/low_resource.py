@@ -790,7 +790,7 @@ def evaluate_model(
     With `lm_path` (an ARPA file), the folder gets a `Wav2Vec2ProcessorWithLM` holding that LM and the chosen
     weights, so `pipeline("automatic-speech-recognition", model=model_dir)` decodes the same way.
     """
-    from ..finetune.lm import attach_lm, lm_decode, tune_lm_weights  # pyctcdecode + kenlm: only when decoding
+    from ..finetune.lm import attach_lm, lm_decode, save_lm, tune_lm_weights  # pyctcdecode + kenlm: only when decoding
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
     model = ConformerSslForCTC.from_pretrained(str(model_dir))
@@ -805,11 +805,11 @@ def evaluate_model(
     }
     examples = [{"reference": r, "hypothesis": h} for r, h in list(zip(test_refs, test_greedy))[:3]]
     if lm_path is not None:
-        processor_lm = attach_lm(model_dir, lm_path)
+        processor_lm = attach_lm(model_dir, lm_path, save=False)
         alpha, beta, table = tune_lm_weights(
             processor_lm, valid_probs, valid_refs, spec.lm_alphas, spec.lm_betas, beam_width=spec.beam_width
         )
-        processor_lm = attach_lm(model_dir, lm_path, alpha=alpha, beta=beta)  # saved with the chosen weights
+        save_lm(processor_lm, model_dir, alpha=alpha, beta=beta)  # the folder decodes with the chosen weights
         test_lm = lm_decode(processor_lm, test_probs, beam_width=spec.beam_width)
         lm_scores = _scores(test_refs, test_lm)
         result.update({"wer_lm": lm_scores["wer"], "cer_lm": lm_scores["cer"], "lm_alpha": alpha, "lm_beta": beta})

@@ -35,6 +35,7 @@ from torch import nn
 from ..data.audio_io import AudioError, load_audio
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..modeling_conformer_ssl import ConformerSslModel
+from .report import beats_fbank
 
 logger = logging.getLogger(__name__)
 
@@ -400,19 +401,6 @@ def run_probes(
     if results_dir is not None:
         write_probe_report(rows, summary, spec, Path(results_dir))
     return rows
-
-
-def beats_fbank(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, bool]]:
-    """Per task and encoder: whether its test value beats FBANK's (higher or lower, as the metric wants)."""
-    fbank = {r["task"]: r for r in rows if r["features"] == FBANK}
-    verdict: dict[str, dict[str, bool]] = {}
-    for r in rows:
-        if r["features"] != FBANK and r["task"] in fbank:
-            base = fbank[r["task"]]["value"]
-            verdict.setdefault(r["task"], {})[r["features"]] = (
-                r["value"] > base if r["higher_is_better"] else r["value"] < base
-            )
-    return verdict
 
 
 def write_probe_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], spec: ProbeSpec, folder: Path):

@@ -301,17 +301,27 @@ def markdown_report(
     return "\n".join(lines)
 
 
+def beats_fbank(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, bool]]:
+    """Per probe task and encoder: whether its test value beats FBANK's (higher or lower, as the metric wants)."""
+    fbank = {r["task"]: r for r in rows if r["features"] == "fbank"}
+    verdict: dict[str, dict[str, bool]] = {}
+    for r in rows:
+        if r["features"] != "fbank" and r["task"] in fbank:
+            base = fbank[r["task"]]["value"]
+            verdict.setdefault(r["task"], {})[r["features"]] = (
+                r["value"] > base if r["higher_is_better"] else r["value"] < base
+            )
+    return verdict
+
+
 def probe_table(probes: Sequence[Mapping[str, Any]]) -> list[str]:
     """task x feature set, with the metric and whether it beats FBANK."""
     lines = ["| task | features | metric | value | vs FBANK |", "|---|---|---|---|---|"]
-    fbank = {r["task"]: r for r in probes if r["features"] == "fbank"}
+    verdict = beats_fbank(probes)
     for row in probes:
-        base = fbank.get(row["task"])
-        verdict = ""
-        if base is not None and row["features"] != "fbank":
-            better = row["value"] > base["value"] if row["higher_is_better"] else row["value"] < base["value"]
-            verdict = "better" if better else "not better"
-        lines.append(f"| {row['task']} | {row['features']} | {row['metric']} | {100 * row['value']:.1f} | {verdict} |")
+        better = verdict.get(row["task"], {}).get(row["features"])
+        note = "" if better is None else "better" if better else "not better"
+        lines.append(f"| {row['task']} | {row['features']} | {row['metric']} | {100 * row['value']:.1f} | {note} |")
     return lines
 
 
@@ -421,16 +431,10 @@ def _verdict(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any]) -
 
 def _probe_verdict(probes: Sequence[Mapping[str, Any]]) -> str:
     """One line: per encoder, the probe tasks on which it beats FBANK (the target: every task)."""
-    fbank = {r["task"]: r["value"] for r in probes if r["features"] == "fbank"}
-    wins: dict[str, list[str]] = {}
-    for r in probes:
-        if r["features"] == "fbank" or r["task"] not in fbank:
-            continue
-        better = r["value"] > fbank[r["task"]] if r["higher_is_better"] else r["value"] < fbank[r["task"]]
-        wins.setdefault(r["features"], [])
-        if better:
-            wins[r["features"]].append(r["task"])
-    tasks = sorted(fbank)
+    verdict = beats_fbank(probes)
+    tasks = sorted({r["task"] for r in probes if r["features"] == "fbank"})
+    encoders = list(dict.fromkeys(r["features"] for r in probes if r["features"] != "fbank"))
+    wins = {name: [task for task, by in verdict.items() if by.get(name)] for name in encoders}
     parts = [
         f"{name} beats FBANK on {len(won)}/{len(tasks)} ({', '.join(won) or 'none'})" for name, won in wins.items()
     ]

@@ -86,6 +86,22 @@ def collect_inputs(files: Sequence[str], manifests: Sequence[str]) -> list[dict[
     return items
 
 
+def load_inputs(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[str]]:
+    """Decode the audio of `collect_inputs` items: (the readable items with their `duration`, their waveforms,
+    the reasons the others were skipped). An unreadable file is logged and skipped, never the whole run."""
+    kept, audios, skipped = [], [], []
+    for item in items:
+        try:
+            audio, _ = load_audio(item["audio_filepath"], offset=item["offset"], duration=item["read_duration"])
+        except AudioError as error:
+            logger.warning("skipping %s", error)
+            skipped.append(str(error))
+            continue
+        kept.append({**item, "duration": round(len(audio) / SAMPLING_RATE, 3)})
+        audios.append(audio)
+    return kept, audios, skipped
+
+
 def transcribe_files(
     model_name_or_path: str | os.PathLike,
     files: Sequence[str] = (),
@@ -118,16 +134,7 @@ def transcribe_files(
     model = AutoModelForCTC.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
     model.eval()
 
-    items, audios, skipped = [], [], []
-    for item in items_in:
-        try:
-            audio, _ = load_audio(item["audio_filepath"], offset=item["offset"], duration=item["read_duration"])
-        except AudioError as error:
-            logger.warning("skipping %s", error)
-            skipped.append(str(error))
-            continue
-        items.append({**item, "duration": round(len(audio) / SAMPLING_RATE, 3)})
-        audios.append(audio)
+    items, audios, skipped = load_inputs(items_in)
 
     with tqdm(total=len(audios), unit="file", desc="transcribing", file=sys.stderr) as bar:
         if chunk_length_s > 0:
@@ -181,9 +188,6 @@ def write_records(records: Sequence[dict[str, Any]], output: str | os.PathLike, 
     return output
 
 
-__all__ = ["Transcription", "collect_inputs", "score", "transcribe_files", "write_records"]
-
-
 def load_validation_outputs(
     model_name_or_path: str | os.PathLike, manifest: str | os.PathLike, batch_size: int = 8, device: str = "cpu"
 ) -> tuple[list[str], list[Any]]:
@@ -194,14 +198,17 @@ def load_validation_outputs(
         raise ValueError(f"{manifest}: no utterance with text; tuning LM weights needs references")
     processor = AutoProcessor.from_pretrained(model_name_or_path)
     model = AutoModelForCTC.from_pretrained(model_name_or_path).to(device)
-    audios, references = [], []
-    for item in items:
-        try:
-            audio, _ = load_audio(item["audio_filepath"], offset=item["offset"], duration=item["read_duration"])
-        except AudioError as error:
-            logger.warning("skipping %s", error)
-            continue
-        audios.append(audio)
-        references.append(item["reference"])
+    kept, audios, _ = load_inputs(items)
     _, log_probs = ctc_outputs(model, processor, audios, batch_size)
-    return references, log_probs
+    return [item["reference"] for item in kept], log_probs
+
+
+__all__ = [
+    "Transcription",
+    "collect_inputs",
+    "load_inputs",
+    "load_validation_outputs",
+    "score",
+    "transcribe_files",
+    "write_records",
+]

@@ -175,14 +175,23 @@ def attach_lm(
         feature_extractor=processor.feature_extractor, tokenizer=tokenizer, decoder=decoder
     )
     if save:
-        for stale in ("alphabet.json", "language_model"):
-            target = model_dir / stale
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        processor_lm.save_pretrained(str(model_dir))
+        save_lm(processor_lm, model_dir)
     return processor_lm
+
+
+def save_lm(processor_lm: Any, model_dir: str | Path, alpha: float | None = None, beta: float | None = None) -> None:
+    """Write the processor with its LM into `model_dir` (replacing an earlier LM), first setting alpha/beta when
+    given: e.g. the weights `tune_lm_weights` chose, without building the decoder again."""
+    if alpha is not None or beta is not None:
+        processor_lm.decoder.reset_params(alpha=alpha, beta=beta)
+    model_dir = Path(model_dir)
+    for stale in ("alphabet.json", "language_model"):
+        target = model_dir / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    processor_lm.save_pretrained(str(model_dir))
 
 
 def lm_decode(
@@ -248,5 +257,6 @@ __all__ = [
     "has_lm",
     "irstlm_available",
     "lm_decode",
+    "save_lm",
     "tune_lm_weights",
 ]
