@@ -93,7 +93,11 @@ class ConformerSslConfig(PreTrainedConfig):
         contrastive_logits_temperature, diversity_loss_weight.
         BEST-RQ: bestrq_num_codebooks, bestrq_codebook_size, bestrq_codebook_dim, bestrq_normalize_input
             (standardise the stacked frames per utterance before projecting, as BEST-RQ does; NeMo's NEST
-            projects them as they are, so converted NEST checkpoints set it to False).
+            projects them as they are, so converted NEST checkpoints set it to False), bestrq_input_layer_norm
+            (LayerNorm without affine over each stacked step before projecting: NeMo NEST's 2026 option).
+        EMA-teacher objectives (data2vec, dinosr): their settings are in `objectives[name]` (top_k_layers,
+            decoder_*, codebook_*); clone_batch (`int`, 1): in training the student sees `clone_batch` copies of
+            the batch, each with its own masks, against one teacher pass (data2vec 2.0: 8 for audio).
         HuBERT: hubert_num_labels.  Reconstruction: reconstruction_loss ("l1" | "l2").
         APC: apc_shift.  CPC: cpc_steps, cpc_num_negatives.
     """
@@ -146,6 +150,7 @@ class ConformerSslConfig(PreTrainedConfig):
     mask_time_min_masks: int = 1
     mask_fill: str = "learned"
     mask_token_threshold: float = 0.8
+    clone_batch: int = 1
     # --- pretraining: Gumbel quantizer and contrastive head
     num_codevector_groups: int = 2
     num_codevectors_per_group: int = 300
@@ -160,6 +165,7 @@ class ConformerSslConfig(PreTrainedConfig):
     bestrq_codebook_size: int = 8192
     bestrq_codebook_dim: int = 16
     bestrq_normalize_input: bool = True
+    bestrq_input_layer_norm: bool = False
     # --- pretraining: other objectives
     hubert_num_labels: int = 500
     reconstruction_loss: str = "l1"
@@ -211,6 +217,7 @@ class ConformerSslConfig(PreTrainedConfig):
             "cpc_steps",
             "cpc_num_negatives",
             "mask_time_length",
+            "clone_batch",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -339,11 +346,55 @@ class ConformerSslConfig(PreTrainedConfig):
                     layer,
                     f"an index into the {n + 1} hidden states, in [{-n - 1}, {n}]",
                 )
+            self._validate_teacher_objectives()
             causal_readers = sorted(n for n in self.objectives if OBJECTIVES[n].reads == "clean")
             if causal_readers:
                 _check(
                     self.causal, "causal", self.causal, f"True: {causal_readers} predict the future from causal context"
                 )
+
+    def _validate_teacher_objectives(self) -> None:
+        """The settings of data2vec and dinosr (their own keys in `objectives[name]`)."""
+        n = self.num_hidden_layers
+        for name in ("data2vec", "dinosr"):
+            spec = self.objectives.get(name)
+            if spec is None:
+                continue
+            k = spec["top_k_layers"]
+            _check(
+                isinstance(k, int) and 1 <= k <= n,
+                f"objectives.{name}.top_k_layers",
+                k,
+                f"an integer in [1, num_hidden_layers={n}] (the teacher blocks averaged or clustered)",
+            )
+        if "data2vec" in self.objectives:
+            spec = self.objectives["data2vec"]
+            for key in ("decoder_layers", "decoder_dim", "decoder_groups"):
+                value = spec[key]
+                _check(isinstance(value, int) and value >= 1, f"objectives.data2vec.{key}", value, "an integer >= 1")
+            kernel = spec["decoder_kernel"]
+            _check(
+                isinstance(kernel, int) and kernel >= 1 and kernel % 2 == 1,
+                "objectives.data2vec.decoder_kernel",
+                kernel,
+                "an odd integer >= 1 (same-length convolution)",
+            )
+            _check(
+                spec["decoder_dim"] % spec["decoder_groups"] == 0,
+                "objectives.data2vec.decoder_dim",
+                spec["decoder_dim"],
+                f"a multiple of decoder_groups={spec['decoder_groups']}",
+            )
+        if "dinosr" in self.objectives:
+            spec = self.objectives["dinosr"]
+            size, decay = spec["codebook_size"], spec["codebook_decay"]
+            _check(isinstance(size, int) and size >= 2, "objectives.dinosr.codebook_size", size, "an integer >= 2")
+            _check(
+                isinstance(decay, (int, float)) and 0.0 < decay < 1.0,
+                "objectives.dinosr.codebook_decay",
+                decay,
+                "a number in (0, 1) (DinoSR: 0.9)",
+            )
 
 
 __all__ = ["ConformerSslConfig"]

@@ -31,7 +31,7 @@ from .configuration_conformer_ssl import ConformerSslConfig
 from .frames import lengths_to_padding_mask, output_lengths
 from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask
 from .objectives import OBJECTIVES, LossBook, ObjectiveContext, objective_settings
-from .targets import GumbelVectorQuantizer, RandomProjectionQuantizer, stack_frames
+from .targets import GumbelVectorQuantizer, OnlineCodebooks, RandomProjectionQuantizer, stack_frames
 
 # ----------------------------------------------------------------------------------------------- blocks
 
@@ -394,6 +394,8 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             projection, codebooks = module.draw_buffers()
             init.copy_(module.projection, projection)
             init.copy_(module.codebooks, codebooks)
+        elif isinstance(module, OnlineCodebooks):
+            module.reset_parameters()  # DinoSR codewords: N(0, 1), the scale of instance-normalised teacher layers
         if isinstance(getattr(module, "masked_spec_embed", None), nn.Parameter):
             init.uniform_(module.masked_spec_embed)  # the learned mask fill (wav2vec 2.0)
         if isinstance(getattr(module, "layer_weights", None), nn.Parameter):
@@ -687,6 +689,13 @@ class ConformerSslForPreTrainingOutput(ModelOutput):
     mask_time_indices: (B, T) long frame mask used, 1 = masked (None without masked objectives; long rather
         than bool so generic output comparisons, which subtract tensors, work).
     token_mask: (B, T') long, 1 = masked encoder step.
+    code_counts: objective -> (books, codes) float32 histogram of its target ids at the masked steps (bestrq,
+        dinosr): add them up over batches and processes, then `targets.codebook_usage` gives coverage and entropy.
+    teacher_statistics: what `update_teacher` needs after the optimiser step (DinoSR's codeword sums and counts),
+        to be summed over micro-batches and processes first; empty in eval.
+
+    With `config.clone_batch` = c > 1 (training only) every per-example output has c * B rows: c tiled copies of
+    the batch, each with its own masks.
     """
 
     loss: torch.FloatTensor | None = None
@@ -699,6 +708,8 @@ class ConformerSslForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     mask_time_indices: torch.LongTensor | None = None
     token_mask: torch.LongTensor | None = None
+    code_counts: dict[str, torch.Tensor] | None = None
+    teacher_statistics: dict[str, torch.Tensor] | None = None
 
 
 class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
@@ -711,6 +722,12 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
     clean features through the causal encoder. A recipe mixing both runs the encoder twice.
     `config.objectives=None` means BEST-RQ alone (the NEST recipe). In eval mode without a generator the
     masks, noise and negatives come from a generator seeded with 0: validation losses are comparable.
+
+    Objectives with an EMA teacher (data2vec, dinosr) add `teacher`: a copy of the encoder without gradients,
+    always in eval mode, that reads the clean unmasked input. It starts equal to the student and follows it
+    through `update_teacher(decay, statistics)`, which the training loop calls after every optimiser step. It is
+    saved in training checkpoints (the accelerate state) but not by `save_pretrained`: the exported model holds
+    the student alone, and a teacher missing from loaded weights starts again as a copy of the student.
     """
 
     def __init__(self, config: ConformerSslConfig):
@@ -724,10 +741,64 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             for attribute, build in entry.heads(config).items():
                 if not hasattr(self, attribute):  # shared by two objectives (the Gumbel quantizer): built once
                     self.add_module(attribute, build())
+        if any(entry.teacher for entry in entries):
+            self.teacher = ConformerSslModel(config).requires_grad_(False)  # trained by EMA, never by gradients
+            self._keys_to_ignore_on_save = {f"teacher.{key}" for key in self.teacher.state_dict()}
+            self._keys_to_ignore_on_load_missing = [r"^teacher\."]
         # e.g. the random-projection codebooks stay float32 when the model is loaded in fp16 / bf16 (set per
         # instance: those modules exist only with their objective).
         self._keep_in_fp32_modules_strict = [name for entry in entries for name in entry.fp32_modules]
         self.post_init()
+        self.reset_teacher()
+
+    # ------------------------------------------------------------------ the EMA teacher (data2vec, dinosr)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; `save_pretrained` never writes the teacher, so it starts as a copy of
+        the loaded student, as at the start of training (the accelerate state of a checkpoint holds the trained one)."""
+        model = super().from_pretrained(*args, **kwargs)
+        (model[0] if isinstance(model, tuple) else model).reset_teacher()
+        return model
+
+    def train(self, mode: bool = True) -> ConformerSslForPreTraining:
+        """nn.Module.train; the teacher stays in eval mode (no dropout or layerdrop, BatchNorm running stats)."""
+        super().train(mode)
+        if hasattr(self, "teacher"):
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """teacher <- student: every parameter and buffer copied (a no-op without a teacher)."""
+        if hasattr(self, "teacher"):
+            for mine, theirs in zip(self.teacher.state_dict().values(), self.conformer.state_dict().values()):
+                mine.copy_(theirs)
+
+    @torch.no_grad()
+    def update_teacher(self, decay: float, statistics: dict[str, torch.Tensor] | None = None) -> None:
+        """One EMA step after an optimiser step: theta_teacher <- decay * theta_teacher + (1 - decay) * theta_student
+        (data2vec, §3; buffers such as BatchNorm statistics are copied), then DinoSR's codebook update with this
+        step's `teacher_statistics`, summed over micro-batches and processes (identical on every process).
+
+        Args:
+            decay: this step's momentum, from the loop's schedule (data2vec 2.0: 0.999 -> 0.99999).
+            statistics: summed `ConformerSslForPreTrainingOutput.teacher_statistics` of the step, or None.
+        """
+        if not hasattr(self, "teacher"):
+            return
+        student = dict(self.conformer.named_parameters())
+        for name, param in self.teacher.named_parameters():
+            param.lerp_(student[name].detach().to(param.dtype), 1.0 - decay)
+        student_buffers = dict(self.conformer.named_buffers())
+        for name, buffer in self.teacher.named_buffers():
+            buffer.copy_(student_buffers[name])
+        statistics = statistics or {}
+        if "dinosr_codebooks/sums" in statistics:
+            self.dinosr_codebooks.update(
+                statistics["dinosr_codebooks/sums"],
+                statistics["dinosr_codebooks/counts"],
+                self.objectives["dinosr"]["codebook_decay"],
+            )
 
     @staticmethod
     def combine_losses(
@@ -772,7 +843,8 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             Log-mel features from `ConformerSslFeatureExtractor` (the noisy ones when denoising).
         attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*): 1 = real frame.
         mask_time_indices (`torch.BoolTensor` of shape `(batch, frames)`, *optional*):
-            Explicit frame mask (True = masked; padding is ignored) instead of drawing one.
+            Explicit frame mask (True = masked; padding is ignored) instead of drawing one; with
+            `config.clone_batch` = c in training, (c * batch, frames) gives each copy its own.
         sampled_negative_indices (`torch.LongTensor` of shape `(batch, steps, num_negatives)`, *optional*):
             Explicit contrastive distractors: encoder-step indices into the same utterance, -1 = none.
         frame_labels (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
@@ -792,8 +864,21 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             generator = torch.Generator().manual_seed(0)  # CPU: draws are made there and moved to the data
         active = {n: s for n, s in self.objectives.items() if step is None or step >= s["start_step"]}
         passes = {OBJECTIVES[name].reads for name in active}
-        lengths = self._input_lengths(input_features, attention_mask)  # (B,) frames
         clean = input_features if target_features is None else target_features
+        teacher_states = None
+        if any(OBJECTIVES[name].teacher for name in active):  # the teacher reads the clean, unmasked batch once
+            with torch.no_grad():
+                teacher_states = self.teacher(
+                    clean, attention_mask=attention_mask, output_hidden_states=True
+                ).hidden_states
+        clones = config.clone_batch if self.training else 1
+        if clones > 1:  # data2vec 2.0's clone_batch: c tiled copies of the batch, each masked differently
+            input_features, clean = input_features.repeat(clones, 1, 1), clean.repeat(clones, 1, 1)
+            attention_mask = None if attention_mask is None else attention_mask.repeat(clones, 1)
+            frame_labels = None if frame_labels is None else frame_labels.repeat(clones, 1)
+            if mask_time_indices is not None and mask_time_indices.shape[0] != input_features.shape[0]:
+                mask_time_indices = mask_time_indices.repeat(clones, 1)
+        lengths = self._input_lengths(input_features, attention_mask)  # (B,) frames
         stacked, step_lengths = stack_frames(clean, lengths, config.subsampling_factor)  # (B, T', f * F)
         book = LossBook()
         common = {
@@ -825,6 +910,7 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
                 token_mask=token_mask,
                 frame_labels=frame_labels,
                 sampled_negative_indices=sampled_negative_indices,
+                teacher_hidden_states=teacher_states,
             )
             book.metrics["masked_frame_fraction"] = (frame_mask.sum() / lengths.sum().clamp(min=1)).float().detach()
             book.metrics["masked_tokens"] = token_mask.sum().float().detach()
@@ -853,6 +939,8 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             attentions=encoded.attentions if output_attentions and encoded is not None else None,
             mask_time_indices=None if frame_mask is None else frame_mask.long(),
             token_mask=None if token_mask is None else token_mask.long(),
+            code_counts=book.code_counts,
+            teacher_statistics=book.teacher_statistics,
         )
         return output if return_dict else output.to_tuple()
 

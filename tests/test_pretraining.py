@@ -136,6 +136,15 @@ RECIPES = {
     "cpc": ({"cpc": {}}, {"causal": True}),
     "mixed": ({"contrastive": {}, "mlm": {"weight": 0.5}, "bestrq": {}, "reconstruction": {"weight": 0.5}}, {}),
     "mixed_causal_scheduled": ({"bestrq": {}, "apc": {"weight": 0.5, "start_step": 5}}, {"causal": True}),
+    "bestrq_input_layer_norm": ({"bestrq": {}}, {"bestrq_num_codebooks": 2, "bestrq_input_layer_norm": True}),
+    # EMA-teacher objectives: the teacher follows the student after every step (update_teacher below).
+    "data2vec": ({"data2vec": {"top_k_layers": 2, "decoder_dim": 32, "decoder_groups": 4}}, {"clone_batch": 2}),
+    "dinosr": ({"dinosr": {"top_k_layers": 2, "codebook_size": 16}}, {}),
+    # w2v-BERT: contrastive on a lower block, MLM on the same quantizer's ids at the top.
+    "w2v_bert": (
+        {"contrastive": {"layer": 1}, "mlm": {}},
+        {"num_codevector_groups": 1, "num_codevectors_per_group": 16},
+    ),
 }
 
 
@@ -159,6 +168,7 @@ def test_objective_overfits_one_fixed_batch(audio_batch, recipe):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
+        model.update_teacher(0.99, out.teacher_statistics)  # a no-op without an EMA teacher
     assert set(out.loss_sums) >= set(objectives)
     assert min(history[-5:]) <= 0.7 * history[0], (recipe, history[0], history[-5:])
 
@@ -446,13 +456,23 @@ model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).
 inputs = torch.load(inputs_path)
 with torch.no_grad():
     out = model(inputs["features"], inputs["mask"], mask_time_indices=inputs["frame_mask"])
-torch.save({"sums": out.loss_sums, "codebooks": model.bestrq_quantizer.codebooks}, out_path)
+buffers = {name: value for name, value in model.named_buffers() if not name.startswith(("conformer.", "teacher."))}
+torch.save({"sums": out.loss_sums, "buffers": buffers}, out_path)
 print(json.dumps({"module": type(model).__module__}))
 """
 
 
-def test_pretraining_checkpoint_loads_with_trust_remote_code_without_the_package(audio_batch, tmp_path):
-    """The saved folder carries modeling + masking/targets/losses code; it loads where hf_ssl_speech is absent."""
+@pytest.mark.parametrize(
+    "objectives",
+    [
+        {"bestrq": {}, "reconstruction": {}},
+        {"data2vec": {"top_k_layers": 2, "decoder_dim": 32, "decoder_groups": 4}, "dinosr": {"top_k_layers": 2}},
+    ],
+    ids=["bestrq", "ema_teacher"],
+)
+def test_pretraining_checkpoint_loads_with_trust_remote_code_without_the_package(audio_batch, tmp_path, objectives):
+    """The saved folder carries modeling + masking/targets/losses code; it loads where hf_ssl_speech is absent,
+    with its buffers (random-projection codebooks, DinoSR's trained codewords) intact and the teacher rebuilt."""
     import os
     import subprocess
 
@@ -462,7 +482,12 @@ def test_pretraining_checkpoint_loads_with_trust_remote_code_without_the_package
     AutoModelForPreTraining.register(type(make_tiny_config()), ConformerSslForPreTraining, exist_ok=True)
     ConformerSslForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     torch.manual_seed(0)
-    model = ConformerSslForPreTraining(_config({"bestrq": {}, "reconstruction": {}})).eval()
+    model = ConformerSslForPreTraining(_config(objectives)).train()
+    if hasattr(model, "teacher"):  # move the codewords and the teacher away from their initial values
+        out = _forward(model, audio_batch, generator=_gen(0))
+        model.conformer.subsampling.linear.weight.data.mul_(1.5)  # the student moves; the teacher follows by EMA
+        model.update_teacher(0.5, out.teacher_statistics)
+    model.eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     for module in ("modeling_conformer_ssl", "masking", "targets", "losses", "configuration_conformer_ssl"):
@@ -484,7 +509,12 @@ def test_pretraining_checkpoint_loads_with_trust_remote_code_without_the_package
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["module"].startswith("transformers_modules.")
     remote = torch.load(tmp_path / "o.pt")
-    assert torch.equal(remote["codebooks"], model.bestrq_quantizer.codebooks)
+    buffers = {n: v for n, v in model.named_buffers() if not n.startswith(("conformer.", "teacher."))}
+    assert remote["buffers"].keys() == buffers.keys() and buffers
+    for name, value in buffers.items():
+        assert torch.equal(remote["buffers"][name], value), name
+    if hasattr(model, "teacher"):  # exported without the teacher: the loaded one restarts as the student
+        model.reset_teacher()
     with torch.no_grad():
         local = model(inputs["features"], inputs["mask"], mask_time_indices=frame_mask)
     for name, value in local.loss_sums.items():

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..targets import codebook_usage
 
 
 # ---------------------------------------------------------------------------------------------- loss normalisation
@@ -140,6 +141,41 @@ class LossTracker:
         self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
         self.metric_sums, self.metric_steps = dict(state["metric_sums"]), int(state["metric_steps"])
         self.weights = dict(state.get("weights", {}))
+
+
+class CodeUsage:
+    """This process's code histograms (`out.code_counts`: objective -> (books, codes)) since the last log line.
+
+    `compute` sums them over processes and reports, per codebook, the coverage (fraction of codes used), the
+    entropy (nats) and the perplexity of the whole interval: `<objective>_codebook<k>_{coverage,entropy,perplexity}`.
+    Every process must call it at the same step (it all-reduces); the histograms are per-rank resume state.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def update(self, code_counts: Mapping[str, torch.Tensor] | None) -> None:
+        for name, histogram in (code_counts or {}).items():
+            histogram = histogram.detach().float()
+            self.counts[name] = histogram if name not in self.counts else self.counts[name].to(histogram) + histogram
+
+    def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name in sorted(self.counts):
+            total = reduce_sum(self.counts[name].clone()) if reduce_sum is not None else self.counts[name]
+            for stat, values in codebook_usage(total).items():
+                for book, value in enumerate(values.tolist()):
+                    out[f"{name}_codebook{book}_{stat}"] = value
+        return out
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: histogram.cpu() for name, histogram in self.counts.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.counts = {name: torch.as_tensor(histogram).float() for name, histogram in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------- non-finite guard

@@ -3,7 +3,8 @@
 One optimiser step = `train.grad_accum` micro-batches. For each micro-batch every process featurises its own
 batch (the data plan gives each rank different batches), runs `ConformerSslForPreTraining`, sums the
 per-objective loss sums/counts over processes in one all-reduce, and back-propagates its local sums divided
-by the GLOBAL counts (`training.backward_loss`). Then: clip, non-finite guard, AdamW, LR schedule. Every
+by the GLOBAL counts (`training.backward_loss`). Then: clip, non-finite guard, AdamW, LR schedule, and the EMA
+teacher's step (data2vec, dinosr: `update_teacher` with statistics summed over micro-batches and processes). Every
 `log_steps` the global losses go to TensorBoard and the progress bar, every `eval_steps` the held-out
 manifests are scored with fixed masks, every `save_steps` an atomic checkpoint is written (with the loss-curve
 PNG and a model card). `resume` continues a run exactly: weights, optimiser, schedule, RNGs, mask generator,
@@ -32,9 +33,9 @@ from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
-from .bookkeeping import LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
+from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
-from .optim import build_optimizer, build_scheduler, gumbel_temperature
+from .optim import build_optimizer, build_scheduler, ema_decay, gumbel_temperature
 from .recipe import Recipe, check_recipe_paths, model_config, save_recipe
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,9 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     # --- bookkeeping, and the state to continue from
     checkpoints = CheckpointManager(out_dir, t.keep_last)
     metrics = MetricsLogger(accelerator.log if t.report_to != "none" else None)
-    guard, tracker = NonFiniteGuard(t.max_nonfinite), LossTracker()
+    guard, tracker, code_usage = NonFiniteGuard(t.max_nonfinite), LossTracker(), CodeUsage()
+    unwrapped = accelerator.unwrap_model(model)
+    has_teacher = hasattr(unwrapped, "teacher")
     step, audio_seconds_total = 0, 0.0
     start = _resume_path(resume, checkpoints)
     if start is not None:
@@ -256,6 +259,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         generator.set_state(rank_state["generator"])
         train_loader.load_state_dict(rank_state["data"])
         tracker.load_state_dict(rank_state["tracker"])
+        code_usage.load_state_dict(rank_state.get("code_usage", {}))
         accelerator.print(f"Resumed from {start} at step {step}")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +288,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             "generator": generator.get_state(),
             "data": train_loader.state_dict(),
             "tracker": tracker.state_dict(),
+            "code_usage": code_usage.state_dict(),
         }
         return checkpoints.save(step, accelerator, model, trainer_state, rank_state, extractor, before_rename=finish)
 
@@ -310,6 +315,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             step, o.gumbel_temperature_start, o.gumbel_temperature_end, o.gumbel_temperature_decay
         )
         finite = True
+        teacher_statistics: dict[str, torch.Tensor] = {}  # summed over this step's micro-batches
         for micro in range(t.grad_accum):
             before = time.monotonic()
             batch = next(batches)
@@ -328,6 +334,9 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 accelerator.backward(backward_loss(out.loss_sums, counts, out.loss_weights, world, t.grad_accum))
             interval_audio += micro_metrics.pop("audio_seconds")
             tracker.update(sums, counts, micro_metrics, out.loss_weights)
+            code_usage.update(out.code_counts)
+            for key, value in (out.teacher_statistics or {}).items():
+                teacher_statistics[key] = value + teacher_statistics[key] if key in teacher_statistics else value
         if finite:
             max_norm = o.clip if o.clip > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
@@ -338,10 +347,13 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 guard.ok(0.0, step)  # resets the streak
         else:
             guard.ok(float("nan"), step, "loss")
+        decay = ema_decay(step, o.ema_decay_start, o.ema_decay_end, o.ema_anneal_steps)
         if finite:
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
+                if has_teacher:  # every process applies the same update: statistics summed over processes
+                    unwrapped.update_teacher(decay, {k: reduce(v) for k, v in teacher_statistics.items()})
             step += 1
             bar.update(1)
         optimizer.zero_grad(set_to_none=True)
@@ -356,6 +368,8 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 "audio_seconds_per_s": interval_audio / elapsed,
                 "data_wait_fraction": wait_time / elapsed,
                 "skipped_steps": guard.total_skipped,
+                **({"ema_decay": decay} if has_teacher else {}),
+                **code_usage.compute(reduce if world > 1 else None),
             }
             audio_seconds_total += interval_audio
             metrics.log(step, latest_metrics, "train")
@@ -366,6 +380,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 wait=f"{latest_metrics['data_wait_fraction']:.0%}",
             )
             tracker.reset()
+            code_usage.reset()
             interval_start, wait_time, interval_audio = time.monotonic(), 0.0, 0.0
         out_of_time = t.max_minutes is not None and _any_process(
             accelerator, time.monotonic() - started > 60 * t.max_minutes

@@ -1,4 +1,4 @@
-"""The optimiser, the learning-rate schedules and the Gumbel temperature schedule of pretraining."""
+"""The optimiser, the learning-rate schedules, and the Gumbel temperature and EMA-teacher momentum schedules."""
 
 from __future__ import annotations
 
@@ -79,3 +79,11 @@ def build_scheduler(
 def gumbel_temperature(step: int, start: float, end: float, decay: float) -> float:
     """wav2vec 2.0's Gumbel-softmax temperature: max(end, start * decay^step) (2 -> 0.5, decay 0.999995)."""
     return max(end, start * decay**step)
+
+
+def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
+    """data2vec's teacher momentum: linear from `start` to `end` over `anneal_steps` optimiser steps, then `end`
+    (data2vec 2.0: 0.999 -> 0.99999); recipe keys `optim.ema_decay_start/end`, `optim.ema_anneal_steps`."""
+    if anneal_steps <= 0 or step >= anneal_steps:
+        return end
+    return start + (end - start) * step / anneal_steps

@@ -83,6 +83,10 @@ class OptimSection:
     gumbel_temperature_start: float = 2.0  # wav2vec 2.0 / NeMo: 2 -> 0.5, x0.999995 per step
     gumbel_temperature_end: float = 0.5
     gumbel_temperature_decay: float = 0.999995
+    # EMA teacher of data2vec / dinosr: momentum rises linearly from start to end over ema_anneal_steps steps.
+    ema_decay_start: float = 0.999  # data2vec 2.0: 0.999 -> 0.99999
+    ema_decay_end: float = 0.99999
+    ema_anneal_steps: int = 75000
 
 
 @dataclass
@@ -214,6 +218,14 @@ def validate(recipe: Recipe) -> None:
     check(o.lr > 0, "optim.lr", o.lr, "> 0")
     check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     check(0 < o.gumbel_temperature_decay <= 1, "optim.gumbel_temperature_decay", o.gumbel_temperature_decay, "(0, 1]")
+    for key in ("ema_decay_start", "ema_decay_end"):
+        check(
+            0 <= getattr(o, key) <= 1,
+            f"optim.{key}",
+            getattr(o, key),
+            "a momentum in [0, 1] (data2vec: 0.999 .. 0.99999)",
+        )
+    check(o.ema_anneal_steps >= 0, "optim.ema_anneal_steps", o.ema_anneal_steps, "an integer >= 0")
     check(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", t.mixed_precision, f"one of {MIXED_PRECISION}")
     check(t.report_to in REPORT_TO, "train.report_to", t.report_to, f"one of {REPORT_TO}")
     for key in ("max_steps", "save_steps", "eval_steps", "log_steps", "grad_accum", "keep_last", "max_nonfinite"):
