@@ -183,7 +183,10 @@ def test_save_pretrained_exports_the_student_and_codewords_not_the_teacher(tmp_p
     ("objectives", "message"),
     [
         ({"data2vec": {"top_k_layers": 3}}, "objectives.data2vec.top_k_layers=3"),
-        ({"data2vec": {"top_k_layers": 2, "decoder_dim": 30, "decoder_groups": 4}}, "objectives.data2vec.decoder_dim=30"),
+        (
+            {"data2vec": {"top_k_layers": 2, "decoder_dim": 30, "decoder_groups": 4}},
+            "objectives.data2vec.decoder_dim=30",
+        ),
         ({"data2vec": {"top_k_layers": 2, "decoder_kernel": 4}}, "objectives.data2vec.decoder_kernel=4"),
         ({"dinosr": {"top_k_layers": 1, "codebook_decay": 1.0}}, "objectives.dinosr.codebook_decay=1.0"),
         ({"dinosr": {"top_k_layers": 1, "codebooks": 8}}, "objectives.dinosr=['codebooks']"),
