@@ -55,8 +55,19 @@ _KILL_AFTER_SAVE = textwrap.dedent(
 )
 
 
+RESUME_OBJECTIVES = {
+    "bestrq_contrastive": {"bestrq": {}, "contrastive": {"weight": 0.5, "start_step": 2}},
+    # The EMA teacher and DinoSR's codewords are state too: the teacher lives in the accelerate state only.
+    "ema_teacher": {
+        "data2vec": {"top_k_layers": 2, "decoder_layers": 2, "decoder_dim": 32, "decoder_groups": 4},
+        "dinosr": {"top_k_layers": 2, "codebook_size": 16, "start_step": 2},
+    },
+}
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("objectives", list(RESUME_OBJECTIVES))
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, objectives):
     manifest = make_corpus(tmp_path / "corpus", count=10, seconds=1.5, vary=True)
     n = 3
     common = dict(
@@ -73,8 +84,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
             "codevector_dim": 16,
             "proj_codevector_dim": 16,
             "num_negatives": 4,
+            "clone_batch": 2,
         },
-        objectives={"bestrq": {}, "contrastive": {"weight": 0.5, "start_step": 2}},
+        objectives=RESUME_OBJECTIVES[objectives],
         data={
             "train_manifests": [str(manifest)],
             "valid_manifests": [str(manifest)],
@@ -128,11 +140,28 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+    # The whole training state, the EMA teacher included, is the uninterrupted run's.
+    states = [
+        load_file(tmp_path / run / "checkpoints" / f"checkpoint-{2 * n:08d}" / "accelerate" / "model.safetensors")
+        for run in ("straight", "killed")
+    ]
+    assert states[0].keys() == states[1].keys()
+    assert any(k.startswith("teacher.") for k in states[0]) == (objectives == "ema_teacher")
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
     # The losses logged after the resume are the uninterrupted run's, and the objective joined at its step.
     history = train_history(tmp_path / "killed", 2 * n)
     assert [row["step"] for row in history] == list(range(1, 2 * n + 1))
     assert history == train_history(tmp_path / "straight", 2 * n)
-    assert "train/loss/contrastive" not in history[0] and "train/loss/contrastive" in history[-1]
+    late = "contrastive" if objectives == "bestrq_contrastive" else "dinosr"
+    assert f"train/loss/{late}" not in history[0] and f"train/loss/{late}" in history[-1]
+    if objectives == "ema_teacher":  # the teacher moved, and code usage is logged per codebook
+        assert "train/ema_decay" in history[-1] and "train/dinosr_codebook1_coverage" in history[-1]
+        teacher = {k[len("teacher.") :]: v for k, v in states[0].items() if k.startswith("teacher.")}
+        student = {k[len("conformer.") :]: v for k, v in states[0].items() if k.startswith("conformer.")}
+        assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    else:
+        assert "train/bestrq_codebook0_entropy" in history[-1]
     assert (tmp_path / "killed" / "loss_curves.png").is_file()
 
 
@@ -197,6 +226,64 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # in weights whose gradient is ~0, e.g. conv biases before a BatchNorm.)
     for key in trained:
         assert torch.equal(got[key], expected[key]), key
+
+
+# Records, on every rank, a fingerprint of the teacher and of DinoSR's codewords after each EMA step.
+_RECORD_TEACHER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+    from hf_ssl_speech.pretrain.cli import pretrain_main
+
+    out_dir, original = sys.argv[1], ConformerSslForPreTraining.update_teacher
+    trace = []
+
+    def update_teacher(self, decay, statistics=None):
+        original(self, decay, statistics)
+        trace.append({
+            "teacher": sum(float(p.double().sum()) for p in self.teacher.parameters()),
+            "codewords": float(self.dinosr_codebooks.codewords.double().sum()),
+            "picked": float(statistics["dinosr_codebooks/counts"].sum()),
+        })
+
+    ConformerSslForPreTraining.update_teacher = update_teacher
+    code = pretrain_main(sys.argv[2:])
+    with open(os.path.join(out_dir, f"trace_{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump(trace, f)
+    sys.exit(code)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_gloo_processes_keep_one_teacher_and_one_set_of_codewords(tmp_path):
+    # Each rank masks its own batch differently, so only pooled codeword statistics keep the ranks in step; the
+    # teacher's parameters are not trained, so DDP never all-reduces them: each rank applies the same EMA.
+    manifest = make_corpus(tmp_path / "corpus", count=8, seconds=1.5, vary=True)
+    recipe = write_recipe(
+        tmp_path / "ema.yaml",
+        model={"mask_strategy": "span", "mask_time_prob": 0.1, "mask_time_length": 8},
+        objectives={
+            "data2vec": {"top_k_layers": 2, "decoder_layers": 1, "decoder_dim": 32, "decoder_groups": 4},
+            "dinosr": {"top_k_layers": 2, "codebook_size": 16},
+        },
+        data={"train_manifests": [str(manifest)], "batch_seconds": 3.0},
+        optim={"ema_decay_start": 0.9, "ema_decay_end": 0.99, "ema_anneal_steps": 4},
+        train={"max_steps": 4, "save_steps": 4, "output_dir": "ema"},
+    )
+    script = tmp_path / "record_teacher.py"
+    script.write_text(_RECORD_TEACHER)
+    proc = accelerate_launch(
+        script, [str(tmp_path), "--config", str(recipe), "--no_progress"], 2, run_env(tmp_path), tmp_path, 300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traces = [json.loads((tmp_path / f"trace_{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(traces[0]) == len(traces[1]) == 4
+    assert traces[0] == traces[1]  # identical teachers and codewords on both ranks after every step
+    assert len({row["codewords"] for row in traces[0]}) == 4  # the codewords moved at every step
+    assert len({row["teacher"] for row in traces[0]}) == 4
 
 
 # Poisons the loss sums with NaN in the given training forward calls (1-based; `all` = every one), as a
