@@ -13,6 +13,8 @@ Systems (each in its own subprocess, so the peak RSS is that system's; run alter
   nemo_contrastive       NeMo 3.0 SpeechEncDecSelfSupervisedModel, conformer_ssl recipe, contrastive only
   nemo_contrastive_mlm   the same with the recipe's MLM loss (90k-class head, weight 1000)
   nemo_nest              NeMo 3.0 EncDecDenoiseMaskedTokenPredModel, NEST FastConformer recipe
+  ours_data2vec, ours_dinosr, ours_w2v_bert
+                         the new families (no peer ships their pretraining): ratios against ours_contrastive
 The NeMo systems run benchmarks/nemo_pretrain_runner.py with the NeMo virtual environment's python
 (`--nemo_python`, default $NEMO_PYTHON or /work/nemo_env/venv/bin/python; see benchmarks/README.md).
 
@@ -84,6 +86,31 @@ OURS = {
         "objectives": {"cpc": {}},
         "config": {"causal": True, "cpc_steps": 12, "cpc_num_negatives": 10},
     },
+    # EMA-teacher families (configs/pretrain/data2vec.yaml, dinosr.yaml): the step includes the teacher's forward
+    # and its EMA update. One mask per utterance (clone_batch 1): the recipe's 8 clones multiply the student's work.
+    "data2vec": {
+        "encoder": "conformer",
+        "objectives": {"data2vec": {"top_k_layers": 8}},
+        "config": {"mask_strategy": "span", "mask_time_prob": 0.05, "mask_time_length": 10},
+    },
+    "dinosr": {
+        "encoder": "conformer",
+        "objectives": {"dinosr": {"top_k_layers": 8}},
+        "config": {"mask_strategy": "span", "mask_time_prob": 0.04, "mask_time_length": 20},
+    },
+    # configs/pretrain/w2v_bert.yaml: contrastive on block layers // 3, MLM on the same 1 x 1024 codebook's ids.
+    "w2v_bert": {
+        "encoder": "conformer",
+        "objectives": lambda layers: {"contrastive": {"layer": max(1, layers // 3)}, "mlm": {}},
+        "config": {
+            "mask_strategy": "span",
+            "mask_time_prob": 0.01625,
+            "mask_time_length": 40,
+            "num_codevector_groups": 1,
+            "num_codevectors_per_group": 1024,
+            "num_negatives": 100,
+        },
+    },
     # configs/pretrain/mixed.yaml with every objective active (its contrastive start step is ignored).
     "mixed": {
         "encoder": "fastconformer",
@@ -110,6 +137,9 @@ SYSTEMS = (
     "ours_apc",
     "ours_cpc",
     "ours_mixed",
+    "ours_data2vec",
+    "ours_dinosr",
+    "ours_w2v_bert",
     "featurise",
 )
 # ours system -> the peer it must beat (docs/performance.md).
@@ -118,6 +148,8 @@ MATCHES = {
     "ours_contrastive_mlm": "nemo_contrastive_mlm",
     "ours_bestrq": "nemo_nest",
 }
+# New SSL families: step cost and memory next to our contrastive recipe (no peer ships their pretraining).
+AGAINST_CONTRASTIVE = ("ours_data2vec", "ours_dinosr", "ours_w2v_bert")
 TARGET_THROUGHPUT, TARGET_MEMORY = 1.5, 0.7
 HEADLINE = ("objective", "encoder", "params_m", "audio_s_per_s", "step_s", "peak_rss_gb", "sys_s_per_step")
 QUICK = {"batch": 2, "seconds": 2.0, "hidden": 64, "layers": 2, "heads": 2, "ffn": 128}  # sizes only
@@ -267,13 +299,17 @@ def run_ours(objective: str, args: argparse.Namespace) -> None:
     spec = OURS[objective]
     encoder = args.encoder or spec["encoder"]
     kernel = args.kernel if encoder == "conformer" else args.fast_kernel
+    objectives = spec["objectives"](args.layers) if callable(spec["objectives"]) else dict(spec["objectives"])
+    for name in ("data2vec", "dinosr"):  # the paper's top 8 blocks, or every block of a shallower model
+        if name in objectives:
+            objectives[name] = {**objectives[name], "top_k_layers": min(8, args.layers)}
     config = ConformerSslConfig(
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         intermediate_size=args.ffn,
         conv_depthwise_kernel_size=kernel,
-        objectives=spec["objectives"],
+        objectives=objectives,
         **ENCODERS[encoder],
         **spec["config"],
     )
@@ -285,7 +321,7 @@ def run_ours(objective: str, args: argparse.Namespace) -> None:
     features, frame_lengths = extractor.extract_batch(waves, lengths, dither=1e-5)
     attention_mask = (torch.arange(features.shape[1])[None, :] < frame_lengths[:, None]).long()
     extra = {}
-    if "hubert" in spec["objectives"]:  # random frame labels stand in for k-means labels
+    if "hubert" in objectives:  # random frame labels stand in for k-means labels
         extra["frame_labels"] = torch.randint(0, config.hubert_num_labels, features.shape[:2])
     model = ConformerSslForPreTraining(config).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -297,9 +333,11 @@ def run_ours(objective: str, args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        model.update_teacher(0.999, out.teacher_statistics)  # data2vec / DinoSR; a no-op for the others
         return out.loss.item()
 
-    params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    # trained parameters (an EMA teacher is a second copy of the encoder, counted in memory, not here)
+    params_m = round(sum(p.numel() for p in params) / 1e6, 2)
     finish({"objective": objective, "encoder": encoder, "params_m": params_m}, step, args)
 
 
@@ -454,7 +492,8 @@ def ratios(results: dict[str, dict], audio_seconds: float) -> dict:
     """ours / NeMo on the matching recipe (also with our featurisation time added to our step) and ours / w2v2."""
     out = {}
     featurise_s = results["featurise"]["step_s"] if "featurise" in results else None
-    for ours, peer in list(MATCHES.items()) + [(name, "w2v2") for name in OURS_SYSTEMS]:
+    pairs = list(MATCHES.items()) + [(name, "ours_contrastive") for name in AGAINST_CONTRASTIVE]
+    for ours, peer in pairs + [(name, "w2v2") for name in OURS_SYSTEMS]:
         if ours not in results or peer not in results:
             continue
         a, b = results[ours], results[peer]
@@ -462,7 +501,7 @@ def ratios(results: dict[str, dict], audio_seconds: float) -> dict:
             "throughput": round(a["audio_s_per_s"] / b["audio_s_per_s"], 2),
             "peak_memory": round(a["peak_rss_gb"] / b["peak_rss_gb"], 2),
         }
-        if featurise_s is not None:  # the peers featurise raw audio inside their step; ours leaves it to the loader
+        if featurise_s is not None and not peer.startswith("ours_"):  # peers featurise inside their step
             entry["throughput_with_featurise"] = round((b["step_s"]) / (a["step_s"] + featurise_s), 2)
         if peer in NEMO_SYSTEMS.keys():
             entry["meets_target"] = entry["throughput"] >= TARGET_THROUGHPUT and entry["peak_memory"] <= TARGET_MEMORY
@@ -564,6 +603,8 @@ def main() -> None:
         print_table(results, malloc)
         report["malloc"][malloc] = {"results": results, "ratios": ratios(results, audio_seconds)}
         for pair, r in report["malloc"][malloc]["ratios"].items():
+            if pair.split("/")[1] == "ours_contrastive":
+                print(f"  {pair:44s} throughput x{r['throughput']}  peak memory x{r['peak_memory']}")
             if pair.split("/")[1] in NEMO_SYSTEMS:
                 with_featurise = r.get("throughput_with_featurise", "? (run featurise)")
                 print(
