@@ -267,14 +267,20 @@ def _label_stage(
     return stages.run(name, settings, work, folder)
 
 
-def _recipe_for(config: HubertIterationsConfig, iteration: IterationSection, labels: dict, folder: Path) -> Recipe:
-    """The pretraining recipe of one iteration: the base recipe, the overrides, then this iteration's labels."""
+def base_recipe(config: HubertIterationsConfig, iteration: IterationSection) -> Recipe:
+    """`pretrain.recipe` with both override lists applied; it must train the `hubert` objective."""
     recipe = load_recipe(config.pretrain.recipe, [*config.pretrain.overrides, *iteration.pretrain_overrides])
     if "hubert" not in recipe.objectives:
         raise ConfigError(
             f"pretrain.recipe={config.pretrain.recipe!r} has no `hubert` objective (it has "
             f"{sorted(recipe.objectives)}); use a hubert recipe such as configs/pretrain/tiny_hubert.yaml"
         )
+    return recipe
+
+
+def _recipe_for(config: HubertIterationsConfig, iteration: IterationSection, labels: dict, folder: Path) -> Recipe:
+    """The pretraining recipe of one iteration: the base recipe, the overrides, then this iteration's labels."""
+    recipe = base_recipe(config, iteration)
     manifests = labels["result"]["manifests"]
     recipe.data.train_manifests = [manifests["train"]]
     recipe.data.valid_manifests = [manifests["valid"]] if "valid" in manifests else []
@@ -331,7 +337,8 @@ def run_hubert_iterations(config: HubertIterationsConfig) -> dict:
     check_paths([config.data.train_manifest], "data.train_manifest")
     if config.data.valid_manifest:
         check_paths([config.data.valid_manifest], "data.valid_manifest")
-    load_recipe(config.pretrain.recipe, config.pretrain.overrides)  # a bad recipe fails before any work
+    for iteration in (config.iteration1, config.iteration2):
+        base_recipe(config, iteration)  # a bad recipe fails before any work
     stages = Stages(out)
 
     phones = _phone_stage(config, stages, out)
