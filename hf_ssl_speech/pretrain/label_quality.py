@@ -33,7 +33,7 @@ def code_usage(codes: np.ndarray, num_clusters: int) -> dict[str, float]:
         "codes_used": int((counts > 0).sum()),
         "num_clusters": int(num_clusters),
         "entropy_bits": entropy,
-        "normalized_entropy": entropy / np.log2(num_clusters) if num_clusters > 1 else 0.0,
+        "normalized_entropy": float(entropy / np.log2(num_clusters)) if num_clusters > 1 else 0.0,
     }
 
 
