@@ -4,6 +4,11 @@
     python scripts/make_kmeans_labels.py --checkpoint runs/tiny_nest/checkpoints/checkpoint-00000300/model \\
         --manifest demo_corpus/train.jsonl --output-dir data/kmeans_l2 --layer 2 --num-clusters 100
 
+    python scripts/make_kmeans_labels.py --features mfcc --manifest demo_corpus/pretrain.jsonl \\
+        --output-dir data/kmeans_mfcc --num-clusters 100           # HuBERT's first iteration
+    python scripts/make_kmeans_labels.py --features mfcc --manifest demo_corpus/test.jsonl \\
+        --output-dir data/kmeans_mfcc_valid --kmeans data/kmeans_mfcc/kmeans.pt   # the same clusters
+
 Writes labels/<id>.npy (one int64 label per 10 ms frame), manifest.jsonl (the input lines plus
 `frame_labels`), kmeans.pt and summary.json into --output-dir; unreadable utterances are skipped and counted.
 The work is `hf_ssl_speech.pretrain.kmeans.make_kmeans_labels`.
@@ -23,7 +28,9 @@ from hf_ssl_speech.pretrain.kmeans import make_kmeans_labels
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (any ConformerSsl head)")
+    parser.add_argument("--checkpoint", help="save_pretrained folder (any ConformerSsl head); not with mfcc")
+    parser.add_argument("--features", choices=("hidden", "mfcc"), default="hidden", help="what to cluster")
+    parser.add_argument("--kmeans", help="kmeans.pt of an earlier run: apply its centroids instead of fitting")
     parser.add_argument("--manifest", required=True, help="NeMo JSONL manifest")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--layer", type=int, default=-1, help="hidden state index: 0 subsampling, k block k, -1 last")
@@ -44,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_fit_steps=args.max_fit_steps,
         seed=args.seed,
         device=args.device,
+        features=args.features,
+        kmeans=args.kmeans,
     )
 
 

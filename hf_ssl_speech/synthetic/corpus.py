@@ -548,9 +548,15 @@ def _write_wav(path: Path, pcm: np.ndarray) -> None:
     path.write_bytes(header + data)
 
 
-def render_utterance(plan: UtterancePlan, out_dir: str) -> dict:
-    """Render `plan` to `out_dir/audio/<id>.wav`; return its manifest line. Runs in worker processes."""
-    speech = _render_speech(plan.speaker, plan.synth_text, plan.rate, plan.pitch, plan.seed).astype(np.float64)
+def render_audio(plan: UtterancePlan, speech: np.ndarray | None = None) -> np.ndarray:
+    """The waveform of `plan` (float64, 16 kHz) before `write_clip` scales it: padding, noise floor, noise.
+
+    `speech` is the engine's trimmed 16 kHz speech when the caller rendered it already (the phone alignment of
+    `synthetic.alignment` does, to keep espeak's phoneme events); None renders it here.
+    """
+    if speech is None:
+        speech = _render_speech(plan.speaker, plan.synth_text, plan.rate, plan.pitch, plan.seed)
+    speech = speech.astype(np.float64)
     lead, trail = int(plan.lead_s * SAMPLE_RATE), int(plan.trail_s * SAMPLE_RATE)
     audio = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
     speech_power = np.mean(speech**2) + 1e-12  # SNRs are measured against the speech, not the padded file
@@ -560,7 +566,12 @@ def render_utterance(plan: UtterancePlan, out_dir: str) -> dict:
         noise = _noise(plan, audio.size)
         noise_power = np.mean(noise**2) + 1e-12
         audio = audio + noise * np.sqrt(speech_power / (noise_power * 10 ** (plan.snr_db / 10)))
-    relative, duration = write_clip(audio, plan.peak_dbfs, f"audio/{plan.id}.wav", out_dir)
+    return audio
+
+
+def render_utterance(plan: UtterancePlan, out_dir: str) -> dict:
+    """Render `plan` to `out_dir/audio/<id>.wav`; return its manifest line. Runs in worker processes."""
+    relative, duration = write_clip(render_audio(plan), plan.peak_dbfs, f"audio/{plan.id}.wav", out_dir)
     return {
         "audio_filepath": relative,
         "duration": duration,
@@ -677,10 +688,15 @@ _CORPUS_FOLDER = GeneratedFolder(
 )
 
 
+def to_pcm16(audio: np.ndarray, peak_dbfs: float) -> np.ndarray:
+    """`audio` scaled to a peak of `peak_dbfs` and quantised to int16: the samples `write_clip` writes."""
+    audio = audio * (10 ** (peak_dbfs / 20) / (np.abs(audio).max() + 1e-12))
+    return np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
+
+
 def write_clip(audio: np.ndarray, peak_dbfs: float, relative: str, out_dir: str | os.PathLike) -> tuple[str, float]:
     """Scale `audio` to `peak_dbfs`, write it as 16 kHz PCM16 at `out_dir/relative`; returns (relative, seconds)."""
-    audio = audio * (10 ** (peak_dbfs / 20) / (np.abs(audio).max() + 1e-12))
-    pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
+    pcm = to_pcm16(audio, peak_dbfs)
     _write_wav(Path(out_dir) / relative, pcm)
     return relative, round(pcm.size / SAMPLE_RATE, 6)
 

@@ -45,6 +45,11 @@ ESPEAK_ACCENTS: tuple[str, ...] = (
 # Constants from speak_lib.h.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000  # without it espeak_Initialize calls exit() when the data folder is bad
+_INITIALIZE_PHONEME_EVENTS = 0x0001  # the synth callback also gets one espeakEVENT_PHONEME per phoneme
+_INITIALIZE_PHONEME_IPA = 0x0002  # ... named in IPA (as `phonemes.phonemize` writes them)
+_EVENT_LIST_TERMINATED = 0
+_EVENT_END = 5  # end of a sentence or clause: the audio after it (up to the next phoneme) is a pause
+_EVENT_PHONEME = 7
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _PARAMETERS = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}
@@ -55,6 +60,21 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
 _LIBC = ctypes.CDLL(None)
 
 _INSTALL_HINT = "install the espeak-ng wheel with `pip install espeakng-loader` (a dependency of hf_ssl_speech)"
+
+
+class _Event(ctypes.Structure):
+    """espeak_EVENT (speak_lib.h); `sample` is the event's position in the output, in samples from the start."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),  # the same position in whole milliseconds
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),  # a union; for a phoneme event its UTF-8 name (not 0-terminated at 8 bytes)
+    ]
 
 
 class EspeakError(UserError, RuntimeError):
@@ -101,7 +121,7 @@ def espeak_variants(data_path: str | None = None) -> list[str]:
     return sorted(p.name for p in (Path(data_path) / "voices" / "!v").iterdir() if p.is_file())
 
 
-def _load(library_path: str, data_path: str, callback) -> ctypes.CDLL:
+def _load(library_path: str, data_path: str, callback, options: int = 0) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(library_path)
     except OSError as error:
@@ -119,7 +139,9 @@ def _load(library_path: str, data_path: str, callback) -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.c_void_p,
     ]
-    sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT)
+    sample_rate = lib.espeak_Initialize(
+        _AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT | options
+    )
     if sample_rate <= 0:
         _unload(lib)
         raise EspeakError(
@@ -149,6 +171,7 @@ def synthesize_espeak(
     seed: int = 0,
     library_path: str | None = None,
     data_path: str | None = None,
+    phoneme_events: list[tuple[int, str]] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Speak `text` with espeak-ng and return (int16 samples (n,), sample rate).
 
@@ -161,6 +184,9 @@ def synthesize_espeak(
         pitch_range: intonation range, 0..100 (espeakRANGE; 0 is monotone).
         seed: seeds espeak's breath/aspiration noise generator (and libc rand()).
         library_path, data_path: see `espeak_paths`.
+        phoneme_events: a list to fill with espeak's own phoneme onsets, (sample index in the returned audio,
+            IPA name with stress marks, "" for a pause or the end of a clause), in order. The events only
+            report where the synthesiser placed each phoneme; the samples are the same with or without them.
     """
     library_path, data_path = espeak_paths(library_path, data_path)
     accent, _, variant = voice.partition("+")
@@ -176,12 +202,24 @@ def synthesize_espeak(
     chunks: list[bytes] = []
 
     def on_samples(wav, num_samples, events):
+        if phoneme_events is not None and events:
+            event = ctypes.cast(events, ctypes.POINTER(_Event))
+            index = 0
+            while event[index].type != _EVENT_LIST_TERMINATED:
+                kind = event[index].type
+                if kind == _EVENT_PHONEME:
+                    name = event[index].id.decode("utf-8", errors="replace")
+                    phoneme_events.append((int(event[index].sample), name))
+                elif kind == _EVENT_END:
+                    phoneme_events.append((int(event[index].sample), ""))
+                index += 1
         if wav and num_samples > 0:
             chunks.append(ctypes.string_at(wav, num_samples * 2))
         return 0  # 0 = continue synthesis
 
     callback = _SYNTH_CALLBACK(on_samples)  # kept alive until _unload: the library holds a pointer to it
-    lib = _load(library_path, data_path, callback)
+    options = 0 if phoneme_events is None else _INITIALIZE_PHONEME_EVENTS | _INITIALIZE_PHONEME_IPA
+    lib = _load(library_path, data_path, callback, options)
     try:
         sample_rate = lib.sample_rate
         status = lib.espeak_SetVoiceByName(voice.encode())
