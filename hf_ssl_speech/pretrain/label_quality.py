@@ -16,19 +16,25 @@ three measures (§IV-D, "Analysis") come from the joint distribution p(y, z) of 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import UserError
+from ..targets import codebook_usage
 
 
 def code_usage(codes: np.ndarray, num_clusters: int) -> dict[str, float]:
-    """Codes used (of `num_clusters`), entropy of the code distribution in bits, and that entropy / log2 k."""
+    """Codes used (of `num_clusters`), entropy of the code distribution in bits, and that entropy / log2 k.
+
+    The same histogram statistics the pretraining loop logs for its codebooks (`targets.codebook_usage`), in bits.
+    """
     counts = np.bincount(np.asarray(codes).ravel(), minlength=num_clusters).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    entropy = float(-(p * np.log2(p)).sum()) if p.size else 0.0
+    usage = codebook_usage(torch.from_numpy(counts)[None])
+    entropy = float(usage["entropy"][0]) / math.log(2)
     return {
         "codes_used": int((counts > 0).sum()),
         "num_clusters": int(num_clusters),
