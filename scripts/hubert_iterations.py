@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """HuBERT iterations in one command: MFCC k-means -> pretrain -> k-means on a middle layer -> pretrain again.
 
-    python scripts/hubert_iterations.py --config configs/pretrain/hubert_iterations_tiny.yaml
-    python scripts/hubert_iterations.py --config configs/pretrain/hubert_iterations_tiny.yaml \\
+    python scripts/hubert_iterations.py --config configs/hubert_iterations/tiny.yaml
+    python scripts/hubert_iterations.py --config configs/hubert_iterations/tiny.yaml \\
         run.output_dir=runs/hi_2 iteration2.num_clusters=200 'pretrain.overrides=[train.max_steps=50]'
 
 Rerun the same command to continue: finished stages are skipped, an interrupted pretraining resumes from its
@@ -25,7 +25,7 @@ from hf_ssl_speech.pretrain.hubert_iterations import load_config, run_hubert_ite
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--config", help="YAML config (configs/pretrain/hubert_iterations_tiny.yaml); default: defaults"
+        "--config", help="YAML config (configs/hubert_iterations/tiny.yaml); default: defaults"
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. iteration1.num_clusters=50")
     args = parser.parse_args(argv)

@@ -40,7 +40,7 @@ from hf_ssl_speech.synthetic.corpus import make_demo_corpus
 from hf_ssl_speech.synthetic.phonemes import phonemize
 
 SCRIPT = REPO_ROOT / "scripts" / "hubert_iterations.py"
-CONFIG = REPO_ROOT / "configs" / "pretrain" / "hubert_iterations_tiny.yaml"
+CONFIG = REPO_ROOT / "configs" / "hubert_iterations" / "tiny.yaml"
 
 
 # ----------------------------------------------------------------------------------------------- MFCC targets
