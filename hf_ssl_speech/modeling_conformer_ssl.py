@@ -160,10 +160,10 @@ class ConformerSslRelPositionBias(nn.Module):
     """WavLM / T5 bucketed relative position bias (position_embeddings_type="gated_rel_pos"), shared by all layers.
 
     Each head learns one scalar per bucket of the relative distance j - i (key minus query): half the buckets for
-    keys after the query, half for keys before; in each half the first quarter of the buckets are the exact
-    distances 0 .. E-1 (E = num_buckets / 4) and the rest are log-spaced up to `max_distance`, beyond which all
-    distances share the last bucket. WavLM (Chen et al. 2022, §II-B) computes this table in its first layer and
-    passes it on to every layer, each of which gates it by its own input (`ConformerSslGatedRelPositionAttention`).
+    keys after the query, half for keys before; in each half the first E = num_buckets / 4 buckets are the exact
+    distances 0 .. E-1 and the rest are log-spaced up to `max_distance`, beyond which all distances share the
+    half's last bucket. WavLM (Chen et al. 2022) computes this table in its first layer and passes it on to every
+    layer, each of which gates it by its own input (`ConformerSslGatedRelPositionAttention`).
     WavLM's 320 buckets / 800 steps count 20 ms frames; ours count encoder steps (40 or 80 ms).
     """
 
@@ -334,7 +334,7 @@ class ConformerSslRelPositionAttention(ConformerSslAttention):
 
 
 class ConformerSslGatedRelPositionAttention(ConformerSslAttention):
-    """Self-attention with WavLM's gated relative position bias (Chen et al. 2022, §II-B, eqs. 6-8).
+    """Self-attention with WavLM's gated relative position bias (Chen et al. 2022).
 
     score(i, j) = q_i . k_j / sqrt(d) + r_(i,j), with the shared bucketed bias d_(j-i) (`ConformerSslRelPositionBias`,
     one scalar per head) scaled by a gate computed from query position i's own input:
@@ -346,8 +346,8 @@ class ConformerSslGatedRelPositionAttention(ConformerSslAttention):
     r = d + g_u d + (1 - g_u) w g_r d. The released WavLM code (as transformers' `WavLMAttention`) instead feeds the
     attention's input x_i split into heads (before W_q) and computes d (2 - g_a + g_a g_b w), i.e. the paper's form
     with g_u = 1 - g_a and g_r = g_b; we follow the code. Its gate layer is Linear(d, 8) whose outputs are summed in
-    fours: the same function as our Linear(d, 2) (sum its rows in fours to convert). The gate lies in
-    (1, 2 + max(w - 1, 0)); g_a = 1, g_b = 0 gives gate 1, the plain (ungated) T5 bias.
+    fours: the same function as our Linear(d, 2) (sum its rows in fours to convert). For w >= 0 the gate lies in
+    (1, 2 + max(w - 1, 0)); g_a = 1, g_b = 0 gives gate 1, the plain (ungated) T5 bias; g_a = 0 gives 2.
     """
 
     def __init__(self, config: ConformerSslConfig):
@@ -384,7 +384,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ConformerSslRotaryAttention(ConformerSslAttention):
-    """Self-attention with rotary positions (RoPE, Su et al. 2021, eq. 34): q_t and k_t are rotated by angles
+    """Self-attention with rotary positions (RoPE, Su et al. 2021): q_t and k_t are rotated by angles
     t * theta_k, so q_i . k_j depends on positions only through i - j. No position bias enters SDPA: without
     padding or a causal mask `attn_mask` is None and the flash / memory-efficient kernels can run on a GPU."""
 

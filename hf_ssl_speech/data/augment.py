@@ -4,7 +4,7 @@ Not Hub-bound (used by the data pipeline before featurisation); torch only.
 
 NEST (Huang et al. 2024, §2.3): with probability p each utterance gets either noise at an SNR drawn
 uniformly from [-5, 20] dB or another utterance of the same batch at [-5, 5] dB, over its whole length.
-WavLM (Chen et al. 2022, §III-B, utterance mixing): with probability 0.2 a segment of another utterance of
+WavLM (Chen et al. 2022, utterance mixing): with probability 0.2 a segment of another utterance of
 the batch, at most half as long as the primary one, cut at a random place and laid over a random place of the
 primary at an energy ratio of -5..5 dB (`segment_fraction=0.5`). Either way the model sees the mixed input
 while its targets come from the clean, primary audio. Everything is vectorised over the batch and drawn from
