@@ -24,6 +24,12 @@ MASK_FILLS = ("learned", "noise")
 CONTRASTIVE_TARGETS = ("quantized", "projected")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 CTC_REDUCTIONS = ("mean", "sum")
+# How attention sees positions (the modeling file holds one attention class and one position module per entry).
+POSITION_EMBEDDINGS_TYPES = {
+    "rel_pos": "Transformer-XL relative positions with u/v biases (NeMo / Parakeet parity)",
+    "gated_rel_pos": "WavLM: bucketed relative position bias shared by the layers, gated per layer by the input",
+    "rotary": "RoPE on queries and keys: no bias, so fused SDPA kernels apply when there is no padding",
+}
 
 # Written into every saved config so each Auto class finds its code next to the weights (trust_remote_code),
 # whichever head was saved: transformers would otherwise record only the saved head's class.
@@ -60,7 +66,17 @@ class ConformerSslConfig(PreTrainedConfig):
         subsampling (`str`, "striding"): "striding" (Conformer) or "dw_striding" (FastConformer).
         subsampling_factor (`int`, 4): time reduction, a power of 2 (4 for Conformer, 8 for FastConformer).
         subsampling_conv_channels (`int`, -1): channels of the subsampling convs; -1 means `hidden_size`.
-        max_position_embeddings (`int`, 5000): longest sequence (after subsampling) of the rel-pos table.
+        max_position_embeddings (`int`, 5000): longest sequence (after subsampling) of the rel-pos table
+            ("rel_pos" only: the other position types have no table).
+        position_embeddings_type (`str`, "rel_pos"): how attention sees positions, one of
+            "rel_pos" (Transformer-XL relative positions with u/v biases; NeMo [self_attention_model] and
+            Parakeet parity), "gated_rel_pos" (WavLM's gated relative position bias, Chen et al. 2022) or
+            "rotary" (RoPE, Su et al. 2021). Only "rel_pos" models convert to NeMo / Parakeet.
+        relative_attention_num_buckets (`int`, 320), relative_attention_max_distance (`int`, 800):
+            "gated_rel_pos" only: T5-style buckets of the relative distance, half per direction, exact below a
+            quarter of the buckets and log-spaced up to max_distance encoder steps (WavLM: 320 and 800).
+        rotary_embedding_base (`float`, 10000.0): "rotary" only: the base of the RoPE frequencies
+            (transformers: rope_parameters["rope_theta"]).
         xscaling (`bool`, True): multiply the subsampled input by sqrt(hidden_size).
         attention_bias / convolution_bias (`bool`, True): biases of the linear / conv layers.
         causal (`bool`, False): causal attention mask, left-padded depthwise and subsampling convs
@@ -69,7 +85,8 @@ class ConformerSslConfig(PreTrainedConfig):
         activation_dropout (`float`, 0.1): dropout after the feed-forward activation.
         attention_dropout (`float`, 0.1): dropout on attention probabilities [dropout_att].
         feat_proj_dropout (`float`, 0.1): dropout after subsampling [dropout_pre_encoder].
-        dropout_positions (`float`, 0.0): dropout on the relative position embeddings [dropout_emb].
+        dropout_positions (`float`, 0.0): dropout on the relative position embeddings [dropout_emb]
+            ("rel_pos" only).
         layerdrop (`float`, 0.0): probability of skipping a whole block in training.
         layer_norm_eps (`float`, 1e-5), initializer_range (`float`, 0.02).
 
@@ -117,6 +134,10 @@ class ConformerSslConfig(PreTrainedConfig):
     subsampling_factor: int = 4
     subsampling_conv_channels: int = -1
     max_position_embeddings: int = 5000
+    position_embeddings_type: str = "rel_pos"
+    relative_attention_num_buckets: int = 320
+    relative_attention_max_distance: int = 800
+    rotary_embedding_base: float = 10000.0
     xscaling: bool = True
     attention_bias: bool = True
     convolution_bias: bool = True
@@ -218,6 +239,8 @@ class ConformerSslConfig(PreTrainedConfig):
             "cpc_num_negatives",
             "mask_time_length",
             "clone_batch",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -260,6 +283,47 @@ class ConformerSslConfig(PreTrainedConfig):
         ):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, name, value, "a probability in [0, 1)")
+        _check(
+            self.position_embeddings_type in POSITION_EMBEDDINGS_TYPES,
+            "position_embeddings_type",
+            self.position_embeddings_type,
+            "one of " + "; ".join(f"{name!r} ({what})" for name, what in POSITION_EMBEDDINGS_TYPES.items()),
+        )
+        if self.position_embeddings_type != "rel_pos":
+            _check(
+                self.dropout_positions == 0.0,
+                "dropout_positions",
+                self.dropout_positions,
+                f"0.0 with position_embeddings_type={self.position_embeddings_type!r} (it drops out the rel_pos "
+                "sinusoid table, which only 'rel_pos' has)",
+            )
+        if self.position_embeddings_type == "gated_rel_pos":
+            buckets = self.relative_attention_num_buckets
+            _check(
+                buckets >= 4 and buckets % 2 == 0,
+                "relative_attention_num_buckets",
+                buckets,
+                "an even number >= 4 (half the buckets per direction, half of those for exact distances), e.g. 320",
+            )
+            exact = buckets // 2 // 2
+            _check(
+                self.relative_attention_max_distance > exact,
+                "relative_attention_max_distance",
+                self.relative_attention_max_distance,
+                f"more than {exact}, the distances that relative_attention_num_buckets={buckets} keeps exact "
+                "(log-spaced buckets span the rest), e.g. 800",
+            )
+        if self.position_embeddings_type == "rotary":
+            _check(
+                (self.hidden_size // self.num_attention_heads) % 2 == 0,
+                "hidden_size",
+                self.hidden_size,
+                f"hidden_size / num_attention_heads even with rotary positions (RoPE rotates pairs of channels); "
+                f"got head size {self.hidden_size // self.num_attention_heads}",
+            )
+            _check(
+                self.rotary_embedding_base > 1, "rotary_embedding_base", self.rotary_embedding_base, "> 1, e.g. 10000"
+            )
         _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "> 0")
         _check(self.initializer_range > 0, "initializer_range", self.initializer_range, "> 0")
         _check(

@@ -156,6 +156,66 @@ class ConformerSslRelPositionalEncoding(nn.Module):
         return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).to(dtype)
 
 
+class ConformerSslRelPositionBias(nn.Module):
+    """WavLM / T5 bucketed relative position bias (position_embeddings_type="gated_rel_pos"), shared by all layers.
+
+    Each head learns one scalar per bucket of the relative distance j - i (key minus query): half the buckets for
+    keys after the query, half for keys before; in each half the first E = num_buckets / 4 buckets are the exact
+    distances 0 .. E-1 and the rest are log-spaced up to `max_distance`, beyond which all distances share the
+    half's last bucket. WavLM (Chen et al. 2022) computes this table in its first layer and passes it on to every
+    layer, each of which gates it by its own input (`ConformerSslGatedRelPositionAttention`).
+    WavLM's 320 buckets / 800 steps count 20 ms frames; ours count encoder steps (40 or 80 ms).
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        # A bare Parameter, not nn.Embedding, so the no-weight-decay rule finds it by name (an embedding).
+        self.relative_attention_bias = nn.Parameter(torch.empty(self.num_buckets, config.num_attention_heads))
+
+    @staticmethod
+    def bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+        """Bucket index in [0, num_buckets) of each relative distance j - i (LongTensor, any shape).
+
+        half = num_buckets / 2; E = half / 2; d = |j - i|:
+            bucket = half * [j > i] + (d                                                  if d < E
+                                       min(half - 1, E + floor(log(d / E) / log(max_distance / E) * (half - E)))
+        """
+        half = num_buckets // 2
+        exact = half // 2
+        offset = (relative > 0).long() * half
+        distance = relative.abs()
+        # float32 as in WavLM; clamp(min=1) keeps log finite where the exact branch is taken anyway.
+        scaled = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)
+        far = (exact + scaled.long()).clamp(max=half - 1)
+        return offset + torch.where(distance < exact, distance, far)
+
+    def forward(self, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns (H, T', T'): the ungated bias of query i (row) attending to key j (column)."""
+        positions = torch.arange(steps, device=self.relative_attention_bias.device)
+        buckets = self.bucket(positions[None, :] - positions[:, None], self.num_buckets, self.max_distance)
+        return self.relative_attention_bias[buckets].permute(2, 0, 1).to(dtype)  # (T', T', H) -> (H, T', T')
+
+
+class ConformerSslRotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) angles for position_embeddings_type="rotary": position t rotates channel pair k of every
+    head by t * base^(-2k / d_head). A rotated query . rotated key depends only on the distance (i - j)."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.base = config.rotary_embedding_base
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (cos, sin), each (T', d_head): the two halves of the channels share one frequency per pair."""
+        angles = torch.arange(steps, device=self.inv_freq.device, dtype=torch.float)[:, None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)  # (T', d_head): pair k is channels k and k + d_head / 2
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 class ConformerSslFeedForward(nn.Module):
     """Linear -> Swish -> dropout -> Linear (the caller halves the residual: macaron)."""
 
@@ -170,13 +230,12 @@ class ConformerSslFeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(hidden))))
 
 
-class ConformerSslRelPositionAttention(nn.Module):
-    """Multi-head self-attention with Transformer-XL relative positions (Dai et al. 2019, section 3.3).
+class ConformerSslAttention(nn.Module):
+    """Query / key / value / output projections and the attention itself, shared by the position variants.
 
-    score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r r_(i-j), all divided by sqrt(d_head). The positional term
-    (b + d) is computed once against the 2T'-1 distances and "rel-shifted" into (T', T'); it then enters
-    `scaled_dot_product_attention` as an additive bias together with the padding / causal mask, so the
-    content term (a + c) and the softmax run in the fused kernel.
+    Every variant ends in `torch.nn.functional.scaled_dot_product_attention`, its position term (if any) and the
+    padding / causal mask added into one `attn_mask`; "eager" (transformers' attn_implementation) or
+    `output_attentions` take the explicit softmax instead, which also returns the weights.
     """
 
     def __init__(self, config: ConformerSslConfig):
@@ -189,15 +248,55 @@ class ConformerSslRelPositionAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        self.relative_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # W_r
-        self.bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # content bias u
-        self.bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # position bias v
-        # "eager": explicit softmax (transformers' attn_implementation); otherwise the fused SDPA kernel.
         self.config = config
 
     @property
     def eager(self) -> bool:
         return self.config._attn_implementation == "eager"
+
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden (B, T', D) -> query, key, value, each (B, H, T', d)."""
+        shape = (*hidden.shape[:2], self.num_heads, self.head_dim)
+        return tuple(proj(hidden).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T / sqrt(d) + bias) v, then the output projection. bias broadcasts to (B, H, T', T') or is
+        None (no padding, no causal mask, no position term: the flash / memory-efficient kernels may run)."""
+        scale = self.head_dim**-0.5
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions or self.eager:
+            scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+            weights = torch.softmax(scores + bias if bias is not None else scores, dim=-1)
+            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        else:
+            weights = None
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
+        batch, _, steps, _ = query.shape
+        context = context.transpose(1, 2).reshape(batch, steps, -1)  # (B, T', D)
+        return self.o_proj(context), weights
+
+
+class ConformerSslRelPositionAttention(ConformerSslAttention):
+    """Multi-head self-attention with Transformer-XL relative positions (Dai et al. 2019, section 3.3).
+
+    score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r r_(i-j), all divided by sqrt(d_head). The positional term
+    (b + d) is computed once against the 2T'-1 distances and "rel-shifted" into (T', T'); it then enters
+    `scaled_dot_product_attention` as an additive bias together with the padding / causal mask, so the
+    content term (a + c) and the softmax run in the fused kernel.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.relative_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # W_r
+        self.bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # content bias u
+        self.bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # position bias v
 
     @staticmethod
     def rel_shift(scores: torch.Tensor) -> torch.Tensor:
@@ -222,11 +321,7 @@ class ConformerSslRelPositionAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden (B, T', D); position_embeddings (2T'-1, D); attention_bias (B, 1, T', T') additive
         (-inf-like where a key is padding or in the future) or None."""
-        batch, steps, _ = hidden.shape
-        shape = (batch, steps, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden).view(shape).transpose(1, 2)  # (B, H, T', d)
-        key = self.k_proj(hidden).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden).view(shape).transpose(1, 2)
+        query, key, value = self.project(hidden)  # (B, H, T', d)
         rel_key = self.relative_k_proj(position_embeddings).view(-1, self.num_heads, self.head_dim)  # (2T'-1, H, d)
 
         scale = self.head_dim**-0.5
@@ -235,16 +330,90 @@ class ConformerSslRelPositionAttention(nn.Module):
         position_scores = torch.matmul(position_query, rel_key.permute(1, 2, 0))  # (B, H, T', 2T'-1)
         bias = self.rel_shift(position_scores)  # (B, H, T', T') view
         bias = bias + attention_bias if attention_bias is not None else bias.contiguous()
-        query = query + self.bias_u[:, None, :]
-        dropout = self.dropout if self.training else 0.0
-        if output_attentions or self.eager:
-            weights = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * scale + bias, dim=-1)
-            context = torch.matmul(F.dropout(weights, dropout, self.training), value)
-        else:
-            weights = None
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
-        context = context.transpose(1, 2).reshape(batch, steps, -1)  # (B, T', D)
-        return self.o_proj(context), weights
+        return self.attend(query + self.bias_u[:, None, :], key, value, bias, output_attentions)
+
+
+class ConformerSslGatedRelPositionAttention(ConformerSslAttention):
+    """Self-attention with WavLM's gated relative position bias (Chen et al. 2022).
+
+    score(i, j) = q_i . k_j / sqrt(d) + r_(i,j), with the shared bucketed bias d_(j-i) (`ConformerSslRelPositionBias`,
+    one scalar per head) scaled by a gate computed from query position i's own input:
+
+        g_a, g_b = sigmoid(x_i W_g + c)           x_i: this head's d channels of the attention input; W_g (d, 2)
+        r_(i,j)  = (g_a (g_b w - 1) + 2) d_(j-i)  w: a learned constant per head, initialised to 1
+
+    The paper writes the gates as functions of the query q_i, with update gate g_u and reset gate g_r:
+    r = d + g_u d + (1 - g_u) w g_r d. The released WavLM code (as transformers' `WavLMAttention`) instead feeds the
+    attention's input x_i split into heads (before W_q) and computes d (2 - g_a + g_a g_b w), i.e. the paper's form
+    with g_u = 1 - g_a and g_r = g_b; we follow the code. Its gate layer is Linear(d, 8) whose outputs are summed in
+    fours: the same function as our Linear(d, 2) (sum its rows in fours to convert). For w >= 0 the gate lies in
+    (1, 2 + max(w - 1, 0)); g_a = 1, g_b = 0 gives gate 1, the plain (ungated) T5 bias; g_a = 0 gives 2.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        self.gate_proj = nn.Linear(self.head_dim, 2)  # W_g, c: shared by the heads (each reads its own slice)
+        self.gate_scale = nn.Parameter(torch.ones(self.num_heads))  # w (WavLM: gru_rel_pos_const)
+
+    def gate(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T', D) -> the gate g_a (g_b w - 1) + 2 of each query position, (B, H, T', 1)."""
+        heads = hidden.view(*hidden.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T', d)
+        gate_a, gate_b = torch.sigmoid(self.gate_proj(heads)).unbind(-1)  # (B, H, T') each
+        return (gate_a * (gate_b * self.gate_scale[:, None] - 1.0) + 2.0)[..., None]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (B, T', D); position_embeddings (H, T', T'): the ungated bias shared by the layers;
+        attention_bias (B, 1, T', T') additive padding / causal mask or None."""
+        query, key, value = self.project(hidden)  # (B, H, T', d)
+        bias = self.gate(hidden).to(query.dtype) * position_embeddings.to(query.dtype)  # (B, H, T', T')
+        if attention_bias is not None:
+            bias = bias + attention_bias
+        return self.attend(query, key, value, bias, output_attentions)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last axis: the 90-degree turn of each channel pair."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+class ConformerSslRotaryAttention(ConformerSslAttention):
+    """Self-attention with rotary positions (RoPE, Su et al. 2021): q_t and k_t are rotated by angles
+    t * theta_k, so q_i . k_j depends on positions only through i - j. No position bias enters SDPA: without
+    padding or a causal mask `attn_mask` is None and the flash / memory-efficient kernels can run on a GPU."""
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_bias: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (B, T', D); position_embeddings (cos, sin), each (T', d); attention_bias (B, 1, T', T') or None."""
+        query, key, value = self.project(hidden)  # (B, H, T', d)
+        cos, sin = position_embeddings
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
+        return self.attend(query, key, value, attention_bias, output_attentions)
+
+
+# One attention class and one position module per ConformerSslConfig.position_embeddings_type.
+ATTENTION_CLASSES: dict[str, type[ConformerSslAttention]] = {
+    "rel_pos": ConformerSslRelPositionAttention,
+    "gated_rel_pos": ConformerSslGatedRelPositionAttention,
+    "rotary": ConformerSslRotaryAttention,
+}
+POSITION_CLASSES: dict[str, type[nn.Module]] = {
+    "rel_pos": ConformerSslRelPositionalEncoding,
+    "gated_rel_pos": ConformerSslRelPositionBias,
+    "rotary": ConformerSslRotaryEmbedding,
+}
 
 
 class ConformerSslConvModule(nn.Module):
@@ -296,7 +465,7 @@ class ConformerSslLayer(GradientCheckpointingLayer):
         self.norm_feed_forward1 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.feed_forward1 = ConformerSslFeedForward(config)
         self.norm_self_att = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.self_attn = ConformerSslRelPositionAttention(config)
+        self.self_attn = ATTENTION_CLASSES[config.position_embeddings_type](config)
         self.norm_conv = nn.LayerNorm(config.hidden_size, eps=eps)
         self.conv = ConformerSslConvModule(config)
         self.norm_feed_forward2 = nn.LayerNorm(config.hidden_size, eps=eps)
@@ -307,7 +476,7 @@ class ConformerSslLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden: torch.Tensor,
-        position_embeddings: torch.Tensor,
+        position_embeddings: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         attention_bias: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
@@ -357,8 +526,9 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     # Parameters that weight decay must not pull towards zero, besides every 1-d tensor (biases, norm scales,
-    # masked_spec_embed, layer_weights): the rel-pos attention biases u, v and the Gumbel code vectors.
-    _no_weight_decay_names = ("bias_u", "bias_v", "codevectors")
+    # masked_spec_embed, layer_weights): the rel-pos attention biases u, v, the Gumbel code vectors and the
+    # gated_rel_pos bucket table.
+    _no_weight_decay_names = ("bias_u", "bias_v", "codevectors", "relative_attention_bias")
 
     def no_weight_decay_parameters(self) -> set[str]:
         """Names of the parameters that get no weight decay: norms, biases and embeddings, by one rule.
@@ -383,6 +553,14 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ConformerSslRelPositionalEncoding):
             hidden = self.config.hidden_size
             init.copy_(module.inv_freq, 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float) / hidden)))
+        elif isinstance(module, ConformerSslGatedRelPositionAttention):
+            init.ones_(module.gate_scale)  # WavLM: w starts at 1
+        elif isinstance(module, ConformerSslRelPositionBias):
+            init.normal_(module.relative_attention_bias, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ConformerSslRotaryEmbedding):
+            head_dim = module.inv_freq.shape[0] * 2
+            exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+            init.copy_(module.inv_freq, 1.0 / (module.base**exponent))
         elif isinstance(module, nn.BatchNorm1d) and module.running_mean is not None:
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
@@ -438,7 +616,7 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
     def __init__(self, config: ConformerSslConfig):
         super().__init__(config)
         self.subsampling = ConformerSslSubsampling(config)
-        self.position_encoding = ConformerSslRelPositionalEncoding(config)
+        self.position_encoding = POSITION_CLASSES[config.position_embeddings_type](config)
         self.xscale = math.sqrt(config.hidden_size) if config.xscaling else 1.0
         self.dropout = nn.Dropout(config.feat_proj_dropout)
         self.dropout_positions = nn.Dropout(config.dropout_positions)
@@ -478,7 +656,10 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
         hidden, lengths = self.subsampling(input_features, lengths)  # (B, T', D)
         hidden = self.dropout(hidden * self.xscale)
         steps = hidden.shape[1]
-        position_embeddings = self.dropout_positions(self.position_encoding(steps, hidden.dtype))  # (2T'-1, D)
+        # rel_pos: the sinusoid table (2T'-1, D); gated_rel_pos: the ungated bias (H, T', T'); rotary: (cos, sin).
+        position_embeddings = self.position_encoding(steps, hidden.dtype)
+        if self.config.position_embeddings_type == "rel_pos":
+            position_embeddings = self.dropout_positions(position_embeddings)
 
         padding_mask = lengths_to_padding_mask(lengths, steps)  # (B, T')
         has_padding = bool(padding_mask.any())

@@ -77,12 +77,14 @@ def test_saved_folder_has_complete_auto_map_and_code(tiny_config, tmp_path):
         assert (tmp_path / f"{module}.py").is_file(), module
 
 
-def test_trust_remote_code_without_the_package(tiny_config, tmp_path):
+@pytest.mark.parametrize("position_type", ["rel_pos", "gated_rel_pos"])
+def test_trust_remote_code_without_the_package(tiny_config, tmp_path, position_type):
     from hf_ssl_speech import ConformerSslFeatureExtractor
 
     folder = tmp_path / "model"
     torch.manual_seed(0)
-    model = ConformerSslForCTC(tiny_config(vocab_size=7, num_mel_bins=80)).eval()
+    config = tiny_config(vocab_size=7, num_mel_bins=80, position_embeddings_type=position_type)
+    model = ConformerSslForCTC(config).eval()
     model.save_pretrained(folder)
     ConformerSslFeatureExtractor().save_pretrained(folder)
     features = torch.randn(2, 90, 80)

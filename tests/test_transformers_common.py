@@ -317,3 +317,17 @@ class ConformerSslGumbelPreTrainingTest(CommonTestsBase, unittest.TestCase):
     @unittest.skip("no base model in this class (covered by the other classes)")
     def test_model(self):
         pass
+
+
+@skip_mixin_tests(COVERED_BY_STRIDING, "test_bc_torch_dtype")
+class ConformerSslGatedRelPosModelTest(CommonTestsBase, unittest.TestCase):
+    """WavLM's gated relative position bias (position_embeddings_type="gated_rel_pos"); eager vs SDPA kept."""
+
+    config_overrides = {"position_embeddings_type": "gated_rel_pos"}
+
+
+@skip_mixin_tests(COVERED_BY_STRIDING, "test_bc_torch_dtype")
+class ConformerSslRotaryModelTest(CommonTestsBase, unittest.TestCase):
+    """Rotary positions (position_embeddings_type="rotary"): no bias, SDPA without attn_mask when unpadded."""
+
+    config_overrides = {"position_embeddings_type": "rotary"}

@@ -1,10 +1,13 @@
-"""NEST denoising augmentation: mix noise or another utterance of the batch into the waveforms.
+"""Denoising augmentation (NEST, WavLM): mix noise or another utterance of the batch into the waveforms.
 
 Not Hub-bound (used by the data pipeline before featurisation); torch only.
 
 NEST (Huang et al. 2024, §2.3): with probability p each utterance gets either noise at an SNR drawn
-uniformly from [-5, 20] dB or another utterance of the same batch at [-5, 5] dB; the model sees the noisy
-input while its targets come from the clean audio. Everything is vectorised over the batch and drawn from
+uniformly from [-5, 20] dB or another utterance of the same batch at [-5, 5] dB, over its whole length.
+WavLM (Chen et al. 2022, utterance mixing): with probability 0.2 a segment of another utterance of
+the batch, at most half as long as the primary one, cut at a random place and laid over a random place of the
+primary at an energy ratio of -5..5 dB (`segment_fraction=0.5`). Either way the model sees the mixed input
+while its targets come from the clean, primary audio. Everything is vectorised over the batch and drawn from
 an explicit `torch.Generator`.
 """
 
@@ -34,6 +37,7 @@ def mix_for_denoising(
     speech_snr_db: tuple[float, float] = (-5.0, 5.0),
     noise_ratio: float = 0.5,
     generator: torch.Generator | None = None,
+    segment_fraction: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (noisy waveforms (batch, N), kind (batch,) long: 0 clean, 1 noise, 2 other utterance).
 
@@ -47,10 +51,16 @@ def mix_for_denoising(
         noise_ratio: probability that a corrupted utterance gets noise rather than another utterance
             (always noise when the batch has one utterance).
         generator: source of randomness.
+        segment_fraction: None (NEST): the interferer covers the whole utterance. A fraction in (0, 1] (WavLM:
+            0.5): the interferer is one segment of uniform length in [1, segment_fraction * length] samples (and
+            no longer than the other utterance), cut from a uniform position of its source and added at a uniform
+            position of the utterance.
 
-    The interferer is scaled so that 10 log10(P_speech / P_interferer) equals the drawn SNR, with powers
-    measured over the utterance's valid samples; padding stays zero. Another utterance is truncated (or
-    zero beyond its own length) to the target's length.
+    The interferer is scaled so that 10 log10(P_speech / P_interferer) equals the drawn SNR (energy ratio), with
+    P_speech the mean square over the utterance's valid samples and P_interferer the mean square over the
+    samples the interferer covers (the whole utterance, or its segment: inside the overlap the ratio is the
+    drawn one, as in WavLM and NeMo's WavLMAugmentation); padding stays zero. Without a segment another
+    utterance is truncated (or zero beyond its own length) to the target's length.
     """
     batch, num_samples = waveforms.shape
     device = waveforms.device
@@ -67,13 +77,27 @@ def mix_for_denoising(
         gen_device = generator.device if generator is not None else device
         noise = torch.randn((batch, num_samples), generator=generator, device=gen_device).to(device)
     speech_interferer = x[partner]  # zero past the partner's own length already
-    interferer = torch.where(use_noise[:, None], noise.float(), speech_interferer) * valid
+    source = torch.where(use_noise[:, None], noise.float(), speech_interferer)  # (batch, N)
     low = torch.where(use_noise, noise_snr_db[0], speech_snr_db[0])
     high = torch.where(use_noise, noise_snr_db[1], speech_snr_db[1])
     snr_db = low + (high - low) * _uniform((batch,), generator, device)
+    if segment_fraction is None:
+        covered = valid
+    else:
+        # WavLM: one segment of the source, at most segment_fraction of the primary (and of the source itself).
+        source_lengths = torch.where(use_noise, num_samples, lengths[partner])  # (batch,)
+        longest = torch.minimum((lengths * segment_fraction).long(), source_lengths).clamp(min=1)
+        seg = (1 + (_uniform((batch,), generator, device) * longest).long()).clamp(max=longest)  # U{1..longest}
+        start = (_uniform((batch,), generator, device) * (lengths - seg + 1).clamp(min=1)).long()  # in the primary
+        cut = (_uniform((batch,), generator, device) * (source_lengths - seg + 1).clamp(min=1)).long()  # source
+        positions = torch.arange(num_samples, device=device)[None, :]  # (1, N)
+        covered = (positions >= start[:, None]) & (positions < (start + seg)[:, None]) & valid  # (batch, N)
+        index = (positions - start[:, None] + cut[:, None]).clamp(0, num_samples - 1)
+        source = source.gather(1, index)  # sample t of the primary gets source sample t - start + cut
+    interferer = source * covered
     # scale^2 * P_i = P_s / 10^(snr/10)  ->  scale = sqrt(P_s / (P_i * 10^(snr/10))); silent interferer -> 0.
     p_speech = _power(x, valid)
-    p_interferer = _power(interferer, valid)
+    p_interferer = _power(interferer, covered)
     scale = torch.sqrt(p_speech / (p_interferer.clamp(min=1e-12) * 10.0 ** (snr_db / 10.0)))
     scale = torch.where((p_interferer > 1e-12) & corrupt, scale, torch.zeros_like(scale))
     noisy = x + scale[:, None] * interferer

@@ -339,6 +339,16 @@ def nemo_encoder_key_to_ours(key: str) -> str | None:
     return None if renamed is None else f"layers.{layer}.{renamed}"
 
 
+def check_rel_pos(position_embeddings_type: str) -> None:
+    """NeMo's ConformerEncoder has our "rel_pos" attention only: refuse the other position types by name."""
+    if position_embeddings_type != "rel_pos":
+        raise NemoConversionError(
+            f"ConformerSslConfig.position_embeddings_type={position_embeddings_type!r} has no NeMo ConformerEncoder "
+            "equivalent (NeMo's self_attention_model='rel_pos' is ours 'rel_pos'): keep this model in our classes, "
+            "or pretrain with position_embeddings_type='rel_pos' to export to NeMo"
+        )
+
+
 def our_encoder_key_to_nemo(key: str) -> str:
     """The inverse of `nemo_encoder_key_to_ours` for every `ConformerSslModel` state-dict name."""
     if key.startswith("subsampling.layers."):
@@ -382,7 +392,15 @@ def encoder_state_dict_to_ours(
 
 
 def our_encoder_state_dict_to_nemo(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`ConformerSslModel` tensors -> NeMo `encoder.*` names (the inverse map; pointwise weights regain (out, in, 1))."""
+    """`ConformerSslModel` tensors -> NeMo `encoder.*` names (the inverse map; pointwise weights regain (out, in, 1)).
+
+    Only a "rel_pos" encoder has NeMo names for its attention: a state dict without the rel-pos projection (rotary)
+    or with WavLM's gate and bucket table (gated_rel_pos) is refused."""
+    attention = {key for key in state_dict if ".self_attn." in key}
+    if any(".self_attn.gate_" in key for key in attention):
+        check_rel_pos("gated_rel_pos")
+    if attention and not any(key.endswith(".self_attn.relative_k_proj.weight") for key in attention):
+        check_rel_pos("rotary")
     theirs = {}
     for key, value in state_dict.items():
         if key.endswith(_POINTWISE):
@@ -444,6 +462,7 @@ def nemo_encoder_config(config: ConformerSslConfig) -> dict:
     """The NeMo ConformerEncoder section of the same network as `config` (inverse mapping; non-causal only)."""
     if config.causal:
         raise NemoConversionError("causal=True has no NeMo ConformerEncoder equivalent (see convert_encoder_config)")
+    check_rel_pos(config.position_embeddings_type)
     if config.intermediate_size % config.hidden_size:
         raise NemoConversionError(f"intermediate_size={config.intermediate_size} is not a multiple of hidden_size")
     section = {theirs: getattr(config, ours) for theirs, ours in _ENCODER_MAPPED.items()}

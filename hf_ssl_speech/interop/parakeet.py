@@ -60,6 +60,11 @@ def check_parakeet_compatible(config: ConformerSslConfig) -> None:
         problems.append(f"conv_norm_type={config.conv_norm_type!r} (Parakeet has only 'batch_norm')")
     if config.causal:
         problems.append("causal=True (Parakeet's encoder is not causal)")
+    if config.position_embeddings_type != "rel_pos":
+        problems.append(
+            f"position_embeddings_type={config.position_embeddings_type!r} (Parakeet has only 'rel_pos' attention; "
+            "keep such a model in our classes, or pretrain with position_embeddings_type='rel_pos' to export)"
+        )
     if config.layer_norm_eps != 1e-5:
         problems.append(f"layer_norm_eps={config.layer_norm_eps} (Parakeet uses 1e-5)")
     if problems:

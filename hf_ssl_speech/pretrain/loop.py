@@ -72,10 +72,11 @@ def featurise(
     generator: torch.Generator | None,
     train: bool,
 ) -> dict[str, torch.Tensor]:
-    """Collator waveforms -> model inputs on `device`: log-mels (dither and NEST denoising in training only).
+    """Collator waveforms -> model inputs on `device`: log-mels (dither and denoising in training only).
 
     With denoising the model sees the noisy features while its targets come from the clean ones
-    (`target_features`), as in NEST.
+    (`target_features`), as in NEST; frame labels (HuBERT / WavLM targets) belong to the clean, primary utterance
+    and pass through untouched. `data.mix_segment_fraction` switches NEST's whole-utterance mix to WavLM's segment.
     """
     waveforms = batch["waveforms"].to(device)  # (batch, samples)
     lengths = batch["waveform_lengths"].to(device)  # (batch,)
@@ -85,7 +86,15 @@ def featurise(
         clean, _ = extractor.extract_batch(waveforms, lengths)
         inputs["target_features"] = clean
         waveforms, _ = mix_for_denoising(
-            waveforms, lengths, data.denoising_prob, None, data.noise_snr_db, data.speech_snr_db, generator=generator
+            waveforms,
+            lengths,
+            data.denoising_prob,
+            None,
+            data.noise_snr_db,
+            data.speech_snr_db,
+            data.noise_ratio,
+            generator=generator,
+            segment_fraction=data.mix_segment_fraction,
         )
     dither = data.dither if train else 0.0
     features, frames = extractor.extract_batch(waveforms, lengths, dither=dither, generator=generator)  # (B, T, F)

@@ -57,11 +57,15 @@ class DataSection(DataConfig):
     dither: float = 1e-5  # NeMo: std of Gaussian noise added to the training waveforms before the log-mel
     num_workers: int = 0  # DataLoader worker processes per training process
     frame_labels_key: str | None = None  # manifest key holding frame labels (HuBERT external targets)
-    # NEST denoising: with this probability mix white noise or another utterance of the batch into the input
-    # (targets stay clean). No noise corpus is read: NEST's MUSAN noise is replaced by Gaussian noise.
-    denoising_prob: float = 0.0
+    # Denoising (data/augment.py): with this probability mix white noise or another utterance of the batch into
+    # the input (targets stay clean). No noise corpus is read: NEST's MUSAN noise is replaced by Gaussian noise.
+    denoising_prob: float = 0.0  # NEST: 0.5; WavLM: 0.2
     noise_snr_db: tuple[float, float] = (-5.0, 20.0)  # NEST: noise at -5..20 dB
-    speech_snr_db: tuple[float, float] = (-5.0, 5.0)  # NEST: another utterance at -5..5 dB
+    speech_snr_db: tuple[float, float] = (-5.0, 5.0)  # NEST and WavLM: another utterance at -5..5 dB
+    noise_ratio: float = 0.5  # of the mixed utterances, the share that gets noise rather than another utterance
+    # None: the interferer covers the whole utterance (NEST); a fraction: one segment of at most that fraction of
+    # the utterance, at a random place (WavLM utterance mixing: 0.5).
+    mix_segment_fraction: float | None = None
 
     def loader_config(self) -> dict[str, Any]:
         """The `DataConfig` fields, as keyword arguments of `build_dataloader`."""
@@ -244,6 +248,17 @@ def validate(recipe: Recipe) -> None:
             d.weights,
             f"one weight per train manifest ({len(d.train_manifests)})",
         )
+    check(0.0 <= d.denoising_prob <= 1.0, "data.denoising_prob", d.denoising_prob, "a probability in [0, 1]")
+    check(0.0 <= d.noise_ratio <= 1.0, "data.noise_ratio", d.noise_ratio, "a probability in [0, 1]")
+    check(
+        d.mix_segment_fraction is None or 0.0 < d.mix_segment_fraction <= 1.0,
+        "data.mix_segment_fraction",
+        d.mix_segment_fraction,
+        "None (mix over the whole utterance, NEST) or a fraction in (0, 1] (WavLM: 0.5)",
+    )
+    for key in ("noise_snr_db", "speech_snr_db"):
+        low, high = getattr(d, key)
+        check(low <= high, f"data.{key}", getattr(d, key), "[low, high] in dB with low <= high")
     check(bool(recipe.objectives), "objectives", recipe.objectives, f"at least one objective from {tuple(OBJECTIVES)}")
 
 
