@@ -24,9 +24,7 @@ from hf_ssl_speech.pretrain.hubert_iterations import load_config, run_hubert_ite
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config", help="YAML config (configs/hubert_iterations/tiny.yaml); default: defaults"
-    )
+    parser.add_argument("--config", help="YAML config (configs/hubert_iterations/tiny.yaml); default: defaults")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. iteration1.num_clusters=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
