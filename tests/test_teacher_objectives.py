@@ -197,6 +197,28 @@ def test_teacher_objective_settings_are_checked(objectives, message):
         make_tiny_config(objectives=objectives)
 
 
+# ----------------------------------------------------------------------------------------------- w2v-BERT
+def test_w2v_bert_contrastive_reads_the_lower_block_and_mlm_the_top_with_one_codebook():
+    """w2v-BERT's two modules are per-objective layers of one encoder: contrastive on block 1 of 3, MLM on block 3,
+    both targets from the same Gumbel quantizer."""
+    torch.manual_seed(0)
+    model = _model(
+        {"contrastive": {"layer": 1}, "mlm": {}},
+        num_hidden_layers=3,
+        num_codevector_groups=1,
+        num_codevectors_per_group=16,
+    ).train()
+    features, mask = _batch()
+    out = model(features, mask, generator=_gen(0))
+    assert set(out.loss_sums) == {"contrastive", "diversity", "mlm"}
+    grads = torch.autograd.grad(out.loss_sums["contrastive"], list(model.conformer.parameters()), allow_unused=True)
+    reached = {name.split(".")[1] for (name, _), g in zip(model.conformer.named_parameters(), grads) if g is not None}
+    assert "0" in reached and not {"1", "2"} & reached  # blocks above the contrastive module get nothing from it
+    grads = torch.autograd.grad(out.loss_sums["mlm"], [model.conformer.layers[2].feed_forward2.linear1.weight])
+    assert grads[0].abs().sum() > 0
+    assert model.mlm_head.out_features == 16 and model.quantizer.num_groups == 1  # one codebook, its ids are MLM's
+
+
 # ----------------------------------------------------------------------------------------------- NEST refinements
 def test_layer_norm_on_the_quantizer_input_makes_codes_gain_invariant_per_step():
     inputs = torch.randn(2, 9, 24, generator=_gen(2))
