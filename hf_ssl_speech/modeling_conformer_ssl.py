@@ -870,8 +870,9 @@ class ConformerSslForPreTrainingOutput(ModelOutput):
     mask_time_indices: (B, T) long frame mask used, 1 = masked (None without masked objectives; long rather
         than bool so generic output comparisons, which subtract tensors, work).
     token_mask: (B, T') long, 1 = masked encoder step.
-    code_counts: objective -> (books, codes) float32 histogram of its target ids at the masked steps (bestrq,
+    code_counts: objective -> (books, codes) int64 histogram of its target ids at the masked steps (bestrq,
         dinosr): add them up over batches and processes, then `targets.codebook_usage` gives coverage and entropy.
+        A whole-batch count, like `loss_counts`, not a per-example output.
     teacher_statistics: what `update_teacher` needs after the optimiser step (DinoSR's codeword sums and counts),
         to be summed over micro-batches and processes first; empty in eval.
 

@@ -315,7 +315,7 @@ def _dinosr(model: nn.Module, ctx: ObjectiveContext, spec: Mapping[str, Any]) ->
     if model.training:  # validation never moves the codebooks
         ctx.book.teacher_statistics["dinosr_codebooks/sums"] = sums
         ctx.book.teacher_statistics["dinosr_codebooks/counts"] = counts
-    ctx.book.code_counts["dinosr"] = counts
+    ctx.book.code_counts["dinosr"] = counts.long()
     logits = model.dinosr_head(ctx.hidden(spec)[b, t]).view(-1, codebooks.num_codebooks, codebooks.codebook_size)
     return masked_prediction_loss(logits, ids)
 

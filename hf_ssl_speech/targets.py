@@ -181,7 +181,7 @@ def _perplexity(marginal: torch.Tensor) -> torch.Tensor:
 
 
 def code_histogram(code_ids: torch.Tensor, selected: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """How often each code is picked at the selected steps: (batch, T, groups) ids -> (groups, codes) float32.
+    """How often each code is picked at the selected steps: (batch, T, groups) ids -> (groups, codes) int64.
 
     Histograms add up over batches and processes, so coverage and entropy of a whole logging interval and of
     all processes come from their sum (`codebook_usage`), not from an average of per-batch figures.
@@ -189,13 +189,13 @@ def code_histogram(code_ids: torch.Tensor, selected: torch.Tensor, num_codes: in
     ids = code_ids[selected]  # (N, groups)
     groups = code_ids.shape[-1]
     offsets = torch.arange(groups, device=ids.device) * num_codes
-    return torch.bincount((ids + offsets).reshape(-1), minlength=groups * num_codes).view(groups, num_codes).float()
+    return torch.bincount((ids + offsets).reshape(-1), minlength=groups * num_codes).view(groups, num_codes)
 
 
 def codebook_usage(histogram: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per codebook of a (groups, codes) histogram: "coverage" (fraction of codes used), "entropy" (nats) and
     "perplexity" (exp entropy), each (groups,)."""
-    marginal = histogram.float() / histogram.float().sum(dim=-1, keepdim=True).clamp(min=1)
+    marginal = histogram.double() / histogram.double().sum(dim=-1, keepdim=True).clamp(min=1)
     entropy = -(marginal * torch.log(marginal.clamp(min=1e-12))).sum(dim=-1)
     return {"coverage": (histogram > 0).float().mean(dim=-1), "entropy": entropy, "perplexity": entropy.exp()}
 
@@ -203,7 +203,7 @@ def codebook_usage(histogram: torch.Tensor) -> dict[str, torch.Tensor]:
 def _hard_usage(code_ids: torch.Tensor, selected: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard code histogram of the selected steps: (perplexity, fraction of codes used)."""
     counts = code_histogram(code_ids, selected, num_codes)
-    marginal = counts.float() / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    marginal = counts.float() / counts.sum(dim=-1, keepdim=True).clamp(min=1).float()
     return _perplexity(marginal), (counts > 0).float().mean()
 
 

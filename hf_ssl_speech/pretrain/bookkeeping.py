@@ -156,7 +156,7 @@ class CodeUsage:
 
     def update(self, code_counts: Mapping[str, torch.Tensor] | None) -> None:
         for name, histogram in (code_counts or {}).items():
-            histogram = histogram.detach().float()
+            histogram = histogram.detach().double()  # exact counts however long the logging interval
             self.counts[name] = histogram if name not in self.counts else self.counts[name].to(histogram) + histogram
 
     def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
@@ -175,7 +175,7 @@ class CodeUsage:
         return {name: histogram.cpu() for name, histogram in self.counts.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.counts = {name: torch.as_tensor(histogram).float() for name, histogram in state.items()}
+        self.counts = {name: torch.as_tensor(histogram).double() for name, histogram in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------- non-finite guard
