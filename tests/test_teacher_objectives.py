@@ -3,11 +3,16 @@ of their targets, the teacher's EMA, the online codebooks, and code-usage statis
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
-from support import make_tiny_config
+from support import REPO_ROOT, free_port, make_tiny_config
 from transformers import AutoModel
 
 from hf_ssl_speech.losses import regression_loss
@@ -177,6 +182,84 @@ def test_save_pretrained_exports_the_student_and_codewords_not_the_teacher(tmp_p
     ctc = ConformerSslForCTC.from_pretrained(tmp_path, vocab_size=8)
     for name, value in model.conformer.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value) and torch.equal(ctc.conformer.state_dict()[name], value)
+
+
+# FSDP2 (torch's fully_shard, every encoder block of student and teacher and the root) over 2 gloo processes: the
+# EMA runs on the local shards, and the teacher after 3 steps equals the EMA chain of the gathered student weights.
+_FSDP_TEACHER = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    sys.path.insert(0, sys.argv[1])
+    from support import make_tiny_config
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    config = make_tiny_config(
+        objectives={"data2vec": {"top_k_layers": 2, "decoder_dim": 32, "decoder_groups": 4},
+                    "dinosr": {"top_k_layers": 2, "codebook_size": 16}},
+        mask_strategy="span", mask_time_prob=0.1, mask_time_length=8, conv_norm_type="layer_norm",
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
+    model = ConformerSslForPreTraining(config).train()
+    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    expected = {n: p.detach().clone() for n, p in model.teacher.named_parameters()}
+    codewords = model.dinosr_codebooks.codewords.clone()
+    for layer in [*model.conformer.layers, *model.teacher.layers]:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    features = torch.randn(2, 120, 16, generator=torch.Generator().manual_seed(rank))
+    for step in range(3):
+        out = model(features, generator=torch.Generator().manual_seed(10 * rank + step))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        statistics = {k: v.clone() for k, v in out.teacher_statistics.items()}
+        for value in statistics.values():
+            dist.all_reduce(value)  # what the loop's accelerator.reduce does
+        model.update_teacher(0.9, statistics)
+        student = {n: full(p) for n, p in model.conformer.named_parameters()}
+        expected = {n: 0.9 * e + 0.1 * student[n] for n, e in expected.items()}
+    teacher = {n: full(p) for n, p in model.teacher.named_parameters()}
+    gathered = [torch.zeros_like(codewords) for _ in range(2)]
+    dist.all_gather(gathered, model.dinosr_codebooks.codewords.contiguous())
+    print("RESULT " + json.dumps({
+        "sharded": all(type(p).__name__ == "DTensor" for p in model.teacher.parameters()),
+        "ema_error": max(float((teacher[n] - expected[n]).abs().max()) for n in teacher),
+        "teacher_moved": max(float((teacher[n] - student[n]).abs().max()) for n in teacher),
+        "codewords_equal": bool(torch.equal(gathered[0], gathered[1])),
+        "codewords_moved": float((gathered[0] - codewords).abs().max()),
+    }))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ema_teacher_under_fsdp2_updates_its_shards_and_keeps_one_set_of_codewords(tmp_path):
+    script = tmp_path / "fsdp_teacher.py"
+    script.write_text(_FSDP_TEACHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    proc = subprocess.run(
+        [*command, str(free_port()), str(script), str(REPO_ROOT / "tests")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2
+    for result in results:
+        assert result["sharded"]  # the teacher is sharded like the student, never gathered to update
+        assert result["ema_error"] < 1e-6 and result["teacher_moved"] > 1e-4
+        assert result["codewords_equal"] and result["codewords_moved"] > 1e-4
 
 
 @pytest.mark.parametrize(
