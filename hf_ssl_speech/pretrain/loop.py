@@ -345,7 +345,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             tracker.update(sums, counts, micro_metrics, out.loss_weights)
             code_usage.update(out.code_counts)
             for key, value in (out.teacher_statistics or {}).items():
-                teacher_statistics[key] = value + teacher_statistics[key] if key in teacher_statistics else value
+                teacher_statistics[key] = teacher_statistics.get(key, 0) + value
         if finite:
             max_norm = o.clip if o.clip > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
