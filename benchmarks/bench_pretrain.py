@@ -13,7 +13,7 @@ Systems (each in its own subprocess, so the peak RSS is that system's; run alter
   nemo_contrastive       NeMo 3.0 SpeechEncDecSelfSupervisedModel, conformer_ssl recipe, contrastive only
   nemo_contrastive_mlm   the same with the recipe's MLM loss (90k-class head, weight 1000)
   nemo_nest              NeMo 3.0 EncDecDenoiseMaskedTokenPredModel, NEST FastConformer recipe
-  ours_data2vec, ours_dinosr, ours_w2v_bert
+  ours_data2vec, ours_dinosr, ours_w2v_bert, ours_wavlm
                          the new families (no peer ships their pretraining): ratios against ours_contrastive
 The NeMo systems run benchmarks/nemo_pretrain_runner.py with the NeMo virtual environment's python
 (`--nemo_python`, default $NEMO_PYTHON or /work/nemo_env/venv/bin/python; see benchmarks/README.md).
@@ -111,6 +111,19 @@ OURS = {
             "num_negatives": 100,
         },
     },
+    # configs/pretrain/wavlm.yaml's step: HuBERT targets with WavLM's gated relative position bias (the utterance
+    # mixing happens in the data loader's featurisation, not in this step).
+    "wavlm": {
+        "encoder": "conformer",
+        "objectives": {"hubert": {}},
+        "config": {
+            "mask_strategy": "span",
+            "mask_time_prob": 0.04,
+            "mask_time_length": 20,
+            "hubert_num_labels": 500,
+            "position_embeddings_type": "gated_rel_pos",
+        },
+    },
     # configs/pretrain/mixed.yaml with every objective active (its contrastive start step is ignored).
     "mixed": {
         "encoder": "fastconformer",
@@ -140,6 +153,7 @@ SYSTEMS = (
     "ours_data2vec",
     "ours_dinosr",
     "ours_w2v_bert",
+    "ours_wavlm",
     "featurise",
 )
 # ours system -> the peer it must beat (docs/performance.md).
@@ -149,7 +163,7 @@ MATCHES = {
     "ours_bestrq": "nemo_nest",
 }
 # New SSL families: step cost and memory next to our contrastive recipe (no peer ships their pretraining).
-AGAINST_CONTRASTIVE = ("ours_data2vec", "ours_dinosr", "ours_w2v_bert")
+AGAINST_CONTRASTIVE = ("ours_data2vec", "ours_dinosr", "ours_w2v_bert", "ours_wavlm", "ours_hubert")
 TARGET_THROUGHPUT, TARGET_MEMORY = 1.5, 0.7
 HEADLINE = ("objective", "encoder", "params_m", "audio_s_per_s", "step_s", "peak_rss_gb", "sys_s_per_step")
 QUICK = {"batch": 2, "seconds": 2.0, "hidden": 64, "layers": 2, "heads": 2, "ffn": 128}  # sizes only

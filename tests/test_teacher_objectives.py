@@ -226,13 +226,14 @@ _FSDP_TEACHER = textwrap.dedent(
     teacher = {n: full(p) for n, p in model.teacher.named_parameters()}
     gathered = [torch.zeros_like(codewords) for _ in range(2)]
     dist.all_gather(gathered, model.dinosr_codebooks.codewords.contiguous())
-    print("RESULT " + json.dumps({
-        "sharded": all(type(p).__name__ == "DTensor" for p in model.teacher.parameters()),
-        "ema_error": max(float((teacher[n] - expected[n]).abs().max()) for n in teacher),
-        "teacher_moved": max(float((teacher[n] - student[n]).abs().max()) for n in teacher),
-        "codewords_equal": bool(torch.equal(gathered[0], gathered[1])),
-        "codewords_moved": float((gathered[0] - codewords).abs().max()),
-    }))
+    with open(f"{sys.argv[2]}/result_{rank}.json", "w") as f:  # one file per rank: their stdout lines interleave
+        json.dump({
+            "sharded": all(type(p).__name__ == "DTensor" for p in model.teacher.parameters()),
+            "ema_error": max(float((teacher[n] - expected[n]).abs().max()) for n in teacher),
+            "teacher_moved": max(float((teacher[n] - student[n]).abs().max()) for n in teacher),
+            "codewords_equal": bool(torch.equal(gathered[0], gathered[1])),
+            "codewords_moved": float((gathered[0] - codewords).abs().max()),
+        }, f)
     dist.destroy_process_group()
     """
 )
@@ -246,7 +247,7 @@ def test_ema_teacher_under_fsdp2_updates_its_shards_and_keeps_one_set_of_codewor
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     proc = subprocess.run(
-        [*command, str(free_port()), str(script), str(REPO_ROOT / "tests")],
+        [*command, str(free_port()), str(script), str(REPO_ROOT / "tests"), str(tmp_path)],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -254,8 +255,7 @@ def test_ema_teacher_under_fsdp2_updates_its_shards_and_keeps_one_set_of_codewor
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == 2
+    results = [json.loads((tmp_path / f"result_{rank}.json").read_text()) for rank in (0, 1)]
     for result in results:
         assert result["sharded"]  # the teacher is sharded like the student, never gathered to update
         assert result["ema_error"] < 1e-6 and result["teacher_moved"] > 1e-4
