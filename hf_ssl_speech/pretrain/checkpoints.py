@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .sharding import SHARDED_STATE, full_model_state, load_sharded, save_sharded
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -26,6 +27,8 @@ class CheckpointManager:
     A checkpoint folder holds
       - `model/`: `save_pretrained` of the model and the feature extractor (loadable with `from_pretrained`),
       - `accelerate/`: `accelerator.save_state` (weights, optimiser, scheduler, GradScaler, RNG of every process),
+      - `fsdp/` instead of the weights and optimiser in `accelerate/` under `train.fsdp`: every process's shards
+        of both, written by `torch.distributed.checkpoint` (`sharding.save_sharded`),
       - `rank_<i>.pt`: what each process needs beyond that (mask generator state, its data position),
       - `trainer_state.json`: step, data position, metric history, guard counters; written last.
     Everything is written into `.tmp-checkpoint-<step>` and renamed when complete: a crash or kill while writing
@@ -67,6 +70,7 @@ class CheckpointManager:
         rank_state: Mapping[str, Any] | None = None,
         feature_extractor: Any = None,
         before_rename: Callable[[Path], None] | None = None,
+        sharded: tuple[nn.Module, torch.optim.Optimizer] | None = None,
     ) -> Path:
         """Write checkpoint `step` from every process (all must call this); returns its final path.
 
@@ -78,6 +82,8 @@ class CheckpointManager:
             feature_extractor: saved next to the model so the folder is a complete `from_pretrained` source.
             before_rename: called on the main process with the temporary folder just before the rename
                 (the loop draws the loss-curve PNG there; tests use it to simulate a crash mid-write).
+            sharded: (model, optimiser) of an FSDP run: their shards go to `fsdp/`, and the model is gathered
+                whole for `save_pretrained` (every process takes part).
         """
         final = self.path_for(step)
         tmp = self.root / f".tmp-{final.name}"
@@ -89,9 +95,13 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "accelerate"))
         torch.save(dict(rank_state or {}), tmp / f"rank_{accelerator.process_index}.pt")
+        full_state = None
+        if sharded is not None:
+            save_sharded(tmp / SHARDED_STATE, *sharded)
+            full_state = full_model_state(sharded[0])  # collective: the main process gets the whole model
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(tmp / "model")
+            unwrapped.save_pretrained(tmp / "model", state_dict=full_state)
             if feature_extractor is not None:
                 feature_extractor.save_pretrained(tmp / "model")
         accelerator.wait_for_everyone()
@@ -114,13 +124,18 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
-    def load(path: str | Path, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore the accelerate state from checkpoint `path`; returns (trainer_state, this rank's state)."""
+    def load(
+        path: str | Path, accelerator: Any, sharded: tuple[nn.Module, torch.optim.Optimizer] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore the accelerate state (and, for FSDP runs, the `sharded` model and optimiser) from checkpoint
+        `path`; returns (trainer_state, this rank's state)."""
         path = Path(path)
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another one.")
         accelerator.load_state(str(path / "accelerate"))
+        if sharded is not None:
+            load_sharded(path / SHARDED_STATE, *sharded)
         rank_file = path / f"rank_{accelerator.process_index}.pt"
         if not rank_file.is_file():
             raise FileNotFoundError(

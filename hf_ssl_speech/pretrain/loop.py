@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
+from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
 from .optim import build_optimizer, build_scheduler, ema_decay, gumbel_temperature
@@ -223,6 +224,9 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             "this run would silently be fp32; use train.mixed_precision=bf16 (CPU autocast) or no"
         )
     rank, world = accelerator.process_index, accelerator.num_processes
+    fsdp = t.fsdp and world > 1
+    if t.fsdp and world == 1:
+        logger.warning("train.fsdp=true with one process: nothing to shard, the run is a plain single-process run")
     reduce = lambda t_: accelerator.reduce(t_.to(accelerator.device), "sum")  # noqa: E731
 
     # --- model, feature extractor, optimiser, schedule. Same initial weights on every process.
@@ -230,9 +234,15 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     config = model_config(recipe)
     model = ConformerSslForPreTraining(config)
     extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
+    if fsdp:  # shard before the optimiser exists: it must hold the shards (sharding.py says why not accelerate's)
+        model = sharding.shard_model(model.to(accelerator.device), accelerator.device)
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps)
     scheduler = build_scheduler(optimizer, o.scheduler, o.warmup_steps, t.max_steps, config.hidden_size, o.lr, o.min_lr)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if fsdp:  # accelerate keeps the scheduler and the RNG states; model and optimiser state are ours to save
+        scheduler = accelerator.prepare(scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sharded = (model, optimizer) if fsdp else None
     # Per-process randomness: dropout uses the global RNG; masks, negatives, noise and dither the generator.
     set_seed(t.seed + 1 + rank)
     generator = torch.Generator(device=accelerator.device).manual_seed(1_000_003 * (t.seed + 1) + rank)
@@ -261,7 +271,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     step, audio_seconds_total = 0, 0.0
     start = _resume_path(resume, checkpoints)
     if start is not None:
-        state, rank_state = CheckpointManager.load(start, accelerator)
+        state, rank_state = CheckpointManager.load(start, accelerator, sharded)
         step, audio_seconds_total = int(state["step"]), float(state.get("audio_seconds_total", 0.0))
         metrics.load_state_dict(state["metrics"])
         guard.load_state_dict(state["guard"])
@@ -299,7 +309,9 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             "tracker": tracker.state_dict(),
             "code_usage": code_usage.state_dict(),
         }
-        return checkpoints.save(step, accelerator, model, trainer_state, rank_state, extractor, before_rename=finish)
+        return checkpoints.save(
+            step, accelerator, model, trainer_state, rank_state, extractor, before_rename=finish, sharded=sharded
+        )
 
     def _recipe_yaml() -> str:
         return (out_dir / "recipe.yaml").read_text() if (out_dir / "recipe.yaml").is_file() else ""
@@ -330,8 +342,11 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             batch = next(batches)
             wait_time += time.monotonic() - before
             inputs = featurise(batch, extractor, accelerator.device, recipe, generator, train=True)
-            # DDP all-reduces gradients in the backward of the last micro-batch only.
-            sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(model)
+            # DDP all-reduces (FSDP reduce-scatters) gradients in the backward of the last micro-batch only.
+            last = micro == t.grad_accum - 1
+            sync = contextlib.nullcontext() if last or fsdp else accelerator.no_sync(model)
+            if fsdp:
+                sharding.set_gradient_sync(model, last)
             with sync:
                 with accelerator.autocast():
                     out = model(**inputs, gumbel_temperature=temperature, step=step, generator=generator)
@@ -348,7 +363,10 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 teacher_statistics[key] = teacher_statistics.get(key, 0) + value
         if finite:
             max_norm = o.clip if o.clip > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if fsdp:
+                grad_norm = sharding.clip_grad_norm(list(model.parameters()), max_norm)
+            else:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             # fp16: an overflow is the GradScaler's business (it skips the step and lowers the scale).
             if not math.isfinite(grad_norm) and t.mixed_precision != "fp16":
                 finite = guard.ok(grad_norm, step, "gradient norm")

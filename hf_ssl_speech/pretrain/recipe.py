@@ -108,6 +108,8 @@ class TrainSection:
     seed: int = 1234
     grad_accum: int = 1  # micro-batches per optimiser step
     mixed_precision: str = "no"  # no | bf16 | fp16 (logits and losses stay float32 inside the model)
+    # FSDP2 (`fully_shard` per Conformer block + root) instead of DDP when launched on several processes
+    fsdp: bool = False
     keep_last: int = 3  # checkpoints kept on disk (the newest is never deleted)
     max_nonfinite: int = 10  # consecutive non-finite steps tolerated before the run stops
     report_to: str = "tensorboard"  # tensorboard | none
@@ -232,6 +234,12 @@ def validate(recipe: Recipe) -> None:
     check(o.ema_anneal_steps >= 0, "optim.ema_anneal_steps", o.ema_anneal_steps, "an integer >= 0")
     check(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", t.mixed_precision, f"one of {MIXED_PRECISION}")
     check(t.report_to in REPORT_TO, "train.report_to", t.report_to, f"one of {REPORT_TO}")
+    check(
+        not (t.fsdp and t.mixed_precision == "fp16"),
+        "train.mixed_precision",
+        t.mixed_precision,
+        "bf16 or no with train.fsdp=true (fp16 needs a gradient scaler that knows the shards; bf16 needs none)",
+    )
     for key in ("max_steps", "save_steps", "eval_steps", "log_steps", "grad_accum", "keep_last", "max_nonfinite"):
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
     check(d.batch_seconds > 0, "data.batch_seconds", d.batch_seconds, "> 0")
