@@ -299,7 +299,10 @@ class StreamingBatchDataset(torch.utils.data.IterableDataset):
                 yield batch, bad, part_epoch
                 bad = []
             if rows == 0:
-                raise ValueError(f"streaming source {self.source.name}: part {part} of {parts} has no rows")
+                raise ValueError(
+                    f"streaming source {self.source.name}: part {part} of {parts} (processes x num_workers) has no "
+                    f"rows: the stream has fewer rows than parts. Use fewer processes or num_workers, or more data."
+                )
             part_epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
