@@ -370,7 +370,9 @@ def _row_to_raw(row: dict[str, Any], columns: dict[str, str | None], base_dir: s
     meta = parse_metadata(meta, where, base_dir, require_audio=False)
     segment = "offset" in meta
     return RawExample(
-        id=meta.get("id") or (os.path.splitext(os.path.basename(audio_name))[0] if isinstance(audio, str) else where),
+        # Without an id column: the file name, also for bytes that carry one (an `Audio` struct's `path`).
+        id=meta.get("id")
+        or (where if audio_name.startswith("<") else os.path.splitext(os.path.basename(audio_name))[0]),
         audio=audio,
         where=f"{audio_name} ({where})",
         offset=meta.get("offset", 0.0),
