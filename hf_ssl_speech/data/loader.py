@@ -237,7 +237,7 @@ class PlannedBatchDataset(torch.utils.data.IterableDataset):
 
 
 class StreamingBatchDataset(torch.utils.data.IterableDataset):
-    """Yields batches from one part of a streaming source, forever; see "Streaming" in the module docstring.
+    """Yields batches from one part of a streaming source, forever; see "Streaming" in the `hf_ssl_speech.data` docstring.
 
     Part `rank * M + w` of `world_size * M` is stream `w` of process `rank`; its batches are global positions
     `w, w + M, ...`, in the order the DataLoader's round robin returns them. Each pass over the part
