@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 DEBUG_FLAG = "--debug"
@@ -39,6 +39,9 @@ def check_paths(paths: Sequence[str | os.PathLike], field: str, kind: str = "fil
         kind: "file", "folder", or "path" (either); a glob pattern must match at least one file.
     """
     for path in paths:
+        if isinstance(path, Mapping):  # a source spec (`hf_ssl_speech.data.open_source`): the local files it names
+            check_paths(_spec_paths(path), field, kind)
+            continue
         text = os.fspath(path)
         if any(ch in text for ch in "*?["):
             if not glob.glob(text):
@@ -51,6 +54,23 @@ def check_paths(paths: Sequence[str | os.PathLike], field: str, kind: str = "fil
         if not ok:
             where = f" (relative to {Path.cwd()})" if not target.is_absolute() else ""
             raise MissingPathError(f"{field}: {kind} {text!r} does not exist{where}; fix the path or make it first.")
+
+
+def _spec_paths(spec: Mapping) -> list[str]:
+    """The local paths a dict source spec names: `manifest`, `tar`, `data_files` (a path, a list, or split ->
+    paths); remote `data_files` (hf://, https://, s3://) are left to `datasets`, which names them if missing."""
+    out: list[str] = []
+    for key in ("manifest", "tar", "data_files"):
+        values = [spec[key]] if key in spec else []
+        while values:
+            value = values.pop(0)
+            if isinstance(value, Mapping):
+                values.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                values.extend(value)
+            elif isinstance(value, (str, os.PathLike)) and "://" not in os.fspath(value):
+                out.append(os.fspath(value))
+    return out
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

@@ -31,9 +31,10 @@ shard it a second time, and its default `dispatch_batches=True` fails on variabl
 §5). Move batches to the device with `batch[k].to(accelerator.device)`.
 
 Streaming: a streaming dataset cannot be planned globally. Each (process, worker) pair reads a disjoint part
-of the stream (whole shards when there are enough, else every n-th row) and buckets it in windows; the
-loader then never ends (each part restarts with a new shuffle when exhausted), so train for a number of
-steps. Resuming replays the metadata of the stream (no decoding) up to the saved position.
+of the stream (whole shards round robin; shards left over when their number does not divide by the number of
+parts are shared by rows, so parts stay balanced) and buckets it in windows; the loader then never ends (each
+part restarts with a new shuffle when exhausted), so train for a number of steps. Resuming replays the
+metadata of the stream (no decoding) up to the saved position. docs/architecture.md §6 has the details.
 """
 
 from .audio_io import BAD_REASONS, AudioError, load_audio, probe_duration, read_audio

@@ -237,7 +237,7 @@ class PlannedBatchDataset(torch.utils.data.IterableDataset):
 
 
 class StreamingBatchDataset(torch.utils.data.IterableDataset):
-    """Yields batches from one part of a streaming source, forever; see "Streaming" in the module docstring.
+    """Yields batches from one part of a streaming source, forever; see "Streaming" in the `hf_ssl_speech.data` docstring.
 
     Part `rank * M + w` of `world_size * M` is stream `w` of process `rank`; its batches are global positions
     `w, w + M, ...`, in the order the DataLoader's round robin returns them. Each pass over the part
@@ -299,7 +299,10 @@ class StreamingBatchDataset(torch.utils.data.IterableDataset):
                 yield batch, bad, part_epoch
                 bad = []
             if rows == 0:
-                raise ValueError(f"streaming source {self.source.name}: part {part} of {parts} has no rows")
+                raise ValueError(
+                    f"streaming source {self.source.name}: part {part} of {parts} (processes x num_workers) has no "
+                    f"rows: the stream has fewer rows than parts. Use fewer processes or num_workers, or more data."
+                )
             part_epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

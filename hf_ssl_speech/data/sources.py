@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import ConfigError
 from .audio_io import AudioError, AudioSource, probe_duration
 
 logger = logging.getLogger(__name__)
@@ -369,7 +370,9 @@ def _row_to_raw(row: dict[str, Any], columns: dict[str, str | None], base_dir: s
     meta = parse_metadata(meta, where, base_dir, require_audio=False)
     segment = "offset" in meta
     return RawExample(
-        id=meta.get("id") or (os.path.splitext(os.path.basename(audio_name))[0] if isinstance(audio, str) else where),
+        # Without an id column: the file name, also for bytes that carry one (an `Audio` struct's `path`).
+        id=meta.get("id")
+        or (where if audio_name.startswith("<") else os.path.splitext(os.path.basename(audio_name))[0]),
         audio=audio,
         where=f"{audio_name} ({where})",
         offset=meta.get("offset", 0.0),
@@ -381,13 +384,35 @@ def _row_to_raw(row: dict[str, Any], columns: dict[str, str | None], base_dir: s
     ), meta
 
 
-def _dataset_columns(dataset: Any, audio_column: str, **columns: str | None) -> dict[str, str | None]:
+# Optional columns and their default names: a default that the dataset lacks is ignored, a name given
+# explicitly must exist (a typo would otherwise silently drop the transcripts or durations).
+OPTIONAL_COLUMNS = {
+    "text": "text",
+    "speaker": "speaker",
+    "duration": "duration",
+    "id": "id",
+    "offset": "offset",
+    "frame_labels": "frame_labels",
+}
+
+
+def _dataset_columns(dataset: Any, audio_column: str, name: str, **columns: str | None) -> dict[str, str | None]:
+    """Map the example fields to the dataset's columns; a `ConfigError` naming the setting if one is missing."""
     names = set(dataset.column_names or [])
     if audio_column not in names:
-        raise ValueError(f"audio_column={audio_column!r} is not a column of the dataset (columns: {sorted(names)})")
+        raise ConfigError(
+            f"{name}: audio_column={audio_column!r} is not a column of the dataset (columns: {sorted(names)}); "
+            f"set audio_column to the column that holds the audio (a path, bytes or an Audio {{bytes, path}} struct)"
+        )
     out: dict[str, str | None] = {"audio": audio_column}
     for key, column in columns.items():
-        out[key] = column if column in names else None
+        if column is not None and column not in names:
+            raise ConfigError(
+                f"{name}: {key}_column={column!r} is not a column of the dataset (columns: {sorted(names)}); "
+                f"name one of them, or leave {key}_column out (default {OPTIONAL_COLUMNS[key]!r}, used if present)"
+            )
+        default = OPTIONAL_COLUMNS[key]
+        out[key] = column if column is not None else (default if default in names else None)
     return out
 
 
@@ -408,8 +433,10 @@ class DatasetSource:
     Args:
         dataset: the dataset; its audio column holds paths, bytes, or `Audio(decode=False)` dicts (an
             `Audio` column with decoding on is cast to `decode=False`: decoding needs torchcodec).
-        audio_column, text_column, speaker_column, duration_column, id_column, offset_column,
-        frame_labels_column: column names (missing optional columns are ignored).
+        audio_column: the column holding a path, bytes or an `Audio` `{bytes, path}` struct.
+        text_column, speaker_column, duration_column, id_column, offset_column, frame_labels_column: column
+            names; None uses `text`, `speaker`, ... when the dataset has them. A name given explicitly must
+            exist (`ConfigError` otherwise).
         base_dir: folder that relative paths resolve against (e.g. the folder of the json/csv file).
         name: source name for logs.
     Rows without a duration column are probed (header read) once while indexing.
@@ -419,12 +446,12 @@ class DatasetSource:
         self,
         dataset: Any,
         audio_column: str = "audio_filepath",
-        text_column: str = "text",
-        speaker_column: str = "speaker",
-        duration_column: str = "duration",
-        id_column: str = "id",
-        offset_column: str = "offset",
-        frame_labels_column: str = "frame_labels",
+        text_column: str | None = None,
+        speaker_column: str | None = None,
+        duration_column: str | None = None,
+        id_column: str | None = None,
+        offset_column: str | None = None,
+        frame_labels_column: str | None = None,
         base_dir: str | None = None,
         name: str = "dataset",
     ) -> None:
@@ -432,6 +459,7 @@ class DatasetSource:
         self.columns = _dataset_columns(
             self.dataset,
             audio_column,
+            name,
             text=text_column,
             speaker=speaker_column,
             duration=duration_column,
@@ -480,12 +508,12 @@ class StreamingDatasetSource:
         self,
         dataset: Any,
         audio_column: str = "audio_filepath",
-        text_column: str = "text",
-        speaker_column: str = "speaker",
-        duration_column: str = "duration",
-        id_column: str = "id",
-        offset_column: str = "offset",
-        frame_labels_column: str = "frame_labels",
+        text_column: str | None = None,
+        speaker_column: str | None = None,
+        duration_column: str | None = None,
+        id_column: str | None = None,
+        offset_column: str | None = None,
+        frame_labels_column: str | None = None,
         base_dir: str | None = None,
         name: str = "stream",
     ) -> None:
@@ -493,6 +521,7 @@ class StreamingDatasetSource:
         self.columns = _dataset_columns(
             self.dataset,
             audio_column,
+            name,
             text=text_column,
             speaker=speaker_column,
             duration=duration_column,
@@ -507,30 +536,47 @@ class StreamingDatasetSource:
     def part(self, index: int, parts: int) -> Iterator[tuple[RawExample | None, float, AudioError | None]]:
         """Rows of part `index` of `parts` (disjoint, together all rows) as (raw, duration, error).
 
-        Whole shards per part when the stream has at least `parts` shards, else every `parts`-th row. Uses
-        `IterableDataset.iter`, which (unlike `__iter__`) does not shard again by dataloader worker.
+        With `S` shards (files, for parquet) the first `S - S % parts` go whole to the parts, round robin
+        (part `i` reads shards `i, i + parts, ...`); the `S % parts` left over are read by every part, which
+        keeps every `parts`-th of their rows. So parts get the same number of rows (within one row, given
+        shards of equal size) whether or not `parts` divides `S`: 3 shards over 2 parts are 1.5 shards each,
+        1 shard over 2 parts every other row. Uses `IterableDataset.iter`, which (unlike `__iter__`) does not
+        shard again by dataloader worker.
         """
-        dataset, stride = self.dataset, parts
-        if getattr(dataset, "num_shards", 1) >= parts:
-            dataset, stride = dataset.shard(num_shards=parts, index=index, contiguous=False), 1
-        position = 0
-        for batch in dataset.iter(batch_size=64):
-            count = len(next(iter(batch.values())))
-            for offset in range(count):
-                row_number, position = position, position + 1
-                if stride > 1 and row_number % stride != index:
-                    continue
-                row = {key: values[offset] for key, values in batch.items()}
-                where = f"{self.name}[part {index}/{parts}, row {row_number}]"
-                try:
-                    raw, meta = _row_to_raw(row, self.columns, self.base_dir, self.name, where)
-                    duration = meta.get("duration")
-                    if duration is None:
-                        duration = probe_duration(raw.audio, raw.where) - raw.offset
-                except AudioError as error:
-                    yield None, 0.0, error
-                    continue
-                yield raw, float(duration), None
+        shards = int(getattr(self.dataset, "num_shards", 1) or 1)
+        whole = shards - shards % parts
+        # (shard, dataset to read, keep every n-th row): whole shards first, then the shared remainder.
+        plan: list[tuple[int | None, Any, int]] = []
+        for shard in range(index, whole, parts):
+            plan.append((shard, self.dataset.shard(num_shards=shards, index=shard, contiguous=True), 1))
+        if whole == 0:
+            plan.append((None, self.dataset, parts))
+        else:
+            for shard in range(whole, shards):
+                plan.append((shard, self.dataset.shard(num_shards=shards, index=shard, contiguous=True), parts))
+        shared_rows = 0  # rows of the shared remainder read so far, over all its shards: the stride runs across
+        for shard, dataset, stride in plan:
+            row_number = -1
+            for batch in dataset.iter(batch_size=64):
+                count = len(next(iter(batch.values())))
+                for offset in range(count):
+                    row_number += 1
+                    if stride > 1:
+                        shared_rows += 1
+                        if (shared_rows - 1) % stride != index:
+                            continue
+                    row = {key: values[offset] for key, values in batch.items()}
+                    place = f"row {row_number}" if shard is None else f"shard {shard}, row {row_number}"
+                    where = f"{self.name}[part {index}/{parts}, {place}]"
+                    try:
+                        raw, meta = _row_to_raw(row, self.columns, self.base_dir, self.name, where)
+                        duration = meta.get("duration")
+                        if duration is None:
+                            duration = probe_duration(raw.audio, raw.where) - raw.offset
+                    except AudioError as error:
+                        yield None, 0.0, error
+                        continue
+                    yield raw, float(duration), None
 
 
 def open_source(spec: Any, frame_labels_key: str = "frame_labels") -> IndexedSource | StreamingDatasetSource:
@@ -555,6 +601,19 @@ def open_source(spec: Any, frame_labels_key: str = "frame_labels") -> IndexedSou
         if "builder" in spec:
             import datasets
 
+            allowed = {"builder", "data_files", "streaming", "split", "base_dir", "name", "audio_column"}
+            allowed |= {f"{key}_column" for key in OPTIONAL_COLUMNS}
+            unknown = sorted(set(spec) - allowed)
+            if unknown:
+                raise ConfigError(
+                    f"source spec {spec!r}: unknown key(s) {unknown}; a 'builder' source takes {sorted(allowed)} "
+                    f"(and 'weight')"
+                )
+            if not spec.get("data_files"):
+                raise ConfigError(
+                    f"source spec {spec!r}: 'data_files' is missing; give the files, e.g. "
+                    f"data_files: 'shards/train-*.parquet'"
+                )
             builder = spec.pop("builder")
             data_files = spec.pop("data_files")
             streaming = bool(spec.pop("streaming", False))
