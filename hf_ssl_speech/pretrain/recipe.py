@@ -51,8 +51,9 @@ class RecipeError(ConfigError):
 class DataSection(DataConfig):
     """Where the audio comes from (`hf_ssl_speech.data`), plus `DataConfig`'s filtering and batching fields."""
 
-    train_manifests: list[str] = field(default_factory=list)  # NeMo JSONL manifests (paths relative to the cwd)
-    valid_manifests: list[str] = field(default_factory=list)  # held-out manifests for validation losses
+    # NeMo JSONL manifests (paths relative to the cwd), tar shards, or source specs ({builder: parquet, ...})
+    train_manifests: list[str | dict[str, Any]] = field(default_factory=list)
+    valid_manifests: list[str | dict[str, Any]] = field(default_factory=list)  # held-out sources, validation losses
     weights: list[float] | None = None  # sampling weight per train manifest (None: each row once per epoch)
     dither: float = 1e-5  # NeMo: std of Gaussian noise added to the training waveforms before the log-mel
     num_workers: int = 0  # DataLoader worker processes per training process
