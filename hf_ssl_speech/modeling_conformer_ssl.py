@@ -92,11 +92,16 @@ class ConformerSslSubsampling(nn.Module):
     def _strided_conv(self, conv: nn.Conv2d, hidden: torch.Tensor) -> torch.Tensor:
         """3x3 stride-2 conv (full or depthwise) on channels-last (B, T, F, C) -> (B, T', F', C)."""
         nchw = hidden.permute(0, 3, 1, 2)  # a channels-last view of (B, C, T, F)
+        # A depthwise weight (C, 1, 3, 3) is the same memory in both formats, but its gradient comes back with
+        # channels-last strides (9, 1, 3, 1) unlike the parameter's (9, 9, 3, 1), and DDP then copies it into its
+        # bucket every step ("Grad strides do not match bucket view strides"). Through flatten + view, autograd
+        # reshapes the gradient to the parameter's own strides.
+        weight = conv.weight.flatten(1).view_as(conv.weight) if conv.groups > 1 else conv.weight
         if self.causal:
             nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
-            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=(0, 1), groups=conv.groups)
+            out = F.conv2d(nchw, weight, conv.bias, stride=2, padding=(0, 1), groups=conv.groups)
         else:
-            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=1, groups=conv.groups)
+            out = F.conv2d(nchw, weight, conv.bias, stride=2, padding=1, groups=conv.groups)
         return out.permute(0, 2, 3, 1)  # channels-last memory: (B, T', F', C) is contiguous
 
     @staticmethod

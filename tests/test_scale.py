@@ -260,11 +260,68 @@ def test_stream_spec_mistakes_name_the_key_the_value_and_the_fix(tmp_path):
 
 # scripts/pretrain.py's recipe schema types `data.train_manifests` as `list[str]`, so a `{builder: parquet, ...}`
 # entry is refused there (recipe.py); this worker reads the same YAML recipe and hands the specs to the loop.
+# --- DDP's unused-parameter search only where an objective can leave parameters without a gradient
+def _unused_after_one_backward(config) -> list[str]:
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+
+    torch.manual_seed(0)
+    model = ConformerSslForPreTraining(config).train()
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 400, config.num_mel_bins, generator=generator)
+    mask = torch.ones(2, 400, dtype=torch.long)
+    mask[1, 300:] = 0
+    extra = {}
+    if "hubert" in config.objectives:
+        extra["frame_labels"] = torch.randint(0, config.hubert_num_labels, (2, 400), generator=generator)
+    out = model(features, mask, step=0, generator=generator, **extra)
+    out.loss.backward()
+    return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+SHIPPED_RECIPES = sorted((REPO_ROOT / "configs" / "pretrain").glob("tiny_*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.stem)
+def test_ddp_searches_for_unused_parameters_only_when_some_can_be_unused(path):
+    from hf_ssl_speech.pretrain.loop import unused_parameter_reasons
+    from hf_ssl_speech.pretrain.recipe import load_recipe, model_config
+
+    config = model_config(load_recipe(path))
+    unused, reasons = _unused_after_one_backward(config), unused_parameter_reasons(config)
+    # Missing a reason would crash DDP at the first step ("Expected to have finished reduction").
+    assert not unused or reasons, (unused, reasons)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"objectives": {"bestrq": {}, "contrastive": {"start_step": 5}}}, "objectives.contrastive.start_step=5"),
+        ({"objectives": {"bestrq": {"layer": 1}}}, "the highest block any objective reads is 1 of 2"),
+    ],
+)
+def test_the_reasons_are_real_parameters_without_gradient(change, reason):
+    from hf_ssl_speech.pretrain.loop import unused_parameter_reasons
+    from hf_ssl_speech.pretrain.recipe import load_recipe, model_config
+
+    base = load_recipe(REPO_ROOT / "configs" / "pretrain" / "tiny_nest.yaml")
+    raw = base.to_dict()
+    raw.update(change)
+    config = model_config(load_recipe(base=raw))
+    assert reason in unused_parameter_reasons(config)
+    assert _unused_after_one_backward(config)  # and DDP would indeed have met them
+
+
 # --- FSDP2 through the loop (train.fsdp), 2 gloo processes: kill/resume bit-identical, agreement with DDP
 def _fsdp_recipe(tmp_path, manifest, name: str, fsdp: bool, steps: int, save_steps: int):
     return write_recipe(
         tmp_path / f"{name}.yaml",
-        model={"mask_time_length": 4, "mask_time_prob": 0.1, "bestrq_codebook_size": 64, "bestrq_codebook_dim": 8},
+        model={
+            "subsampling": "dw_striding",  # its depthwise convs were the source of DDP's stride warning
+            "mask_time_length": 4,
+            "mask_time_prob": 0.1,
+            "bestrq_codebook_size": 64,
+            "bestrq_codebook_dim": 8,
+        },
         objectives={"bestrq": {}, "contrastive": {"weight": 0.5}},
         data={"train_manifests": [str(manifest)], "batch_seconds": 2.0},
         optim={},
@@ -290,6 +347,10 @@ def test_fsdp_kill_and_resume_is_bitwise_identical_and_agrees_with_ddp(tmp_path)
     for recipe in (straight, ddp):
         proc = accelerate_launch(SCRIPT, ["--config", str(recipe), *args], 2, env, tmp_path, 300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    # DDP that costs nothing extra: no graph walk for unused parameters (every parameter gets a gradient with
+    # these objectives) and gradients laid out like their bucket views (no per-step copy).
+    assert "find_unused_parameters=True" not in proc.stderr and "looks for parameters" not in proc.stdout
+    assert "Grad strides do not match" not in proc.stderr
     # SIGKILL of one process right after checkpoint n is written (a preempted node): the launcher stops the other.
     script = tmp_path / "kill_after_save.py"
     script.write_text(_KILL_AFTER_SAVE)
@@ -325,12 +386,13 @@ def test_fsdp_kill_and_resume_is_bitwise_identical_and_agrees_with_ddp(tmp_path)
     # gradients in another order, so bitwise equality is not expected. Left out: weights whose gradient is zero in
     # exact arithmetic (the depthwise-conv bias right before BatchNorm, the attention key bias under softmax): Adam
     # turns their rounding noise into lr-sized steps on either side. Measured here (2026-12-06) after 6 steps at
-    # LR 3e-3: everything else within 5.4e-7 (weights move ~4e-3), losses within 1e-7 relative; bounds 2e-6, 1e-6.
+    # LR 3e-3: everything else within 7.9e-6 (the rel-pos key projection, whose gradient is small; the rest within
+    # 1.2e-6) while weights moved ~4e-3; losses within 1e-7 relative. Bounds: 5e-5 (about 1% of the movement), 1e-6.
     reference = load_file(final("ddp") / "model.safetensors")
     zero_gradient = ("depthwise_conv.bias", "k_proj.bias", "running_", "num_batches_tracked")
     trained = [k for k in expected if not any(part in k for part in zero_gradient)]
     worst = max(float((expected[k] - reference[k]).abs().max()) for k in trained)
-    assert len(trained) > 50 and worst < 2e-6, worst
+    assert len(trained) > 50 and worst < 5e-5, worst
     losses = [row["train/loss"] for row in train_history(tmp_path / "straight", 2 * n)]
     ddp_losses = [row["train/loss"] for row in train_history(tmp_path / "ddp", 2 * n)]
     # The loss is normalised by the global target count under both (the sums and counts of both ranks).

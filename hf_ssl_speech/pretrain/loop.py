@@ -173,6 +173,29 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def unused_parameter_reasons(config: Any) -> list[str]:
+    """Why some trainable parameters may get no gradient in a step (empty: every one gets one, every step).
+
+    DDP's `find_unused_parameters=True` walks the autograd graph after every forward to find them: a cost on every
+    step, and a warning on every rank when nothing is unused. It is turned on only for these reasons:
+    an objective that starts later (its head idles until then), layerdrop (skipped blocks), and objectives that all
+    read a lower block (the blocks above feed no loss). `tests/test_scale.py` checks this list against a real
+    backward of every shipped recipe.
+    """
+    reasons = [
+        f"objectives.{name}.start_step={spec['start_step']}"
+        for name, spec in config.objectives.items()
+        if spec["start_step"] > 0
+    ]
+    if config.layerdrop > 0:
+        reasons.append(f"layerdrop={config.layerdrop}")
+    top = config.num_hidden_layers
+    read = [spec["layer"] % (top + 1) for spec in config.objectives.values()]  # hidden_states index; -1 = the top
+    if read and max(read) < top:
+        reasons.append(f"the highest block any objective reads is {max(read)} of {top}")
+    return reasons
+
+
 def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
     """TensorBoard hparams take flat scalars only."""
     flat: dict[str, Any] = {}
@@ -207,14 +230,15 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     # Checked by every process before any writes (no process writes until all have joined the Accelerator).
     check_recipe_paths(recipe)
     check_output_dir(out_dir, resume)
+    config = model_config(recipe)
+    unused = unused_parameter_reasons(config)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
         project_dir=str(out_dir),
         # One scheduler step per optimiser step: by default accelerate steps it once per process.
         step_scheduler_with_optimizer=False,
-        # Heads of objectives before their start step, or a mask embedding with noise fill, get no gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
     )
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate turns fp16 autocast and its gradient scaler on for accelerators only: on the CPU the run
@@ -230,8 +254,9 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     reduce = lambda t_: accelerator.reduce(t_.to(accelerator.device), "sum")  # noqa: E731
 
     # --- model, feature extractor, optimiser, schedule. Same initial weights on every process.
+    if unused and world > 1 and not fsdp:
+        accelerator.print(f"DDP looks for parameters without a gradient every step: {'; '.join(unused)}")
     set_seed(t.seed)
-    config = model_config(recipe)
     model = ConformerSslForPreTraining(config)
     extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
     if fsdp:  # shard before the optimiser exists: it must hold the shards (sharding.py says why not accelerate's)
@@ -459,4 +484,4 @@ def recipe_name(recipe: Recipe) -> str:
     return ", ".join(recipe.objectives) or "no objectives"
 
 
-__all__ = ["PretrainResult", "evaluate", "featurise", "pretrain"]
+__all__ = ["PretrainResult", "evaluate", "featurise", "pretrain", "unused_parameter_reasons"]
