@@ -427,3 +427,49 @@ def test_two_gloo_processes_pretrain_from_a_hub_parquet_stream(tmp_path):
         data = torch.load(checkpoint / f"rank_{rank}.pt", weights_only=False)["data"]
         assert data["streaming"] and data["rank"] == rank and data["world_size"] == 2
         assert data["position"] == steps and data["counter"]["good"] == steps * 2
+
+
+# --- Mixed precision: under bf16 autocast the matmuls run in bf16, the logits, losses and counts stay float32
+class _RecordDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtype of the first tensor argument of the functions named (what autocast hands them)."""
+
+    WATCHED = {"cross_entropy", "log_softmax", "logsumexp", "linear", "bmm"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set[torch.dtype]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in self.WATCHED and isinstance(out, torch.Tensor):
+            self.seen.setdefault(name, set()).add(out.dtype)
+        return out
+
+
+def test_bf16_autocast_keeps_logits_and_losses_in_float32():
+    from support import make_tiny_config
+
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+
+    torch.manual_seed(0)
+    config = make_tiny_config(
+        objectives={"bestrq": {}, "contrastive": {"weight": 0.5}, "mlm": {"weight": 0.5}},
+        mask_time_prob=0.2,
+        mask_time_length=4,
+    )
+    model = ConformerSslForPreTraining(config).train()
+    features = torch.randn(2, 160, config.num_mel_bins, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 160, dtype=torch.long)
+    mask[1, 120:] = 0
+    recorder = _RecordDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+        out = model(features, mask, step=0, generator=torch.Generator().manual_seed(2))
+    assert torch.bfloat16 in recorder.seen["linear"]  # autocast really ran the encoder's matmuls in bf16
+    # the objectives' logits (InfoNCE over cosine similarities, BEST-RQ/MLM classes) and their normalisers: fp32
+    assert recorder.seen["cross_entropy"] == {torch.float32}
+    assert recorder.seen["bmm"] >= {torch.float32}
+    assert out.loss.dtype == torch.float32 and set(out.loss_sums) == {"bestrq", "contrastive", "diversity", "mlm"}
+    assert all(v.dtype == torch.float32 for v in [*out.loss_sums.values(), *out.loss_counts.values()])
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)  # fp32 master weights
