@@ -781,7 +781,7 @@ def throughput(device, smoke: bool, sizes: dict, systems: list[str], budget: Bud
                 flop_utts = max(1, min(n, 2))
                 flops = count_flops(system, flop_utts)
                 row["flops_per_audio_s"] = flops / (flop_utts * sizes["utt_seconds"])
-                row["tflop_per_s"] = round(row["flops_per_audio_s"] * row["audio_s_per_s"] / 1e12, 2)
+                row["tflop_per_s"] = float(f"{row['flops_per_audio_s'] * row['audio_s_per_s'] / 1e12:.3g}")
                 row["flop_utilisation"] = round(row["tflop_per_s"] / peak, 4) if peak else None
         except Exception as error:  # noqa: BLE001 - one system failing must not hide the others
             row = {"error": first_line(error, 500)}
@@ -911,7 +911,11 @@ def main() -> int:
     report["facts"] = facts(device)
     peak = args.peak_tflops or report["facts"].get("bf16_peak_tflops")
     print(f"facts: {json.dumps(report['facts'])}", flush=True)
-    no_cuda = None if (cuda or smoke) else "no CUDA device (torch.cuda.is_available() is False); --cpu_smoke runs it"
+    no_cuda = (
+        None
+        if (cuda or smoke)
+        else "no CUDA device (torch.cuda.is_available() is False); --cpu_smoke runs the other phases on the CPU at tiny sizes"
+    )
     needs = {"parity": 30, "nest": 60, "sdpa": 30, "throughput": 60}
     for phase in PHASES:
         started = now()
