@@ -668,10 +668,10 @@ def try_batch(system: System, utterances: int, device) -> tuple[bool, str | None
     except Exception as error:  # noqa: BLE001
         if not is_oom(error):
             raise
-        system.model.zero_grad(set_to_none=True)
-        del error
-        free_memory()
-        return False, "OOM"
+    # Outside the except block: the traceback (and the step's activations it holds) is gone by now.
+    system.model.zero_grad(set_to_none=True)
+    free_memory()
+    return False, "OOM"
 
 
 def largest_batch(system: System, device, cap: int, deadline: float) -> dict[str, Any]:
@@ -774,10 +774,10 @@ def throughput(device, smoke: bool, sizes: dict, systems: list[str], budget: Bud
                     except Exception as error:  # noqa: BLE001
                         if not is_oom(error) or attempt == 2:
                             raise
-                        system.model.zero_grad(set_to_none=True)
-                        del error
-                        free_memory()
-                        n = max(1, int(n * 0.85))
+                    system.model.zero_grad(set_to_none=True)
+                    free_memory()
+                    n = max(1, int(n * 0.85))
+                    row["measured_below_search"] = n
                 flop_utts = max(1, min(n, 2))
                 flops = count_flops(system, flop_utts)
                 row["flops_per_audio_s"] = flops / (flop_utts * sizes["utt_seconds"])
