@@ -30,7 +30,7 @@ Phases (each one's result, timing and any skip reason go to `<output>/gpu_check.
               GPU's dense bf16 peak.
 
     python benchmarks/gpu_check.py --output runs/gpu_check            # on a GPU machine (about 5-8 minutes)
-    python benchmarks/gpu_check.py --cpu_smoke --output runs/gpu_smoke # CPU, tiny sizes, about a minute
+    python benchmarks/gpu_check.py --cpu_smoke --output runs/gpu_smoke # CPU, tiny sizes, 10-25 s
     python benchmarks/gpu_check.py --skip throughput                   # correctness only
 
 Exit status: 0 when every check that ran passed (skipped ones included), 1 when a correctness check failed.
