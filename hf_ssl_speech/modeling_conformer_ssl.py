@@ -331,11 +331,12 @@ class ConformerSslRelPositionAttention(ConformerSslAttention):
 
         scale = self.head_dim**-0.5
         # (q + v) . W_r r / sqrt(d): one matmul against the shared distance table, no batch copy of it.
-        position_query = (query + self.bias_v[:, None, :]) * scale
+        # u and v in the query's dtype: under bf16 autocast a float32 bias would promote the query back to float32.
+        position_query = (query + self.bias_v[:, None, :].to(query.dtype)) * scale
         position_scores = torch.matmul(position_query, rel_key.permute(1, 2, 0))  # (B, H, T', 2T'-1)
         bias = self.rel_shift(position_scores)  # (B, H, T', T') view
         bias = bias + attention_bias if attention_bias is not None else bias.contiguous()
-        return self.attend(query + self.bias_u[:, None, :], key, value, bias, output_attentions)
+        return self.attend(query + self.bias_u[:, None, :].to(query.dtype), key, value, bias, output_attentions)
 
 
 class ConformerSslGatedRelPositionAttention(ConformerSslAttention):
