@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from ..data import BadExampleCounter, build_dataloader
@@ -247,6 +247,16 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             "train.mixed_precision=fp16 on the CPU: accelerate runs fp16 (with a gradient scaler) on GPUs only, so "
             "this run would silently be fp32; use train.mixed_precision=bf16 (CPU autocast) or no"
         )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Never run with this loop (docs/scaling.md): DeepSpeed steps its engine inside every `backward` made
+        # outside `accelerator.accumulate`, which would turn each accumulation micro-batch into an optimiser step.
+        if t.grad_accum > 1 or t.fsdp:
+            raise UserError(
+                f"accelerate's DeepSpeed plugin with train.grad_accum={t.grad_accum}, train.fsdp={t.fsdp}: the "
+                "loop has not been run under DeepSpeed and would step it once per micro-batch; use train.fsdp=true "
+                "without --use_deepspeed for sharding (or train.grad_accum=1 to try DeepSpeed at your own risk)"
+            )
+        logger.warning("accelerate's DeepSpeed plugin: this loop has not been run under DeepSpeed (docs/scaling.md)")
     rank, world = accelerator.process_index, accelerator.num_processes
     fsdp = t.fsdp and world > 1
     if t.fsdp and world == 1:
