@@ -4,6 +4,7 @@ bucket padding changes nothing, an epoch of varied lengths compiles once, and th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,12 @@ def test_compiled_encoder_matches_eager_with_padding_inductor():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-06, torch 2.13 CPU: inductor's training graph (dynamic batch/time) gives gradients up to "
+    "1.2x off relative to a parameter's largest entry; aot_eager matches exactly, so the model traces right and the "
+    "bug is in inductor's dynamic-shape training codegen. Not fixed yet: train.compile is not safe for training.",
+)
 def test_compiled_encoder_gradients_match_eager_inductor():
     torch.manual_seed(0)
     eager = ConformerSslModel(make_tiny_config(num_hidden_layers=1, **NO_DROPOUT)).train()
@@ -62,11 +69,14 @@ def test_compiled_encoder_gradients_match_eager_inductor():
     compiled.load_state_dict(eager.state_dict())
     compile_encoders(compiled)
     features, mask = _padded_batch([64, 45, 23], 64)
+    weights = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(1)) * mask[:, ::4, None]  # real steps
     for model in (eager, compiled):
-        out = model(features, attention_mask=mask).last_hidden_state
-        (out * out.detach().sign() * out.new_tensor(mask[:, ::4, None].float())).sum().backward()
-    worst = max((a.grad - b.grad).abs().max().item() for a, b in zip(eager.parameters(), compiled.parameters()))
-    print(f"compiled vs eager gradients, max abs diff: {worst:.2e}")
+        (model(features, attention_mask=mask).last_hidden_state * weights).sum().backward()
+    worst = max(
+        ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp(min=1e-12)).item()
+        for a, b in zip(eager.parameters(), compiled.parameters())
+    )
+    print(f"compiled vs eager gradients, max diff relative to each gradient's largest entry: {worst:.2e}")
     assert worst < 1e-4
 
 
@@ -178,7 +188,8 @@ def test_pretrain_command_with_compile_logs_recompiles_and_resumes(tmp_path):
             [sys.executable, str(REPO_ROOT / "scripts" / "pretrain.py"), "--config", str(recipe), "--no_progress"]
             + list(extra),
             cwd=tmp_path,
-            env=run_env(tmp_path),
+            # this checkout first, whichever hf_ssl_speech the environment has installed
+            env={**run_env(tmp_path), "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}"},
             capture_output=True,
             text=True,
             timeout=900,

@@ -103,7 +103,11 @@ def compile_encoders(
     if not encoders:
         raise ValueError(f"compile_encoders: {type(model).__name__} holds no ConformerSslModel to compile")
     for encoder in encoders:
-        _compile_forward(encoder, counter, dynamic)
+        # torch 2.13's inductor fails on the dw_striding (FastConformer) training graph with a symbolic time dim
+        # ("cannot determine truth value of Relational", benchmarks/bench_compile.py): static shapes there, one
+        # graph per (batch, bucketed frames) shape.
+        static = encoder.config.subsampling == "dw_striding" and backend == "inductor"
+        _compile_forward(encoder, counter, False if static else dynamic)
     return counter
 
 
