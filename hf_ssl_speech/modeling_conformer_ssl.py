@@ -114,7 +114,8 @@ class ConformerSslSubsampling(nn.Module):
     def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_features (B, T, n_mels) from the feature extractor; lengths (B,) valid frames.
         Returns hidden (B, T', D) and the new lengths (B,)."""
-        padded = bool((lengths < input_features.shape[1]).any())
+        # Compiled: always the masked path (a no-op without padding), no data-dependent branch to break the graph.
+        padded = torch.compiler.is_compiling() or bool((lengths < input_features.shape[1]).any())
         if padded:
             input_features = input_features.masked_fill(
                 lengths_to_padding_mask(lengths, input_features.shape[1])[..., None], 0.0
@@ -308,14 +309,16 @@ class ConformerSslRelPositionAttention(ConformerSslAttention):
         """(B, H, T', 2T'-1) scores against distances T'-1..-(T'-1) -> (B, H, T', T') scores against key j.
 
         Query i and key j are at distance i - j, stored in column (T'-1) - (i - j): row i of the result starts
-        at flat offset i * (2T'-1) + T'-1 - i = i * (2T'-2) + T'-1. That is a strided view: no copy.
+        at flat offset i * (2T'-1) + T'-1 - i = i * (2T'-2) + T'-1. That is a strided view: no copy. It is written
+        as flatten -> slice -> view -> slice rather than `as_strided` (same view, same elements) because
+        `torch.compile` cannot trace `storage_offset()`.
         """
-        scores = scores.contiguous()
         batch, heads, steps, positions = scores.shape
-        stride = scores.stride()
-        return scores.as_strided(
-            (batch, heads, steps, steps), (stride[0], stride[1], positions - 1, 1), scores.storage_offset() + steps - 1
-        )
+        if steps == 1:
+            return scores  # (B, H, 1, 1): the only distance is 0
+        flat = scores.contiguous().view(batch, heads, steps * positions)
+        rows = flat[..., steps - 1 : steps - 1 + steps * (positions - 1)].view(batch, heads, steps, positions - 1)
+        return rows[..., :steps]
 
     def forward(
         self,
@@ -668,7 +671,8 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
             position_embeddings = self.dropout_positions(position_embeddings)
 
         padding_mask = lengths_to_padding_mask(lengths, steps)  # (B, T')
-        has_padding = bool(padding_mask.any())
+        # Compiled: always the masked path (an all-zero bias without padding), no data-dependent branch.
+        has_padding = torch.compiler.is_compiling() or bool(padding_mask.any())
         blocked = padding_mask[:, None, None, :]  # keys that no query may see: (B, 1, 1, T')
         if self.config.causal:
             future = torch.ones(steps, steps, dtype=torch.bool, device=hidden.device).triu(1)

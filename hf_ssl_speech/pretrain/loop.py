@@ -36,6 +36,7 @@ from ..modeling_conformer_ssl import ConformerSslForPreTraining
 from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
+from .compiling import compile_encoders, pad_to_bucket
 from .optim import build_optimizer, build_scheduler, ema_decay, gumbel_temperature
 from .recipe import Recipe, check_recipe_paths, model_config, save_recipe
 
@@ -103,7 +104,7 @@ def featurise(
     inputs["attention_mask"] = (torch.arange(features.shape[1], device=device)[None, :] < frames[:, None]).long()
     if "frame_labels" in batch:
         inputs["frame_labels"] = batch["frame_labels"].to(device)[:, : features.shape[1]]  # (B, T)
-    return inputs
+    return pad_to_bucket(inputs, recipe.train.compile_bucket_frames) if recipe.train.compile else inputs
 
 
 def forever(loader: Any) -> Iterator[dict[str, Any]]:
@@ -268,6 +269,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         accelerator.print(f"DDP looks for parameters without a gradient every step: {'; '.join(unused)}")
     set_seed(t.seed)
     model = ConformerSslForPreTraining(config)
+    compiled = compile_encoders(model, t.compile_mode) if t.compile else None  # in place, before DDP wraps it
     extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
     if fsdp:  # shard before the optimiser exists: it must hold the shards (sharding.py says why not accelerate's)
         model = sharding.shard_model(model.to(accelerator.device), accelerator.device)
@@ -432,6 +434,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 "skipped_steps": guard.total_skipped,
                 **({"ema_decay": decay} if has_teacher else {}),
                 **code_usage.compute(reduce if world > 1 else None),
+                **(compiled.metrics() if compiled else {}),
             }
             audio_seconds_total += interval_audio
             metrics.log(step, latest_metrics, "train")

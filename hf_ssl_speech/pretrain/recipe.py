@@ -35,6 +35,7 @@ from ..data.config import DataConfig
 from ..errors import ConfigError, check_paths
 from ..objectives import OBJECTIVES, objective_settings
 from ..presets import RECIPE_DIR, PresetError, load_preset
+from .compiling import COMPILE_MODES
 
 SECTIONS = ("model", "objectives", "data", "optim", "train")
 SCHEDULERS = ("noam", "cosine", "linear", "constant")
@@ -116,6 +117,11 @@ class TrainSection:
     report_to: str = "tensorboard"  # tensorboard | none
     push_to_hub: str | None = None  # repo id to push the final checkpoint to
     hub_private: bool = False
+    # torch.compile of the encoder(s) (pretrain/compiling.py): inductor, dynamic batch and time dims; batches padded
+    # to a multiple of compile_bucket_frames feature frames (masked, results unchanged). The objectives stay eager.
+    compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_bucket_frames: int = 8  # a multiple of model.subsampling_factor (8 frames = 80 ms of audio)
 
 
 SECTION_TYPES: dict[str, type] = {"data": DataSection, "optim": OptimSection, "train": TrainSection}
@@ -240,6 +246,14 @@ def validate(recipe: Recipe) -> None:
         "train.mixed_precision",
         t.mixed_precision,
         "bf16 or no with train.fsdp=true (fp16 needs a gradient scaler that knows the shards; bf16 needs none)",
+    )
+    check(t.compile_mode in COMPILE_MODES, "train.compile_mode", t.compile_mode, f"one of {COMPILE_MODES}")
+    factor = recipe.model.get("subsampling_factor", ConformerSslConfig.subsampling_factor)
+    check(
+        t.compile_bucket_frames >= 1 and t.compile_bucket_frames % factor == 0,
+        "train.compile_bucket_frames",
+        t.compile_bucket_frames,
+        f"a positive multiple of model.subsampling_factor={factor} (e.g. {max(8 // factor, 1) * factor})",
     )
     for key in ("max_steps", "save_steps", "eval_steps", "log_steps", "grad_accum", "keep_last", "max_nonfinite"):
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")

@@ -1,0 +1,123 @@
+"""Eager vs `train.compile` (torch.compile of the encoder, inductor) side by side, in one process.
+
+Times a pretraining step (BEST-RQ on a Conformer: masking + forward + loss + backward + clip + AdamW) and an
+encoder forward (eval, no grad), eager first, then the same model compiled with `compile_encoders` (what the
+pretraining loop does). Reports the median step of each, the speed ratio, the compile time (first compiled step
+minus a steady one) and the graphs compiled, including after one batch of a new length (dynamic shapes: 0
+recompiles expected).
+
+    python benchmarks/bench_compile.py            # reference workload: 8 x 10 s, hidden 256, 8 layers
+    python benchmarks/bench_compile.py --quick    # 4 x 3 s, hidden 128, 2 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from hf_ssl_speech.configuration_conformer_ssl import ConformerSslConfig
+from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+from hf_ssl_speech.pretrain.compiling import compile_encoders, pad_to_bucket
+
+
+def build(args: argparse.Namespace) -> ConformerSslForPreTraining:
+    config = ConformerSslConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        intermediate_size=4 * args.hidden,
+        subsampling="striding",  # Conformer: FastConformer's dw_striding compiles with static shapes (compiling.py)
+        subsampling_factor=4,
+        conv_depthwise_kernel_size=31,
+        objectives={"bestrq": {}},
+    )
+    torch.manual_seed(0)
+    return ConformerSslForPreTraining(config).train()
+
+
+def batch(args: argparse.Namespace, seconds: float) -> dict[str, torch.Tensor]:
+    frames = int(seconds * 100)
+    generator = torch.Generator().manual_seed(frames)
+    features = torch.randn(args.batch, frames, 80, generator=generator)
+    lengths = torch.linspace(frames * 0.7, frames, args.batch).long()  # varied lengths, padded batch
+    mask = (torch.arange(frames)[None, :] < lengths[:, None]).long()
+    return pad_to_bucket({"input_features": features * mask[..., None], "attention_mask": mask}, 8)
+
+
+def time_steps(model, optimizer, inputs, steps: int, train: bool) -> list[float]:
+    times = []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        start = time.perf_counter()
+        if train:
+            loss = model(**inputs, generator=generator).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model.conformer(**inputs)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mode", default="default")
+    parser.add_argument("--quick", action="store_true", help="4 x 3 s, hidden 128, 2 layers")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.seconds, args.hidden, args.layers = 4, 3.0, 128, 2
+    torch.set_num_threads(args.threads)
+    inputs, other = batch(args, args.seconds), batch(args, args.seconds * 0.83)
+    audio = args.batch * args.seconds
+    model = build(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    report: dict[str, object] = {"workload": vars(args)}
+    rows = {}
+    for phase in ("eager", "compiled"):
+        if phase == "compiled":
+            counter = compile_encoders(model, args.mode)
+        for kind, train in (("train", True), ("forward", False)):
+            model.train(train)
+            times = time_steps(model, optimizer, inputs, args.repeats + 1, train)
+            rows[(phase, kind)] = {"first": times[0], "median": statistics.median(times[1:]), "times": times}
+    model.train()
+    before = counter.graphs
+    time_steps(model, optimizer, other, 1, True)  # a new length: does it recompile?
+    for kind in ("train", "forward"):
+        eager, compiled = rows[("eager", kind)], rows[("compiled", kind)]
+        line = {
+            "eager_s": round(eager["median"], 4),
+            "compiled_s": round(compiled["median"], 4),
+            "speed_ratio": round(eager["median"] / compiled["median"], 3),
+            "audio_s_per_s_eager": round(audio / eager["median"], 1),
+            "audio_s_per_s_compiled": round(audio / compiled["median"], 1),
+            "compile_s": round(compiled["first"] - compiled["median"], 1),
+        }
+        report[kind] = line
+        print(f"{kind:8s} {json.dumps(line)}")
+    report["graphs_compiled"] = counter.graphs
+    report["graphs_before_new_length"] = before
+    report["recompiles"] = counter.recompiles
+    report["backend_compile_s"] = round(counter.seconds, 1)
+    print(
+        f"graphs compiled: {before} (train, eval forward), {counter.graphs} after a batch of a new length "
+        f"(recompiles counted by the loop: {counter.recompiles}); backend compile time {counter.seconds:.1f} s"
+    )
+    print(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()
