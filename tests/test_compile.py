@@ -56,28 +56,29 @@ def test_compiled_encoder_matches_eager_with_padding_inductor():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured 2026-12-06, torch 2.13 CPU: inductor's training graph (dynamic batch/time) gives gradients up to "
-    "1.2x off relative to a parameter's largest entry; aot_eager matches exactly, so the model traces right and the "
-    "bug is in inductor's dynamic-shape training codegen. Not fixed yet: train.compile is not safe for training.",
-)
 def test_compiled_encoder_gradients_match_eager_inductor():
+    """Training mode, padded batch, inductor: every gradient within 1e-4 of its largest entry. Left out: the two
+    parameters whose gradient is zero in exact arithmetic (the depthwise-conv bias right before BatchNorm, the key
+    bias under softmax): both sides hold rounding noise there (~1e-7 of the largest gradient), which differs."""
     torch.manual_seed(0)
     eager = ConformerSslModel(make_tiny_config(num_hidden_layers=1, **NO_DROPOUT)).train()
     compiled = ConformerSslModel(eager.config).train()
     compiled.load_state_dict(eager.state_dict())
-    compile_encoders(compiled)
+    counter = compile_encoders(compiled)
     features, mask = _padded_batch([64, 45, 23], 64)
     weights = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(1)) * mask[:, ::4, None]  # real steps
     for model in (eager, compiled):
         (model(features, attention_mask=mask).last_hidden_state * weights).sum().backward()
-    worst = max(
-        ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp(min=1e-12)).item()
-        for a, b in zip(eager.parameters(), compiled.parameters())
-    )
+    largest = max(p.grad.abs().max().item() for p in eager.parameters())
+    errors = {
+        name: ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp(min=1e-12)).item()
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters())
+    }
+    zero_gradient = [n for n in errors if n.endswith(("depthwise_conv.bias", "k_proj.bias"))]
+    assert all(eager.get_parameter(n).grad.abs().max() < 1e-5 * largest for n in zero_gradient)
+    worst = max(v for n, v in errors.items() if n not in zero_gradient)
     print(f"compiled vs eager gradients, max diff relative to each gradient's largest entry: {worst:.2e}")
-    assert worst < 1e-4
+    assert worst < 1e-4 and counter.graphs >= 1 and len(errors) - len(zero_gradient) > 20
 
 
 def test_bucket_padding_changes_nothing():
