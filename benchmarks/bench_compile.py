@@ -3,8 +3,8 @@
 Times a pretraining step (BEST-RQ on a Conformer: masking + forward + loss + backward + clip + AdamW) and an
 encoder forward (eval, no grad), eager first, then the same model compiled with `compile_encoders` (what the
 pretraining loop does). Reports the median step of each, the speed ratio, the compile time (first compiled step
-minus a steady one) and the graphs compiled, including after one batch of a new length (dynamic shapes: 0
-recompiles expected).
+minus a steady one) and the graphs compiled, including after a batch of another size and length in the same
+time bucket (dynamic batch, bucketed time: 0 recompiles expected).
 
     python benchmarks/bench_compile.py            # reference workload: 8 x 10 s, hidden 256, 8 layers
     python benchmarks/bench_compile.py --quick    # 4 x 3 s, hidden 128, 2 layers
@@ -30,22 +30,22 @@ def build(args: argparse.Namespace) -> ConformerSslForPreTraining:
         num_hidden_layers=args.layers,
         num_attention_heads=4,
         intermediate_size=4 * args.hidden,
-        subsampling="striding",  # Conformer: FastConformer's dw_striding compiles with static shapes (compiling.py)
-        subsampling_factor=4,
-        conv_depthwise_kernel_size=31,
+        subsampling="striding" if args.encoder == "conformer" else "dw_striding",
+        subsampling_factor=4 if args.encoder == "conformer" else 8,
+        conv_depthwise_kernel_size=31 if args.encoder == "conformer" else 9,
         objectives={"bestrq": {}},
     )
     torch.manual_seed(0)
     return ConformerSslForPreTraining(config).train()
 
 
-def batch(args: argparse.Namespace, seconds: float) -> dict[str, torch.Tensor]:
+def batch(args: argparse.Namespace, seconds: float, size: int) -> dict[str, torch.Tensor]:
     frames = int(seconds * 100)
     generator = torch.Generator().manual_seed(frames)
-    features = torch.randn(args.batch, frames, 80, generator=generator)
-    lengths = torch.linspace(frames * 0.7, frames, args.batch).long()  # varied lengths, padded batch
+    features = torch.randn(size, frames, 80, generator=generator)
+    lengths = torch.linspace(frames * 0.7, frames, size).long()  # varied lengths, padded batch
     mask = (torch.arange(frames)[None, :] < lengths[:, None]).long()
-    return pad_to_bucket({"input_features": features * mask[..., None], "attention_mask": mask}, 8)
+    return pad_to_bucket({"input_features": features * mask[..., None], "attention_mask": mask}, args.bucket)
 
 
 def time_steps(model, optimizer, inputs, steps: int, train: bool) -> list[float]:
@@ -75,12 +75,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", default="default")
+    parser.add_argument("--encoder", choices=("conformer", "fastconformer"), default="conformer")
+    parser.add_argument("--bucket", type=int, default=128, help="train.compile_bucket_frames")
     parser.add_argument("--quick", action="store_true", help="4 x 3 s, hidden 128, 2 layers")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.seconds, args.hidden, args.layers = 4, 3.0, 128, 2
     torch.set_num_threads(args.threads)
-    inputs, other = batch(args, args.seconds), batch(args, args.seconds * 0.83)
+    # `other`: another batch size and shorter utterances in the same time bucket, as the loader makes them
+    inputs, other = batch(args, args.seconds, args.batch), batch(args, args.seconds * 0.95, max(args.batch - 1, 2))
     audio = args.batch * args.seconds
     model = build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -95,7 +98,7 @@ def main() -> None:
             rows[(phase, kind)] = {"first": times[0], "median": statistics.median(times[1:]), "times": times}
     model.train()
     before = counter.graphs
-    time_steps(model, optimizer, other, 1, True)  # a new length: does it recompile?
+    time_steps(model, optimizer, other, 1, True)  # another batch size and length in the bucket: recompile?
     for kind in ("train", "forward"):
         eager, compiled = rows[("eager", kind)], rows[("compiled", kind)]
         line = {
@@ -113,7 +116,7 @@ def main() -> None:
     report["recompiles"] = counter.recompiles
     report["backend_compile_s"] = round(counter.seconds, 1)
     print(
-        f"graphs compiled: {before} (train, eval forward), {counter.graphs} after a batch of a new length "
+        f"graphs compiled: {before} (train, eval forward), {counter.graphs} after a batch of another size and length "
         f"(recompiles counted by the loop: {counter.recompiles}); backend compile time {counter.seconds:.1f} s"
     )
     print(json.dumps(report, default=str))

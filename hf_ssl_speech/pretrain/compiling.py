@@ -4,19 +4,22 @@ What is compiled: every `ConformerSslModel` inside the pretraining model (the st
 `teacher` of data2vec / dinosr), in place (its `forward` replaced by the compiled one), so parameter names, `state_dict` keys,
 `save_pretrained` and accelerate's `save_state` are those of the eager model (no `_orig_mod.` prefix) and DDP
 wraps the pretraining model as usual afterwards. The encoder is > 95% of a step's time (benchmarks/README.md) and
-traces as one graph with no break (`torch._dynamo.explain`; tests/test_compile.py checks it). The objectives
+traces as one graph with no break (`torch._dynamo.explain`; tests/test_scale.py checks it). The objectives
 (masking, negative sampling, codebook look-ups) stay eager: their shapes depend on the data (how many steps are
 masked), which would recompile or break the graph on every batch for about 2-6% of the step.
 
-Recompilations. The encoder's batch and time dims are symbolic from its first call (marked dynamic): one graph
-serves every (batch, frames) shape (measured: 1 compilation of the training graph over a whole epoch of varied
-lengths, tests/test_compile.py). Batches are also padded on the time axis to a multiple of `bucket_frames` feature
-frames (`pad_to_bucket`, default 8): every stride-2 subsampling stage then sees an even length, so a guard on a
-length's parity holds for every batch, and with static shapes (`dynamic=False`) the number of distinct lengths,
-hence of compilations, is bounded by (longest - shortest) / bucket_frames + 1 per batch size. The padding is
-masked like any other (attention_mask 0, frame labels -100): encoder outputs on real steps and losses do not
-change (tested), except through BatchNorm's batch statistics in training mode, which include padded steps, as they
-already do for the padding of a variable-length batch.
+Recompilations. The batch dim is symbolic (marked dynamic), the time dim is static: batches are padded on the time
+axis to a multiple of `bucket_frames` feature frames (`pad_to_bucket`, `train.compile_bucket_frames`, 128 = 1.28 s
+by default), and each bucket compiles once. So an epoch compiles at most (longest - shortest) / bucket_frames + 1
+training graphs (plus one per bucket for an EMA teacher's no-grad call, and one per bucket for one-utterance
+batches: dynamo specialises a dynamic dim of size 1), whatever the batch sizes. A symbolic
+time dim would compile once in principle, but torch 2.13's inductor fails on the training graph with it
+("ValueRangeError: Invalid ranges", "cannot determine truth value of Relational"; measured 2026-12-06 on the
+Conformer and FastConformer alike). The padding is masked like any other (attention_mask 0, frame labels -100):
+encoder outputs on real steps and losses do not change (tested), except through BatchNorm's batch statistics in
+training mode, which include padded steps, as they already do for the padding of a variable-length batch.
+`torch._dynamo.config.recompile_limit` is raised to `RECOMPILE_LIMIT` so that buckets past torch's default 8 do
+not fall back to eager silently.
 
 `CompileCounter` is the dynamo backend: inductor (or any backend, e.g. "aot_eager" for tests), counting every
 graph handed to it. A new graph is a compilation: the first one, or a recompilation after a guard failed (a new
@@ -83,17 +86,16 @@ class CompileCounter:
         return {"compile_graphs": self.graphs, "compile_recompiles": self.recompiles, "compile_seconds": self.seconds}
 
 
-def compile_encoders(
-    model: nn.Module, mode: str = "default", backend: str = "inductor", dynamic: bool | None = True
-) -> CompileCounter:
+RECOMPILE_LIMIT = 64  # graphs per compiled encoder forward (time buckets x train/eval x grad/no-grad)
+
+
+def compile_encoders(model: nn.Module, mode: str = "default", backend: str = "inductor") -> CompileCounter:
     """Compile every `ConformerSslModel` inside `model` in place (call before `accelerator.prepare`).
 
     Args:
         model: a `ConformerSslForPreTraining` (or any module holding encoders; a bare encoder is compiled itself).
         mode: inductor's compile mode (`COMPILE_MODES`).
         backend: the dynamo backend the counter wraps ("inductor"; "aot_eager" in tests).
-        dynamic: True (default): symbolic batch and time dims from the first call; None: torch finds them (a
-            second compilation at the first new shape); False: every shape specialised (one graph per shape).
 
     Returns:
         The `CompileCounter`; its `metrics()` go to the training log.
@@ -102,29 +104,25 @@ def compile_encoders(
     encoders = [module for module in model.modules() if isinstance(module, ConformerSslModel)]
     if not encoders:
         raise ValueError(f"compile_encoders: {type(model).__name__} holds no ConformerSslModel to compile")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for encoder in encoders:
-        # torch 2.13's inductor fails on the dw_striding (FastConformer) training graph with a symbolic time dim
-        # ("cannot determine truth value of Relational", benchmarks/bench_compile.py): static shapes there, one
-        # graph per (batch, bucketed frames) shape.
-        static = encoder.config.subsampling == "dw_striding" and backend == "inductor"
-        _compile_forward(encoder, counter, False if static else dynamic)
+        _compile_forward(encoder, counter)
     return counter
 
 
-def _compile_forward(encoder: ConformerSslModel, counter: CompileCounter, dynamic: bool | None) -> None:
+def _compile_forward(encoder: ConformerSslModel, counter: CompileCounter) -> None:
     """Replace `encoder.forward` (an instance attribute: parameters, hooks and `state_dict` untouched) by the
-    compiled forward, which first marks the batch and time dims of its inputs dynamic. Marking those two only,
-    not `dynamic=True` on every dim: a symbolic mel axis makes inductor's convolution lowering fail (torch 2.13)."""
-    compiled = torch.compile(encoder.forward, backend=counter, dynamic=False if dynamic is False else None)
+    compiled forward, which first marks the batch dim of its inputs dynamic (the time dim stays static: buckets)."""
+    compiled = torch.compile(encoder.forward, backend=counter, dynamic=False)
 
     @functools.wraps(encoder.forward)
-    def forward(input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        if dynamic:
-            for tensor in (input_features, attention_mask):
-                if tensor is not None:
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
-                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
-        return compiled(input_features, attention_mask, *args, **kwargs)
+    def forward(input_features: torch.Tensor, *args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        if args and attention_mask is None:  # passed by position, as `ConformerSslModel.forward`'s second argument
+            attention_mask, args = args[0], args[1:]
+        for tensor in (input_features, attention_mask):
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(input_features, *args, attention_mask=attention_mask, **kwargs)
 
     encoder.forward = forward
 

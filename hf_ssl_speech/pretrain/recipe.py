@@ -117,11 +117,12 @@ class TrainSection:
     report_to: str = "tensorboard"  # tensorboard | none
     push_to_hub: str | None = None  # repo id to push the final checkpoint to
     hub_private: bool = False
-    # torch.compile of the encoder(s) (pretrain/compiling.py): inductor, dynamic batch and time dims; batches padded
-    # to a multiple of compile_bucket_frames feature frames (masked, results unchanged). The objectives stay eager.
+    # torch.compile of the encoder(s) (pretrain/compiling.py): inductor, dynamic batch dim; batches padded to a
+    # multiple of compile_bucket_frames feature frames (masked, results unchanged), one graph per bucket. The
+    # objectives stay eager.
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    compile_bucket_frames: int = 8  # a multiple of model.subsampling_factor (8 frames = 80 ms of audio)
+    compile_bucket_frames: int = 128  # a multiple of model.subsampling_factor (128 frames = 1.28 s of audio)
 
 
 SECTION_TYPES: dict[str, type] = {"data": DataSection, "optim": OptimSection, "train": TrainSection}
