@@ -338,7 +338,12 @@ def _fsdp_recipe(tmp_path, manifest, name: str, fsdp: bool, steps: int, save_ste
             "bestrq_codebook_size": 64,
             "bestrq_codebook_dim": 8,
         },
-        objectives={"bestrq": {}, "contrastive": {"weight": 0.5}},
+        # NEST's objective, and an EMA teacher (sharded like the student) with DinoSR's codewords (buffers)
+        objectives={
+            "bestrq": {},
+            "data2vec": {"weight": 0.5, "top_k_layers": 2, "decoder_layers": 2, "decoder_dim": 32, "decoder_groups": 4},
+            "dinosr": {"weight": 0.5, "top_k_layers": 2, "codebook_size": 16},
+        },
         data={"train_manifests": [str(manifest)], "batch_seconds": 2.0},
         optim={},
         train={"max_steps": steps, "save_steps": save_steps, "output_dir": name, "seed": 5, "fsdp": fsdp},
@@ -353,8 +358,8 @@ def test_fsdp_kill_and_resume_is_bitwise_identical_and_agrees_with_ddp(tmp_path)
 
     import hf_ssl_speech  # noqa: F401  (registers the Auto classes)
 
-    manifest = make_corpus(tmp_path / "corpus", count=12, seconds=1.0, vary=True)
-    n = 3
+    manifest = make_corpus(tmp_path / "corpus", count=8, seconds=1.0, vary=True)
+    n = 2
     env = run_env(tmp_path)
     args = ["--no_progress"]
     straight = _fsdp_recipe(tmp_path, manifest, "straight", True, 2 * n, n)
@@ -399,20 +404,23 @@ def test_fsdp_kill_and_resume_is_bitwise_identical_and_agrees_with_ddp(tmp_path)
         assert torch.equal(value, encoder[key]), key
 
     # Against DDP from the same initial weights and batches: the sharded reduce-scatter and the all-reduce sum
-    # gradients in another order, so bitwise equality is not expected. Left out: weights whose gradient is zero in
-    # exact arithmetic (the depthwise-conv bias right before BatchNorm, the attention key bias under softmax): Adam
-    # turns their rounding noise into lr-sized steps on either side. Measured here (2026-12-06) after 6 steps at
-    # LR 3e-3: everything else within 7.9e-6 (the rel-pos key projection, whose gradient is small; the rest within
-    # 1.2e-6) while weights moved ~4e-3; losses within 1e-7 relative. Bounds: 5e-5 (about 1% of the movement), 1e-6.
+    # gradients in another order, so bitwise equality is not expected, and the EMA teacher's targets (DinoSR's
+    # nearest codeword is an argmax) pass the tiny differences on. Left out: weights whose gradient is zero in exact
+    # arithmetic (the depthwise-conv bias right before BatchNorm, the attention key bias under softmax): Adam turns
+    # their rounding noise into lr-sized steps on either side. Measured here (2026-12-06) after 4 steps at LR 3e-3:
+    # weights within 7e-5 (they moved ~4e-3), DinoSR's codeword sums within 2.3e-4 of their size, losses within
+    # 1.2e-5 relative. Bounds: 2e-4, 1e-3, 1e-4.
     reference = load_file(final("ddp") / "model.safetensors")
-    zero_gradient = ("depthwise_conv.bias", "k_proj.bias", "running_", "num_batches_tracked")
-    trained = [k for k in expected if not any(part in k for part in zero_gradient)]
+    skip = ("depthwise_conv.bias", "k_proj.bias", "running_", "num_batches_tracked", "dinosr_codebooks.")
+    trained = [k for k in expected if not any(part in k for part in skip)]
     worst = max(float((expected[k] - reference[k]).abs().max()) for k in trained)
-    assert len(trained) > 50 and worst < 5e-5, worst
+    assert len(trained) > 50 and worst < 2e-4, worst
+    sums = expected["dinosr_codebooks.sums"]
+    assert float((sums - reference["dinosr_codebooks.sums"]).abs().max()) < 1e-3 * float(sums.abs().max())
     losses = [row["train/loss"] for row in train_history(tmp_path / "straight", 2 * n)]
     ddp_losses = [row["train/loss"] for row in train_history(tmp_path / "ddp", 2 * n)]
     # The loss is normalised by the global target count under both (the sums and counts of both ranks).
-    assert losses == pytest.approx(ddp_losses, rel=1e-6)
+    assert losses == pytest.approx(ddp_losses, rel=1e-4)
 
 
 @pytest.mark.slow
