@@ -118,7 +118,7 @@ def coerce(value: Any, annotation: Any, key: str, error: type[ConfigError] = Con
             pass
     elif origin is list or annotation is list:
         item = args[0] if args else Any
-        if isinstance(value, str) and item is str:
+        if isinstance(value, str) and _admits(item, str):
             return [value]  # a single manifest needs no brackets
         if isinstance(value, (list, tuple)):
             return [coerce(v, item, f"{key}[{i}]", error) for i, v in enumerate(value)]
