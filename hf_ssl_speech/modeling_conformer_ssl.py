@@ -36,6 +36,113 @@ from .targets import GumbelVectorQuantizer, OnlineCodebooks, RandomProjectionQua
 # ----------------------------------------------------------------------------------------------- blocks
 
 
+def _strided_conv2d(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, causal: bool):
+    """3x3 stride-2 conv of channels-last (B, T, F, C) -> (B, C, T', F') in channels-last memory."""
+    nchw = hidden.permute(0, 3, 1, 2)  # a channels-last view of (B, C, T, F)
+    if causal:
+        nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(nchw, weight, bias, stride=2, padding=(0, 1), groups=groups)
+    else:
+        out = F.conv2d(nchw, weight, bias, stride=2, padding=1, groups=groups)
+    return out
+
+
+class _SubsamplingStem(torch.autograd.Function):
+    """first conv (a matmul over 3x3 patches) -> zero padding -> ReLU -> the second strided conv, in batch chunks.
+
+    The first activation (B, T/2, F/2, C) is the encoder's largest tensor (164 MB for 8 x 10 s at C = 256, four
+    times a block's input) and held only one chunk at a time: backward recomputes it from the saved patches (a
+    matmul with 9 columns, ~1% of the second conv's work) and frees it chunk by chunk. Same maths as the unfused
+    path; peak memory falls by the full activation, its ReLU mask and its gradient.
+    """
+
+    CHUNK_BYTES = 48 * 2**20  # the first activation of one chunk
+
+    @staticmethod
+    def _first(patches, weight1, bias1, lengths, rows):
+        """ReLU(mask(conv1)) of the batch rows `rows`: (b, T1, F1, C)."""
+        chunk = patches[rows]
+        hidden = torch.addmm(bias1, chunk.reshape(-1, 9), weight1.t()).view(*chunk.shape[:3], -1)
+        if lengths is not None:
+            hidden.masked_fill_(lengths_to_padding_mask(lengths[rows], hidden.shape[1])[:, :, None, None], 0.0)
+        return hidden.relu_()
+
+    @staticmethod
+    def _chunks(patches, channels):
+        batch = patches.shape[0]
+        per_row = patches[0, ..., 0].numel() * channels * patches.element_size()
+        size = max(1, min(batch, _SubsamplingStem.CHUNK_BYTES // max(per_row, 1)))
+        return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+    @staticmethod
+    def forward(ctx, patches, weight1, bias1, weight2, bias2, lengths, groups, causal):
+        outputs = []
+        for rows in _SubsamplingStem._chunks(patches, weight1.shape[0]):
+            first = _SubsamplingStem._first(patches, weight1, bias1, lengths, rows)
+            outputs.append(_strided_conv2d(first, weight2, bias2, groups, causal))
+            del first
+        ctx.save_for_backward(patches, weight1, bias1, weight2, lengths)
+        ctx.groups, ctx.causal, ctx.has_bias2 = groups, causal, bias2 is not None
+        # (B, C, T', F') channels-last, not a view (the caller permutes it to (B, T', F', C) and works in place)
+        if len(outputs) == 1:
+            return outputs[0]
+        return torch.cat(outputs).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        patches, weight1, bias1, weight2, lengths = ctx.saved_tensors
+        need_patches, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_patches = torch.empty_like(patches) if need_patches else None
+        grad_w1 = torch.zeros_like(weight1) if need_w1 else None
+        grad_b1 = torch.zeros_like(bias1) if need_b1 else None
+        grad_w2 = torch.zeros_like(weight2) if need_w2 else None
+        grad_b2 = torch.zeros(weight2.shape[0], dtype=weight2.dtype, device=weight2.device) if need_b2 else None
+        channels = weight1.shape[0]
+        for rows in _SubsamplingStem._chunks(patches, channels):
+            first = _SubsamplingStem._first(patches, weight1, bias1, lengths, rows)  # (b, T1, F1, C)
+            nchw = first.permute(0, 3, 1, 2)
+            padding = [1, 1]
+            if ctx.causal:
+                nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
+                padding = [0, 1]
+            grad_out = grad_output[rows]
+            if not grad_out.is_contiguous(memory_format=torch.channels_last):
+                grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+            grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out,
+                nchw,
+                weight2,
+                [weight2.shape[0]] if ctx.has_bias2 else None,
+                [2, 2],
+                padding,
+                [1, 1],
+                False,
+                [0, 0],
+                ctx.groups,
+                [True, need_w2, need_b2],
+            )
+            if need_w2:
+                grad_w2 += grad_w
+            if need_b2:
+                grad_b2 += grad_b
+            del nchw, grad_w, grad_b
+            if ctx.causal:
+                grad_in = grad_in[:, :, 2:, :]
+            grad_in = grad_in.permute(0, 2, 3, 1)  # (b, T1, F1, C)
+            grad_in = grad_in.masked_fill_(first <= 0, 0.0) if grad_in.is_contiguous() else grad_in * (first > 0)
+            del first
+            flat = grad_in.reshape(-1, channels)
+            chunk_patches = patches[rows].reshape(-1, 9)
+            if need_w1:
+                grad_w1.addmm_(flat.t(), chunk_patches)
+            if need_b1:
+                grad_b1 += flat.sum(0)
+            if need_patches:
+                grad_patches[rows] = (flat @ weight1).view(grad_patches[rows].shape)
+            del grad_in, flat
+        return grad_patches, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+
+
 class ConformerSslSubsampling(nn.Module):
     """Conv2d front end over (time, mel): `striding` (Conformer) or `dw_striding` (FastConformer).
 
@@ -79,25 +186,24 @@ class ConformerSslSubsampling(nn.Module):
     def _time_padding(self) -> tuple[int, int]:
         return (2, 0) if self.causal else (1, 1)
 
+    def _patches(self, features: torch.Tensor) -> torch.Tensor:
+        """The 3x3 stride-2 patches of the first conv: (B, T, F) -> (B, T1, F1, 9)."""
+        padded = F.pad(features, (1, 1, *self._time_padding()))  # (B, T + 2, F + 2)
+        patches = padded.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T1, F1, 3, 3), a view
+        return patches.reshape(*patches.shape[:3], 9)
+
     def _first_conv(self, features: torch.Tensor) -> torch.Tensor:
         """Conv2d(1 -> C, 3x3, stride 2) as a matmul over 3x3 patches. (B, T, F) -> (B, T1, F1, C)."""
         conv = self.layers[0]
-        padded = F.pad(features, (1, 1, *self._time_padding()))  # (B, T + 2, F + 2)
-        patches = padded.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T1, F1, 3, 3), a view
-        patches = patches.reshape(*patches.shape[:3], 9)
+        patches = self._patches(features)
         return torch.addmm(conv.bias, patches.reshape(-1, 9), conv.weight.view(conv.out_channels, 9).t()).view(
             *patches.shape[:3], conv.out_channels
         )
 
     def _strided_conv(self, conv: nn.Conv2d, hidden: torch.Tensor) -> torch.Tensor:
         """3x3 stride-2 conv (full or depthwise) on channels-last (B, T, F, C) -> (B, T', F', C)."""
-        nchw = hidden.permute(0, 3, 1, 2)  # a channels-last view of (B, C, T, F)
-        if self.causal:
-            nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
-            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=(0, 1), groups=conv.groups)
-        else:
-            out = F.conv2d(nchw, conv.weight, conv.bias, stride=2, padding=1, groups=conv.groups)
-        return out.permute(0, 2, 3, 1)  # channels-last memory: (B, T', F', C) is contiguous
+        # channels-last memory: (B, T', F', C) is contiguous
+        return _strided_conv2d(hidden, conv.weight, conv.bias, conv.groups, self.causal).permute(0, 2, 3, 1)
 
     @staticmethod
     def _mask_(hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -115,8 +221,33 @@ class ConformerSslSubsampling(nn.Module):
                 lengths_to_padding_mask(lengths, input_features.shape[1])[..., None], 0.0
             )
         lengths = output_lengths(lengths, 2)
-        hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
         index = 2
+        if len(self.layers) > 2 and not torch.is_autocast_enabled(input_features.device.type):
+            # First conv + ReLU + the next strided conv in batch chunks, the first activation recomputed in
+            # backward (_SubsamplingStem): it is the encoder's largest tensor, (B, T/2, F/2, C).
+            first, conv = self.layers[0], self.layers[2]
+            hidden = _SubsamplingStem.apply(
+                self._patches(input_features),
+                first.weight.view(first.out_channels, 9),
+                first.bias,
+                conv.weight,
+                conv.bias,
+                lengths if padded else None,
+                conv.groups,
+                self.causal,
+            ).permute(0, 2, 3, 1)
+            lengths = output_lengths(lengths, 2)
+            hidden = self._mask_(hidden, lengths if padded else None)
+            index = 3
+            if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
+                pointwise = self.layers[index]
+                hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
+                hidden = self._mask_(hidden, lengths if padded else None)
+                index += 1
+            hidden = hidden.relu_()
+            index += 1  # the ReLU module
+        else:
+            hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
         while index < len(self.layers):
             conv = self.layers[index]
             lengths = output_lengths(lengths, 2)
