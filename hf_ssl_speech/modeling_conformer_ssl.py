@@ -347,6 +347,135 @@ class ConformerSslRotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def _cpu_training_path(tensor: torch.Tensor) -> bool:
+    """The memory-lean autograd functions below run where they pay and match the stock ops exactly: CPU tensors,
+    gradients on, no autocast (their backward recomputes in the forward's dtype). Elsewhere the stock ops run."""
+    return tensor.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def _dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
+    """The float keep-mask / (1 - p) that `F.dropout` draws on CPU (same RNG draws, so the same mask)."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+class _Dropout(torch.autograd.Function):
+    """F.dropout (training, CPU) that saves a one-byte keep mask instead of the float one (4x less)."""
+
+    @staticmethod
+    def forward(ctx, hidden, p):
+        noise = _dropout_noise(hidden, p)
+        ctx.save_for_backward(noise.bool())
+        ctx.p = p
+        return hidden * noise
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
+
+
+class ConformerSslDropout(nn.Dropout):
+    """nn.Dropout whose CPU training path saves a bool mask (`_Dropout`); identical outputs and RNG draws."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and not self.inplace and _cpu_training_path(hidden):
+            return _Dropout.apply(hidden, self.p)
+        return super().forward(hidden)
+
+
+class _SiluDropoutLinear(torch.autograd.Function):
+    """linear(dropout(silu(h))): the feed-forward's second half, saving h and a one-byte dropout mask.
+
+    The stock ops save three (B, T', FFN) float tensors (silu's input, the float dropout mask, linear2's input);
+    this saves one plus the bool mask and recomputes silu and the mask product in backward (elementwise, <1% of
+    the block's work).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, p):
+        act = F.silu(hidden)
+        keep = None
+        if p > 0.0:
+            noise = _dropout_noise(act, p)
+            act = act.mul_(noise)
+            keep = noise.bool()
+            del noise
+        ctx.save_for_backward(hidden, weight, keep)
+        ctx.p, ctx.has_bias = p, bias is not None
+        return F.linear(act, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, keep = ctx.saved_tensors
+        noise = None if keep is None else keep.to(hidden.dtype).div_(1 - ctx.p)
+        grad_weight = grad_bias = None
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            act = F.silu(hidden)
+            if noise is not None:
+                act = act.mul_(noise)
+            grad_weight = flat.t().mm(act.reshape(-1, act.shape[-1]))
+            del act
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat.sum(0)
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_act = grad.matmul(weight)
+            if noise is not None:
+                grad_act = grad_act.mul_(noise)
+            grad_hidden = torch.ops.aten.silu_backward(grad_act, hidden)
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """dropout(softmax(q k^T * scale + bias)) v for a full additive bias (the rel-pos / gated position term).
+
+    What `scaled_dot_product_attention` does on CPU with a bias that needs gradients (its math path), saving
+    q, k, v, the probabilities and a one-byte dropout mask instead of the probabilities, the float dropout mask
+    and the dropped probabilities (three (B, H, T', T') float tensors), and without the masked-row passes of
+    its safe softmax (the bias here is finite, so no row is all -inf).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, scale, p):
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale).add_(bias)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        keep = None
+        dropped = probs
+        if p > 0.0:
+            noise = _dropout_noise(probs, p)
+            dropped = probs * noise
+            keep = noise.bool()
+            del noise
+        context = torch.matmul(dropped, value)
+        ctx.save_for_backward(query, key, value, probs, keep)
+        ctx.scale, ctx.p, ctx.bias_shape = scale, p, bias.shape
+        return context
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, probs, keep = ctx.saved_tensors
+        noise = None if keep is None else keep.to(probs.dtype).div_(1 - ctx.p)
+        grad_value = None
+        if ctx.needs_input_grad[2]:
+            dropped = probs if noise is None else probs * noise
+            grad_value = torch.matmul(dropped.transpose(-1, -2), grad)
+            del dropped
+        grad_probs = torch.matmul(grad, value.transpose(-1, -2))
+        if noise is not None:
+            grad_probs = grad_probs.mul_(noise)
+            del noise
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_key = (
+            torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        )
+        grad_bias = grad_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
+        return grad_query, grad_key, grad_value, grad_bias, None, None
+
+
 class ConformerSslFeedForward(nn.Module):
     """Linear -> Swish -> dropout -> Linear (the caller halves the residual: macaron)."""
 
@@ -356,8 +485,19 @@ class ConformerSslFeedForward(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.activation_dropout)
         self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.attention_bias)
+        self.silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        linear2 = self.linear2
+        if (
+            self.silu
+            and _cpu_training_path(hidden)
+            and type(linear2) is nn.Linear  # not wrapped (adapters) or hooked: the fused tail calls F.linear
+            and not (linear2._forward_hooks or linear2._forward_pre_hooks)
+            and not (self.dropout._forward_hooks or self.dropout._forward_pre_hooks)
+        ):
+            p = self.dropout.p if self.training else 0.0
+            return _SiluDropoutLinear.apply(self.linear1(hidden), linear2.weight, linear2.bias, p)
         return self.linear2(self.dropout(self.activation(self.linear1(hidden))))
 
 
@@ -406,6 +546,9 @@ class ConformerSslAttention(nn.Module):
             scores = torch.matmul(query, key.transpose(-1, -2)) * scale
             weights = torch.softmax(scores + bias if bias is not None else scores, dim=-1)
             context = torch.matmul(F.dropout(weights, dropout, self.training), value)
+        elif bias is not None and bias.requires_grad and _cpu_training_path(query):
+            weights = None  # the position term needs gradients: SDPA's math path, with less saved (_BiasedAttention)
+            context = _BiasedAttention.apply(query, key, value, bias, scale, dropout)
         else:
             weights = None
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -602,7 +745,7 @@ class ConformerSslLayer(GradientCheckpointingLayer):
         self.norm_feed_forward2 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.feed_forward2 = ConformerSslFeedForward(config)
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = ConformerSslDropout(config.hidden_dropout)
 
     def forward(
         self,
