@@ -47,6 +47,27 @@ def _strided_conv2d(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out
 
 
+def _conv_weight_grad_taps(grad_out: torch.Tensor, inputs: torch.Tensor, padding: tuple[int, int], out: torch.Tensor):
+    """out (O, I, 3, 3) += the weight gradient of a 3x3 stride-2 conv, one (O x N) @ (N x I) matmul per tap.
+
+    grad_out (b, T', F', O) and inputs (b, T, F, I) channels-last; padding = (time, freq) zeros before the input:
+    output (t, f) reads input (2t + kt - pt, 2f + kf - pf), so each tap sums over the outputs whose input is real.
+    """
+    steps, freqs = grad_out.shape[1:3]
+    for kt in range(3):
+        t0 = max(0, -((kt - padding[0]) // 2))  # first output whose input row 2t + kt - pt is >= 0
+        t1 = min(steps, (inputs.shape[1] - 1 - kt + padding[0]) // 2 + 1)
+        for kf in range(3):
+            f0 = max(0, -((kf - padding[1]) // 2))
+            f1 = min(freqs, (inputs.shape[2] - 1 - kf + padding[1]) // 2 + 1)
+            if t1 <= t0 or f1 <= f0:
+                continue
+            tap = inputs[:, 2 * t0 + kt - padding[0] : 2 * t1 + kt - padding[0] - 1 : 2]
+            tap = tap[:, :, 2 * f0 + kf - padding[1] : 2 * f1 + kf - padding[1] - 1 : 2]
+            grads = grad_out[:, t0:t1, f0:f1]
+            out[:, :, kt, kf] += grads.reshape(-1, grads.shape[-1]).t().mm(tap.reshape(-1, tap.shape[-1]))
+
+
 class _SubsamplingStem(torch.autograd.Function):
     """first conv (a matmul over 3x3 patches) -> zero padding -> ReLU -> the second strided conv, in batch chunks.
 
@@ -56,7 +77,7 @@ class _SubsamplingStem(torch.autograd.Function):
     path; peak memory falls by the full activation, its ReLU mask and its gradient.
     """
 
-    CHUNK_BYTES = 48 * 2**20  # the first activation of one chunk
+    CHUNK_BYTES = 32 * 2**20  # the first activation of one chunk (glibc heap-sized: no mmap churn)
 
     @staticmethod
     def _first(patches, weight1, bias1, lengths, rows):
@@ -108,6 +129,8 @@ class _SubsamplingStem(torch.autograd.Function):
             grad_out = grad_output[rows]
             if not grad_out.is_contiguous(memory_format=torch.channels_last):
                 grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+            # A full conv's weight gradient as 9 tap matmuls: ~2x faster on CPU than oneDNN's channels-last one.
+            taps = ctx.groups == 1 and first.device.type == "cpu"
             grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_out,
                 nchw,
@@ -119,11 +142,15 @@ class _SubsamplingStem(torch.autograd.Function):
                 False,
                 [0, 0],
                 ctx.groups,
-                [True, need_w2, need_b2],
+                [True, need_w2 and not taps, need_b2 and not taps],
             )
-            if need_w2:
+            if need_w2 and taps:
+                _conv_weight_grad_taps(grad_out.permute(0, 2, 3, 1), first, (2 if ctx.causal else 1, 1), grad_w2)
+            elif need_w2:
                 grad_w2 += grad_w
-            if need_b2:
+            if need_b2 and taps:
+                grad_b2 += grad_out.sum((0, 2, 3))
+            elif need_b2:
                 grad_b2 += grad_b
             del nchw, grad_w, grad_b
             if ctx.causal:
