@@ -156,16 +156,17 @@ class _SubsamplingStem(torch.autograd.Function):
             if ctx.causal:
                 grad_in = grad_in[:, :, 2:, :]
             grad_in = grad_in.permute(0, 2, 3, 1)  # (b, T1, F1, C)
-            grad_in = grad_in.masked_fill_(first <= 0, 0.0) if grad_in.is_contiguous() else grad_in * (first > 0)
+            # ReLU and padding: zero where the recomputed activation is 0 (one pass, unlike masked_fill_ + le)
+            grad_in = torch.ops.aten.threshold_backward(grad_in, first, 0.0)
             del first
             flat = grad_in.reshape(-1, channels)
             chunk_patches = patches[rows].reshape(-1, 9)
-            if need_w1:
-                grad_w1.addmm_(flat.t(), chunk_patches)
+            if need_w1:  # (9 x N) @ (N x C): BLAS is ~7x slower at the (C x N) @ (N x 9) form
+                grad_w1 += chunk_patches.t().mm(flat).t()
             if need_b1:
                 grad_b1 += flat.sum(0)
             if need_patches:
-                grad_patches[rows] = (flat @ weight1).view(grad_patches[rows].shape)
+                grad_patches[rows] = weight1.t().mm(flat.t()).t().view(grad_patches[rows].shape)  # as above
             del grad_in, flat
         return grad_patches, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
