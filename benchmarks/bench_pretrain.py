@@ -281,7 +281,7 @@ def profile_step(step: Callable[[int], float], index: int, top: int) -> list[lis
     ]
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 8) -> float:
+def matmul_peak_gflops(size: int = 2048, repeats: int = 12) -> float:
     """The machine's fp32 matmul ceiling on this process's threads: the best of `repeats` size x size matmuls,
     in GFLOP/s (2 size^3 FLOPs each). Measured in every benchmark process, next to its own step."""
     import torch

@@ -104,10 +104,8 @@ class _SubsamplingStem(torch.autograd.Function):
             del first
         ctx.save_for_backward(patches, weight1, bias1, weight2, lengths)
         ctx.groups, ctx.causal, ctx.has_bias2 = groups, causal, bias2 is not None
-        # (B, C, T', F') channels-last, not a view (the caller permutes it to (B, T', F', C) and works in place)
-        if len(outputs) == 1:
-            return outputs[0]
-        return torch.cat(outputs).contiguous(memory_format=torch.channels_last)
+        # (B, T', F', C) contiguous and not a view (the caller works on it in place): one copy out of the chunks
+        return torch.cat([out.permute(0, 2, 3, 1) for out in outputs])
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -126,7 +124,7 @@ class _SubsamplingStem(torch.autograd.Function):
             if ctx.causal:
                 nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
                 padding = [0, 1]
-            grad_out = grad_output[rows]
+            grad_out = grad_output[rows].permute(0, 3, 1, 2)
             if not grad_out.is_contiguous(memory_format=torch.channels_last):
                 grad_out = grad_out.contiguous(memory_format=torch.channels_last)
             # A full conv's weight gradient as 9 tap matmuls: ~2x faster on CPU than oneDNN's channels-last one.
@@ -263,7 +261,7 @@ class ConformerSslSubsampling(nn.Module):
                 lengths if padded else None,
                 conv.groups,
                 self.causal,
-            ).permute(0, 2, 3, 1)
+            )
             lengths = output_lengths(lengths, 2)
             hidden = self._mask_(hidden, lengths if padded else None)
             index = 3
