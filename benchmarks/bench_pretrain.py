@@ -554,6 +554,7 @@ def summarise(runs: list[dict]) -> dict:
         merged["flop_utilisation_pct"] = round(statistics.median(r["flop_utilisation_pct"] for r in runs), 1)
         merged["matmul_peak_gflops"] = round(statistics.median(r["matmul_peak_gflops"] for r in runs), 1)
     merged["rounds"] = len(runs)
+    merged["round_step_s"] = [r["step_s"] for r in runs]  # each process's median: load spikes show up here
     return merged
 
 
