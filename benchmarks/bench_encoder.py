@@ -6,8 +6,10 @@ Pairs (same width / depth / heads / FFN / kernel; the reference workload of docs
 
 Each system runs in its own subprocess (so peak RSS is its own), under the same thread count and allocator
 settings, in alternating order. Reported: audio-seconds per second for forward+backward (train mode, loss =
-mean square of the output) and forward-only (eval, no grad), and peak RSS. Prints a table and one JSON line
-with the ratios ours / theirs.
+mean square of the output) and forward-only (eval, no grad), peak RSS, and the FLOP utilisation of both: the
+pass's FLOPs (torch.utils.flop_counter.FlopCounterMode, counted once per system) per best pass time, as a
+percentage of a 2048 x 2048 fp32 matmul loop measured in the same process on the same threads. Prints a table
+and one JSON line with the ratios ours / theirs.
 
     python benchmarks/bench_encoder.py                      # reference size: 8 x 10 s, hidden 256, 8 layers
     python benchmarks/bench_encoder.py --batch 2 --seconds 4 --repeats 2   # quick look
@@ -22,6 +24,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pretrain import count_flops, matmul_peak_gflops  # noqa: E402
 
 SYSTEMS = ("ours_conformer", "w2v2_conformer", "ours_fastconformer", "parakeet")
 PAIRS = (("ours_conformer", "w2v2_conformer"), ("ours_fastconformer", "parakeet"))
@@ -120,6 +126,13 @@ def run_one(system: str, args: argparse.Namespace) -> dict:
         figures[f"{name}_audio_s_per_s"] = round(audio_seconds / best, 2)
         figures[f"{name}_step_s"] = round(best, 3)
     figures["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    # after the peak RSS: one more pass of each under the FLOP counter, then the matmul ceiling
+    figures["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
+    for name, fn in (("train", train_step), ("forward", forward)):
+        flops = count_flops(fn)
+        figures[f"{name}_gflop"] = round(flops / 1e9, 1)
+        achieved = flops / figures[f"{name}_step_s"] / 1e9
+        figures[f"{name}_flop_utilisation_pct"] = round(100 * achieved / figures["matmul_peak_gflops"], 1)
     return figures
 
 
@@ -162,7 +175,9 @@ def main() -> None:
         r = results[system]
         print(
             f"  {system:20s} {r['params_m']:7.2f}M  train {r['train_audio_s_per_s']:8.2f} audio-s/s  "
-            f"fwd {r['forward_audio_s_per_s']:8.2f} audio-s/s  peak {r['peak_rss_gb']:.2f} GB",
+            f"fwd {r['forward_audio_s_per_s']:8.2f} audio-s/s  peak {r['peak_rss_gb']:.2f} GB  FLOP util train "
+            f"{r['train_flop_utilisation_pct']}% fwd {r['forward_flop_utilisation_pct']}% of "
+            f"{r['matmul_peak_gflops']} GFLOP/s",
             flush=True,
         )
 

@@ -23,8 +23,11 @@ The NeMo systems run benchmarks/nemo_pretrain_runner.py with the NeMo virtual en
     python benchmarks/bench_pretrain.py --malloc both                 # default glibc malloc, then the tuned one
     python benchmarks/bench_pretrain.py --systems ours_bestrq nemo_nest --repeats 5 --profile 15
 
-Prints a table (system, objective, params, train audio-s/s, peak RSS) and one JSON line with every figure and
-the ratios ours / NeMo on the matching recipe and ours / w2v2 (targets: >= 1.5x throughput at <= 0.7x memory).
+Prints a table (system, objective, params, train audio-s/s, peak RSS, step GFLOP, FLOP utilisation) and one JSON
+line with every figure and the ratios ours / NeMo on the matching recipe and ours / w2v2 (targets: >= 1.5x
+throughput at <= 0.7x memory). FLOP utilisation: the step's FLOPs (torch.utils.flop_counter.FlopCounterMode over
+one step, in every system's own process and environment) per median step time, as a percentage of a 2048 x 2048
+fp32 matmul loop measured in the same process on the same threads.
 """
 
 from __future__ import annotations
@@ -165,7 +168,18 @@ MATCHES = {
 # New SSL families: step cost and memory next to our contrastive recipe (no peer ships their pretraining).
 AGAINST_CONTRASTIVE = ("ours_data2vec", "ours_dinosr", "ours_w2v_bert", "ours_wavlm", "ours_hubert")
 TARGET_THROUGHPUT, TARGET_MEMORY = 1.5, 0.7
-HEADLINE = ("objective", "encoder", "params_m", "audio_s_per_s", "step_s", "peak_rss_gb", "sys_s_per_step")
+HEADLINE = (
+    "objective",
+    "encoder",
+    "params_m",
+    "audio_s_per_s",
+    "step_s",
+    "peak_rss_gb",
+    "sys_s_per_step",
+    "step_gflop",
+    "matmul_peak_gflops",
+    "flop_utilisation_pct",
+)
 QUICK = {"batch": 2, "seconds": 2.0, "hidden": 64, "layers": 2, "heads": 2, "ffn": 128}  # sizes only
 STEPS = {"full": {"repeats": 3, "warmup": 2}, "quick": {"repeats": 1, "warmup": 1}}  # unless given
 
@@ -267,14 +281,52 @@ def profile_step(step: Callable[[int], float], index: int, top: int) -> list[lis
     ]
 
 
+def matmul_peak_gflops(size: int = 2048, repeats: int = 12) -> float:
+    """The machine's fp32 matmul ceiling on this process's threads: the best of `repeats` size x size matmuls,
+    in GFLOP/s (2 size^3 FLOPs each). Measured in every benchmark process, next to its own step."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up (thread pool, packing buffers)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of fn() as torch.utils.flop_counter.FlopCounterMode counts them: matmuls and
+    convolutions (forward and backward) and attention; elementwise ops, norms and the optimiser count 0."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def add_flop_utilisation(figures: dict, flops_per_step: float, step_s: float, prefix: str = "") -> None:
+    """figures += the step's GFLOP, the measured matmul peak and the step's share of it (percent)."""
+    if "matmul_peak_gflops" not in figures:
+        figures["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
+    figures[f"{prefix}step_gflop"] = round(flops_per_step / 1e9, 1)
+    achieved = flops_per_step / step_s / 1e9
+    figures[f"{prefix}flop_utilisation_pct"] = round(100 * achieved / figures["matmul_peak_gflops"], 1)
+
+
 def finish(figures: dict, step: Callable[[int], float], args: argparse.Namespace) -> None:
-    """Time the step, optionally profile it, add memory and load figures, and print the RESULT line."""
+    """Time the step, optionally profile it, add memory, FLOP-utilisation and load figures, and print the RESULT
+    line. The FLOP count (one more step under FlopCounterMode) and the matmul peak come after the peak RSS."""
     figures["rss_before_steps_gb"] = round(current_rss_gb(), 2)
     figures.update(time_steps(step, args.warmup, args.repeats))
     figures["peak_rss_gb"] = round(peak_rss_gb(), 2)
     figures["audio_s_per_s"] = round(args.batch * args.seconds / figures["step_s"], 2)
+    index = args.warmup + args.repeats
+    add_flop_utilisation(figures, count_flops(lambda: step(index)), figures["step_s"])
     if args.profile:
-        figures["top_ops"] = profile_step(step, args.warmup + args.repeats, args.profile)
+        figures["top_ops"] = profile_step(step, index + 1, args.profile)
     figures["loadavg_1min"] = round(os.getloadavg()[0], 2)
     if not math.isfinite(figures["last_loss"]):  # a broken step is not a benchmark figure
         raise SystemExit(f"non-finite loss {figures['last_loss']} after {args.warmup + args.repeats} steps: {figures}")
@@ -498,7 +550,11 @@ def summarise(runs: list[dict]) -> dict:
     merged["step_s"] = statistics.median(r["step_s"] for r in runs)
     merged["audio_s_per_s"] = round(statistics.median(r["audio_s_per_s"] for r in runs), 2)
     merged["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    if all("flop_utilisation_pct" in r for r in runs):  # each process against its own measured peak
+        merged["flop_utilisation_pct"] = round(statistics.median(r["flop_utilisation_pct"] for r in runs), 1)
+        merged["matmul_peak_gflops"] = round(statistics.median(r["matmul_peak_gflops"] for r in runs), 1)
     merged["rounds"] = len(runs)
+    merged["round_step_s"] = [r["step_s"] for r in runs]  # each process's median: load spikes show up here
     return merged
 
 
@@ -527,12 +583,14 @@ def print_table(results: dict[str, dict], malloc: str) -> None:
     print(f"\nmalloc {malloc}:")
     print(
         f"  {'system':22s} {'objective':16s} {'encoder':14s} {'params':>8s} {'audio-s/s':>10s} {'step s':>8s} "
-        f"{'peak RSS':>9s} {'sys s':>6s}"
+        f"{'peak RSS':>9s} {'sys s':>6s} {'GFLOP':>7s} {'peak GF/s':>9s} {'FLOP util':>9s}"
     )
     for system, r in results.items():
         print(
             f"  {system:22s} {r['objective']:16s} {r.get('encoder', '-'):14s} {r['params_m']:7.2f}M "
-            f"{r['audio_s_per_s']:10.2f} {r['step_s']:8.3f} {r['peak_rss_gb']:7.2f}GB {r['sys_s_per_step']:6.2f}"
+            f"{r['audio_s_per_s']:10.2f} {r['step_s']:8.3f} {r['peak_rss_gb']:7.2f}GB {r['sys_s_per_step']:6.2f} "
+            f"{r.get('step_gflop', float('nan')):7.1f} {r.get('matmul_peak_gflops', float('nan')):9.1f} "
+            f"{r.get('flop_utilisation_pct', float('nan')):8.1f}%"
         )
     for system, r in results.items():
         if "top_ops" in r:
@@ -608,7 +666,8 @@ def main() -> None:
                 runs[system].append(result)
                 print(
                     f"  [{malloc}] {system:22s} {result['audio_s_per_s']:8.2f} audio-s/s  "
-                    f"peak {result['peak_rss_gb']:.2f} GB  (load {result['loadavg_1min']})",
+                    f"peak {result['peak_rss_gb']:.2f} GB  FLOP util {result['flop_utilisation_pct']}% of "
+                    f"{result['matmul_peak_gflops']} GFLOP/s  (load {result['loadavg_1min']})",
                     flush=True,
                 )
         results = {s: summarise(r) for s, r in runs.items() if r}

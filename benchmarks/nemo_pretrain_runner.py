@@ -13,7 +13,9 @@ The model is built in-process from the OmegaConf config with random weights and 
 the model's `training_step` does with a batch (forward from raw audio, which includes NeMo's featurisation, then
 the loss), and then what Lightning does around it: backward, gradient clipping at 1.0, AdamW step, zero_grad.
 The batch is synthetic speech (8 x 160000 samples, all full length); for NEST the noisy copy that NeMo's data
-loader would mix (MultiSpeakerNoiseAugmentation) is prepared once, outside the timed step.
+loader would mix (MultiSpeakerNoiseAugmentation) is prepared once, outside the timed step. `finish` (from
+bench_pretrain.py) also counts one step's FLOPs with torch's FlopCounterMode here, in the NeMo environment, and
+measures the matmul peak in this process, for the FLOP-utilisation column.
 """
 
 from __future__ import annotations
