@@ -254,7 +254,8 @@ class ConformerSslSubsampling(nn.Module):
             )
         lengths = output_lengths(lengths, 2)
         index = 2
-        if len(self.layers) > 2 and not torch.is_autocast_enabled(input_features.device.type):
+        lean = not torch.is_autocast_enabled(input_features.device.type) and not torch.compiler.is_compiling()
+        if len(self.layers) > 2 and lean:  # (torch.compile: inductor plans the memory of the stock ops itself)
             # First conv + ReLU + the next strided conv in batch chunks, the first activation recomputed in
             # backward (_SubsamplingStem): it is the encoder's largest tensor, (B, T/2, F/2, C).
             first, conv = self.layers[0], self.layers[2]
@@ -381,8 +382,14 @@ class ConformerSslRotaryEmbedding(nn.Module):
 
 def _cpu_training_path(tensor: torch.Tensor) -> bool:
     """The memory-lean autograd functions below run where they pay and match the stock ops exactly: CPU tensors,
-    gradients on, no autocast (their backward recomputes in the forward's dtype). Elsewhere the stock ops run."""
-    return tensor.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    gradients on, no autocast (their backward recomputes in the forward's dtype), not under torch.compile (which
+    traces the stock ops and plans their memory itself). Elsewhere the stock ops run."""
+    return (
+        tensor.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
