@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from bench_pretrain import count_flops, matmul_peak_gflops  # same folder: FLOP utilisation as every bench row
 
 from hf_ssl_speech.configuration_conformer_ssl import ConformerSslConfig
 from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
@@ -89,6 +90,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     report: dict[str, object] = {"workload": vars(args)}
     rows = {}
+    flops = {
+        kind: count_flops(lambda t=train: time_steps(model, optimizer, inputs, 1, t))
+        for kind, train in (
+            ("train", True),
+            ("forward", False),
+        )
+    }  # eager, before compiling: FlopCounterMode counts the same matmuls either way
+    model.train()
+    peak = matmul_peak_gflops()
     for phase in ("eager", "compiled"):
         if phase == "compiled":
             counter = compile_encoders(model, args.mode)
@@ -108,9 +118,13 @@ def main() -> None:
             "audio_s_per_s_eager": round(audio / eager["median"], 1),
             "audio_s_per_s_compiled": round(audio / compiled["median"], 1),
             "compile_s": round(compiled["first"] - compiled["median"], 1),
+            "step_gflop": round(flops[kind] / 1e9, 1),
+            "flop_utilisation_pct_eager": round(100 * flops[kind] / eager["median"] / 1e9 / peak, 1),
+            "flop_utilisation_pct_compiled": round(100 * flops[kind] / compiled["median"] / 1e9 / peak, 1),
         }
         report[kind] = line
         print(f"{kind:8s} {json.dumps(line)}")
+    report["matmul_peak_gflops"] = round(peak, 1)
     report["graphs_compiled"] = counter.graphs
     report["graphs_before_new_length"] = before
     report["recompiles"] = counter.recompiles

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import yaml
+from bench_pretrain import count_flops, matmul_peak_gflops  # same folder: FLOP utilisation as every bench row
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -162,6 +163,24 @@ def measure(command: list[str]) -> None:
     print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 
 
+def flops_per_audio_second(manifest: Path, args: argparse.Namespace, work: Path) -> float:
+    """FLOPs of one training step (forward + backward, FlopCounterMode) of the recipe's model on 10 s utterances,
+    per audio second: the same for every configuration, since they all train the same global batch."""
+    import torch
+
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+    from hf_ssl_speech.pretrain.recipe import model_config, recipe_from_dict
+
+    config = model_config(recipe_from_dict(recipe(manifest, args, "one", work / "flops")))
+    model = ConformerSslForPreTraining(config).train()
+    utterances = max(1, int(args.batch_seconds / 10))
+    features = torch.randn(utterances, 1000, config.num_mel_bins)
+    mask = torch.ones(utterances, 1000, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    flops = count_flops(lambda: model(features, mask, step=0, generator=generator).loss.backward())
+    return flops / (10.0 * utterances)
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         return measure(json.loads(sys.argv[2]))
@@ -186,16 +205,24 @@ def main() -> None:
             results.append(run(config, manifest, args, work))
             row = results[-1]
             print(f"{config}: {row['audio_s_per_s']:.1f} audio-s/s, peak RSS {row['peak_rss_gb']} GB", flush=True)
+        flops = flops_per_audio_second(manifest, args, work)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_gflops()  # all the threads the processes share
+    for row in results:
+        row["flop_utilisation_pct"] = 100 * row["audio_s_per_s"] * flops / 1e9 / peak
     base = next((r for r in results if r["config"] == "one"), None)
-    print("\n| config | processes x threads | audio-s/s | ratio to one | peak RSS (largest process) | DDP warnings |")
-    print("|---|---|---|---|---|---|")
+    print(f"\nFLOPs per audio second {flops / 1e9:.1f} GFLOP, matmul peak {peak:.0f} GFLOP/s (all threads)")
+    print("| config | processes x threads | audio-s/s | ratio to one | FLOP util | peak RSS (largest) | DDP warnings |")
+    print("|---|---|---|---|---|---|---|")
     for row in results:
         ratio = row["audio_s_per_s"] / base["audio_s_per_s"] if base else float("nan")
         row["ratio_to_one"] = ratio
         rss = f"{row['peak_rss_gb']:.2f} GB"
         print(
             f"| {row['config']} | {row['processes']} x {row['threads_per_process']} | {row['audio_s_per_s']:.1f} | "
-            f"{ratio:.2f} | {rss} | {', '.join(row['ddp_warnings']) or 'none'} |"
+            f"{ratio:.2f} | {row['flop_utilisation_pct']:.0f}% | {rss} | {', '.join(row['ddp_warnings']) or 'none'} |"
         )
     print(json.dumps({"workload": vars(args) | {"output": str(args.output)}, "results": results}))
     if args.output:
