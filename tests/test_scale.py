@@ -350,6 +350,22 @@ def _fsdp_recipe(tmp_path, manifest, name: str, fsdp: bool, steps: int, save_ste
     )
 
 
+@pytest.mark.parametrize("written_with_fsdp", [True, False])
+def test_resuming_across_the_fsdp_setting_is_refused_with_the_fix(tmp_path, written_with_fsdp):
+    from hf_ssl_speech.errors import UserError
+    from hf_ssl_speech.pretrain.checkpoints import STATE_FILE, CheckpointManager
+    from hf_ssl_speech.pretrain.sharding import SHARDED_STATE
+
+    checkpoint = tmp_path / "checkpoint-00000002"
+    (checkpoint / "accelerate").mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text("{}")
+    if written_with_fsdp:
+        (checkpoint / SHARDED_STATE).mkdir()
+    sharded = None if written_with_fsdp else (torch.nn.Linear(2, 2), None)  # this run: the other setting
+    with pytest.raises(UserError, match=f"resume with train.fsdp={str(written_with_fsdp).lower()}"):
+        CheckpointManager.load(checkpoint, accelerator=None, sharded=sharded)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_fsdp_kill_and_resume_is_bitwise_identical_and_agrees_with_ddp(tmp_path):

@@ -133,6 +133,13 @@ class CheckpointManager:
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another one.")
+        written_sharded = (path / SHARDED_STATE).is_dir()
+        if written_sharded != (sharded is not None):
+            raise UserError(
+                f"{path} was written {'with' if written_sharded else 'without'} FSDP and this run has "
+                f"train.fsdp={str(sharded is not None).lower()}: resume with train.fsdp={str(written_sharded).lower()} "
+                "(and as many processes)"
+            )
         accelerator.load_state(str(path / "accelerate"))
         if sharded is not None:
             load_sharded(path / SHARDED_STATE, *sharded)
