@@ -86,6 +86,22 @@ def test_bf16_pretraining_runs_the_whole_loop_and_tracks_fp32(tmp_path):
     assert half != full  # autocast really ran: bf16 cannot reproduce fp32 bit for bit
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: accelerate runs fp16 autocast and its GradScaler on GPUs only (benchmarks/gpu_check.py)",
+)
+def test_fp16_with_a_gradient_scaler_on_cuda_tracks_fp32(tmp_path):
+    manifest = make_corpus(tmp_path / "corpus", count=8, seconds=1.5, vary=True)
+    full = [row["train/loss"] for row in _run(tmp_path, manifest, "no")]
+    half = [row["train/loss"] for row in _run(tmp_path, manifest, "fp16")]
+    # The GradScaler may skip its first updates (its scale search): those steps leave the weights as they were.
+    assert len(half) == STEPS and all(math.isfinite(v) for v in half)
+    assert half[-1] < half[0] and half != full
+    gaps = [abs(h - f) / abs(f) for h, f in zip(half, full)]
+    assert max(gaps) < 0.05, gaps  # fp16's 10-bit mantissa; a skipped scaler step shifts the curve by one step
+
+
 def test_fp16_on_the_cpu_is_refused_with_the_fix(tmp_path):
     manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
     recipe = write_recipe(
