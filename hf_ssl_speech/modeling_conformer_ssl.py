@@ -243,6 +243,18 @@ class ConformerSslSubsampling(nn.Module):
             hidden.masked_fill_(lengths_to_padding_mask(lengths, hidden.shape[1])[:, :, None, None], 0.0)
         return hidden
 
+    def _stage_tail(
+        self, hidden: torch.Tensor, index: int, lengths: torch.Tensor, padded: bool
+    ) -> tuple[torch.Tensor, int]:
+        """What follows the strided conv before `layers[index]`: dw_striding's pointwise 1x1 conv (as a matmul, then
+        re-masked) if there, then the ReLU. Returns the hidden (B, T', F', C) and the index of the next strided conv."""
+        if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
+            pointwise = self.layers[index]
+            hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
+            hidden = self._mask_(hidden, lengths if padded else None)
+            index += 1
+        return hidden.relu_(), index + 1  # past the ReLU module
+
     def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_features (B, T, n_mels) from the feature extractor; lengths (B,) valid frames.
         Returns hidden (B, T', D) and the new lengths (B,)."""
@@ -270,29 +282,14 @@ class ConformerSslSubsampling(nn.Module):
                 self.causal,
             )
             lengths = output_lengths(lengths, 2)
-            hidden = self._mask_(hidden, lengths if padded else None)
-            index = 3
-            if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
-                pointwise = self.layers[index]
-                hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
-                hidden = self._mask_(hidden, lengths if padded else None)
-                index += 1
-            hidden = hidden.relu_()
-            index += 1  # the ReLU module
+            hidden, index = self._stage_tail(self._mask_(hidden, lengths if padded else None), 3, lengths, padded)
         else:
             hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
         while index < len(self.layers):
             conv = self.layers[index]
             lengths = output_lengths(lengths, 2)
             hidden = self._mask_(self._strided_conv(conv, hidden), lengths if padded else None)
-            index += 1
-            if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
-                pointwise = self.layers[index]
-                hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
-                hidden = self._mask_(hidden, lengths if padded else None)
-                index += 1
-            hidden = hidden.relu_()
-            index += 1  # the ReLU module
+            hidden, index = self._stage_tail(hidden, index + 1, lengths, padded)
         batch, steps, freq, channels = hidden.shape
         # NeMo flattens (C, F) channel-major; permute the Linear's columns to our (F, C) order instead.
         weight = self.linear.weight.view(-1, channels, freq).transpose(1, 2).reshape(-1, freq * channels)
