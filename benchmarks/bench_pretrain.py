@@ -426,27 +426,33 @@ def run_featurise(args: argparse.Namespace) -> None:
     finish({"objective": PEER_OBJECTIVE["featurise"], "params_m": 0.0}, step, args)
 
 
+def w2v2_config(hidden: int, layers: int, heads: int, ffn: int, kernel: int, **extra: object):
+    """The `w2v2` peer's Wav2Vec2ConformerConfig at our size: rel-pos, wav2vec 2.0's masking (0.65 x 10), 100
+    negatives, no layerdrop (`extra` overrides, e.g. gpu_check's smoke sizes)."""
+    from transformers import Wav2Vec2ConformerConfig
+
+    settings = {"position_embeddings_type": "relative", "layerdrop": 0.0, "mask_time_prob": 0.65}
+    settings |= {"mask_time_length": 10, "num_negatives": 100, **extra}
+    return Wav2Vec2ConformerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        conv_depthwise_kernel_size=kernel,
+        **settings,
+    )
+
+
 def run_w2v2(args: argparse.Namespace) -> None:
     """transformers' own pretraining step (examples/pytorch/speech-pretraining/run_wav2vec2_pretraining_no_trainer.py):
     the collator draws the masks and negatives in numpy for every batch, then forward, backward, gradients divided by
     the number of masked steps, clip, AdamW, and the Gumbel temperature update."""
     import torch
-    from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerForPreTraining
+    from transformers import Wav2Vec2ConformerForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
     _threads(args.threads)
-    config = Wav2Vec2ConformerConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        intermediate_size=args.ffn,
-        conv_depthwise_kernel_size=args.kernel,
-        position_embeddings_type="relative",
-        layerdrop=0.0,
-        mask_time_prob=0.65,
-        mask_time_length=10,
-        num_negatives=100,
-    )
+    config = w2v2_config(args.hidden, args.layers, args.heads, args.ffn, args.kernel)
     # feat_extract_norm stays at the config default ("group", as in the reference measurement): the example demands "layer" of a
     # Wav2Vec2Config, and it costs w2v2 ~30% more per step on CPU (LayerNorm + transposes after all 7 convs);
     # the default is the faster, conservative peer.

@@ -283,21 +283,18 @@ def peer_sizes(config) -> argparse.Namespace:
 def build_w2v2(config, smoke: bool = False):
     """transformers' Wav2Vec2ConformerForPreTraining of our Conformer's size, configured like bench_pretrain's `w2v2`
     system (rel-pos, mask prob 0.65 x 10, 100 negatives, no layerdrop)."""
-    from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerForPreTraining
+    from bench_pretrain import w2v2_config
+    from transformers import Wav2Vec2ConformerForPreTraining
 
-    peer = Wav2Vec2ConformerConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        conv_depthwise_kernel_size=config.conv_depthwise_kernel_size,
-        position_embeddings_type="relative",
-        layerdrop=0.0,
-        mask_time_prob=0.65,
-        mask_time_length=10,
-        num_negatives=20 if smoke else 100,
-        # --cpu_smoke: a narrow raw-audio front end (its default, 7 convs x 512 channels, dwarfs a tiny encoder)
-        **({"conv_dim": (32,) * 7} if smoke else {}),
+    peer = w2v2_config(
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.conv_depthwise_kernel_size,
+        # --cpu_smoke: fewer negatives and a narrow raw-audio front end (its default, 7 convs x 512 channels, dwarfs
+        # a tiny encoder)
+        **({"num_negatives": 20, "conv_dim": (32,) * 7} if smoke else {}),
     )
     return Wav2Vec2ConformerForPreTraining(peer)
 
