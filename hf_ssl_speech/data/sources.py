@@ -427,7 +427,51 @@ def _undecoded(dataset: Any, audio_column: str) -> Any:
     return dataset
 
 
-class DatasetSource:
+class _ColumnSource:
+    """What both `datasets` sources share: the columns an example is read from, and reading one row (arguments:
+    see `DatasetSource`)."""
+
+    default_name: str
+
+    def __init__(
+        self,
+        dataset: Any,
+        audio_column: str = "audio_filepath",
+        text_column: str | None = None,
+        speaker_column: str | None = None,
+        duration_column: str | None = None,
+        id_column: str | None = None,
+        offset_column: str | None = None,
+        frame_labels_column: str | None = None,
+        base_dir: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.name = name or self.default_name
+        self.dataset = _undecoded(dataset, audio_column)
+        self.columns = _dataset_columns(
+            self.dataset,
+            audio_column,
+            self.name,
+            text=text_column,
+            speaker=speaker_column,
+            duration=duration_column,
+            id=id_column,
+            offset=offset_column,
+            frame_labels=frame_labels_column,
+        )
+        self.base_dir = base_dir
+        self.problems: list[tuple[str, str, str]] = []
+
+    def _read(self, row: dict[str, Any], where: str) -> tuple[RawExample, float]:
+        """One row -> (example, duration in seconds); the duration column, else the audio header (probed)."""
+        raw, meta = _row_to_raw(row, self.columns, self.base_dir, self.name, where)
+        duration = meta.get("duration")
+        if duration is None:
+            duration = probe_duration(raw.audio, raw.where) - raw.offset
+        return raw, duration
+
+
+class DatasetSource(_ColumnSource):
     """A map-style `datasets.Dataset` (e.g. `load_dataset("parquet", data_files=...)["train"]`).
 
     Args:
@@ -442,43 +486,17 @@ class DatasetSource:
     Rows without a duration column are probed (header read) once while indexing.
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        audio_column: str = "audio_filepath",
-        text_column: str | None = None,
-        speaker_column: str | None = None,
-        duration_column: str | None = None,
-        id_column: str | None = None,
-        offset_column: str | None = None,
-        frame_labels_column: str | None = None,
-        base_dir: str | None = None,
-        name: str = "dataset",
-    ) -> None:
-        self.dataset = _undecoded(dataset, audio_column)
-        self.columns = _dataset_columns(
-            self.dataset,
-            audio_column,
-            name,
-            text=text_column,
-            speaker=speaker_column,
-            duration=duration_column,
-            id=id_column,
-            offset=offset_column,
-            frame_labels=frame_labels_column,
-        )
-        self.base_dir = base_dir
-        self.name = name
-        self.problems: list[tuple[str, str, str]] = []
+    default_name = "dataset"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        name = self.name
         rows: list[int] = []
         durations: list[float] = []
         for index, row in enumerate(self.dataset):
             where = f"{name}[{index}]"
             try:
-                raw, meta = _row_to_raw(row, self.columns, base_dir, name, where)
-                duration = meta.get("duration")
-                if duration is None:
-                    duration = probe_duration(raw.audio, raw.where) - raw.offset
+                _, duration = self._read(row, where)
             except AudioError as error:
                 self.problems.append((error.reason, error.where, error.detail))
                 continue
@@ -498,40 +516,13 @@ class DatasetSource:
         )[0]
 
 
-class StreamingDatasetSource:
+class StreamingDatasetSource(_ColumnSource):
     """A streaming `datasets.IterableDataset` with a path or bytes column (no row numbers, no global plan).
 
     Args: as `DatasetSource`. Rows without a duration are probed (header read) as they stream by.
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        audio_column: str = "audio_filepath",
-        text_column: str | None = None,
-        speaker_column: str | None = None,
-        duration_column: str | None = None,
-        id_column: str | None = None,
-        offset_column: str | None = None,
-        frame_labels_column: str | None = None,
-        base_dir: str | None = None,
-        name: str = "stream",
-    ) -> None:
-        self.dataset = _undecoded(dataset, audio_column)
-        self.columns = _dataset_columns(
-            self.dataset,
-            audio_column,
-            name,
-            text=text_column,
-            speaker=speaker_column,
-            duration=duration_column,
-            id=id_column,
-            offset=offset_column,
-            frame_labels=frame_labels_column,
-        )
-        self.base_dir = base_dir
-        self.name = name
-        self.problems: list[tuple[str, str, str]] = []
+    default_name = "stream"
 
     def part(self, index: int, parts: int) -> Iterator[tuple[RawExample | None, float, AudioError | None]]:
         """Rows of part `index` of `parts` (disjoint, together all rows) as (raw, duration, error).
@@ -569,10 +560,7 @@ class StreamingDatasetSource:
                     place = f"row {row_number}" if shard is None else f"shard {shard}, row {row_number}"
                     where = f"{self.name}[part {index}/{parts}, {place}]"
                     try:
-                        raw, meta = _row_to_raw(row, self.columns, self.base_dir, self.name, where)
-                        duration = meta.get("duration")
-                        if duration is None:
-                            duration = probe_duration(raw.audio, raw.where) - raw.offset
+                        raw, duration = self._read(row, where)
                     except AudioError as error:
                         yield None, 0.0, error
                         continue
