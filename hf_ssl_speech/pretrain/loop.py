@@ -382,8 +382,8 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             # DDP all-reduces (FSDP reduce-scatters) gradients in the backward of the last micro-batch only.
             last = micro == t.grad_accum - 1
             sync = contextlib.nullcontext() if last or fsdp else accelerator.no_sync(model)
-            if fsdp:
-                sharding.set_gradient_sync(model, last)
+            if fsdp:  # FSDP2's no_sync: no reduce-scatter on accumulation micro-batches
+                model.set_requires_gradient_sync(last)
             with sync:
                 with accelerator.autocast():
                     out = model(**inputs, gumbel_temperature=temperature, step=step, generator=generator)

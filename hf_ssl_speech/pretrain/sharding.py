@@ -48,11 +48,6 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """FSDP2's `no_sync`: skip the reduce-scatter on accumulation micro-batches (gradients stay unsharded)."""
-    model.set_requires_gradient_sync(sync)
-
-
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
     """`clip_grad_norm_` over sharded gradients; returns the global norm (all processes' shards) as a float."""
     total = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -119,6 +114,5 @@ __all__ = [
     "full_model_state",
     "load_sharded",
     "save_sharded",
-    "set_gradient_sync",
     "shard_model",
 ]
