@@ -36,137 +36,17 @@ from .targets import GumbelVectorQuantizer, OnlineCodebooks, RandomProjectionQua
 # ----------------------------------------------------------------------------------------------- blocks
 
 
-def _strided_conv2d(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, causal: bool):
-    """3x3 stride-2 conv of channels-last (B, T, F, C) -> (B, C, T', F') in channels-last memory."""
-    nchw = hidden.permute(0, 3, 1, 2)  # a channels-last view of (B, C, T, F)
-    if causal:
-        nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
-        out = F.conv2d(nchw, weight, bias, stride=2, padding=(0, 1), groups=groups)
-    else:
-        out = F.conv2d(nchw, weight, bias, stride=2, padding=1, groups=groups)
-    return out
+def conv_time_padding(kernel_size: int, causal: bool) -> tuple[int, int]:
+    """The one padding rule of every conv over time (subsampling and conv module), in frames:
+    (padding inside the conv, zeros added on the left before it). A centred conv pads (k - 1) / 2 on each side;
+    a causal one pads k - 1 on the left only, so output step t sees input steps <= t and the length is unchanged
+    (a stride-2 conv still gives ceil(L / 2) steps)."""
+    return (0, kernel_size - 1) if causal else ((kernel_size - 1) // 2, 0)
 
 
-def _conv_weight_grad_taps(grad_out: torch.Tensor, inputs: torch.Tensor, padding: tuple[int, int], out: torch.Tensor):
-    """out (O, I, 3, 3) += the weight gradient of a 3x3 stride-2 conv, one (O x N) @ (N x I) matmul per tap.
-
-    grad_out (b, T', F', O) and inputs (b, T, F, I) channels-last; padding = (time, freq) zeros before the input:
-    output (t, f) reads input (2t + kt - pt, 2f + kf - pf), so each tap sums over the outputs whose input is real.
-    """
-    steps, freqs = grad_out.shape[1:3]
-    for kt in range(3):
-        t0 = max(0, -((kt - padding[0]) // 2))  # first output whose input row 2t + kt - pt is >= 0
-        t1 = min(steps, (inputs.shape[1] - 1 - kt + padding[0]) // 2 + 1)
-        for kf in range(3):
-            f0 = max(0, -((kf - padding[1]) // 2))
-            f1 = min(freqs, (inputs.shape[2] - 1 - kf + padding[1]) // 2 + 1)
-            if t1 <= t0 or f1 <= f0:
-                continue
-            tap = inputs[:, 2 * t0 + kt - padding[0] : 2 * t1 + kt - padding[0] - 1 : 2]
-            tap = tap[:, :, 2 * f0 + kf - padding[1] : 2 * f1 + kf - padding[1] - 1 : 2]
-            grads = grad_out[:, t0:t1, f0:f1]
-            out[:, :, kt, kf] += grads.reshape(-1, grads.shape[-1]).t().mm(tap.reshape(-1, tap.shape[-1]))
-
-
-class _SubsamplingStem(torch.autograd.Function):
-    """first conv (a matmul over 3x3 patches) -> zero padding -> ReLU -> the second strided conv, in batch chunks.
-
-    The first activation (B, T/2, F/2, C) is the encoder's largest tensor (164 MB for 8 x 10 s at C = 256, four
-    times a block's input) and held only one chunk at a time: backward recomputes it from the saved patches (a
-    matmul with 9 columns, ~1% of the second conv's work) and frees it chunk by chunk. Same maths as the unfused
-    path; peak memory falls by the full activation, its ReLU mask and its gradient.
-    """
-
-    CHUNK_BYTES = 32 * 2**20  # the first activation of one chunk (glibc heap-sized: no mmap churn)
-
-    @staticmethod
-    def _first(patches, weight1, bias1, lengths, rows):
-        """ReLU(mask(conv1)) of the batch rows `rows`: (b, T1, F1, C)."""
-        chunk = patches[rows]
-        hidden = torch.addmm(bias1, chunk.reshape(-1, 9), weight1.t()).view(*chunk.shape[:3], -1)
-        if lengths is not None:
-            hidden.masked_fill_(lengths_to_padding_mask(lengths[rows], hidden.shape[1])[:, :, None, None], 0.0)
-        return hidden.relu_()
-
-    @staticmethod
-    def _chunks(patches, channels):
-        batch = patches.shape[0]
-        per_row = patches[0, ..., 0].numel() * channels * patches.element_size()
-        size = max(1, min(batch, _SubsamplingStem.CHUNK_BYTES // max(per_row, 1)))
-        return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
-
-    @staticmethod
-    def forward(ctx, patches, weight1, bias1, weight2, bias2, lengths, groups, causal):
-        outputs = []
-        for rows in _SubsamplingStem._chunks(patches, weight1.shape[0]):
-            first = _SubsamplingStem._first(patches, weight1, bias1, lengths, rows)
-            outputs.append(_strided_conv2d(first, weight2, bias2, groups, causal))
-            del first
-        ctx.save_for_backward(patches, weight1, bias1, weight2, lengths)
-        ctx.groups, ctx.causal, ctx.has_bias2 = groups, causal, bias2 is not None
-        # (B, T', F', C) contiguous and not a view (the caller works on it in place): one copy out of the chunks
-        return torch.cat([out.permute(0, 2, 3, 1) for out in outputs])
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        patches, weight1, bias1, weight2, lengths = ctx.saved_tensors
-        need_patches, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        grad_patches = torch.empty_like(patches) if need_patches else None
-        grad_w1 = torch.zeros_like(weight1) if need_w1 else None
-        grad_b1 = torch.zeros_like(bias1) if need_b1 else None
-        grad_w2 = torch.zeros_like(weight2) if need_w2 else None
-        grad_b2 = torch.zeros(weight2.shape[0], dtype=weight2.dtype, device=weight2.device) if need_b2 else None
-        channels = weight1.shape[0]
-        for rows in _SubsamplingStem._chunks(patches, channels):
-            first = _SubsamplingStem._first(patches, weight1, bias1, lengths, rows)  # (b, T1, F1, C)
-            nchw = first.permute(0, 3, 1, 2)
-            padding = [1, 1]
-            if ctx.causal:
-                nchw = F.pad(nchw, (0, 0, 2, 0)).contiguous(memory_format=torch.channels_last)
-                padding = [0, 1]
-            grad_out = grad_output[rows].permute(0, 3, 1, 2)
-            if not grad_out.is_contiguous(memory_format=torch.channels_last):
-                grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-            # A full conv's weight gradient as 9 tap matmuls: ~2x faster on CPU than oneDNN's channels-last one.
-            taps = ctx.groups == 1 and first.device.type == "cpu"
-            grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out,
-                nchw,
-                weight2,
-                [weight2.shape[0]] if ctx.has_bias2 else None,
-                [2, 2],
-                padding,
-                [1, 1],
-                False,
-                [0, 0],
-                ctx.groups,
-                [True, need_w2 and not taps, need_b2 and not taps],
-            )
-            if need_w2 and taps:
-                _conv_weight_grad_taps(grad_out.permute(0, 2, 3, 1), first, (2 if ctx.causal else 1, 1), grad_w2)
-            elif need_w2:
-                grad_w2 += grad_w
-            if need_b2 and taps:
-                grad_b2 += grad_out.sum((0, 2, 3))
-            elif need_b2:
-                grad_b2 += grad_b
-            del nchw, grad_w, grad_b
-            if ctx.causal:
-                grad_in = grad_in[:, :, 2:, :]
-            grad_in = grad_in.permute(0, 2, 3, 1)  # (b, T1, F1, C)
-            # ReLU and padding: zero where the recomputed activation is 0 (one pass, unlike masked_fill_ + le)
-            grad_in = torch.ops.aten.threshold_backward(grad_in, first, 0.0)
-            del first
-            flat = grad_in.reshape(-1, channels)
-            chunk_patches = patches[rows].reshape(-1, 9)
-            if need_w1:  # (9 x N) @ (N x C): BLAS is ~7x slower at the (C x N) @ (N x 9) form
-                grad_w1 += chunk_patches.t().mm(flat).t()
-            if need_b1:
-                grad_b1 += flat.sum(0)
-            if need_patches:
-                grad_patches[rows] = weight1.t().mm(flat.t()).t().view(grad_patches[rows].shape)  # as above
-            del grad_in, flat
-        return grad_patches, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+def inverse_frequencies(dim: int, base: float) -> torch.Tensor:
+    """base^(-2k / dim) for k = 0 .. dim/2 - 1: the sinusoid frequencies of the rel-pos table and of RoPE."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
 
 class ConformerSslSubsampling(nn.Module):
@@ -178,122 +58,50 @@ class ConformerSslSubsampling(nn.Module):
     `pre_encode.conv` and transformers' Parakeet `subsampling.layers`, so checkpoints map index to index.
 
     Padded frames are zeroed after every conv (before its ReLU: ReLU(0) = 0), so they never leak into real
-    frames. In causal mode the time axis is padded on the left only (2 frames), which keeps the output length
-    at ceil(L / 2) while each output step sees only current and past frames.
-
-    Speed (this front end dominates a FastConformer's cost on CPU): activations stay channels-last
-    (B, T, F, C) throughout; the 1-channel first conv is a (patches x 9) @ (9 x C) matmul, the 1x1 convs are
-    matmuls, masking and ReLU run in place, and the final flatten permutes the small Linear weight instead of
-    the large activation. The parameters keep their Conv2d shapes and meaning.
+    frames. In causal mode the time axis is padded on the left only (`conv_time_padding`).
     """
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__()
-        self.causal = config.causal
-        self.num_stages = int(math.log2(config.subsampling_factor))
+        num_stages = int(math.log2(config.subsampling_factor))
         channels = config.conv_channels
-        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
-        for _ in range(self.num_stages - 1):
+        time_padding, self.causal_padding = conv_time_padding(3, config.causal)
+        padding = (time_padding, 1)  # frequency: always centred
+
+        def strided(in_channels: int, groups: int = 1) -> nn.Conv2d:
+            return nn.Conv2d(in_channels, channels, kernel_size=3, stride=2, padding=padding, groups=groups)
+
+        layers: list[nn.Module] = [strided(1), nn.ReLU()]
+        for _ in range(num_stages - 1):
             if config.subsampling == "dw_striding":
-                layers += [
-                    nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1, groups=channels),
-                    nn.Conv2d(channels, channels, kernel_size=1),
-                    nn.ReLU(),
-                ]
+                layers += [strided(channels, groups=channels), nn.Conv2d(channels, channels, kernel_size=1), nn.ReLU()]
             else:
-                layers += [nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+                layers += [strided(channels), nn.ReLU()]
         self.layers = nn.ModuleList(layers)
         freq = config.num_mel_bins
-        for _ in range(self.num_stages):
+        for _ in range(num_stages):
             freq = (freq - 1) // 2 + 1
-        self.out_freq = freq
         self.linear = nn.Linear(channels * freq, config.hidden_size)
-
-    def _time_padding(self) -> tuple[int, int]:
-        return (2, 0) if self.causal else (1, 1)
-
-    def _patches(self, features: torch.Tensor) -> torch.Tensor:
-        """The 3x3 stride-2 patches of the first conv: (B, T, F) -> (B, T1, F1, 9)."""
-        padded = F.pad(features, (1, 1, *self._time_padding()))  # (B, T + 2, F + 2)
-        patches = padded.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T1, F1, 3, 3), a view
-        return patches.reshape(*patches.shape[:3], 9)
-
-    def _first_conv(self, features: torch.Tensor) -> torch.Tensor:
-        """Conv2d(1 -> C, 3x3, stride 2) as a matmul over 3x3 patches. (B, T, F) -> (B, T1, F1, C)."""
-        conv = self.layers[0]
-        patches = self._patches(features)
-        return torch.addmm(conv.bias, patches.reshape(-1, 9), conv.weight.view(conv.out_channels, 9).t()).view(
-            *patches.shape[:3], conv.out_channels
-        )
-
-    def _strided_conv(self, conv: nn.Conv2d, hidden: torch.Tensor) -> torch.Tensor:
-        """3x3 stride-2 conv (full or depthwise) on channels-last (B, T, F, C) -> (B, T', F', C)."""
-        # A depthwise weight (C, 1, 3, 3) is the same memory in both formats, but its gradient comes back with
-        # channels-last strides (9, 1, 3, 1) unlike the parameter's (9, 9, 3, 1), and DDP then copies it into its
-        # bucket every step ("Grad strides do not match bucket view strides"). Through flatten + view, autograd
-        # reshapes the gradient to the parameter's own strides.
-        weight = conv.weight.flatten(1).view_as(conv.weight) if conv.groups > 1 else conv.weight
-        # channels-last memory: (B, T', F', C) is contiguous
-        return _strided_conv2d(hidden, weight, conv.bias, conv.groups, self.causal).permute(0, 2, 3, 1)
-
-    @staticmethod
-    def _mask_(hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """Zero the padded time steps of a fresh conv output (B, T, F, C), in place."""
-        if lengths is not None:
-            hidden.masked_fill_(lengths_to_padding_mask(lengths, hidden.shape[1])[:, :, None, None], 0.0)
-        return hidden
-
-    def _stage_tail(
-        self, hidden: torch.Tensor, index: int, lengths: torch.Tensor, padded: bool
-    ) -> tuple[torch.Tensor, int]:
-        """What follows the strided conv before `layers[index]`: dw_striding's pointwise 1x1 conv (as a matmul, then
-        re-masked) if there, then the ReLU. Returns the hidden (B, T', F', C) and the index of the next strided conv."""
-        if isinstance(self.layers[index], nn.Conv2d):  # dw_striding: pointwise 1x1 conv as a matmul
-            pointwise = self.layers[index]
-            hidden = F.linear(hidden, pointwise.weight.flatten(1), pointwise.bias)
-            hidden = self._mask_(hidden, lengths if padded else None)
-            index += 1
-        return hidden.relu_(), index + 1  # past the ReLU module
 
     def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_features (B, T, n_mels) from the feature extractor; lengths (B,) valid frames.
         Returns hidden (B, T', D) and the new lengths (B,)."""
         # Compiled: always the masked path (a no-op without padding), no data-dependent branch to break the graph.
         padded = torch.compiler.is_compiling() or bool((lengths < input_features.shape[1]).any())
+        hidden = input_features[:, None]  # (B, 1, T, F)
         if padded:
-            input_features = input_features.masked_fill(
-                lengths_to_padding_mask(lengths, input_features.shape[1])[..., None], 0.0
-            )
-        lengths = output_lengths(lengths, 2)
-        index = 2
-        lean = not torch.is_autocast_enabled(input_features.device.type) and not torch.compiler.is_compiling()
-        if len(self.layers) > 2 and lean:  # (torch.compile: inductor plans the memory of the stock ops itself)
-            # First conv + ReLU + the next strided conv in batch chunks, the first activation recomputed in
-            # backward (_SubsamplingStem): it is the encoder's largest tensor, (B, T/2, F/2, C).
-            first, conv = self.layers[0], self.layers[2]
-            hidden = _SubsamplingStem.apply(
-                self._patches(input_features),
-                first.weight.view(first.out_channels, 9),
-                first.bias,
-                conv.weight,
-                conv.bias,
-                lengths if padded else None,
-                conv.groups,
-                self.causal,
-            )
-            lengths = output_lengths(lengths, 2)
-            hidden, index = self._stage_tail(self._mask_(hidden, lengths if padded else None), 3, lengths, padded)
-        else:
-            hidden = self._mask_(self._first_conv(input_features), lengths if padded else None).relu_()
-        while index < len(self.layers):
-            conv = self.layers[index]
-            lengths = output_lengths(lengths, 2)
-            hidden = self._mask_(self._strided_conv(conv, hidden), lengths if padded else None)
-            hidden, index = self._stage_tail(hidden, index + 1, lengths, padded)
-        batch, steps, freq, channels = hidden.shape
-        # NeMo flattens (C, F) channel-major; permute the Linear's columns to our (F, C) order instead.
-        weight = self.linear.weight.view(-1, channels, freq).transpose(1, 2).reshape(-1, freq * channels)
-        return F.linear(hidden.reshape(batch, steps, freq * channels), weight, self.linear.bias), lengths
+            hidden = hidden.masked_fill(lengths_to_padding_mask(lengths, hidden.shape[2])[:, None, :, None], 0.0)
+        for layer in self.layers:
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
+                lengths = output_lengths(lengths, 2)
+                if self.causal_padding:
+                    hidden = F.pad(hidden, (0, 0, self.causal_padding, 0))
+            hidden = layer(hidden)
+            if padded and isinstance(layer, nn.Conv2d):  # a fresh conv output: zero its padded steps in place
+                hidden.masked_fill_(lengths_to_padding_mask(lengths, hidden.shape[2])[:, None, :, None], 0.0)
+        batch, channels, steps, freq = hidden.shape
+        hidden = hidden.transpose(1, 2).reshape(batch, steps, channels * freq)  # (B, T', C * F'), NeMo's order
+        return self.linear(hidden), lengths
 
 
 class ConformerSslRelPositionalEncoding(nn.Module):
@@ -302,8 +110,7 @@ class ConformerSslRelPositionalEncoding(nn.Module):
     def __init__(self, config: ConformerSslConfig):
         super().__init__()
         self.max_positions = config.max_position_embeddings
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.hidden_size, 2, dtype=torch.float) / config.hidden_size))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(config.hidden_size, 10000.0), persistent=False)
 
     def forward(self, steps: int, dtype: torch.dtype) -> torch.Tensor:
         """Returns (2 * steps - 1, D): row i is the embedding of distance (steps - 1 - i)."""
@@ -367,149 +174,13 @@ class ConformerSslRotaryEmbedding(nn.Module):
         super().__init__()
         head_dim = config.hidden_size // config.num_attention_heads
         self.base = config.rotary_embedding_base
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(head_dim, self.base), persistent=False)
 
     def forward(self, steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (cos, sin), each (T', d_head): the two halves of the channels share one frequency per pair."""
         angles = torch.arange(steps, device=self.inv_freq.device, dtype=torch.float)[:, None] * self.inv_freq
         angles = torch.cat([angles, angles], dim=-1)  # (T', d_head): pair k is channels k and k + d_head / 2
         return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def _cpu_training_path(tensor: torch.Tensor) -> bool:
-    """The memory-lean autograd functions below run where they pay and match the stock ops exactly: CPU tensors,
-    gradients on, no autocast (their backward recomputes in the forward's dtype), not under torch.compile (which
-    traces the stock ops and plans their memory itself). Elsewhere the stock ops run."""
-    return (
-        tensor.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
-    """The float keep-mask / (1 - p) that `F.dropout` draws on CPU (same RNG draws, so the same mask)."""
-    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
-
-
-class _Dropout(torch.autograd.Function):
-    """F.dropout (training, CPU) that saves a one-byte keep mask instead of the float one (4x less)."""
-
-    @staticmethod
-    def forward(ctx, hidden, p):
-        noise = _dropout_noise(hidden, p)
-        ctx.save_for_backward(noise.bool())
-        ctx.p = p
-        return hidden * noise
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
-
-
-class ConformerSslDropout(nn.Dropout):
-    """nn.Dropout whose CPU training path saves a bool mask (`_Dropout`); identical outputs and RNG draws."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.training and 0.0 < self.p < 1.0 and not self.inplace and _cpu_training_path(hidden):
-            return _Dropout.apply(hidden, self.p)
-        return super().forward(hidden)
-
-
-class _SiluDropoutLinear(torch.autograd.Function):
-    """linear(dropout(silu(h))): the feed-forward's second half, saving h and a one-byte dropout mask.
-
-    The stock ops save three (B, T', FFN) float tensors (silu's input, the float dropout mask, linear2's input);
-    this saves one plus the bool mask and recomputes silu and the mask product in backward (elementwise, <1% of
-    the block's work).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, p):
-        act = F.silu(hidden)
-        keep = None
-        if p > 0.0:
-            noise = _dropout_noise(act, p)
-            act = act.mul_(noise)
-            keep = noise.bool()
-            del noise
-        ctx.save_for_backward(hidden, weight, keep)
-        ctx.p, ctx.has_bias = p, bias is not None
-        return F.linear(act, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, keep = ctx.saved_tensors
-        noise = None if keep is None else keep.to(hidden.dtype).div_(1 - ctx.p)
-        grad_weight = grad_bias = None
-        flat = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            act = F.silu(hidden)
-            if noise is not None:
-                act = act.mul_(noise)
-            grad_weight = flat.t().mm(act.reshape(-1, act.shape[-1]))
-            del act
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat.sum(0)
-        grad_hidden = None
-        if ctx.needs_input_grad[0]:
-            grad_act = grad.matmul(weight)
-            if noise is not None:
-                grad_act = grad_act.mul_(noise)
-            grad_hidden = torch.ops.aten.silu_backward(grad_act, hidden)
-        return grad_hidden, grad_weight, grad_bias, None
-
-
-class _BiasedAttention(torch.autograd.Function):
-    """dropout(softmax(q k^T * scale + bias)) v for a full additive bias (the rel-pos / gated position term).
-
-    What `scaled_dot_product_attention` does on CPU with a bias that needs gradients (its math path), saving
-    q, k, v, the probabilities and a one-byte dropout mask instead of the probabilities, the float dropout mask
-    and the dropped probabilities (three (B, H, T', T') float tensors), and without the masked-row passes of
-    its safe softmax (the bias here is finite, so no row is all -inf).
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, bias, scale, p):
-        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale).add_(bias)
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        keep = None
-        dropped = probs
-        if p > 0.0:
-            noise = _dropout_noise(probs, p)
-            dropped = probs * noise
-            keep = noise.bool()
-            del noise
-        context = torch.matmul(dropped, value)
-        ctx.save_for_backward(query, key, value, probs, keep)
-        ctx.scale, ctx.p, ctx.bias_shape = scale, p, bias.shape
-        return context
-
-    @staticmethod
-    def backward(ctx, grad):
-        query, key, value, probs, keep = ctx.saved_tensors
-        noise = None if keep is None else keep.to(probs.dtype).div_(1 - ctx.p)
-        grad_value = None
-        if ctx.needs_input_grad[2]:
-            dropped = probs if noise is None else probs * noise
-            grad_value = torch.matmul(dropped.transpose(-1, -2), grad)
-            del dropped
-        grad_probs = torch.matmul(grad, value.transpose(-1, -2))
-        if noise is not None:
-            grad_probs = grad_probs.mul_(noise)
-            del noise
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs
-        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
-        grad_key = (
-            torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
-        )
-        grad_bias = grad_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
-        return grad_query, grad_key, grad_value, grad_bias, None, None
 
 
 class ConformerSslFeedForward(nn.Module):
@@ -521,19 +192,8 @@ class ConformerSslFeedForward(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.activation_dropout)
         self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.attention_bias)
-        self.silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        linear2 = self.linear2
-        if (
-            self.silu
-            and _cpu_training_path(hidden)
-            and type(linear2) is nn.Linear  # not wrapped (adapters) or hooked: the fused tail calls F.linear
-            and not (linear2._forward_hooks or linear2._forward_pre_hooks)
-            and not (self.dropout._forward_hooks or self.dropout._forward_pre_hooks)
-        ):
-            p = self.dropout.p if self.training else 0.0
-            return _SiluDropoutLinear.apply(self.linear1(hidden), linear2.weight, linear2.bias, p)
         return self.linear2(self.dropout(self.activation(self.linear1(hidden))))
 
 
@@ -582,9 +242,6 @@ class ConformerSslAttention(nn.Module):
             scores = torch.matmul(query, key.transpose(-1, -2)) * scale
             weights = torch.softmax(scores + bias if bias is not None else scores, dim=-1)
             context = torch.matmul(F.dropout(weights, dropout, self.training), value)
-        elif bias is not None and bias.requires_grad and _cpu_training_path(query):
-            weights = None  # the position term needs gradients: SDPA's math path, with less saved (_BiasedAttention)
-            context = _BiasedAttention.apply(query, key, value, bias, scale, dropout)
         else:
             weights = None
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -734,18 +391,16 @@ class ConformerSslConvModule(nn.Module):
 
     Pointwise convs are Linear layers over (B, T', D) (same maths as a 1x1 Conv1d, no transposes). Padding is
     zeroed right before the depthwise conv, the only place where time steps mix. Causal mode pads k - 1 steps
-    on the left instead of (k - 1) / 2 on each side.
+    on the left instead of (k - 1) / 2 on each side (`conv_time_padding`).
     """
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__()
         channels, kernel = config.hidden_size, config.conv_depthwise_kernel_size
-        self.causal_padding = kernel - 1 if config.causal else 0
+        padding, self.causal_padding = conv_time_padding(kernel, config.causal)
         bias = config.convolution_bias
         self.pointwise_conv1 = nn.Linear(channels, 2 * channels, bias=bias)
-        self.depthwise_conv = nn.Conv1d(
-            channels, channels, kernel, padding=0 if config.causal else (kernel - 1) // 2, groups=channels, bias=bias
-        )
+        self.depthwise_conv = nn.Conv1d(channels, channels, kernel, padding=padding, groups=channels, bias=bias)
         self.norm_type = config.conv_norm_type
         if self.norm_type == "batch_norm":
             self.norm = nn.BatchNorm1d(channels)
@@ -784,7 +439,7 @@ class ConformerSslLayer(GradientCheckpointingLayer):
         self.norm_feed_forward2 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.feed_forward2 = ConformerSslFeedForward(config)
         self.norm_out = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.dropout = ConformerSslDropout(config.hidden_dropout)
+        self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
         self,
@@ -864,16 +519,13 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias_u)
             init.zeros_(module.bias_v)
         elif isinstance(module, ConformerSslRelPositionalEncoding):
-            hidden = self.config.hidden_size
-            init.copy_(module.inv_freq, 1.0 / (10000.0 ** (torch.arange(0, hidden, 2, dtype=torch.float) / hidden)))
+            init.copy_(module.inv_freq, inverse_frequencies(self.config.hidden_size, 10000.0))
         elif isinstance(module, ConformerSslGatedRelPositionAttention):
             init.ones_(module.gate_scale)  # WavLM: w starts at 1
         elif isinstance(module, ConformerSslRelPositionBias):
             init.normal_(module.relative_attention_bias, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, ConformerSslRotaryEmbedding):
-            head_dim = module.inv_freq.shape[0] * 2
-            exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
-            init.copy_(module.inv_freq, 1.0 / (module.base**exponent))
+            init.copy_(module.inv_freq, inverse_frequencies(module.inv_freq.shape[0] * 2, module.base))
         elif isinstance(module, nn.BatchNorm1d) and module.running_mean is not None:
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
