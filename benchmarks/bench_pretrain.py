@@ -1,8 +1,10 @@
 """Full pretraining-step throughput and peak memory: our objectives vs NeMo's recipes and transformers' wav2vec2.
 
 One step = masking + forward + loss + backward + gradient clipping (1.0) + AdamW update, on the reference
-workload: 8 utterances x 10 s, hidden 256, 4 heads, FFN 1024, 8 layers, fp32, 2 threads; depthwise kernel 31 for
-Conformer (4x striding), 9 for FastConformer (8x dw_striding).
+workload: 8 utterances x 10 s, hidden 256, 4 heads, FFN 1024, 8 layers, 2 threads; depthwise kernel 31 for
+Conformer (4x striding), 9 for FastConformer (8x dw_striding). `--precision fp32|bf16` applies to every system
+alike: bf16 is `torch.autocast("cpu", torch.bfloat16)` around forward and loss (what accelerate's bf16 and
+Lightning's `precision="bf16-mixed"`, NeMo's trainer setting, do on a CPU), backward and optimiser outside it.
 
 Systems (each in its own subprocess, so the peak RSS is that system's; run alternately, same environment):
   ours_<objective>       ConformerSslForPreTraining on precomputed log-mel features (the data loader makes
@@ -15,6 +17,9 @@ Systems (each in its own subprocess, so the peak RSS is that system's; run alter
   nemo_nest              NeMo 3.0 EncDecDenoiseMaskedTokenPredModel, NEST FastConformer recipe
   ours_data2vec, ours_dinosr, ours_w2v_bert, ours_wavlm
                          the new families (no peer ships their pretraining): ratios against ours_contrastive
+  baseline_contrastive, baseline_bestrq
+                         ours_contrastive / ours_bestrq from another checkout of this project (`--baseline_code DIR`,
+                         e.g. a git worktree of an older commit), always in fp32: today's path against an earlier one
 The NeMo systems run benchmarks/nemo_pretrain_runner.py with the NeMo virtual environment's python
 (`--nemo_python`, default $NEMO_PYTHON or /work/nemo_env/venv/bin/python; see benchmarks/README.md).
 
@@ -22,12 +27,15 @@ The NeMo systems run benchmarks/nemo_pretrain_runner.py with the NeMo virtual en
     python benchmarks/bench_pretrain.py                               # the reference workload, every system
     python benchmarks/bench_pretrain.py --malloc both                 # default glibc malloc, then the tuned one
     python benchmarks/bench_pretrain.py --systems ours_bestrq nemo_nest --repeats 5 --profile 15
+    python benchmarks/bench_pretrain.py --precision bf16 --systems nemo_nest ours_bestrq baseline_bestrq \
+        --baseline_code /tmp/old_checkout                             # bf16 vs NeMo bf16 vs an older fp32 path
 
 Prints a table (system, objective, params, train audio-s/s, peak RSS, step GFLOP, FLOP utilisation) and one JSON
 line with every figure and the ratios ours / NeMo on the matching recipe and ours / w2v2 (targets: >= 1.5x
 throughput at <= 0.7x memory). FLOP utilisation: the step's FLOPs (torch.utils.flop_counter.FlopCounterMode over
-one step, in every system's own process and environment) per median step time, as a percentage of a 2048 x 2048
-fp32 matmul loop measured in the same process on the same threads.
+one step, in every system's own process and environment) per median step time, as a percentage of the best
+2048 x 2048 matmul measured in the same process on the same threads, in the precision the step ran in
+(`flop_utilisation_pct`) and in bf16 (`flop_utilisation_bf16_pct`: the ceiling of cores with bf16 matrix units).
 """
 
 from __future__ import annotations
@@ -135,18 +143,22 @@ OURS = {
     },
 }
 OURS_SYSTEMS = {f"ours_{name.replace('+', '_')}": name for name in OURS}
+BASELINE_SYSTEMS = {"baseline_contrastive": "contrastive", "baseline_bestrq": "bestrq"}  # --baseline_code, fp32
 NEMO_SYSTEMS = {"nemo_contrastive": "contrastive", "nemo_contrastive_mlm": "contrastive+mlm", "nemo_nest": "nest"}
 PEER_OBJECTIVE = {"w2v2": "contrastive", "featurise": "(log-mel)"} | {
     s: ("bestrq (NEST)" if r == "nest" else r) for s, r in NEMO_SYSTEMS.items()
 }
+PEER_OBJECTIVE |= {s: f"{r} (baseline)" for s, r in BASELINE_SYSTEMS.items()}
 # Run order: each peer next to the ours system it is compared with, so drifting machine load hits both alike.
 SYSTEMS = (
     "nemo_contrastive",
     "ours_contrastive",
+    "baseline_contrastive",
     "nemo_contrastive_mlm",
     "ours_contrastive_mlm",
     "nemo_nest",
     "ours_bestrq",
+    "baseline_bestrq",
     "w2v2",
     "ours_hubert",
     "ours_reconstruction",
@@ -165,6 +177,9 @@ MATCHES = {
     "ours_contrastive_mlm": "nemo_contrastive_mlm",
     "ours_bestrq": "nemo_nest",
 }
+# ours system -> the same objective from --baseline_code in fp32 (issue target: >= 2x in bf16).
+AGAINST_BASELINE = {"ours_contrastive": "baseline_contrastive", "ours_bestrq": "baseline_bestrq"}
+TARGET_OVER_BASELINE = 2.0
 # New SSL families: step cost and memory next to our contrastive recipe (no peer ships their pretraining).
 AGAINST_CONTRASTIVE = ("ours_data2vec", "ours_dinosr", "ours_w2v_bert", "ours_wavlm", "ours_hubert")
 TARGET_THROUGHPUT, TARGET_MEMORY = 1.5, 0.7
@@ -177,8 +192,11 @@ HEADLINE = (
     "peak_rss_gb",
     "sys_s_per_step",
     "step_gflop",
+    "precision",
     "matmul_peak_gflops",
     "flop_utilisation_pct",
+    "bf16_matmul_peak_gflops",
+    "flop_utilisation_bf16_pct",
 )
 QUICK = {"batch": 2, "seconds": 2.0, "hidden": 64, "layers": 2, "heads": 2, "ffn": 128}  # sizes only
 STEPS = {"full": {"repeats": 3, "warmup": 2}, "quick": {"repeats": 1, "warmup": 1}}  # unless given
@@ -281,13 +299,22 @@ def profile_step(step: Callable[[int], float], index: int, top: int) -> list[lis
     ]
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 12) -> float:
-    """The machine's fp32 matmul ceiling on this process's threads: the best of `repeats` size x size matmuls,
-    in GFLOP/s (2 size^3 FLOPs each). Measured in every benchmark process, next to its own step."""
+def autocast(precision: str):
+    """The step's precision context: bf16 autocast on the CPU, or nothing (fp32)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def matmul_peak_gflops(precision: str = "fp32", size: int = 2048, repeats: int = 12) -> float:
+    """The machine's matmul ceiling in `precision` (fp32, or bf16 operands with bf16 output as autocast runs them)
+    on this process's threads: the best of `repeats` size x size matmuls, in GFLOP/s (2 size^3 FLOPs each).
+    Measured in every benchmark process, next to its own step."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up (thread pool, packing buffers)
     best = float("inf")
     for _ in range(repeats):
@@ -307,13 +334,19 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def add_flop_utilisation(figures: dict, flops_per_step: float, step_s: float, prefix: str = "") -> None:
-    """figures += the step's GFLOP, the measured matmul peak and the step's share of it (percent)."""
+def add_flop_utilisation(
+    figures: dict, flops_per_step: float, step_s: float, precision: str = "fp32", prefix: str = ""
+) -> None:
+    """figures += the step's GFLOP, the measured matmul peaks (the step's precision and bf16) and the step's share
+    of each (percent)."""
     if "matmul_peak_gflops" not in figures:
-        figures["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
+        figures["precision"] = precision
+        figures["matmul_peak_gflops"] = round(matmul_peak_gflops(precision), 1)
+        figures["bf16_matmul_peak_gflops"] = round(matmul_peak_gflops("bf16"), 1)
     figures[f"{prefix}step_gflop"] = round(flops_per_step / 1e9, 1)
     achieved = flops_per_step / step_s / 1e9
     figures[f"{prefix}flop_utilisation_pct"] = round(100 * achieved / figures["matmul_peak_gflops"], 1)
+    figures[f"{prefix}flop_utilisation_bf16_pct"] = round(100 * achieved / figures["bf16_matmul_peak_gflops"], 1)
 
 
 def finish(figures: dict, step: Callable[[int], float], args: argparse.Namespace) -> None:
@@ -324,7 +357,7 @@ def finish(figures: dict, step: Callable[[int], float], args: argparse.Namespace
     figures["peak_rss_gb"] = round(peak_rss_gb(), 2)
     figures["audio_s_per_s"] = round(args.batch * args.seconds / figures["step_s"], 2)
     index = args.warmup + args.repeats
-    add_flop_utilisation(figures, count_flops(lambda: step(index)), figures["step_s"])
+    add_flop_utilisation(figures, count_flops(lambda: step(index)), figures["step_s"], args.precision)
     if args.profile:
         figures["top_ops"] = profile_step(step, index + 1, args.profile)
     figures["loadavg_1min"] = round(os.getloadavg()[0], 2)
@@ -394,7 +427,8 @@ def run_ours(objective: str, args: argparse.Namespace) -> None:
     optimizer = _optimizer(params)
 
     def step(i: int) -> float:
-        out = model(features, attention_mask, gumbel_temperature=_gumbel_temperature(i), **extra)
+        with autocast(args.precision):
+            out = model(features, attention_mask, gumbel_temperature=_gumbel_temperature(i), **extra)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -475,12 +509,13 @@ def run_w2v2(args: argparse.Namespace) -> None:
         negatives = _sample_negative_indices((args.batch, steps), config.num_negatives, mask_time_indices)
         mask_time_indices = torch.tensor(mask_time_indices, dtype=torch.long)
         num_losses = mask_time_indices.sum()
-        out = model(
-            input_values,
-            attention_mask=attention_mask,
-            mask_time_indices=mask_time_indices,
-            sampled_negative_indices=torch.tensor(negatives, dtype=torch.long),
-        )
+        with autocast(args.precision):
+            out = model(
+                input_values,
+                attention_mask=attention_mask,
+                mask_time_indices=mask_time_indices,
+                sampled_negative_indices=torch.tensor(negatives, dtype=torch.long),
+            )
         out.loss.backward()
         for p in params:  # the example's multiply_grads(params, 1 / num_losses)
             if p.grad is not None:
@@ -524,6 +559,8 @@ def child_command(system: str, args: argparse.Namespace) -> list[str]:
         str(args.warmup),
         "--profile",
         str(args.profile),
+        "--precision",
+        "fp32" if system in BASELINE_SYSTEMS else args.precision,
     ]
     if system in NEMO_SYSTEMS:
         return [args.nemo_python, str(NEMO_RUNNER), "--recipe", NEMO_SYSTEMS[system], *sizes]
@@ -532,8 +569,10 @@ def child_command(system: str, args: argparse.Namespace) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--one", system, *sizes]
 
 
-def child_env(args: argparse.Namespace, malloc: str) -> dict[str, str]:
+def child_env(args: argparse.Namespace, malloc: str, system: str = "") -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if system in BASELINE_SYSTEMS:
+        env["BENCH_BASELINE_CODE"] = str(Path(args.baseline_code).resolve())
     env.pop("GLIBC_TUNABLES", None)
     if malloc == "tuned":
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
@@ -542,7 +581,8 @@ def child_env(args: argparse.Namespace, malloc: str) -> dict[str, str]:
 
 
 def run_child(system: str, args: argparse.Namespace, malloc: str) -> dict | None:
-    proc = subprocess.run(child_command(system, args), env=child_env(args, malloc), capture_output=True, text=True)
+    env = child_env(args, malloc, system)
+    proc = subprocess.run(child_command(system, args), env=env, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         print(f"  {system} failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}", file=sys.stderr)
@@ -568,7 +608,8 @@ def ratios(results: dict[str, dict], audio_seconds: float) -> dict:
     """ours / NeMo on the matching recipe (also with our featurisation time added to our step) and ours / w2v2."""
     out = {}
     featurise_s = results["featurise"]["step_s"] if "featurise" in results else None
-    pairs = list(MATCHES.items()) + [(name, "ours_contrastive") for name in AGAINST_CONTRASTIVE]
+    pairs = list(MATCHES.items()) + list(AGAINST_BASELINE.items())
+    pairs += [(name, "ours_contrastive") for name in AGAINST_CONTRASTIVE]
     for ours, peer in pairs + [(name, "w2v2") for name in OURS_SYSTEMS]:
         if ours not in results or peer not in results:
             continue
@@ -581,6 +622,8 @@ def ratios(results: dict[str, dict], audio_seconds: float) -> dict:
             entry["throughput_with_featurise"] = round((b["step_s"]) / (a["step_s"] + featurise_s), 2)
         if peer in NEMO_SYSTEMS.keys():
             entry["meets_target"] = entry["throughput"] >= TARGET_THROUGHPUT and entry["peak_memory"] <= TARGET_MEMORY
+        if peer in BASELINE_SYSTEMS:
+            entry["meets_target"] = entry["throughput"] >= TARGET_OVER_BASELINE
         out[f"{ours}/{peer}"] = entry
     return out
 
@@ -589,14 +632,16 @@ def print_table(results: dict[str, dict], malloc: str) -> None:
     print(f"\nmalloc {malloc}:")
     print(
         f"  {'system':22s} {'objective':16s} {'encoder':14s} {'params':>8s} {'audio-s/s':>10s} {'step s':>8s} "
-        f"{'peak RSS':>9s} {'sys s':>6s} {'GFLOP':>7s} {'peak GF/s':>9s} {'FLOP util':>9s}"
+        f"{'peak RSS':>9s} {'sys s':>6s} {'GFLOP':>7s} {'prec':>5s} {'peak GF/s':>9s} {'FLOP util':>9s} "
+        f"{'bf16 peak':>9s} {'of bf16':>8s}"
     )
     for system, r in results.items():
         print(
             f"  {system:22s} {r['objective']:16s} {r.get('encoder', '-'):14s} {r['params_m']:7.2f}M "
             f"{r['audio_s_per_s']:10.2f} {r['step_s']:8.3f} {r['peak_rss_gb']:7.2f}GB {r['sys_s_per_step']:6.2f} "
-            f"{r.get('step_gflop', float('nan')):7.1f} {r.get('matmul_peak_gflops', float('nan')):9.1f} "
-            f"{r.get('flop_utilisation_pct', float('nan')):8.1f}%"
+            f"{r.get('step_gflop', float('nan')):7.1f} {r.get('precision', '?'):>5s} "
+            f"{r.get('matmul_peak_gflops', float('nan')):9.1f} {r.get('flop_utilisation_pct', float('nan')):8.1f}% "
+            f"{r.get('bf16_matmul_peak_gflops', float('nan')):9.1f} {r.get('flop_utilisation_bf16_pct', float('nan')):7.1f}%"
         )
     for system, r in results.items():
         if "top_ops" in r:
@@ -626,6 +671,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run: " + json.dumps(QUICK))
     parser.add_argument("--output", help="write the full report (step times, profiles) to this JSON file")
     parser.add_argument("--nemo_python", default=os.environ.get("NEMO_PYTHON", DEFAULT_NEMO_PYTHON))
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="every system's precision")
+    parser.add_argument("--baseline_code", help="another checkout of this project: the baseline_* systems' code")
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     if args.quick:
@@ -636,12 +683,15 @@ def main() -> None:
             setattr(args, key, value)
 
     if args.one:
+        if os.environ.get("BENCH_BASELINE_CODE"):  # import hf_ssl_speech from that checkout, not the installed one
+            sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+            sys.path.insert(0, os.environ["BENCH_BASELINE_CODE"])
         if args.one == "featurise":
             run_featurise(args)
         elif args.one == "w2v2":
             run_w2v2(args)
         else:
-            run_ours(OURS_SYSTEMS[args.one], args)
+            run_ours(OURS_SYSTEMS.get(args.one) or BASELINE_SYSTEMS[args.one], args)
         return
 
     systems = [s for s in SYSTEMS if s in args.systems]
@@ -652,11 +702,13 @@ def main() -> None:
             file=sys.stderr,
         )
         systems = [s for s in systems if s not in NEMO_SYSTEMS]
+    if not args.baseline_code:
+        systems = [s for s in systems if s not in BASELINE_SYSTEMS]
     settings = ("default", "tuned") if args.malloc == "both" else (args.malloc,)
     audio_seconds = args.batch * args.seconds
     print(
         f"workload: {args.batch} x {args.seconds} s, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
-        f"FFN {args.ffn}, kernel {args.kernel} (Conformer) / {args.fast_kernel} (FastConformer), fp32, "
+        f"FFN {args.ffn}, kernel {args.kernel} (Conformer) / {args.fast_kernel} (FastConformer), {args.precision}, "
         f"{args.threads} threads; {args.warmup} warm-up + {args.repeats} timed steps per process, "
         f"{args.rounds} round(s); load average at start {os.getloadavg()}"
     )
@@ -682,6 +734,10 @@ def main() -> None:
         print_table(results, malloc)
         report["malloc"][malloc] = {"results": results, "ratios": ratios(results, audio_seconds)}
         for pair, r in report["malloc"][malloc]["ratios"].items():
+            if pair.split("/")[1] in BASELINE_SYSTEMS:
+                print(
+                    f"  {pair:44s} throughput x{r['throughput']} (target x{TARGET_OVER_BASELINE})  peak memory x{r['peak_memory']}"
+                )
             if pair.split("/")[1] == "ours_contrastive":
                 print(f"  {pair:44s} throughput x{r['throughput']}  peak memory x{r['peak_memory']}")
             if pair.split("/")[1] in NEMO_SYSTEMS:

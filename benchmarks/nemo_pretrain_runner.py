@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_pretrain import SAMPLE_RATE, finish, synthetic_speech  # noqa: E402  (numpy + stdlib only)
+from bench_pretrain import SAMPLE_RATE, autocast, finish, synthetic_speech  # noqa: E402  (numpy + stdlib only)
 
 CONFIGS = {
     "contrastive": HERE / "nemo_configs" / "conformer_ssl.yaml",
@@ -56,7 +56,7 @@ def load_config(recipe: str, args: argparse.Namespace):
     return cfg
 
 
-def build_ssl_step(cfg, waves, lengths, optimizer_factory):
+def build_ssl_step(cfg, waves, lengths, optimizer_factory, precision):
     """SpeechEncDecSelfSupervisedModel: forward (preprocessor, patch masking, encoder), decoder_loss_step."""
     import torch
     from nemo.collections.asr.models.ssl_models import SpeechEncDecSelfSupervisedModel
@@ -66,15 +66,18 @@ def build_ssl_step(cfg, waves, lengths, optimizer_factory):
     optimizer = optimizer_factory(params)
 
     def step(i: int) -> float:
-        # training_step, without the Lightning trainer: global_step is i.
-        spectrograms, spec_masks, encoded, encoded_len = model.forward(input_signal=waves, input_signal_length=lengths)
-        for name, decoder_loss in model.decoder_losses.items():
-            model.decoder_losses_active[name] = i >= model.start_step[name]
-            if hasattr(decoder_loss["loss"], "set_num_updates"):
-                decoder_loss["loss"].set_num_updates(i)
-        loss, _ = model.decoder_loss_step(spectrograms, spec_masks, encoded, encoded_len, None, None)
-        if model.feat_pen:
-            loss = loss + model.feat_pen
+        # training_step, without the Lightning trainer: global_step is i. bf16: Lightning's "bf16-mixed" autocast.
+        with autocast(precision):
+            spectrograms, spec_masks, encoded, encoded_len = model.forward(
+                input_signal=waves, input_signal_length=lengths
+            )
+            for name, decoder_loss in model.decoder_losses.items():
+                model.decoder_losses_active[name] = i >= model.start_step[name]
+                if hasattr(decoder_loss["loss"], "set_num_updates"):
+                    decoder_loss["loss"].set_num_updates(i)
+            loss, _ = model.decoder_loss_step(spectrograms, spec_masks, encoded, encoded_len, None, None)
+            if model.feat_pen:
+                loss = loss + model.feat_pen
         model.reset_registry()
         # What Lightning does with the returned loss (gradient_clip_val 1.0 in the recipe).
         loss.backward()
@@ -86,7 +89,7 @@ def build_ssl_step(cfg, waves, lengths, optimizer_factory):
     return model, step
 
 
-def build_nest_step(cfg, waves, lengths, optimizer_factory):
+def build_nest_step(cfg, waves, lengths, optimizer_factory, precision):
     """EncDecDenoiseMaskedTokenPredModel: forward (preprocessor on clean and noisy audio, random-projection
     targets from the clean features, block masking of the noisy ones, encoder, decoder) and the MultiMLM loss."""
     import torch
@@ -98,16 +101,17 @@ def build_nest_step(cfg, waves, lengths, optimizer_factory):
     noise, noisy = denoising_batch(waves, lengths)
 
     def step(i: int) -> float:
-        log_probs, encoded_len, masks, tokens = model.forward(
-            input_signal=waves,
-            input_signal_length=lengths,
-            noise_signal=noise,
-            noise_signal_length=lengths,
-            noisy_input_signal=noisy,
-            noisy_input_signal_length=lengths,
-            apply_mask=True,
-        )
-        loss = model.loss(masks=masks, decoder_outputs=log_probs, targets=tokens, decoder_lengths=encoded_len)
+        with autocast(precision):  # bf16: Lightning's "bf16-mixed" autocast around training_step
+            log_probs, encoded_len, masks, tokens = model.forward(
+                input_signal=waves,
+                input_signal_length=lengths,
+                noise_signal=noise,
+                noise_signal_length=lengths,
+                noisy_input_signal=noisy,
+                noisy_input_signal_length=lengths,
+                apply_mask=True,
+            )
+            loss = model.loss(masks=masks, decoder_outputs=log_probs, targets=tokens, decoder_lengths=encoded_len)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", type=int, default=0)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
 
     import torch
@@ -171,7 +176,7 @@ def main() -> None:
 
     cfg = load_config(args.recipe, args)
     build = build_nest_step if args.recipe == "nest" else build_ssl_step
-    model, step = build(cfg, waves, lengths, optimizer_factory)
+    model, step = build(cfg, waves, lengths, optimizer_factory, args.precision)
     encoder = "fastconformer" if args.recipe == "nest" else "conformer"
     objective = "bestrq (NEST)" if args.recipe == "nest" else args.recipe
     params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
