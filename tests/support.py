@@ -206,9 +206,6 @@ def run_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT / "tests")
     )
-    # The CLI re-executes itself once with glibc's malloc tuned (a speed setting); that second start imports torch
-    # and transformers again (~5 s a process). Tests check behaviour, not the allocator: one start is enough.
-    env["HF_SSL_SPEECH_MALLOC"] = "default"
     return env
 
 

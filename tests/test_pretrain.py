@@ -7,6 +7,7 @@ few steps in subprocesses (the way a user runs it).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -420,3 +421,49 @@ def test_cli_errors_are_one_clear_line_before_any_model_is_built(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "MissingPathError" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_starts_once_and_says_which_precision_it_chose(tmp_path):
+    """The default path: one interpreter start (no re-exec to tune malloc, nothing set for child processes), and
+    the log names the precision `train.mixed_precision: auto` chose and why."""
+    from hf_ssl_speech.precision import resolve_mixed_precision
+
+    manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        model={},
+        objectives={"bestrq": {}},
+        data={"train_manifests": [str(manifest)]},
+        optim={},
+        train={"max_steps": 1, "output_dir": "run", "save_steps": 1},
+    )
+    starts = tmp_path / "starts.txt"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # runs at every interpreter start
+        f"import os\nwith open({str(starts)!r}, 'a') as f:\n    f.write(os.environ.get('GLIBC_TUNABLES', '-') + '\\n')\n"
+    )
+    env = run_env(tmp_path)
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert starts.read_text().splitlines() == ["-"], "the command restarted itself or set GLIBC_TUNABLES"
+    precision, why = resolve_mixed_precision("auto", torch.device("cpu"))
+    shown = "fp32" if precision == "no" else precision
+    assert f"mixed precision: {shown} ({why})" in proc.stdout + proc.stderr
+
+
+def test_tune_malloc_is_applied_in_process():
+    from hf_ssl_speech.pretrain.malloc import keep_freed_memory
+
+    if not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None:
+        pytest.skip("mallopt is glibc's: this C library has none")
+    assert keep_freed_memory()

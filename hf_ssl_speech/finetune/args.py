@@ -111,6 +111,13 @@ class FinetuneArguments:
         default=False, metadata={"help": "Classification: learned softmax-weighted sum of all layers (SUPERB)."}
     )
     classifier_proj_size: int | None = field(default=None, metadata={"help": "Classification projection width."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | no | bf16 | fp16. auto: bf16 where the hardware has bf16 matrix units (CPU AMX or "
+            "AVX512-BF16, CUDA bf16), fp32 elsewhere. Sets TrainingArguments.bf16 / fp16 unless either is given."
+        },
+    )
 
 
 # Forced on every run: our datasets hold metadata rows that the collator turns into model inputs, so the

@@ -19,6 +19,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from ..errors import ConfigError, UserError
+from ..precision import resolve_mixed_precision
 from .args import DataArguments, FinetuneArguments, ModelArguments
 from .collators import ClassificationCollator, CtcCollator
 from .ctc import drop_infeasible_ctc, make_ctc_compute_metrics, split_ctc_feasible
@@ -75,6 +76,26 @@ def check_output_dir(training_args: TrainingArguments) -> None:
         f"--output_dir {folder} already holds {held}. Pass --resume_from_checkpoint "
         f"{last or str(folder) + '/checkpoint-N'} to continue it, choose another --output_dir, or delete it first."
     )
+
+
+def apply_mixed_precision(training_args: TrainingArguments, setting: str) -> str:
+    """`finetune.mixed_precision` -> `TrainingArguments.bf16` / `fp16` (left alone when either is set already).
+    Returns the precision chosen ("no", "bf16" or "fp16"), which is logged with the reason."""
+    if training_args.bf16 or training_args.fp16:
+        precision, why = ("bf16" if training_args.bf16 else "fp16"), "training.bf16 / fp16 set"
+    else:
+        try:
+            precision, why = resolve_mixed_precision(setting, training_args.device)
+        except ValueError as error:
+            raise ConfigError(f"finetune.{error}") from None
+        if precision == "fp16" and training_args.device.type == "cpu":
+            raise ConfigError(
+                "finetune.mixed_precision=fp16 on the CPU: Trainer runs fp16 on GPUs only; use bf16, auto or no"
+            )
+        training_args.bf16, training_args.fp16 = precision == "bf16", precision == "fp16"
+        training_args.mixed_precision = precision  # what Trainer hands to accelerate
+    logger.info("mixed precision: %s (%s)", "fp32" if precision == "no" else precision, why)
+    return precision
 
 
 def _disable_eval_without_data(training_args: TrainingArguments, has_eval: bool) -> None:
@@ -179,6 +200,7 @@ def run_ctc(
     `training_curves.png` and a README.md model card.
     """
     check_output_dir(training_args)
+    apply_mixed_precision(training_args, finetune_args.mixed_precision)
     set_seed(training_args.seed)
     # We push the finished folder ourselves (with our model card), not every checkpoint through Trainer.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
@@ -284,6 +306,7 @@ def run_classification(
     only unseen talkers.
     """
     check_output_dir(training_args)
+    apply_mixed_precision(training_args, finetune_args.mixed_precision)
     set_seed(training_args.seed)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
 

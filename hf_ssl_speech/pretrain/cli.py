@@ -13,8 +13,6 @@ command with one `error:` line and exit status 2 (`--debug` shows the traceback)
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 
 from ..errors import run_command
@@ -51,23 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--push_to_hub", metavar="REPO", help="push the final checkpoint to this Hub repo (user/name)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     return parser
-
-
-# glibc's malloc returns large freed blocks to the OS at once, so every training step maps fresh pages for its
-# activations (millions of minor page faults). Keeping them costs peak RSS but made every system we measured
-# about 1.5x faster on CPU (docs/performance.md; benchmarks/README.md). HF_SSL_SPEECH_MALLOC=default opts out.
-TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=137438953472"
-
-
-def tune_malloc_and_reexec() -> None:
-    """Re-run this command with TUNED_MALLOC set (it must be in the environment before the process starts)."""
-    if (
-        sys.platform.startswith("linux")
-        and "GLIBC_TUNABLES" not in os.environ
-        and os.environ.get("HF_SSL_SPEECH_MALLOC", "tuned") != "default"
-    ):
-        os.environ["GLIBC_TUNABLES"] = TUNED_MALLOC
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def main(argv: list[str]) -> int:
@@ -108,8 +89,6 @@ def main(argv: list[str]) -> int:
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     """`hf-ssl-pretrain` / `scripts/pretrain.py`; returns the exit status (2 for a user error)."""
-    if argv is None:  # a command, not a call from Python: the process is ours to restart
-        tune_malloc_and_reexec()
     return run_command(main, argv)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -33,10 +33,12 @@ from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
+from ..precision import resolve_mixed_precision
 from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
 from .compiling import compile_encoders, pad_to_bucket
+from .malloc import keep_freed_memory
 from .optim import build_optimizer, build_scheduler, ema_decay, gumbel_temperature
 from .recipe import Recipe, check_recipe_paths, model_config, save_recipe
 
@@ -231,17 +233,21 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     # Checked by every process before any writes (no process writes until all have joined the Accelerator).
     check_recipe_paths(recipe)
     check_output_dir(out_dir, resume)
+    if t.tune_malloc:  # before the model's first large allocation
+        keep_freed_memory()
     config = model_config(recipe)
     unused = unused_parameter_reasons(config)
+    precision, why = resolve_mixed_precision(t.mixed_precision, PartialState().device)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
         project_dir=str(out_dir),
         # One scheduler step per optimiser step: by default accelerate steps it once per process.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
     )
-    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    accelerator.print(f"mixed precision: {'fp32' if precision == 'no' else precision} ({why})")
+    if precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate turns fp16 autocast and its gradient scaler on for accelerators only: on the CPU the run
         # would silently stay fp32 while its logs said fp16.
         raise UserError(
@@ -405,7 +411,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
             else:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             # fp16: an overflow is the GradScaler's business (it skips the step and lowers the scale).
-            if not math.isfinite(grad_norm) and t.mixed_precision != "fp16":
+            if not math.isfinite(grad_norm) and precision != "fp16":
                 finite = guard.ok(grad_norm, step, "gradient norm")
             else:
                 guard.ok(0.0, step)  # resets the streak

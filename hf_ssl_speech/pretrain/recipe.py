@@ -34,12 +34,12 @@ from ..configuration_conformer_ssl import ConformerSslConfig
 from ..data.config import DataConfig
 from ..errors import ConfigError, check_paths
 from ..objectives import OBJECTIVES, objective_settings
+from ..precision import MIXED_PRECISION
 from ..presets import RECIPE_DIR, PresetError, load_preset
 from .compiling import COMPILE_MODES
 
 SECTIONS = ("model", "objectives", "data", "optim", "train")
 SCHEDULERS = ("noam", "cosine", "linear", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORT_TO = ("tensorboard", "none")
 DEFAULT_RECIPE = "tiny_nest"  # packaged: what `scripts/pretrain.py` runs without --config
 
@@ -109,7 +109,12 @@ class TrainSection:
     log_steps: int = 10
     seed: int = 1234
     grad_accum: int = 1  # micro-batches per optimiser step
-    mixed_precision: str = "no"  # no | bf16 | fp16 (logits and losses stay float32 inside the model)
+    # auto | no | bf16 | fp16. auto: bf16 where the hardware has bf16 matrix units (CPU AMX / AVX512-BF16, CUDA
+    # bf16), fp32 elsewhere (hf_ssl_speech/precision.py); logits and losses stay float32 inside the model.
+    mixed_precision: str = "auto"
+    # glibc malloc keeps freed activation memory instead of mapping it afresh every step (pretrain/malloc.py):
+    # applied in-process; faster on some CPU hosts, at a resident size that never shrinks.
+    tune_malloc: bool = False
     # FSDP2 (`fully_shard` per Conformer block + root) instead of DDP when launched on several processes
     fsdp: bool = False
     keep_last: int = 3  # checkpoints kept on disk (the newest is never deleted)
