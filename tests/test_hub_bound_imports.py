@@ -98,3 +98,38 @@ def test_checker_catches_each_kind_of_bad_import():
     for source, needle in forbidden.items():
         problems = import_violations(source, "bad.py")
         assert len(problems) == 1 and needle in problems[0], (source, problems)
+
+
+def hand_written_autograd(source: str, filename: str) -> list[str]:
+    """Stock PyTorch only: no `torch.autograd.Function` subclass, no `torch.ops.*` call (private aten kernels such as
+    `convolution_backward`), no private `torch._*` function. Each as 'file:line: what'."""
+    problems = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                if ast.unparse(base).endswith("autograd.Function"):
+                    problems.append(f"{where}: class {node.name}({ast.unparse(base)})")
+        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.ops."):
+            problems.append(f"{where}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
+            if node.attr.startswith("_") and not node.attr.startswith("__"):
+                problems.append(f"{where}: torch.{node.attr}")
+    return sorted(set(problems))
+
+
+@pytest.mark.parametrize("module", HUB_BOUND)
+def test_hub_bound_module_is_stock_pytorch(module):
+    path = PACKAGE_DIR / f"{module}.py"
+    problems = hand_written_autograd(path.read_text(encoding="utf-8"), path.name)
+    assert not problems, "hand-written autograd or private torch ops in a Hub-bound file:\n" + "\n".join(problems)
+
+
+def test_stock_checker_catches_each_kind():
+    assert hand_written_autograd("import torch\nx = torch.nn.functional.relu(torch.ones(1))\n", "ok.py") == []
+    for source in (
+        "class F(torch.autograd.Function):\n    pass\n",
+        "y = torch.ops.aten.convolution_backward(g, x, w)\n",
+        "y = torch._softmax_backward_data(g, p, -1, p.dtype)\n",
+    ):
+        assert len(hand_written_autograd(source, "bad.py")) >= 1, source
