@@ -8,6 +8,9 @@ time bucket (dynamic batch, bucketed time: 0 recompiles expected).
 
     python benchmarks/bench_compile.py            # reference workload: 8 x 10 s, hidden 256, 8 layers
     python benchmarks/bench_compile.py --quick    # 4 x 3 s, hidden 128, 2 layers
+    python benchmarks/bench_compile.py --precision bf16 --encoder fastconformer   # under bf16 autocast
+
+FLOP utilisation is against the measured matmul peak of the precision the step runs in and against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import statistics
 import time
 
 import torch
-from bench_pretrain import count_flops, matmul_peak_gflops  # same folder: FLOP utilisation as every bench row
+from bench_pretrain import autocast, count_flops, matmul_peak_gflops  # same folder: as every bench row
 
 from hf_ssl_speech.configuration_conformer_ssl import ConformerSslConfig
 from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
@@ -49,19 +52,20 @@ def batch(args: argparse.Namespace, seconds: float, size: int) -> dict[str, torc
     return pad_to_bucket({"input_features": features * mask[..., None], "attention_mask": mask}, args.bucket)
 
 
-def time_steps(model, optimizer, inputs, steps: int, train: bool) -> list[float]:
+def time_steps(model, optimizer, inputs, steps: int, train: bool, precision: str = "fp32") -> list[float]:
     times = []
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         start = time.perf_counter()
         if train:
-            loss = model(**inputs, generator=generator).loss
+            with autocast(precision):
+                loss = model(**inputs, generator=generator).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision):
                 model.conformer(**inputs)
         times.append(time.perf_counter() - start)
     return times
@@ -79,6 +83,7 @@ def main() -> None:
     parser.add_argument("--encoder", choices=("conformer", "fastconformer"), default="conformer")
     parser.add_argument("--bucket", type=int, default=128, help="train.compile_bucket_frames")
     parser.add_argument("--quick", action="store_true", help="4 x 3 s, hidden 128, 2 layers")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.seconds, args.hidden, args.layers = 4, 3.0, 128, 2
@@ -91,24 +96,26 @@ def main() -> None:
     report: dict[str, object] = {"workload": vars(args)}
     rows = {}
     flops = {
-        kind: count_flops(lambda t=train: time_steps(model, optimizer, inputs, 1, t))
+        kind: count_flops(lambda t=train: time_steps(model, optimizer, inputs, 1, t, args.precision))
         for kind, train in (
             ("train", True),
             ("forward", False),
         )
     }  # eager, before compiling: FlopCounterMode counts the same matmuls either way
     model.train()
-    peak = matmul_peak_gflops()
+    peak, bf16_peak = matmul_peak_gflops(args.precision), matmul_peak_gflops("bf16")
     for phase in ("eager", "compiled"):
         if phase == "compiled":
             counter = compile_encoders(model, args.mode)
         for kind, train in (("train", True), ("forward", False)):
             model.train(train)
-            times = time_steps(model, optimizer, inputs, args.repeats + 1, train)
+            times = time_steps(model, optimizer, inputs, args.repeats + 1, train, args.precision)
             rows[(phase, kind)] = {"first": times[0], "median": statistics.median(times[1:]), "times": times}
     model.train()
     before = counter.graphs
-    time_steps(model, optimizer, other, 1, True)  # another batch size and length in the bucket: recompile?
+    time_steps(
+        model, optimizer, other, 1, True, args.precision
+    )  # another batch size and length in the bucket: recompile?
     for kind in ("train", "forward"):
         eager, compiled = rows[("eager", kind)], rows[("compiled", kind)]
         line = {
@@ -121,10 +128,13 @@ def main() -> None:
             "step_gflop": round(flops[kind] / 1e9, 1),
             "flop_utilisation_pct_eager": round(100 * flops[kind] / eager["median"] / 1e9 / peak, 1),
             "flop_utilisation_pct_compiled": round(100 * flops[kind] / compiled["median"] / 1e9 / peak, 1),
+            "flop_utilisation_bf16_pct_eager": round(100 * flops[kind] / eager["median"] / 1e9 / bf16_peak, 1),
+            "flop_utilisation_bf16_pct_compiled": round(100 * flops[kind] / compiled["median"] / 1e9 / bf16_peak, 1),
         }
         report[kind] = line
         print(f"{kind:8s} {json.dumps(line)}")
     report["matmul_peak_gflops"] = round(peak, 1)
+    report["bf16_matmul_peak_gflops"] = round(bf16_peak, 1)
     report["graphs_compiled"] = counter.graphs
     report["graphs_before_new_length"] = before
     report["recompiles"] = counter.recompiles

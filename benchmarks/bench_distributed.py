@@ -105,6 +105,7 @@ def recipe(manifest: Path, args: argparse.Namespace, config: str, output_dir: Pa
             "seed": 1,
             "grad_accum": 2 if processes == 1 else 1,
             "fsdp": config == "fsdp",
+            "mixed_precision": "bf16" if args.precision == "bf16" else "no",
         },
     }
 
@@ -193,6 +194,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="threads in all; split over the processes")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 4 steps (smoke run)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="train.mixed_precision of every run"
+    )
     parser.add_argument("--output", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
     if args.quick:
@@ -209,20 +213,28 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops()  # all the threads the processes share
+    peak = matmul_peak_gflops(args.precision)  # all the threads the processes share
+    bf16_peak = matmul_peak_gflops("bf16")
     for row in results:
         row["flop_utilisation_pct"] = 100 * row["audio_s_per_s"] * flops / 1e9 / peak
+        row["flop_utilisation_bf16_pct"] = 100 * row["audio_s_per_s"] * flops / 1e9 / bf16_peak
     base = next((r for r in results if r["config"] == "one"), None)
-    print(f"\nFLOPs per audio second {flops / 1e9:.1f} GFLOP, matmul peak {peak:.0f} GFLOP/s (all threads)")
-    print("| config | processes x threads | audio-s/s | ratio to one | FLOP util | peak RSS (largest) | DDP warnings |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"\nFLOPs per audio second {flops / 1e9:.1f} GFLOP, {args.precision} matmul peak {peak:.0f} GFLOP/s, bf16 peak "
+        f"{bf16_peak:.0f} GFLOP/s (all threads)"
+    )
+    print(
+        "| config | processes x threads | audio-s/s | ratio to one | FLOP util | of bf16 peak | peak RSS (largest) | DDP warnings |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in results:
         ratio = row["audio_s_per_s"] / base["audio_s_per_s"] if base else float("nan")
         row["ratio_to_one"] = ratio
         rss = f"{row['peak_rss_gb']:.2f} GB"
         print(
             f"| {row['config']} | {row['processes']} x {row['threads_per_process']} | {row['audio_s_per_s']:.1f} | "
-            f"{ratio:.2f} | {row['flop_utilisation_pct']:.0f}% | {rss} | {', '.join(row['ddp_warnings']) or 'none'} |"
+            f"{ratio:.2f} | {row['flop_utilisation_pct']:.0f}% | {row['flop_utilisation_bf16_pct']:.0f}% | {rss} | "
+            f"{', '.join(row['ddp_warnings']) or 'none'} |"
         )
     print(json.dumps({"workload": vars(args) | {"output": str(args.output)}, "results": results}))
     if args.output:

@@ -8,12 +8,14 @@ Each system runs in its own subprocess (so peak RSS is its own), under the same 
 settings, in alternating order. Reported: audio-seconds per second for forward+backward (train mode, loss =
 mean square of the output) and forward-only (eval, no grad), peak RSS, and the FLOP utilisation of both: the
 pass's FLOPs (torch.utils.flop_counter.FlopCounterMode, counted once per system) per best pass time, as a
-percentage of a 2048 x 2048 fp32 matmul loop measured in the same process on the same threads. Prints a table
-and one JSON line with the ratios ours / theirs.
+percentage of a 2048 x 2048 matmul loop measured in the same process on the same threads, in the pass's precision
+and in bf16. `--precision bf16` runs every system under `torch.autocast("cpu", torch.bfloat16)`. Prints a table and
+one JSON line with the ratios ours / theirs.
 
     python benchmarks/bench_encoder.py                      # reference size: 8 x 10 s, hidden 256, 8 layers
     python benchmarks/bench_encoder.py --batch 2 --seconds 4 --repeats 2   # quick look
     python benchmarks/bench_encoder.py --malloc tuned       # glibc malloc without mmap churn (docs/architecture.md §5)
+    python benchmarks/bench_encoder.py --precision bf16     # every system under bf16 autocast
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import count_flops, matmul_peak_gflops  # noqa: E402
+from bench_pretrain import autocast, count_flops, matmul_peak_gflops  # noqa: E402
 
 SYSTEMS = ("ours_conformer", "w2v2_conformer", "ours_fastconformer", "parakeet")
 PAIRS = (("ours_conformer", "w2v2_conformer"), ("ours_fastconformer", "parakeet"))
@@ -105,13 +107,14 @@ def run_one(system: str, args: argparse.Namespace) -> dict:
 
     def train_step():
         model.train()
-        out = model(**inputs).last_hidden_state
+        with autocast(args.precision):
+            out = model(**inputs).last_hidden_state
         out.float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
     def forward():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args.precision):
             model(**inputs)
 
     figures = {"system": system, "params_m": round(params / 1e6, 2)}
@@ -127,12 +130,15 @@ def run_one(system: str, args: argparse.Namespace) -> dict:
         figures[f"{name}_step_s"] = round(best, 3)
     figures["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
     # after the peak RSS: one more pass of each under the FLOP counter, then the matmul ceiling
-    figures["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
+    figures["precision"] = args.precision
+    figures["matmul_peak_gflops"] = round(matmul_peak_gflops(args.precision), 1)
+    figures["bf16_matmul_peak_gflops"] = round(matmul_peak_gflops("bf16"), 1)
     for name, fn in (("train", train_step), ("forward", forward)):
         flops = count_flops(fn)
         figures[f"{name}_gflop"] = round(flops / 1e9, 1)
         achieved = flops / figures[f"{name}_step_s"] / 1e9
         figures[f"{name}_flop_utilisation_pct"] = round(100 * achieved / figures["matmul_peak_gflops"], 1)
+        figures[f"{name}_flop_utilisation_bf16_pct"] = round(100 * achieved / figures["bf16_matmul_peak_gflops"], 1)
     return figures
 
 
@@ -149,6 +155,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--malloc", choices=("default", "tuned"), default="default")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
@@ -177,7 +184,8 @@ def main() -> None:
             f"  {system:20s} {r['params_m']:7.2f}M  train {r['train_audio_s_per_s']:8.2f} audio-s/s  "
             f"fwd {r['forward_audio_s_per_s']:8.2f} audio-s/s  peak {r['peak_rss_gb']:.2f} GB  FLOP util train "
             f"{r['train_flop_utilisation_pct']}% fwd {r['forward_flop_utilisation_pct']}% of "
-            f"{r['matmul_peak_gflops']} GFLOP/s",
+            f"{r['matmul_peak_gflops']} GFLOP/s ({r['precision']}); of the bf16 peak {r['bf16_matmul_peak_gflops']}: "
+            f"train {r['train_flop_utilisation_bf16_pct']}% fwd {r['forward_flop_utilisation_bf16_pct']}%",
             flush=True,
         )
 
@@ -192,7 +200,7 @@ def main() -> None:
             }
     print(
         f"\nworkload: batch {args.batch} x {args.seconds} s, hidden {args.hidden}, {args.layers} layers, "
-        f"{args.heads} heads, FFN {args.ffn}, fp32, {args.threads} threads, malloc {args.malloc}"
+        f"{args.heads} heads, FFN {args.ffn}, {args.precision}, {args.threads} threads, malloc {args.malloc}"
     )
     for pair, r in ratios.items():
         print(

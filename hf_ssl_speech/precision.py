@@ -10,6 +10,8 @@ Used by pretraining (`train.mixed_precision`) and fine-tuning (`finetune.mixed_p
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -30,6 +32,16 @@ def hardware_bf16(device: torch.device) -> tuple[bool, str]:
             return True, f"this CPU has {units}"
         return False, "this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated, slower than fp32)"
     return False, f"no bf16 check for device type {device.type!r}"
+
+
+def launch_device() -> torch.device:
+    """The device a launched training process will use, known before its `Accelerator` exists: accelerate's own
+    state must not be created early (a `PartialState()` made before `Accelerator(...)` under `accelerate launch`
+    on gloo left every process believing it was the main one)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if torch.cuda.is_available() and not use_cpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
-from ..precision import resolve_mixed_precision
+from ..precision import launch_device, resolve_mixed_precision
 from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
@@ -237,7 +237,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         keep_freed_memory()
     config = model_config(recipe)
     unused = unused_parameter_reasons(config)
-    precision, why = resolve_mixed_precision(t.mixed_precision, PartialState().device)
+    precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
