@@ -18,7 +18,6 @@ import logging
 import sys
 
 from hf_ssl_speech.errors import run_command
-from hf_ssl_speech.pretrain.cli import tune_malloc_and_reexec
 from hf_ssl_speech.pretrain.hubert_iterations import load_config, run_hubert_iterations
 
 
@@ -44,5 +43,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    tune_malloc_and_reexec()  # a command, not a call from Python: the process is ours to restart (cli.py)
     sys.exit(run_command(main))

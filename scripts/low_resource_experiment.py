@@ -37,10 +37,6 @@ from hf_ssl_speech.experiments.low_resource import (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # a command, not a call from Python: restart with the tuned allocator (docs/architecture.md §5)
-        from hf_ssl_speech.pretrain.cli import tune_malloc_and_reexec
-
-        tune_malloc_and_reexec()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
     parser.add_argument("--out", default=None, help="working folder (default: the config's output_dir)")
