@@ -21,6 +21,15 @@ from support import REPO_ROOT, accelerate_launch, make_corpus, run_env, write_re
 SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"
 
 
+def run_script(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300, script: Path = SCRIPT
+) -> subprocess.CompletedProcess:
+    """`python <script> args...` in `cwd` with `env`, output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def final_params(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "checkpoints" / f"checkpoint-{step:08d}" / "model" / "model.safetensors")
 
@@ -101,39 +110,18 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, objectives):
     killed = write_recipe(tmp_path / "killed.yaml", **common, train={**train, "output_dir": "killed"})
     env = run_env(tmp_path)
 
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(straight), "--no_progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(["--config", str(straight), "--no_progress"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Checkpoint:" in proc.stdout and "Loss curves:" in proc.stdout
 
     script = tmp_path / "kill_after_save.py"
     script.write_text(_KILL_AFTER_SAVE)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(n), "--config", str(killed), "--no_progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script([str(n), "--config", str(killed), "--no_progress"], tmp_path, env, script=script)
     assert proc.returncode == -9, proc.stderr[-3000:]
     checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert checkpoints == [f"checkpoint-{n:08d}"]
 
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(killed), "--resume", "--no_progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(["--config", str(killed), "--resume", "--no_progress"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Resumed from killed/checkpoints/checkpoint-{n:08d} at step {n}" in proc.stdout
 
@@ -327,14 +315,7 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
     script = tmp_path / "nan.py"
     script.write_text(_NAN_AT_STEPS)
     env = run_env(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, str(script), "2", "--config", str(recipe), "--no_progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(["2", "--config", str(recipe), "--no_progress"], tmp_path, env, script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Step 1: non-finite loss (nan); skipping the update (1 in a row, 1 in total)" in proc.stderr
     history = train_history(tmp_path / "run", 4)
@@ -344,24 +325,12 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
 
     # The same command again without --resume would mix two runs in one folder: refused, nothing touched.
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(["--config", str(recipe), "--no_progress"], tmp_path, env)
     assert proc.returncode == 2 and "already holds a run (newest checkpoint checkpoint-00000004)" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
-    proc = subprocess.run(
-        [sys.executable, str(script), "all", "--config", str(recipe), "--no_progress", "train.output_dir=diverged"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_script(
+        ["all", "--config", str(recipe), "--no_progress", "train.output_dir=diverged"], tmp_path, env, script=script
     )
     assert proc.returncode == 2  # a user-facing stop: one clear message, no traceback
     assert "error: 3 consecutive steps (up to step 0) had a non-finite loss" in proc.stderr
@@ -370,14 +339,7 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(tmp_path):
 
 @pytest.mark.slow
 def test_cli_reports_bad_overrides(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "train.max_step=3"],
-        cwd=tmp_path,
-        env=run_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script(["train.max_step=3"], tmp_path, run_env(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert "Did you mean 'train.max_steps'?" in proc.stderr
 
@@ -400,26 +362,12 @@ def test_cli_errors_are_one_clear_line_before_any_model_is_built(tmp_path):
         ([], "data.valid_manifests"),
         (["data.train_manifests=[/nonexistent.jsonl]"], "data.train_manifests"),
     ):
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), "--config", str(recipe), *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = run_script(["--config", str(recipe), *args], tmp_path, env, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"error: {field}: path" in proc.stderr and "does not exist" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "run").exists()  # refused before anything was written
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(recipe), "--debug"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script(["--config", str(recipe), "--debug"], tmp_path, env, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "MissingPathError" in proc.stderr
 
 
@@ -446,14 +394,7 @@ def test_cli_starts_once_and_says_which_precision_it_chose(tmp_path):
     )
     env = run_env(tmp_path)
     env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(recipe), "--no_progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(["--config", str(recipe), "--no_progress"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert starts.read_text().splitlines() == ["-"], "the command restarted itself or set GLIBC_TUNABLES"
     precision, why = resolve_mixed_precision("auto", torch.device("cpu"))
