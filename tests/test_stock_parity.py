@@ -60,3 +60,17 @@ def test_outputs_and_gradients_match_the_earlier_code(case):
             assert max(grad.abs().max(), expected[name].abs().max()) < 1e-5 * scale, f"gradient of {name} not ~0"
         else:
             _close(grad, expected[name], f"gradient of {name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_module_with_weights_runs_as_a_module(case):
+    """Forward hooks see every layer that owns a parameter (no weight used through F.* behind its module's back):
+    hooks, quantisation and PEFT adapters rely on it."""
+    reference = load_file(FIXTURES / case / "reference.safetensors")
+    model = ConformerSslForCTC.from_pretrained(FIXTURES / case).train()
+    owners = {name: module for name, module in model.named_modules() if any(True for _ in module.parameters(False))}
+    called = set()
+    for name, module in owners.items():
+        module.register_forward_hook(lambda m, i, o, name=name: called.add(name))
+    model(reference["input_features"], attention_mask=reference["attention_mask"], labels=reference["labels"])
+    assert sorted(set(owners) - called) == []
