@@ -52,3 +52,8 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> tuple[str, st
         return setting, "set in the recipe"
     native, why = hardware_bf16(device)
     return ("bf16", f"auto: {why}") if native else ("no", f"auto: fp32, {why}")
+
+
+def describe(precision: str, why: str) -> str:
+    """The log line of a run's precision, e.g. "mixed precision: bf16 (auto: this CPU has AVX512-BF16)"."""
+    return f"mixed precision: {'fp32' if precision == 'no' else precision} ({why})"

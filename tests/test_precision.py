@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 
 from hf_ssl_speech.errors import ConfigError
 from hf_ssl_speech.finetune.run import apply_mixed_precision
-from hf_ssl_speech.precision import hardware_bf16, resolve_mixed_precision
+from hf_ssl_speech.precision import describe, hardware_bf16, resolve_mixed_precision
 
 CPU = torch.device("cpu")
 
@@ -51,3 +51,8 @@ def test_finetuning_sets_training_arguments_from_auto(tmp_path):
         apply_mixed_precision(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"), "fp16")
     with pytest.raises(ConfigError, match="finetune.mixed_precision='fp8' is invalid"):
         apply_mixed_precision(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"), "fp8")
+
+
+def test_the_log_line_names_fp32_and_the_reason():
+    assert describe("no", "auto: fp32, no bf16 units") == "mixed precision: fp32 (auto: fp32, no bf16 units)"
+    assert describe("bf16", "set in the recipe") == "mixed precision: bf16 (set in the recipe)"

@@ -375,7 +375,7 @@ def test_cli_errors_are_one_clear_line_before_any_model_is_built(tmp_path):
 def test_cli_starts_once_and_says_which_precision_it_chose(tmp_path):
     """The default path: one interpreter start (no re-exec to tune malloc, nothing set for child processes), and
     the log names the precision `train.mixed_precision: auto` chose and why."""
-    from hf_ssl_speech.precision import resolve_mixed_precision
+    from hf_ssl_speech.precision import describe, resolve_mixed_precision
 
     manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
     recipe = write_recipe(
@@ -398,8 +398,7 @@ def test_cli_starts_once_and_says_which_precision_it_chose(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert starts.read_text().splitlines() == ["-"], "the command restarted itself or set GLIBC_TUNABLES"
     precision, why = resolve_mixed_precision("auto", torch.device("cpu"))
-    shown = "fp32" if precision == "no" else precision
-    assert f"mixed precision: {shown} ({why})" in proc.stdout + proc.stderr
+    assert describe(precision, why) in proc.stdout + proc.stderr
 
 
 def test_tune_malloc_is_applied_in_process():

@@ -19,7 +19,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from ..errors import ConfigError, UserError
-from ..precision import resolve_mixed_precision
+from ..precision import describe, resolve_mixed_precision
 from .args import DataArguments, FinetuneArguments, ModelArguments
 from .collators import ClassificationCollator, CtcCollator
 from .ctc import drop_infeasible_ctc, make_ctc_compute_metrics, split_ctc_feasible
@@ -94,7 +94,7 @@ def apply_mixed_precision(training_args: TrainingArguments, setting: str) -> str
             )
         training_args.bf16, training_args.fp16 = precision == "bf16", precision == "fp16"
         training_args.mixed_precision = precision  # what Trainer hands to accelerate
-    logger.info("mixed precision: %s (%s)", "fp32" if precision == "no" else precision, why)
+    logger.info(describe(precision, why))
     return precision
 
 

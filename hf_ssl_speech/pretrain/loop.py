@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
-from ..precision import launch_device, resolve_mixed_precision
+from ..precision import describe, launch_device, resolve_mixed_precision
 from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
@@ -246,7 +246,7 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
     )
-    accelerator.print(f"mixed precision: {'fp32' if precision == 'no' else precision} ({why})")
+    accelerator.print(describe(precision, why))
     if precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate turns fp16 autocast and its gradient scaler on for accelerators only: on the CPU the run
         # would silently stay fp32 while its logs said fp16.
