@@ -109,6 +109,8 @@ def coerce(value: Any, annotation: Any, key: str, error: type[ConfigError] = Con
     elif annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes / off / on as a bool (mixed_precision: no)
+            return "yes" if value else "no"
     elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         if isinstance(value, annotation):
             return value

@@ -48,6 +48,15 @@ def test_overrides_are_typed_and_coerced():
     assert config.objectives["apc"] == {"weight": 2.0, "start_step": 0, "layer": -1}
 
 
+def test_a_bare_yaml_no_is_the_string_no_for_a_string_field(tmp_path):
+    """YAML 1.1 reads `no` as False; `train.mixed_precision: no` (or the override) still means the string "no"."""
+    assert load_recipe(base=BASE, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "train:\n  mixed_precision: no\n")
+    assert load_recipe(path).train.mixed_precision == "no"
+    assert load_recipe(base=BASE).train.mixed_precision == "auto"
+
+
 def test_objective_can_be_removed_by_override():
     recipe = load_recipe(
         base={**BASE, "objectives": {"bestrq": {}, "reconstruction": {"weight": 0.5}}},
