@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import autocast, count_flops, matmul_peak_gflops  # noqa: E402
+from bench_pretrain import TUNED_MALLOC, autocast, count_flops, matmul_peak_gflops  # noqa: E402
 
 SYSTEMS = ("ours_conformer", "w2v2_conformer", "ours_fastconformer", "parakeet")
 PAIRS = (("ours_conformer", "w2v2_conformer"), ("ours_fastconformer", "parakeet"))
-TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=137438953472"
 
 
 def build(system: str, args: argparse.Namespace):
