@@ -65,18 +65,19 @@ def build_arpa(texts: Iterable[str], out_path: str | Path, order: int = 3) -> Pa
         out_path: the ARPA file to write (its folder is created).
         order: n-gram order, 2..6.
     """
-    home = irstlm_home()
-    if home is None:
-        raise LmError(
-            "building an n-gram LM needs irstlm: install it with `apt-get install irstlm` (Debian/Ubuntu) or set "
-            f"${IRSTLM_ENV} to its folder; any ARPA file (KenLM lmplz, SRILM) can be used instead"
-        )
     if not 2 <= order <= 6:
         raise LmError(f"order={order}: an n-gram LM order must be between 2 and 6 (3 is usual for small corpora)")
     lines = [normalize_transcript(t) for t in texts]
     lines = [line for line in lines if line]
     if len(lines) < 10:
         raise LmError(f"build_arpa: {len(lines)} non-empty sentences after normalisation; an LM needs at least 10")
+    # The request is checked first: a bad one is refused the same way with or without irstlm installed.
+    home = irstlm_home()
+    if home is None:
+        raise LmError(
+            "building an n-gram LM needs irstlm: install it with `apt-get install irstlm` (Debian/Ubuntu) or set "
+            f"${IRSTLM_ENV} to its folder; any ARPA file (KenLM lmplz, SRILM) can be used instead"
+        )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, IRSTLM_ENV: str(home)}
