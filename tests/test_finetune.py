@@ -418,7 +418,8 @@ def test_results_table_curves_and_card(tmp_path):
 # ------------------------------------------------------------------------------------------ push to the Hub
 @pytest.mark.slow
 def test_push_to_hub_uploads_model_processor_code_and_card(tmp_path):
-    hub_server = pytest.importorskip("hub_server", reason="tests/hub_server.py (loopback Hub) not available")
+    import hub_server  # tests/hub_server.py: the loopback Hub
+
     manifest = write_tone_corpus(tmp_path / "data", count=4, seed=4)
     with hub_server.HubServer() as hub:
         env = {**os.environ, **hub.env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -486,11 +487,10 @@ def test_push_to_hub_uploads_model_processor_code_and_card(tmp_path):
 @pytest.mark.slow
 def test_overfit_on_demo_corpus_speech(tmp_path):
     """Real (espeak) speech: 8 short demo-corpus utterances, overfit to CER <= 0.15. Minutes of CPU."""
-    demo = pytest.importorskip("hf_ssl_speech.synthetic.corpus")
-    try:
-        demo.make_demo_corpus(tmp_path / "demo", minutes=1.5, seed=0, engines=["espeak"], num_workers=1, progress=False)
-    except demo.DemoCorpusError as error:
-        pytest.skip(f"demo corpus unavailable: {error}")
+    import hf_ssl_speech.synthetic.corpus as demo
+
+    # espeak comes from espeakng-loader, a declared dependency ([demo]): a broken install fails here, never skips.
+    demo.make_demo_corpus(tmp_path / "demo", minutes=1.5, seed=0, engines=["espeak"], num_workers=1, progress=False)
     rows = [
         json.loads(line)
         for split in ("pretrain", "finetune", "test")
@@ -590,36 +590,84 @@ def test_a_fresh_run_takes_an_empty_or_missing_folder_and_resume_continues(tmp_p
     check_output_dir(TrainingArguments(output_dir=str(tmp_path / "used"), resume_from_checkpoint="x"))
 
 
-def test_without_manifests_the_demo_corpus_is_made_and_used(tmp_path):
+def test_without_manifests_the_demo_corpus_is_made_and_used_and_its_test_split_is_read_only_at_the_end(
+    tmp_path, monkeypatch
+):
+    """The demo selects (best checkpoint, early stopping) on its valid split; its test split is read once, at the end.
+
+    Every manifest opened where `ManifestSource` reads it (`hf_ssl_speech.data.sources`), every clip decoded for a
+    batch (`finetune.rows.decode_example`) and the return of `CtcTrainer.train` is logged in order.
+    """
     demo = pytest.importorskip("hf_ssl_speech.synthetic.corpus")
     try:
         demo.check_espeak()
     except demo.EspeakError as error:
         pytest.skip(f"espeak unavailable: {error}")
+    from hf_ssl_speech.data import sources
+    from hf_ssl_speech.finetune import rows as rows_module
+    from hf_ssl_speech.finetune.trainers import CtcTrainer
+
+    events: list[tuple[str, str]] = []
+    real_open, real_decode, real_train = open, rows_module.decode_example, CtcTrainer.train
+
+    def logged_open(path, *args, **kwargs):
+        events.append(("open", Path(path).name))
+        return real_open(path, *args, **kwargs)
+
+    def logged_decode(raw, *args, **kwargs):
+        events.append(("decode", Path(raw.audio).name))
+        return real_decode(raw, *args, **kwargs)
+
+    def logged_train(self, *args, **kwargs):
+        output = real_train(self, *args, **kwargs)
+        events.append(("train_end", ""))
+        return output
+
+    monkeypatch.setattr(sources, "open", logged_open, raising=False)
+    monkeypatch.setattr(rows_module, "decode_example", logged_decode)
+    monkeypatch.setattr(CtcTrainer, "train", logged_train)
     folder = tmp_path / "demo"
     result = load_script("finetune_ctc").main(
         [
             *tiny_scratch_args(),
             f"demo_corpus_dir={folder}",
-            "demo_minutes=0.3",
+            "demo_minutes=0.5",
             "--output_dir",
             str(tmp_path / "o"),
             "--use_cpu",
             "--max_steps",
-            "1",
+            "2",
             "--per_device_train_batch_size",
             "2",
-            "--save_strategy",
-            "no",
             "--eval_strategy",
-            "no",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+            "--load_best_model_at_end",
+            "--metric_for_best_model",
+            "cer",
+            "early_stopping_patience=3",
+            "--dataloader_num_workers",
+            "0",
             "--disable_tqdm",
             "true",
         ]
     )
-    assert (folder / "finetune.jsonl").is_file() and (folder / "test.jsonl").is_file()
-    assert set(result.results) == {"test"} and result.results["test"]["utterances"] >= 1
-    # The demo fine-tunes on its pretrain + finetune splits (its transcribed minutes; test stays held out).
+    assert set(result.results) == {"valid", "test"} and result.results["test"]["utterances"] >= 1
+    assert result.summary["selected_on"] == "valid"
+    end = events.index(("train_end", ""))
+    test_reads = [i for i, (kind, name) in enumerate(events) if name == "test.jsonl" or name.startswith("test-")]
+    valid_decodes = [i for i, (kind, name) in enumerate(events) if kind == "decode" and name.startswith("valid-")]
+    assert test_reads and min(test_reads) > end, events  # nothing of test before training ended, and read after
+    assert events.count(("open", "test.jsonl")) == 1  # indexed once
+    assert valid_decodes and min(valid_decodes) < end  # the evaluations during training were on valid
+    history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_cer" in entry] == [1, 2]
+    # The demo fine-tunes on its pretrain + finetune splits (its transcribed minutes; valid and test held out).
     lines = sum(len((folder / f"{split}.jsonl").read_text().splitlines()) for split in ("pretrain", "finetune"))
     assert result.summary["train_utterances"] == lines
 
