@@ -6,17 +6,24 @@
 With no `--config` it runs the packaged tiny NEST recipe (`hf_ssl_speech/presets/recipes/tiny_nest.yaml`, the
 same file as configs/pretrain/tiny_nest.yaml, so it works from any folder): it builds the demo corpus in
 `./demo_corpus` if it is missing, pretrains for a few CPU minutes and prints where the checkpoint and the
-loss-curve plot are. A bad recipe, a missing manifest or an output folder that holds another run ends the
-command with one `error:` line and exit status 2 (`--debug` shows the traceback).
+loss-curve plot are (`<train.output_dir>/model` always links to the newest checkpoint's model). A bad recipe, a missing manifest or an output folder that holds another run ends the
+command with one `error:` line and exit status 2 (`--debug` shows the traceback). SIGTERM, SIGUSR1 or SIGINT
+end it after the current optimiser step with a checkpoint and exit status 75 (`PREEMPTED_EXIT_CODE`; a second
+signal stops at once); `--resume` continues.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import run_command
-from .recipe import DEFAULT_RECIPE, check_recipe_paths, load_recipe
+from ..preemption import PREEMPTED_EXIT_CODE, preempted_message
+from .recipe import DEFAULT_RECIPE, Recipe, check_recipe_paths, load_recipe
+
+if TYPE_CHECKING:
+    from .loop import PretrainResult
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,21 +77,37 @@ def main(argv: list[str]) -> int:
 
     result = pretrain(recipe, resume=args.resume, progress=not args.no_progress)
     if PartialState().is_main_process:
+        _report(result, recipe)
+    return PREEMPTED_EXIT_CODE if result.stopped_by not in (None, "max_minutes") else 0
+
+
+def _report(result: PretrainResult, recipe: Recipe) -> None:
+    """The summary: first how the run ended (a time cap or a signal is said first), then where things are."""
+    t = recipe.train
+    model = result.output_dir / "model"  # the stable link to the newest checkpoint's model
+    if result.stopped_by == "max_minutes":
+        print(
+            f"\nStopped by train.max_minutes={t.max_minutes} after {result.step} of {t.max_steps} optimiser steps "
+            f"in {result.output_dir}: continue with the same command and --resume (or raise train.max_minutes)."
+        )
+    elif result.stopped_by is not None:
+        print("\n" + preempted_message(result.step, result.checkpoint, result.stopped_by))
+    else:
         print(f"\nDone: {result.step} optimiser steps in {result.output_dir}.")
-        if result.checkpoint is not None:
-            print(f"Checkpoint:   {result.checkpoint}   (model: {result.checkpoint / 'model'})")
-        if result.plot is not None:
-            print(f"Loss curves:  {result.plot}")
-        if recipe.train.report_to == "tensorboard":
-            print(f"TensorBoard:  tensorboard --logdir {result.output_dir / 'tensorboard'}")
-        if result.valid_metrics:
-            print("Validation:   " + ", ".join(f"{k} {v:.4g}" for k, v in result.valid_metrics.items() if "loss" in k))
-        print(f"Data:         {result.data_summary}")
-        if result.hub_url:
-            print(f"Pushed:       {result.hub_url}")
-        if result.checkpoint is not None:
-            print(f"Load it:      import hf_ssl_speech; AutoModel.from_pretrained('{result.checkpoint / 'model'}')")
-    return 0
+    if result.checkpoint is not None:
+        print(f"Checkpoint:   {result.checkpoint}   (model: {model} -> {result.checkpoint / 'model'})")
+    if result.plot is not None:
+        print(f"Loss curves:  {result.plot}")
+    if t.report_to == "tensorboard":
+        print(f"TensorBoard:  tensorboard --logdir {result.output_dir / 'tensorboard'}")
+    if result.valid_metrics:
+        print("Validation:   " + ", ".join(f"{k} {v:.4g}" for k, v in result.valid_metrics.items() if "loss" in k))
+    print(f"Data:         {result.data_summary}")
+    if result.hub_url:
+        print(f"Pushed:       {result.hub_url}")
+    if result.checkpoint is not None:
+        where = model if model.is_dir() else result.checkpoint / "model"
+        print(f"Load it:      import hf_ssl_speech; AutoModel.from_pretrained('{where}')")
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..interop.hub import push_checkpoint, write_model_card
 from ..modeling_conformer_ssl import ConformerSslForPreTraining
 from ..precision import describe, launch_device, resolve_mixed_precision
+from ..preemption import StopRequest
 from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
@@ -57,6 +59,7 @@ class PretrainResult:
     train_metrics: dict[str, float] = field(default_factory=dict)
     valid_metrics: dict[str, float] = field(default_factory=dict)
     data_counts: dict[str, Any] = field(default_factory=dict)  # training examples read and skipped, all processes
+    stopped_by: str | None = None  # before max_steps: "max_minutes", or the stop signal's name (e.g. "SIGTERM")
 
     @property
     def data_summary(self) -> str:
@@ -211,40 +214,87 @@ def _flat_hparams(recipe: Recipe) -> dict[str, Any]:
 def _resume_path(resume: bool | str | Path, checkpoints: CheckpointManager) -> Path | None:
     if resume is False or resume is None:
         return None
-    if resume is True:
-        latest = checkpoints.latest()
+    if resume is True:  # the newest checkpoint that passes the checks (a torn one falls back, with a warning)
+        latest = checkpoints.latest_usable()
         if latest is None:
             logger.warning("--resume: no complete checkpoint under %s; starting from scratch", checkpoints.root)
         return latest
-    return Path(resume)
+    return checkpoints.check_usable(Path(resume))
 
 
-def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool = True) -> PretrainResult:
-    """Run (or continue) the pretraining described by `recipe`; call from every process of `accelerate launch`.
+@dataclass
+class Run:
+    """Everything `setup` builds once, and the counters the steps move on."""
 
-    Args:
-        recipe: the validated recipe (`recipe.load_recipe`).
-        resume: False: fresh run; True: continue from the newest complete checkpoint in `train.output_dir`;
-            a path: continue from that checkpoint folder.
-        progress: show the tqdm bar (main process only).
-    """
-    t, o, d = recipe.train, recipe.optim, recipe.data
-    out_dir = Path(t.output_dir)
-    # Checked by every process before any writes (no process writes until all have joined the Accelerator).
-    check_recipe_paths(recipe)
-    check_output_dir(out_dir, resume)
-    if t.tune_malloc:  # before the model's first large allocation
-        keep_freed_memory()
-    config = model_config(recipe)
-    unused = unused_parameter_reasons(config)
+    recipe: Recipe
+    accelerator: Accelerator
+    precision: str
+    model: torch.nn.Module  # prepared (DDP-wrapped, or FSDP-sharded)
+    optimizer: Any
+    scheduler: Any
+    extractor: ConformerSslFeatureExtractor
+    generator: torch.Generator  # this process's masks, negatives, noise and dither
+    train_loader: Any
+    valid_loader: Any
+    checkpoints: CheckpointManager
+    metrics: MetricsLogger
+    guard: NonFiniteGuard
+    tracker: LossTracker
+    code_usage: CodeUsage
+    compiled: Any = None
+    sharded: tuple[Any, Any] | None = None  # (model, optimiser) of an FSDP run
+    step: int = 0
+    audio_seconds_total: float = 0.0
+    resumed_from: Path | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.recipe.train.output_dir)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @cached_property
+    def unwrapped(self) -> ConformerSslForPreTraining:
+        return self.accelerator.unwrap_model(self.model)
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes."""
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), "sum")
+
+
+@dataclass
+class StepOutcome:
+    """One optimiser step: whether it was applied, and what the log line reports of it."""
+
+    finite: bool
+    temperature: float
+    decay: float
+    grad_norm: float
+
+
+@dataclass
+class Interval:
+    """Throughput between two log lines; validation and checkpoints are not counted."""
+
+    start: float
+    wait: float = 0.0  # seconds spent waiting for batches
+    audio: float = 0.0  # audio seconds trained on (all processes)
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _make_accelerator(recipe: Recipe, find_unused: bool) -> tuple[Accelerator, str]:
+    """The Accelerator for the recipe's precision and tracker; refuses the settings it would silently ignore."""
+    t = recipe.train
     precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
-        project_dir=str(out_dir),
+        project_dir=str(t.output_dir),
         # One scheduler step per optimiser step: by default accelerate steps it once per process.
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
     )
     accelerator.print(describe(precision, why))
     if precision == "fp16" and accelerator.device.type == "cpu":
@@ -264,11 +314,25 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
                 "without --use_deepspeed for sharding (or train.grad_accum=1 to try DeepSpeed at your own risk)"
             )
         logger.warning("accelerate's DeepSpeed plugin: this loop has not been run under DeepSpeed (docs/scaling.md)")
+    if t.fsdp and accelerator.num_processes == 1:
+        logger.warning("train.fsdp=true with one process: nothing to shard, the run is a plain single-process run")
+    return accelerator, precision
+
+
+def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
+    """Accelerator, model, optimiser, schedule, data and bookkeeping; restored from a checkpoint when resuming."""
+    t, o, d = recipe.train, recipe.optim, recipe.data
+    out_dir = Path(t.output_dir)
+    # Checked by every process before any writes (no process writes until all have joined the Accelerator).
+    check_recipe_paths(recipe)
+    check_output_dir(out_dir, resume)
+    if t.tune_malloc:  # before the model's first large allocation
+        keep_freed_memory()
+    config = model_config(recipe)
+    unused = unused_parameter_reasons(config)
+    accelerator, precision = _make_accelerator(recipe, find_unused=bool(unused))
     rank, world = accelerator.process_index, accelerator.num_processes
     fsdp = t.fsdp and world > 1
-    if t.fsdp and world == 1:
-        logger.warning("train.fsdp=true with one process: nothing to shard, the run is a plain single-process run")
-    reduce = lambda t_: accelerator.reduce(t_.to(accelerator.device), "sum")  # noqa: E731
 
     # --- model, feature extractor, optimiser, schedule. Same initial weights on every process.
     if unused and world > 1 and not fsdp:
@@ -285,7 +349,6 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
         scheduler = accelerator.prepare(scheduler)
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    sharded = (model, optimizer) if fsdp else None
     # Per-process randomness: dropout uses the global RNG; masks, negatives, noise and dither the generator.
     set_seed(t.seed + 1 + rank)
     generator = torch.Generator(device=accelerator.device).manual_seed(1_000_003 * (t.seed + 1) + rank)
@@ -304,203 +367,301 @@ def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool =
     valid_loader = (
         build_dataloader(d.valid_manifests, None, **{**loader_args, "shuffle": False}) if d.valid_manifests else None
     )
-
-    # --- bookkeeping, and the state to continue from
-    checkpoints = CheckpointManager(out_dir, t.keep_last)
-    metrics = MetricsLogger(accelerator.log if t.report_to != "none" else None)
-    guard, tracker, code_usage = NonFiniteGuard(t.max_nonfinite), LossTracker(), CodeUsage()
-    unwrapped = accelerator.unwrap_model(model)
-    has_teacher = hasattr(unwrapped, "teacher")
-    step, audio_seconds_total = 0, 0.0
-    start = _resume_path(resume, checkpoints)
+    run = Run(
+        recipe,
+        accelerator,
+        precision,
+        model,
+        optimizer,
+        scheduler,
+        extractor,
+        generator,
+        train_loader,
+        valid_loader,
+        CheckpointManager(out_dir, t.keep_last),
+        MetricsLogger(accelerator.log if t.report_to != "none" else None),
+        NonFiniteGuard(t.max_nonfinite),
+        LossTracker(),
+        CodeUsage(),
+        compiled,
+        (model, optimizer) if fsdp else None,
+    )
+    start = _resume_path(resume, run.checkpoints)
     if start is not None:
-        state, rank_state = CheckpointManager.load(start, accelerator, sharded)
-        step, audio_seconds_total = int(state["step"]), float(state.get("audio_seconds_total", 0.0))
-        metrics.load_state_dict(state["metrics"])
-        guard.load_state_dict(state["guard"])
-        generator.set_state(rank_state["generator"])
-        train_loader.load_state_dict(rank_state["data"])
-        tracker.load_state_dict(rank_state["tracker"])
-        code_usage.load_state_dict(rank_state.get("code_usage", {}))
-        accelerator.print(f"Resumed from {start} at step {step}")
+        _restore(run, start)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out_dir / "recipe.yaml")
     if t.report_to != "none":
         accelerator.init_trackers("tensorboard", config=_flat_hparams(recipe))
+    return run
 
-    def save(step: int) -> Path:
-        def finish(folder: Path) -> None:  # main process, inside the temporary folder, before the rename
-            metrics.plot(folder / "loss_curves.png", title=f"{out_dir.name}: step {step}")
-            summary = {
-                "optimiser steps": step,
-                "audio hours seen": audio_seconds_total / 3600,
-                "processes": world,
-                **{k: v for k, v in latest_metrics.items() if "loss" in k},
-            }
-            write_model_card(folder / "model", t.push_to_hub or out_dir.name, summary, recipe_yaml=_recipe_yaml())
 
-        trainer_state = {
-            "audio_seconds_total": audio_seconds_total,
-            "metrics": metrics.state_dict(),
-            "guard": guard.state_dict(),
-            "recipe": recipe.to_dict(),
+def _restore(run: Run, start: Path) -> None:
+    """Continue exactly where checkpoint `start` stopped: every state the next step reads."""
+    state, rank_state = CheckpointManager.load(start, run.accelerator, run.sharded)
+    run.step, run.audio_seconds_total = int(state["step"]), float(state.get("audio_seconds_total", 0.0))
+    run.metrics.load_state_dict(state["metrics"])
+    run.guard.load_state_dict(state["guard"])
+    run.generator.set_state(rank_state["generator"])
+    run.train_loader.load_state_dict(rank_state["data"])
+    run.tracker.load_state_dict(rank_state["tracker"])
+    run.code_usage.load_state_dict(rank_state.get("code_usage", {}))
+    run.resumed_from = start
+    run.accelerator.print(f"Resumed from {start} at step {run.step}")
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def train_step(run: Run, batches: Iterator[dict[str, Any]], interval: Interval) -> StepOutcome:
+    """One optimiser step: `train.grad_accum` micro-batches, clip, non-finite guard, AdamW, schedule, EMA teacher."""
+    recipe, accelerator, model = run.recipe, run.accelerator, run.model
+    t, o = recipe.train, recipe.optim
+    fsdp = run.sharded is not None
+    temperature = gumbel_temperature(
+        run.step, o.gumbel_temperature_start, o.gumbel_temperature_end, o.gumbel_temperature_decay
+    )
+    finite = True
+    teacher_statistics: dict[str, torch.Tensor] = {}  # summed over this step's micro-batches
+    for micro in range(t.grad_accum):
+        before = time.monotonic()
+        batch = next(batches)
+        interval.wait += time.monotonic() - before
+        inputs = featurise(batch, run.extractor, accelerator.device, recipe, run.generator, train=True)
+        # DDP all-reduces (FSDP reduce-scatters) gradients in the backward of the last micro-batch only.
+        last = micro == t.grad_accum - 1
+        sync = contextlib.nullcontext() if last or fsdp else accelerator.no_sync(model)
+        if fsdp:  # FSDP2's no_sync: no reduce-scatter on accumulation micro-batches
+            model.set_requires_gradient_sync(last)
+        with sync:
+            with accelerator.autocast():
+                out = model(**inputs, gumbel_temperature=temperature, step=run.step, generator=run.generator)
+            sums, counts, micro_metrics = _objective_totals(out, batch["audio_seconds"], run.reduce, run.world)
+            loss_value = sum(out.loss_weights[n] * float(sums[n]) / max(float(counts[n]), 1.0) for n in sums)
+            if not math.isfinite(loss_value):  # identical on every process: all skip together
+                finite = False
+                continue
+            accelerator.backward(backward_loss(out.loss_sums, counts, out.loss_weights, run.world, t.grad_accum))
+        interval.audio += micro_metrics.pop("audio_seconds")
+        run.tracker.update(sums, counts, micro_metrics, out.loss_weights)
+        run.code_usage.update(out.code_counts)
+        for key, value in (out.teacher_statistics or {}).items():
+            teacher_statistics[key] = teacher_statistics.get(key, 0) + value
+
+    grad_norm = float("nan")
+    if finite:
+        max_norm = o.clip if o.clip > 0 else float("inf")
+        if fsdp:
+            grad_norm = sharding.clip_grad_norm(list(model.parameters()), max_norm)
+        else:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        # fp16: an overflow is the GradScaler's business (it skips the step and lowers the scale).
+        if not math.isfinite(grad_norm) and run.precision != "fp16":
+            finite = run.guard.ok(grad_norm, run.step, "gradient norm")
+        else:
+            run.guard.ok(0.0, run.step)  # resets the streak
+    else:
+        run.guard.ok(float("nan"), run.step, "loss")
+    decay = ema_decay(run.step, o.ema_decay_start, o.ema_decay_end, o.ema_anneal_steps)
+    if finite:
+        run.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            run.scheduler.step()
+            if hasattr(run.unwrapped, "teacher"):  # every process applies the same update (statistics summed)
+                run.unwrapped.update_teacher(decay, {k: run.reduce(v) for k, v in teacher_statistics.items()})
+        run.step += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(finite, temperature, decay, grad_norm)
+
+
+def log_train(run: Run, outcome: StepOutcome, interval: Interval) -> dict[str, float]:
+    """The training metrics since the last log line (global over processes), to TensorBoard and the history."""
+    elapsed = time.monotonic() - interval.start
+    latest = {
+        **run.tracker.compute(),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": outcome.grad_norm,
+        "gumbel_temperature": outcome.temperature,
+        "audio_seconds_per_s": interval.audio / elapsed,
+        "data_wait_fraction": interval.wait / elapsed,
+        "skipped_steps": run.guard.total_skipped,
+        **({"ema_decay": outcome.decay} if hasattr(run.unwrapped, "teacher") else {}),
+        **run.code_usage.compute(run.reduce if run.world > 1 else None),
+        **(run.compiled.metrics() if run.compiled else {}),
+    }
+    run.audio_seconds_total += interval.audio
+    run.metrics.log(run.step, latest, "train")
+    run.tracker.reset()
+    run.code_usage.reset()
+    return latest
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Run, latest_metrics: dict[str, float]) -> Path:
+    """A complete checkpoint of this step (all processes call it); the run's `model` link then points at it."""
+    recipe, out_dir, step = run.recipe, run.out_dir, run.step
+    recipe_file = out_dir / "recipe.yaml"
+
+    def finish(folder: Path) -> None:  # main process, inside the temporary folder, before the rename
+        run.metrics.plot(folder / "loss_curves.png", title=f"{out_dir.name}: step {step}")
+        summary = {
+            "optimiser steps": step,
+            "audio hours seen": run.audio_seconds_total / 3600,
+            "processes": run.world,
+            **{k: v for k, v in latest_metrics.items() if "loss" in k},
         }
-        rank_state = {
-            "generator": generator.get_state(),
-            "data": train_loader.state_dict(),
-            "tracker": tracker.state_dict(),
-            "code_usage": code_usage.state_dict(),
-        }
-        return checkpoints.save(
-            step, accelerator, model, trainer_state, rank_state, extractor, before_rename=finish, sharded=sharded
-        )
+        card_yaml = recipe_file.read_text() if recipe_file.is_file() else ""
+        write_model_card(folder / "model", recipe.train.push_to_hub or out_dir.name, summary, recipe_yaml=card_yaml)
 
-    def _recipe_yaml() -> str:
-        return (out_dir / "recipe.yaml").read_text() if (out_dir / "recipe.yaml").is_file() else ""
+    trainer_state = {
+        "audio_seconds_total": run.audio_seconds_total,
+        "metrics": run.metrics.state_dict(),
+        "guard": run.guard.state_dict(),
+        "recipe": recipe.to_dict(),
+    }
+    rank_state = {
+        "generator": run.generator.get_state(),
+        "data": run.train_loader.state_dict(),
+        "tracker": run.tracker.state_dict(),
+        "code_usage": run.code_usage.state_dict(),
+    }
+    return run.checkpoints.save(
+        step,
+        run.accelerator,
+        run.model,
+        trainer_state,
+        rank_state,
+        run.extractor,
+        before_rename=finish,
+        sharded=run.sharded,
+    )
 
-    # --- the loop
-    batches = forever(train_loader)
+
+# ---------------------------------------------------------------------------------------------- the run
+def pretrain(recipe: Recipe, resume: bool | str | Path = False, progress: bool = True) -> PretrainResult:
+    """Run (or continue) the pretraining described by `recipe`; call from every process of `accelerate launch`.
+
+    Args:
+        recipe: the validated recipe (`recipe.load_recipe`).
+        resume: False: fresh run; True: continue from the newest usable checkpoint in `train.output_dir`;
+            a path: continue from that checkpoint folder.
+        progress: show the tqdm bar (main process only).
+
+    SIGTERM, SIGUSR1 or SIGINT end the run after the current optimiser step, with a checkpoint; the result's
+    `stopped_by` says so (the CLI then exits with `PREEMPTED_EXIT_CODE`).
+    """
+    with StopRequest() as stop:
+        run = setup(recipe, resume)
+        return _train(run, stop, progress)
+
+
+def _train(run: Run, stop: StopRequest, progress: bool) -> PretrainResult:
+    """The loop: steps, log lines, validation, checkpoints, until max_steps, max_minutes or a stop signal."""
+    t, accelerator = run.recipe.train, run.accelerator
+    batches = forever(run.train_loader)
     latest_metrics: dict[str, float] = {}
     valid_metrics: dict[str, float] = {}
-    last_saved = step if start is not None else None
+    last_saved = run.step if run.resumed_from is not None else None
+    stopped_by: str | None = None
     bar = tqdm(
         total=t.max_steps,
-        initial=step,
+        initial=run.step,
         disable=not (progress and accelerator.is_local_main_process),
         dynamic_ncols=True,
         desc="pretrain",
     )
-    started = interval_start = time.monotonic()
-    wait_time, interval_audio, grad_norm = 0.0, 0.0, float("nan")
-    model.train()
-    while step < t.max_steps:
-        temperature = gumbel_temperature(
-            step, o.gumbel_temperature_start, o.gumbel_temperature_end, o.gumbel_temperature_decay
-        )
-        finite = True
-        teacher_statistics: dict[str, torch.Tensor] = {}  # summed over this step's micro-batches
-        for micro in range(t.grad_accum):
-            before = time.monotonic()
-            batch = next(batches)
-            wait_time += time.monotonic() - before
-            inputs = featurise(batch, extractor, accelerator.device, recipe, generator, train=True)
-            # DDP all-reduces (FSDP reduce-scatters) gradients in the backward of the last micro-batch only.
-            last = micro == t.grad_accum - 1
-            sync = contextlib.nullcontext() if last or fsdp else accelerator.no_sync(model)
-            if fsdp:  # FSDP2's no_sync: no reduce-scatter on accumulation micro-batches
-                model.set_requires_gradient_sync(last)
-            with sync:
-                with accelerator.autocast():
-                    out = model(**inputs, gumbel_temperature=temperature, step=step, generator=generator)
-                sums, counts, micro_metrics = _objective_totals(out, batch["audio_seconds"], reduce, world)
-                loss_value = sum(out.loss_weights[n] * float(sums[n]) / max(float(counts[n]), 1.0) for n in sums)
-                if not math.isfinite(loss_value):  # identical on every process: all skip together
-                    finite = False
-                    continue
-                accelerator.backward(backward_loss(out.loss_sums, counts, out.loss_weights, world, t.grad_accum))
-            interval_audio += micro_metrics.pop("audio_seconds")
-            tracker.update(sums, counts, micro_metrics, out.loss_weights)
-            code_usage.update(out.code_counts)
-            for key, value in (out.teacher_statistics or {}).items():
-                teacher_statistics[key] = teacher_statistics.get(key, 0) + value
-        if finite:
-            max_norm = o.clip if o.clip > 0 else float("inf")
-            if fsdp:
-                grad_norm = sharding.clip_grad_norm(list(model.parameters()), max_norm)
-            else:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-            # fp16: an overflow is the GradScaler's business (it skips the step and lowers the scale).
-            if not math.isfinite(grad_norm) and precision != "fp16":
-                finite = guard.ok(grad_norm, step, "gradient norm")
-            else:
-                guard.ok(0.0, step)  # resets the streak
-        else:
-            guard.ok(float("nan"), step, "loss")
-        decay = ema_decay(step, o.ema_decay_start, o.ema_decay_end, o.ema_anneal_steps)
-        if finite:
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-                if has_teacher:  # every process applies the same update: statistics summed over processes
-                    unwrapped.update_teacher(decay, {k: reduce(v) for k, v in teacher_statistics.items()})
-            step += 1
-            bar.update(1)
-        optimizer.zero_grad(set_to_none=True)
-
-        if finite and step % t.log_steps == 0:
-            elapsed = time.monotonic() - interval_start
-            latest_metrics = {
-                **tracker.compute(),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "gumbel_temperature": temperature,
-                "audio_seconds_per_s": interval_audio / elapsed,
-                "data_wait_fraction": wait_time / elapsed,
-                "skipped_steps": guard.total_skipped,
-                **({"ema_decay": decay} if has_teacher else {}),
-                **code_usage.compute(reduce if world > 1 else None),
-                **(compiled.metrics() if compiled else {}),
-            }
-            audio_seconds_total += interval_audio
-            metrics.log(step, latest_metrics, "train")
+    started = time.monotonic()
+    interval = Interval(started)
+    run.model.train()
+    while run.step < t.max_steps:
+        outcome = train_step(run, batches, interval)
+        bar.update(int(outcome.finite))
+        if outcome.finite and run.step % t.log_steps == 0:
+            latest_metrics = log_train(run, outcome, interval)
             bar.set_postfix(
                 loss=f"{latest_metrics.get('loss', float('nan')):.3f}",
                 lr=f"{latest_metrics['lr']:.2e}",
                 audio_s_per_s=f"{latest_metrics['audio_seconds_per_s']:.1f}",
                 wait=f"{latest_metrics['data_wait_fraction']:.0%}",
             )
-            tracker.reset()
-            code_usage.reset()
-            interval_start, wait_time, interval_audio = time.monotonic(), 0.0, 0.0
-        out_of_time = t.max_minutes is not None and _any_process(
-            accelerator, time.monotonic() - started > 60 * t.max_minutes
+            interval = Interval(time.monotonic())
+        # Every process stops at the same step: wall clocks and signals differ between processes.
+        out_of_time, preempted = _any_process(
+            accelerator, t.max_minutes is not None and time.monotonic() - started > 60 * t.max_minutes, stop.received
         )
-        done = step >= t.max_steps or out_of_time
+        done = run.step >= t.max_steps or out_of_time or preempted
         paused = time.monotonic()  # validation and checkpoints do not count in the training throughput
-        if finite and valid_loader is not None and (step % t.eval_steps == 0 or done):
-            valid_metrics = evaluate(model, valid_loader, extractor, accelerator, recipe, temperature)
-            metrics.log(step, valid_metrics, "valid")
+        if outcome.finite and run.valid_loader is not None and (run.step % t.eval_steps == 0 or done):
+            valid_metrics = evaluate(
+                run.model, run.valid_loader, run.extractor, accelerator, run.recipe, outcome.temperature
+            )
+            run.metrics.log(run.step, valid_metrics, "valid")
             accelerator.print(
-                f"step {step}: valid "
+                f"step {run.step}: valid "
                 + ", ".join(f"{k} {v:.4g}" for k, v in valid_metrics.items() if k.startswith("loss"))
             )
-        if finite and (step % t.save_steps == 0 or done) and last_saved != step:
-            save(step)
-            last_saved = step
-        interval_start += time.monotonic() - paused
+        if (outcome.finite or done) and (run.step % t.save_steps == 0 or done) and last_saved != run.step:
+            save_checkpoint(run, latest_metrics)
+            last_saved = run.step
+        interval.start += time.monotonic() - paused
+        if preempted:
+            stopped_by = stop.received or "a signal to another process"
+            break
         if out_of_time:
-            accelerator.print(f"train.max_minutes={t.max_minutes} reached at step {step}: stopping.")
+            stopped_by = "max_minutes"
             break
     bar.close()
+    return _finish(run, last_saved, stopped_by, latest_metrics, valid_metrics)
 
-    # --- the end: final plot next to the run, optional push, trackers closed
-    final = checkpoints.path_for(last_saved) if last_saved is not None else checkpoints.latest()
-    data_counts = BadExampleCounter.merge(gather_object([train_loader.counter.state_dict()]))
-    plot = metrics.plot(out_dir / "loss_curves.png", title=out_dir.name) if accelerator.is_main_process else None
+
+def _finish(
+    run: Run,
+    last_saved: int | None,
+    stopped_by: str | None,
+    latest_metrics: dict[str, float],
+    valid_metrics: dict[str, float],
+) -> PretrainResult:
+    """The end: data counts, the final plot next to the run, the optional push, trackers closed."""
+    accelerator, t = run.accelerator, run.recipe.train
+    final = run.checkpoints.path_for(last_saved) if last_saved is not None else run.checkpoints.latest()
+    data_counts = BadExampleCounter.merge(gather_object([run.train_loader.counter.state_dict()]))
+    main = accelerator.is_main_process
+    plot = run.metrics.plot(run.out_dir / "loss_curves.png", title=run.out_dir.name) if main else None
     hub_url = None
-    if t.push_to_hub and final is not None and accelerator.is_main_process:
+    if t.push_to_hub and final is not None and main and stopped_by is None:
         hub_url = push_checkpoint(
             final / "model",
             t.push_to_hub,
             private=t.hub_private,
-            commit_message=f"Pretrained {step} steps ({recipe_name(recipe)})",
+            commit_message=f"Pretrained {run.step} steps ({recipe_name(run.recipe)})",
         )
         accelerator.print(f"Pushed {final / 'model'} to {hub_url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return PretrainResult(out_dir, step, final, plot, hub_url, latest_metrics, valid_metrics, data_counts)
+    return PretrainResult(
+        run.out_dir, run.step, final, plot, hub_url, latest_metrics, valid_metrics, data_counts, stopped_by
+    )
 
 
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """True if `flag` is True on any process (wall-clock limits differ slightly between processes)."""
+def _any_process(accelerator: Accelerator, *flags: object) -> tuple[bool, ...]:
+    """Each flag: True if it is set on any process (one all-reduce for all of them)."""
+    local = [bool(flag) for flag in flags]
     if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
+        return tuple(local)
+    total = accelerator.reduce(torch.tensor([float(f) for f in local], device=accelerator.device), "sum")
+    return tuple(bool(v > 0) for v in total.tolist())
 
 
 def recipe_name(recipe: Recipe) -> str:
     return ", ".join(recipe.objectives) or "no objectives"
 
 
-__all__ = ["PretrainResult", "evaluate", "featurise", "pretrain", "unused_parameter_reasons"]
+__all__ = [
+    "PretrainResult",
+    "Run",
+    "evaluate",
+    "featurise",
+    "pretrain",
+    "setup",
+    "train_step",
+    "unused_parameter_reasons",
+]
