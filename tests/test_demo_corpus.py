@@ -195,7 +195,7 @@ def test_corpus_files_are_16k_mono_pcm16_matching_the_manifests(corpus):
             total += row["duration"]
             listed.add(path.name)
         # a split reaches its target and overshoots by less than its last utterance
-        target = 60 * MINUTES * {"test": 0.25, "finetune": 0.25, "pretrain": 0.5}[split]
+        target = 60 * MINUTES * {"test": 0.25, "valid": 0.1, "finetune": 0.25, "pretrain": 0.4}[split]
         assert target <= total < target + rows[-1]["duration"]
         assert summary["splits"][split]["minutes"] == pytest.approx(total / 60, abs=1e-3)
         assert summary["splits"][split]["utterances"] == len(rows)
@@ -218,6 +218,48 @@ def test_test_talkers_never_appear_in_pretrain_or_finetune(corpus):
     assert not {r["audio_filepath"] for r in _manifest(folder, "pretrain")} & {
         r["audio_filepath"] for r in _manifest(folder, "finetune")
     }
+
+
+def test_valid_talkers_are_held_out_apart_from_test_and_training(corpus):
+    folder, summary = corpus
+    valid_rows, test_rows = _manifest(folder, "valid"), _manifest(folder, "test")
+    train_rows = _manifest(folder, "pretrain") + _manifest(folder, "finetune")
+    assert valid_rows and {r["voice"] for r in valid_rows} <= set(summary["valid_voices"])
+    assert set(summary["valid_voices"]) == {v for v in dc.DEFAULT_VALID_VOICES if v.startswith("espeak:")}
+    assert not set(summary["valid_voices"]) & (set(summary["test_voices"]) | set(summary["train_voices"]))
+    for other in (test_rows, train_rows):
+        assert not {r["speaker"] for r in valid_rows} & {r["speaker"] for r in other}
+    assert summary["splits"]["valid"]["utterances"] == len(valid_rows)
+
+
+def test_valid_and_test_talkers_must_differ():
+    voices = [
+        dc.BaseVoice("espeak", "m1", "m1"),
+        dc.BaseVoice("espeak", "m3", "m3"),
+        dc.BaseVoice("flite", "slt", "slt"),
+        dc.BaseVoice("festival", "us-slt-hts", "slt"),
+    ]
+    train, valid, test = dc.hold_out_voices(voices, ["flite:slt"], ["espeak:m3"])
+    assert [v.id for v in (*train, *valid, *test)] == ["espeak:m1", "espeak:m3", "flite:slt", "festival:us-slt-hts"]
+    assert [v.id for v in valid] == ["espeak:m3"]
+    with pytest.raises(dc.DemoCorpusError, match=r"valid_voices=\['festival:us-slt-hts'\].*share a talker"):
+        dc.hold_out_voices(voices, ["flite:slt"], ["festival:us-slt-hts"])
+    # the defaults skip a validation voice that the caller chose for test
+    assert "espeak:m3" not in [v.id for v in dc.hold_out_voices(voices, ["espeak:m3"], None)[1]]
+
+
+def test_a_demo_corpus_made_before_the_valid_split_is_rebuilt_on_use(tmp_path, capsys):
+    old = tmp_path / "old"
+    summary = dc.make_demo_corpus(old, 0.3, seed=0, valid_fraction=0.0, progress=False, num_workers=2)
+    assert "valid_fraction" not in summary["params"] and not (old / "valid.jsonl").exists()  # the old format
+    dc.ensure_demo_corpus(old, minutes=0.3)
+    assert "rebuilding it" in capsys.readouterr().out
+    assert _manifest(old, "valid") and dc._read_summary(old)["params"]["valid_fraction"] == 0.1
+    # a corpus made there with other parameters is still refused, naming them
+    other = tmp_path / "other"
+    dc.make_demo_corpus(other, 0.3, seed=0, engines=["espeak"], valid_fraction=0.0, progress=False, num_workers=2)
+    with pytest.raises(dc.DemoCorpusError, match=r"different parameters \['engines', 'valid_fraction'\]"):
+        dc.ensure_demo_corpus(other, minutes=0.3)
 
 
 def test_many_speakers_even_in_a_small_corpus(corpus):
@@ -306,6 +348,7 @@ def test_recorded_voices_join_when_installed(tmp_path):
         engines=["espeak", "flite"],
         voices=["espeak:m1", "espeak:f3", "flite:slt", "flite:rms"],
         test_voices=["flite:rms"],
+        valid_fraction=0.0,  # none of the default validation voices is among these four
         recorded_share=1.0,
         progress=False,
         num_workers=2,

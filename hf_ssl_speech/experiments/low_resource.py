@@ -372,6 +372,7 @@ def stage_corpus(config: ExperimentConfig, out: Path) -> dict[str, Any]:
             finetune_fraction=1.0 if split == "finetune" else 0.0,
             test_fraction=1.0 if split == "test" else 0.0,
             test_voices=voices[part] if split == "test" else [],
+            valid_fraction=0.0,  # each part is one split; the experiment holds out its own valid talkers
             engines=c.engines,
             voices=voices[part],
             speakers_per_voice=c.labeled_speakers_per_voice if part == "labeled" else c.speakers_per_voice,

@@ -165,14 +165,15 @@ def decode_rows(
 def resolve_manifests(
     data_args: DataArguments,
     demo_train: Sequence[str] = ("finetune",),
-    demo_eval: Sequence[str] = ("test",),
+    demo_eval: Sequence[str] = ("valid",),
 ) -> tuple[list[str], list[str]]:
     """(train, eval) manifests: the given ones (checked to exist), or splits of the demo corpus (made if missing,
     in the folder pretraining's demo uses too).
 
     Args:
         demo_train / demo_eval: the demo splits to train and evaluate on when no train manifests are given
-            (CTC: finetune / test; the eval split is used only when no eval manifests are given).
+            (CTC: finetune / valid, the split it selects and early-stops on; the eval split is used only when no
+            eval manifests are given). The demo's test split is `demo_test_manifests`, read after training.
     """
     if data_args.train_manifests:
         check_paths(data_args.train_manifests, "train_manifests")
@@ -183,3 +184,14 @@ def resolve_manifests(
     check_paths(data_args.eval_manifests, "eval_manifests")
     eval_manifests = list(data_args.eval_manifests) or [str(folder / f"{split}.jsonl") for split in demo_eval]
     return [str(folder / f"{split}.jsonl") for split in demo_train], eval_manifests
+
+
+def demo_test_manifests(data_args: DataArguments, demo_test: Sequence[str] = ("test",)) -> list[str]:
+    """The demo splits evaluated once, after training (never for selection): [] when train manifests are given.
+
+    Paths only; the files are not opened here, so a run reads them first at its end. Call after
+    `resolve_manifests`, which makes the demo corpus.
+    """
+    if data_args.train_manifests:
+        return []
+    return [str(Path(data_args.demo_corpus_dir) / f"{split}.jsonl") for split in demo_test]

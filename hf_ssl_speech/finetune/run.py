@@ -2,15 +2,16 @@
 
 `scripts/finetune_ctc.py` and `scripts/finetune_classification.py` parse their arguments and call these; the
 low-resource experiment calls `run_ctc` for every one of its fine-tuning runs. Both end the same way
-(`_train_and_report`): train with the stock `Trainer`, save, evaluate each eval set, write `results.md` /
-`results.json` and `training_curves.png`, and push when asked.
+(`_train_and_report`): train with the stock `Trainer`, save, evaluate each eval set (and then the test sets,
+indexed only now: on the demo corpus, checkpoints are chosen on its valid split and its test split is read
+once, here), write `results.md` / `results.json` and `training_curves.png`, and push when asked.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from .model_init import (
 )
 from .optim import build_optimizer, set_encoder_trainable, train_time_options
 from .report import ctc_model_card, plot_training_curves, push_folder, write_results
-from .rows import eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
+from .rows import demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
 from .text import build_processor
 from .trainers import CtcTrainer, SslTrainer, classification_accuracy
 
@@ -126,11 +127,14 @@ def _train_and_report(
     push_to_hub: bool,
     summary_extra: Mapping[str, Any],
     model_card: Any = None,
+    load_test_sets: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
 ) -> FinetuneResult:
     """Train (or resume), save, evaluate each eval set, write the results and curves, push when asked.
 
     Args:
         model_card: called with (results, summary) to give README.md's text, or None for no card.
+        load_test_sets: called once after training to index the test sets, evaluated after the eval sets. Kept
+            out of `eval_sets` so that nothing chosen during training (best checkpoint, early stop) sees them.
     """
     args = trainer.args
     output_dir = Path(args.output_dir)
@@ -143,8 +147,9 @@ def _train_and_report(
     trainer.save_model()
     trainer.save_state()
     trainer.remove_callback(EarlyStoppingCallback)  # the final evaluations are per eval set, not for stopping
+    test_sets = load_test_sets() if load_test_sets is not None else {}
     results = {}
-    for name, rows in eval_sets.items():
+    for name, rows in {**eval_sets, **test_sets}.items():
         if rows:
             metrics = trainer.evaluate(rows_to_dataset(rows, augment=False), metric_key_prefix=name)
             results[name] = {
@@ -158,6 +163,8 @@ def _train_and_report(
         "train_seconds": round(train_seconds, 1),
         "train_loss": round(train_result.training_loss, 4),
         **({"early_stopped": stopped} if stopped else {}),
+        # what the best checkpoint and early stopping were chosen on; test sets were read only after training
+        **({"selected_on": ", ".join(eval_sets)} if args.load_best_model_at_end and eval_sets else {}),
         **summary_extra,
     }
     repo_id = args.hub_model_id or output_dir.name
@@ -206,9 +213,12 @@ def run_ctc(
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
 
     # --- data: metadata rows only; audio is decoded by the collator
-    # The demo fine-tunes on all ~18 transcribed minutes of the demo corpus (pretrain + finetune splits): its
-    # finetune split alone (~40 utterances) is overfitted within the first evaluations.
+    # The demo fine-tunes on all ~16 transcribed minutes of the demo corpus (pretrain + finetune splits): its
+    # finetune split alone (~35 utterances) is overfitted within the first evaluations. It selects and early-stops
+    # on the valid split (held-out talkers) and reads the test split (other held-out talkers) once, at the end.
     train_manifests, eval_manifests = resolve_manifests(data_args, demo_train=("pretrain", "finetune"))
+    test_manifests = demo_test_manifests(data_args)
+    set_names = eval_set_names(eval_manifests + test_manifests)
     train_rows, _ = manifest_rows(
         train_manifests,
         data_args.min_duration,
@@ -216,10 +226,11 @@ def run_ctc(
         require_text=True,
         limit=data_args.max_train_samples,
     )
-    eval_sets = {
-        name: manifest_rows([manifest], data_args.min_duration, None, True, None, data_args.max_eval_samples)[0]
-        for name, manifest in zip(eval_set_names(eval_manifests), eval_manifests)
-    }
+
+    def eval_rows_of(manifest: str) -> list[dict[str, Any]]:
+        return manifest_rows([manifest], data_args.min_duration, None, True, None, data_args.max_eval_samples)[0]
+
+    eval_sets = {name: eval_rows_of(manifest) for name, manifest in zip(set_names, eval_manifests)}
     eval_rows = [row for rows in eval_sets.values() for row in rows]
     _disable_eval_without_data(training_args, bool(eval_rows))
 
@@ -240,15 +251,24 @@ def run_ctc(
     if require_complete_encoder and report is not None and not report.encoder_complete:
         raise UserError(f"the encoder of {model_args.model_name_or_path} did not load completely: {report}")
     train_rows = drop_infeasible_ctc(train_rows, tokenizer, model.config, "training data")
-    for name, rows in eval_sets.items():
-        infeasible = split_ctc_feasible(rows, tokenizer, model.config)[1]
-        if infeasible:
-            logger.warning(
-                "eval set %s: %d of %d transcripts cannot fit the CTC output (errors guaranteed)",
-                name,
-                len(infeasible),
-                len(rows),
-            )
+
+    def warn_infeasible(sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        for name, rows in sets.items():
+            infeasible = split_ctc_feasible(rows, tokenizer, model.config)[1]
+            if infeasible:
+                logger.warning(
+                    "eval set %s: %d of %d transcripts cannot fit the CTC output (errors guaranteed)",
+                    name,
+                    len(infeasible),
+                    len(rows),
+                )
+
+    def load_test_sets() -> dict[str, list[dict[str, Any]]]:
+        test_sets = {name: eval_rows_of(m) for name, m in zip(set_names[len(eval_manifests) :], test_manifests)}
+        warn_infeasible(test_sets)
+        return test_sets
+
+    warn_infeasible(eval_sets)
     if finetune_args.freeze_encoder:
         set_encoder_trainable(model, False)
 
@@ -274,7 +294,9 @@ def run_ctc(
         "vocabulary": len(tokenizer),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    result = _train_and_report(trainer, eval_sets, ("wer", "cer"), finetune_args, push_to_hub, extra, card)
+    result = _train_and_report(
+        trainer, eval_sets, ("wer", "cer"), finetune_args, push_to_hub, extra, card, load_test_sets
+    )
     result.load_report = report
     return result
 

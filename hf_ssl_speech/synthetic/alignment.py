@@ -101,9 +101,13 @@ def demo_corpus_of(manifest: str | os.PathLike) -> CorpusPlans | None:
             f"{corpus.FORMAT_VERSION}; rebuild the corpus (scripts/make_demo_corpus.py) to get phone labels"
         )
     voices = corpus.resolve_voices(params["engines"], params["voices"])
-    train_voices, test_voices = corpus.split_voices(voices, params["test_voices"])
-    if [v.id for v in train_voices] != summary.get("train_voices") or [v.id for v in test_voices] != summary.get(
-        "test_voices"
+    # a corpus without a validation split has no valid_fraction in its params: no validation talkers
+    valid_ids = params.get("valid_voices") if params.get("valid_fraction") else []
+    train_voices, valid_voices, test_voices = corpus.hold_out_voices(voices, params["test_voices"], valid_ids)
+    if (
+        [v.id for v in train_voices] != summary.get("train_voices")
+        or [v.id for v in test_voices] != summary.get("test_voices")
+        or [v.id for v in valid_voices] != summary.get("valid_voices", [])
     ):
         raise AlignmentError(
             f"{folder}: the corpus was made with voices {summary.get('train_voices')} + {summary.get('test_voices')}, "
@@ -115,6 +119,8 @@ def demo_corpus_of(manifest: str | os.PathLike) -> CorpusPlans | None:
     test_speakers = corpus.build_speakers(test_voices, per_voice)
     babble = [s for s in train_speakers if s.voice.engine == "espeak"] or train_speakers
     speakers = {"test": test_speakers, "finetune": train_speakers, "pretrain": train_speakers}
+    if valid_voices:
+        speakers["valid"] = corpus.build_speakers(valid_voices, per_voice)
     return CorpusPlans(folder, params, speakers, babble, SentenceGenerator())
 
 

@@ -5,6 +5,7 @@
     out_dir/audio/<id>.wav        16 kHz mono PCM16
     out_dir/pretrain.jsonl        NeMo manifests: audio_filepath (relative to out_dir), duration, text,
     out_dir/finetune.jsonl                        speaker, voice
+    out_dir/valid.jsonl
     out_dir/test.jsonl
     out_dir/summary.json          parameters, minutes / speakers / voices per split, engines, wall time
 
@@ -21,9 +22,12 @@ at 16 kHz), which scales every formant like a shorter or longer vocal tract. Spe
 derived from the voice and the speaker's index; the roster does not depend on the corpus seed.
 
 Splits. Whole talkers are held out for the test split (`test_voices`): none of their speakers appears in
-pretrain or finetune, so test WER measures unseen talkers. Voices of different engines built from the same
-person (flite slt and festival us-slt-hts, flite kal16 and festival kallpc16k) are held out together.
-pretrain and finetune are disjoint utterance sets over the same training talkers.
+pretrain or finetune, so test WER measures unseen talkers. Other whole talkers are held out for the validation
+split (`valid_voices`), which fine-tuning selects its checkpoint and early-stops on: choosing on test would make
+test WER an optimistic, selected figure. Validation talkers are neither test nor training talkers. Voices of
+different engines built from the same person (flite slt and festival us-slt-hts, flite kal16 and festival
+kallpc16k) are held out together. pretrain and finetune are disjoint utterance sets over the same training
+talkers.
 
 Determinism. Every utterance is decided in the parent process from its own generator seeded by
 (seed, split, index): speaker, text, jitter, padding, gain, noise. Workers only render, each utterance in a
@@ -46,7 +50,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +64,9 @@ from .sentences import SentenceGenerator
 
 SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
-SPLITS = ("test", "finetune", "pretrain")  # generation order: the small splits first
-_SPLIT_CODES = {"test": 1, "finetune": 2, "pretrain": 3}
+SPLITS = ("test", "valid", "finetune", "pretrain")  # generation order: the small splits first
+# valid has a code of its own (4): adding it left the seeds, hence the plans, of the other splits unchanged
+_SPLIT_CODES = {"test": 1, "finetune": 2, "pretrain": 3, "valid": 4}
 _MEAN_UTTERANCE_S = 6.8  # measured mean utterance length with the default sentence mix (sizes batches)
 _MARKER = ".demo_corpus"  # written first: a folder holding it may be regenerated over
 _ROSTER_SEED = 20240917  # fixes the speaker roster independently of the corpus seed
@@ -147,6 +152,16 @@ DEFAULT_TEST_VOICES: tuple[str, ...] = (
     "espeak:steph",
     "flite:rms",
     "festival:kdlpc16k",
+)
+# Held out for validation by default, mirroring the test set's mix: two female, one male and one klatt espeak
+# talker, one recorded male per engine; none shares a talker with DEFAULT_TEST_VOICES.
+DEFAULT_VALID_VOICES: tuple[str, ...] = (
+    "espeak:f4",
+    "espeak:m3",
+    "espeak:klatt4",
+    "espeak:belinda",
+    "flite:awb",
+    "festival:don",
 )
 NOISE_TYPES = ("white", "pink", "babble")
 
@@ -305,20 +320,47 @@ def split_voices(voices: Sequence[BaseVoice], test_voices: Sequence[str] | None)
         voices: the available base voices (`resolve_voices`).
         test_voices: voice ids to hold out; None = `DEFAULT_TEST_VOICES` that are available.
     """
-    by_id = {v.id: v for v in voices}
-    if test_voices is None:
-        chosen = [by_id[v] for v in DEFAULT_TEST_VOICES if v in by_id]
-    else:
-        missing = [v for v in test_voices if v not in by_id]
-        if missing:
-            raise DemoCorpusError(
-                f"test_voices={list(test_voices)}: {missing} not available; choose from {sorted(by_id)}"
-            )
-        chosen = [by_id[v] for v in test_voices]
-    held_out = {v.talker for v in chosen}
-    test = [v for v in voices if v.talker in held_out]
-    train = [v for v in voices if v.talker not in held_out]
+    train, _, test = hold_out_voices(voices, test_voices, [])
     return train, test
+
+
+def hold_out_voices(
+    voices: Sequence[BaseVoice], test_voices: Sequence[str] | None, valid_voices: Sequence[str] | None
+) -> tuple[list[BaseVoice], list[BaseVoice], list[BaseVoice]]:
+    """(train, valid, test) voices: whole talkers are held out for test and, disjoint from them, for validation.
+
+    Args:
+        voices: the available base voices (`resolve_voices`).
+        test_voices: voice ids held out for test; None = `DEFAULT_TEST_VOICES` that are available.
+        valid_voices: voice ids held out for validation; None = `DEFAULT_VALID_VOICES` that are available and
+            share no talker with a test voice; [] = no validation talkers.
+    """
+    by_id = {v.id: v for v in voices}
+
+    def chosen(ids: Sequence[str], field: str) -> list[BaseVoice]:
+        missing = [v for v in ids if v not in by_id]
+        if missing:
+            raise DemoCorpusError(f"{field}={list(ids)}: {missing} not available; choose from {sorted(by_id)}")
+        return [by_id[v] for v in ids]
+
+    test = chosen([v for v in DEFAULT_TEST_VOICES if v in by_id] if test_voices is None else test_voices, "test_voices")
+    test_talkers = {v.talker for v in test}
+    if valid_voices is None:
+        valid = [by_id[v] for v in DEFAULT_VALID_VOICES if v in by_id and by_id[v].talker not in test_talkers]
+    else:
+        valid = chosen(valid_voices, "valid_voices")
+        shared = [v.id for v in valid if v.talker in test_talkers]
+        if shared:
+            raise DemoCorpusError(
+                f"valid_voices={list(valid_voices)}: {shared} share a talker with the test voices "
+                f"{[v.id for v in test]}; validation and test talkers must differ, choose other valid_voices"
+            )
+    valid_talkers = {v.talker for v in valid}
+    return (
+        [v for v in voices if v.talker not in test_talkers | valid_talkers],
+        [v for v in voices if v.talker in valid_talkers],
+        [v for v in voices if v.talker in test_talkers],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -715,6 +757,8 @@ def make_demo_corpus(
     finetune_fraction: float = 0.2,
     test_fraction: float = 0.1,
     test_voices: Sequence[str] | None = None,
+    valid_fraction: float = 0.1,
+    valid_voices: Sequence[str] | None = None,
     engines: str | Sequence[str] = "auto",
     voices: Sequence[str] | None = None,
     speakers_per_voice: int = 3,
@@ -737,6 +781,10 @@ def make_demo_corpus(
             gets the rest. pretrain and finetune never share an utterance.
         test_voices: voice ids held out for the test split (with every voice of the same talker); None =
             `DEFAULT_TEST_VOICES` that are available.
+        valid_fraction: share of `minutes` for valid.jsonl, spoken by other held-out talkers (`valid_voices`);
+            0 = no validation split (no valid.jsonl, and the parameters of a corpus made before it existed).
+        valid_voices: voice ids held out for validation (with every voice of the same talker), none of a test
+            talker; None = `DEFAULT_VALID_VOICES` that are available and not test talkers.
         engines: "auto" (espeak + installed recorded engines) or a list from `ENGINES`.
         voices: optional subset of voice ids to use at all (see `resolve_voices`).
         speakers_per_voice: pseudo-speakers made from each base voice.
@@ -753,10 +801,11 @@ def make_demo_corpus(
     out_path = Path(out_dir)
     if not minutes > 0:
         raise DemoCorpusError(f"minutes={minutes}: must be > 0")
-    if not (0 <= finetune_fraction <= 1 and 0 <= test_fraction <= 1 and finetune_fraction + test_fraction <= 1):
+    fractions = (finetune_fraction, test_fraction, valid_fraction)
+    if not (all(0 <= f <= 1 for f in fractions) and sum(fractions) <= 1 + 1e-9):
         raise DemoCorpusError(
-            f"finetune_fraction={finetune_fraction}, test_fraction={test_fraction}: each must be in [0, 1] and "
-            "their sum at most 1"
+            f"finetune_fraction={finetune_fraction}, test_fraction={test_fraction}, valid_fraction={valid_fraction}: "
+            "each must be in [0, 1] and their sum at most 1 (pass valid_fraction=0 for no validation split)"
         )
     if speakers_per_voice < 1:
         raise DemoCorpusError(f"speakers_per_voice={speakers_per_voice}: must be >= 1")
@@ -788,41 +837,57 @@ def make_demo_corpus(
         "sample_rate": SAMPLE_RATE,
         "text_source": "grammar",
     }
-    existing = _existing_folder(out_path, params, overwrite, _CORPUS_FOLDER)
+    # Recorded only with a validation split, so a corpus without one keeps the parameters it had before the split
+    # existed (the low-resource experiment's parts are reused, not rebuilt or refused).
+    if valid_fraction > 0:
+        params["valid_fraction"] = float(valid_fraction)
+        params["valid_voices"] = None if valid_voices is None else list(valid_voices)
+    splits = tuple(s for s in SPLITS if s != "valid" or valid_fraction > 0)
+    existing = _existing_folder(out_path, params, overwrite, replace(_CORPUS_FOLDER, splits=splits))
     if existing is not None:
         return existing  # reusing needs no synthesiser
 
     all_voices = resolve_voices(engines, voices)
-    train_voices, test_voice_list = split_voices(all_voices, test_voices)
+    train_voices, valid_voice_list, test_voice_list = hold_out_voices(
+        all_voices, test_voices, valid_voices if valid_fraction > 0 else []
+    )
     targets = {
         "test": 60.0 * minutes * test_fraction,
+        "valid": 60.0 * minutes * valid_fraction,
         "finetune": 60.0 * minutes * finetune_fraction,
-        "pretrain": 60.0 * minutes * (1.0 - test_fraction - finetune_fraction),
+        "pretrain": 60.0 * minutes * max(0.0, 1.0 - test_fraction - valid_fraction - finetune_fraction),
     }
     if targets["test"] > 0 and not test_voice_list:
         raise DemoCorpusError("test_fraction > 0 but no test voice is available; pass test_voices or test_fraction=0")
+    if targets["valid"] > 0 and not valid_voice_list:
+        raise DemoCorpusError(
+            f"valid_fraction={valid_fraction} but no validation voice is available (valid_voices={valid_voices}); "
+            "pass valid_voices (not test talkers) or valid_fraction=0"
+        )
     if targets["pretrain"] + targets["finetune"] > 0 and not train_voices:
         raise DemoCorpusError(
-            f"test_voices={test_voices}: every available voice is held out, none is left for pretrain/finetune"
+            f"test_voices={test_voices}, valid_voices={valid_voices}: every available voice is held out, none is "
+            "left for pretrain/finetune"
         )
     train_speakers = build_speakers(train_voices, speakers_per_voice)
+    valid_speakers = build_speakers(valid_voice_list, speakers_per_voice)
     test_speakers = build_speakers(test_voice_list, speakers_per_voice)
+    split_speakers = {"test": test_speakers, "valid": valid_speakers}
     babble_speakers = [s for s in train_speakers if s.voice.engine == "espeak"] or train_speakers
     generator = SentenceGenerator()
     workers = num_workers or _default_workers()
-    _clear_folder(out_path, overwrite, _CORPUS_FOLDER)
+    _clear_folder(out_path, overwrite, _CORPUS_FOLDER)  # every split's manifest, valid.jsonl of an earlier one too
 
     bar = tqdm(total=round(sum(targets.values())), unit="s", desc="demo corpus (audio seconds)", disable=not progress)
     pool = _pool_context().Pool(workers) if workers > 1 else None
     records: dict[str, list[dict]] = {}
     try:
-        for split in SPLITS:
-            speakers = test_speakers if split == "test" else train_speakers
+        for split in splits:
             records[split] = _render_split(
                 split,
                 targets[split],
                 seed,
-                speakers,
+                split_speakers.get(split, train_speakers),
                 babble_speakers,
                 generator,
                 params,
@@ -838,7 +903,7 @@ def make_demo_corpus(
         bar.close()
 
     noise_counts: dict[str, int] = {}
-    for split in SPLITS:
+    for split in splits:
         for record in records[split]:
             kind = record.pop("_noise")
             if kind is not None:
@@ -846,10 +911,12 @@ def make_demo_corpus(
         _write_atomic(out_path / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records[split]))
 
     summary = _summarize(records, params, all_voices, train_voices, test_voice_list, noise_counts)
-    used = {r["speaker"] for split in SPLITS for r in records[split]}
+    if valid_fraction > 0:
+        summary["valid_voices"] = [v.id for v in valid_voice_list]
+    used = {r["speaker"] for split in splits for r in records[split]}
     summary["speaker_params"] = {
         s.id: {k: v for k, v in asdict(s).items() if k not in ("id", "voice")} | {"voice": s.voice.id}
-        for s in train_speakers + test_speakers
+        for s in train_speakers + valid_speakers + test_speakers
         if s.id in used
     }
     summary["workers"] = workers
@@ -901,8 +968,9 @@ def _render_split(split, target_s, seed, speakers, babble_speakers, generator, p
 
 
 def _summarize(records, params, all_voices, train_voices, test_voices, noise_counts) -> dict:
+    made = tuple(records)  # the splits made: valid only with a validation split
     splits = {}
-    for split in SPLITS:
+    for split in made:
         rows = records[split]
         splits[split] = {
             "utterances": len(rows),
@@ -912,19 +980,19 @@ def _summarize(records, params, all_voices, train_voices, test_voices, noise_cou
         }
     engines = sorted({v.engine for v in all_voices}, key=ENGINES.index)
     engine_seconds = {e: 0.0 for e in engines}
-    for split in SPLITS:
+    for split in made:
         for r in records[split]:
             engine_seconds[r["voice"].split(":", 1)[0]] += r["duration"]
-    words = {w for split in SPLITS for r in records[split] for w in r["text"].split()}
+    words = {w for split in made for r in records[split] for w in r["text"].split()}
     return {
         "params": params,
         "engines": engines,
         "sample_rate": SAMPLE_RATE,
         "splits": splits,
-        "minutes": {s: splits[s]["minutes"] for s in SPLITS},
-        "total_minutes": round(sum(splits[s]["minutes"] for s in SPLITS), 3),
+        "minutes": {s: splits[s]["minutes"] for s in made},
+        "total_minutes": round(sum(splits[s]["minutes"] for s in made), 3),
         "engine_minutes": {e: round(sec / 60.0, 3) for e, sec in engine_seconds.items()},
-        "num_speakers": len({sp for s in SPLITS for sp in splits[s]["speakers"]}),
+        "num_speakers": len({sp for s in made for sp in splits[s]["speakers"]}),
         "train_voices": [v.id for v in train_voices],
         "test_voices": [v.id for v in test_voices],
         "noise": noise_counts,
@@ -949,6 +1017,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--finetune-fraction", type=float, default=0.2)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--test-voices", nargs="+", default=None, help="voice ids held out, e.g. espeak:f2 flite:rms")
+    parser.add_argument("--valid-fraction", type=float, default=0.1, help="0 = no validation split")
+    parser.add_argument(
+        "--valid-voices", nargs="+", default=None, help="voice ids held out for validation (not test talkers)"
+    )
     parser.add_argument("--engines", nargs="+", default=["auto"], help=f"'auto' or some of {ENGINES}")
     parser.add_argument("--voices", nargs="+", default=None, help="restrict to these voice ids")
     parser.add_argument("--speakers-per-voice", type=int, default=3)
@@ -966,8 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     engines = "auto" if args.engines == ["auto"] else args.engines
     try:
         if args.list_voices:
-            train, test = split_voices(resolve_voices(engines, args.voices), args.test_voices)
+            train, valid, test = hold_out_voices(
+                resolve_voices(engines, args.voices), args.test_voices, args.valid_voices
+            )
             print("train voices:", " ".join(v.id for v in train))
+            print("valid voices:", " ".join(v.id for v in valid))
             print("test voices: ", " ".join(v.id for v in test))
             return 0
         summary = make_demo_corpus(
@@ -977,6 +1052,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finetune_fraction=args.finetune_fraction,
             test_fraction=args.test_fraction,
             test_voices=args.test_voices,
+            valid_fraction=args.valid_fraction,
+            valid_voices=args.valid_voices,
             engines=engines,
             voices=args.voices,
             speakers_per_voice=args.speakers_per_voice,
@@ -996,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.out}: {summary['total_minutes']:.1f} min, {summary['num_speakers']} speakers, "
         f"engines {'+'.join(summary['engines'])}, wall {summary.get('wall_time_s', 0)} s"
     )
-    for split in SPLITS:
+    for split in (s for s in SPLITS if s in splits):
         s = splits[split]
         print(f"  {split:9s} {s['minutes']:8.2f} min  {s['utterances']:6d} utts  {len(s['speakers']):4d} speakers")
     return 0
@@ -1017,7 +1094,31 @@ def ensure_demo_corpus(folder: str | os.PathLike = DEMO_DIR, minutes: float = DE
     folder = Path(folder)
     state = PartialState()
     with state.main_process_first():
-        if state.is_main_process and not (folder / "summary.json").is_file():
+        stale = _made_without_valid_split(folder, minutes, seed)
+        if state.is_main_process and stale:
+            print(
+                f"{folder} holds a demo corpus made before it had a validation split (valid.jsonl, other held-out "
+                "talkers that fine-tuning selects on); rebuilding it. Runs trained on the old one are not comparable."
+            )
+        elif state.is_main_process and not (folder / "summary.json").is_file():
             print(f"Building the demo corpus ({minutes:g} min of synthetic speech) in {folder}")
-        make_demo_corpus(folder, minutes=minutes, seed=seed, progress=state.is_main_process)
+        make_demo_corpus(folder, minutes=minutes, seed=seed, progress=state.is_main_process, overwrite=stale)
     return folder
+
+
+def _made_without_valid_split(folder: Path, minutes: float, seed: int) -> bool:
+    """Whether `folder` holds this demo corpus as made before the validation split existed (rebuilt on use).
+
+    Only the default demo (all engines, these minutes and seed) is rebuilt silently: a corpus made there with
+    other parameters is still refused by `make_demo_corpus`, naming them.
+    """
+    summary = _read_summary(folder)
+    if summary is None or summary.get("generator") != "hf_ssl_speech.synthetic.corpus":
+        return False
+    params = summary.get("params") or {}
+    return (
+        "valid_fraction" not in params
+        and params.get("engines") == "auto"
+        and params.get("minutes") == float(minutes)
+        and params.get("seed") == int(seed)
+    )
