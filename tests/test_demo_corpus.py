@@ -340,7 +340,9 @@ def test_command_line(tmp_path, capsys):
     assert "espeak:nobody" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("flite") is None, reason="flite is not installed (optional engine)")
+@pytest.mark.skipif(
+    shutil.which("flite") is None, reason="flite not installed: run `sudo bash scripts/setup_voices.sh` (Debian voices)"
+)
 def test_recorded_voices_join_when_installed(tmp_path):
     summary = dc.make_demo_corpus(
         tmp_path / "rec",
@@ -366,7 +368,7 @@ def test_every_installed_recorded_voice_speaks(engine):
     """Each voice of an installed engine (scripts/setup_voices.sh) renders a sentence: 16 kHz speech, not silence."""
     voices = [v for v in dc.resolve_voices("auto") if v.engine == engine]
     if not voices:
-        pytest.skip(f"no {engine} voice installed (bash scripts/setup_voices.sh)")
+        pytest.skip(f"no {engine} voice installed: run `sudo bash scripts/setup_voices.sh` (Debian voices)")
     for speaker in dc.build_speakers(voices, 1):
         audio = dc._render_speech(speaker, "the quick brown fox jumps", 1.0, None, seed=0)
         assert audio.dtype == np.float32 and 0.8 < len(audio) / dc.SAMPLE_RATE < 5.0, speaker.id
