@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,83 @@ def check_paths(paths: Sequence[str | os.PathLike], field: str, kind: str = "fil
             raise MissingPathError(f"{field}: {kind} {text!r} does not exist{where}; fix the path or make it first.")
 
 
+# A Hub repo id is `name` or `namespace/name` (huggingface_hub's rule: letters, digits, `-`, `_`, `.`; at most 96
+# each; no `--` or `..`). Anything else can only be a local path.
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9_.-]{1,96}(/[A-Za-z0-9_.-]{1,96})?")
+_LOCAL_PREFIXES = (".", "/", "~", "runs/")
+HUB_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def looks_local(value: str | os.PathLike) -> bool:
+    """Whether `value` can only mean a local path, never a Hub repo id.
+
+    True when it starts with `.`, `/`, `~` or `runs/` (where this project's commands write), contains a
+    backslash, or is not a valid repo id (`name` or `namespace/name`: so `a/b/c` is local). A bare `user/model`
+    that is not on disk is left to the Hub.
+    """
+    text = os.fspath(value)
+    if text.startswith(_LOCAL_PREFIXES) or "\\" in text:
+        return True
+    return not _HUB_REPO_ID.fullmatch(text) or "--" in text or ".." in text
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "on", "yes", "true") for name in HUB_OFFLINE_ENVS)
+
+
+def check_model_source(value: str | os.PathLike, argument: str, marker: str | None = "config.json") -> None:
+    """Refuse a model argument that names a local folder that is not there, before anything asks the Hub.
+
+    A local-looking path (`looks_local`) that does not exist, an existing folder without `marker`, or a Hub id
+    while the Hub is switched off (HF_HUB_OFFLINE) raises `MissingPathError` naming `argument`, the path and
+    the fix. A Hub id is left alone: only then may transformers go to the network.
+
+    Args:
+        value: what the user gave (a folder, or a Hub repo id).
+        argument: the argument as the user wrote it (e.g. "--model_name_or_path"), for the message.
+        marker: a file the folder must hold (None: any existing folder or file will do).
+    """
+    text = os.fspath(value)
+    target = Path(text).expanduser()
+    if target.is_dir():
+        if marker is None or (target / marker).is_file():
+            return
+        # A pretraining checkpoint keeps the model one level down (checkpoint-N/model): name what is there.
+        inside = sorted(str(found.parent) for found in target.glob(f"*/{marker}"))[:3]
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise MissingPathError(
+            f"{argument} {text!r} is a folder without {marker}{hint}: give a save_pretrained folder "
+            "(e.g. runs/<run>/checkpoints/checkpoint-N/model)."
+        )
+    if target.exists():
+        if marker is None:
+            return
+        raise MissingPathError(f"{argument} {text!r} is a file: give the save_pretrained folder that holds it.")
+    if looks_local(text):
+        where = f" (relative to {Path.cwd()})" if not target.is_absolute() else ""
+        raise MissingPathError(
+            f"{argument} {text!r}: no such folder{where}; fix the path, or give a Hub repo id (user/model)."
+        )
+    if _hub_offline():
+        raise MissingPathError(
+            f"{argument} {text!r} is not a local folder, and the Hub is off (HF_HUB_OFFLINE=1): fix the path, "
+            "or unset HF_HUB_OFFLINE to download it."
+        )
+
+
+def option_value(argv: Sequence[str], name: str) -> str | None:
+    """The last value given to `name` in argv as `--name value`, `--name=value` or `name=value` (None if absent):
+    for the checks a command makes before its heavy imports, without its full parser."""
+    found = None
+    for index, token in enumerate(argv):
+        for prefix in (f"--{name}=", f"{name}="):
+            if token.startswith(prefix):
+                found = token[len(prefix) :]
+        if token == f"--{name}" and index + 1 < len(argv):
+            found = argv[index + 1]
+    return found
+
+
 def _spec_paths(spec: Mapping) -> list[str]:
     """The local paths a dict source spec names: `manifest`, `tar`, `data_files` (a path, a list, or split ->
     paths); remote `data_files` (hf://, https://, s3://) are left to `datasets`, which names them if missing."""
@@ -91,8 +169,8 @@ def run_command(main: Callable[[list[str]], object], argv: Sequence[str] | None 
     except UserError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        print(f"(run again with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        # One line: the message says what to fix; the traceback is for bug reports.
+        print(f"error: {error} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -100,4 +178,14 @@ def run_command(main: Callable[[list[str]], object], argv: Sequence[str] | None 
     return status if isinstance(status, int) else 0
 
 
-__all__ = ["ConfigError", "MissingPathError", "UserError", "check_paths", "debug_requested", "run_command"]
+__all__ = [
+    "ConfigError",
+    "MissingPathError",
+    "UserError",
+    "check_model_source",
+    "check_paths",
+    "debug_requested",
+    "looks_local",
+    "option_value",
+    "run_command",
+]

@@ -19,10 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-import hf_ssl_speech  # noqa: F401  (registers the conformer_ssl classes with the Auto factories)
-from hf_ssl_speech.errors import run_command
-from hf_ssl_speech.finetune.lm import attach_lm, build_arpa, save_lm, tune_lm_weights
-
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,8 +36,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_paths(errors, args: argparse.Namespace) -> None:
+    """Every path argument, before any work (`errors` is hf_ssl_speech.errors; see _preflight.py)."""
+    errors.check_paths([args.model], "model", "folder")  # local only: the LM is written into it
+    errors.check_model_source(args.model, "model")
+    for flag in ("text", "arpa", "valid_manifest"):
+        if getattr(args, flag):
+            errors.check_paths([getattr(args, flag)], f"--{flag}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    # Imported here: torch and transformers take seconds to load, after the quick path checks (_preflight.py).
+    import hf_ssl_speech  # noqa: F401  (registers the conformer_ssl classes with the Auto factories)
+    from hf_ssl_speech import errors
+    from hf_ssl_speech.finetune.lm import attach_lm, build_arpa, save_lm, tune_lm_weights
+
+    check_paths(errors, args)
     folder = Path(args.model)
     if args.text:
         arpa = build_arpa(
@@ -67,4 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from _preflight import preflight
+
+    preflight(lambda errors, argv: check_paths(errors, parse(argv)))
+    from hf_ssl_speech.errors import run_command
+
     sys.exit(run_command(main))

@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_ssl_speech.interop.nemo import NemoConversionError, convert_nemo, save_conversion
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Imported here: torch and transformers take seconds to load, after the quick path check (_preflight.py).
+    from hf_ssl_speech.errors import check_paths
+    from hf_ssl_speech.interop.nemo import NemoConversionError, convert_nemo, save_conversion
+
     try:
+        check_paths([args.nemo_file], "nemo_file")
         conversion = convert_nemo(
             args.nemo_file, license=args.license, drop_unmappable=args.drop_unmappable, encoder_only=args.encoder_only
         )
@@ -66,4 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _preflight import preflight
+
+    preflight(lambda errors, argv: errors.check_paths([parse_args(argv).nemo_file], "nemo_file"))
+    from hf_ssl_speech.errors import run_command
+
+    sys.exit(run_command(main))

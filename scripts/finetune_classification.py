@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from transformers import TrainingArguments
-
-from hf_ssl_speech.errors import run_command
-from hf_ssl_speech.finetune.args import DataArguments, FinetuneArguments, ModelArguments, parse_args
-from hf_ssl_speech.finetune.run import CLASSIFICATION_DEFAULTS, FinetuneResult, run_classification
+if TYPE_CHECKING:
+    from hf_ssl_speech.finetune.run import FinetuneResult
 
 
 def main(argv: list[str] | None = None) -> FinetuneResult:
+    # Imported here: torch and transformers take seconds to load, after the quick path checks (_preflight.py).
+    from transformers import TrainingArguments
+
+    from hf_ssl_speech.finetune.args import DataArguments, FinetuneArguments, ModelArguments, parse_args
+    from hf_ssl_speech.finetune.run import CLASSIFICATION_DEFAULTS, run_classification
+
     arguments = parse_args(
         (ModelArguments, DataArguments, FinetuneArguments, TrainingArguments), argv, CLASSIFICATION_DEFAULTS
     )
@@ -35,4 +39,9 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
 
 
 if __name__ == "__main__":
+    from _preflight import check_finetune_model, preflight
+
+    preflight(check_finetune_model)
+    from hf_ssl_speech.errors import run_command
+
     sys.exit(run_command(main))

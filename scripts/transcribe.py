@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-import hf_ssl_speech  # noqa: F401  (registers the conformer_ssl classes with the Auto factories)
-from hf_ssl_speech.errors import run_command
-from hf_ssl_speech.finetune.inference import Transcription, transcribe_files, write_records
+if TYPE_CHECKING:
+    from hf_ssl_speech.finetune.inference import Transcription
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +35,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--chunk_length_s", type=float, default=0.0, help="chunked long-form decoding (seconds)")
     parser.add_argument("--stride_length_s", type=float, default=None, help="context on each side of a chunk")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     parser.add_argument("--decoder", choices=("auto", "greedy", "lm"), default="auto", help="see above")
     parser.add_argument("--beam_width", type=int, default=24, help="beams of the LM search")
     parser.add_argument("--trust_remote_code", action="store_true", help="use the code stored next to the weights")
@@ -50,6 +48,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Transcription:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     args = parse(argv)
+    # Imported here, after the arguments: torch and transformers take seconds to load (see _preflight.py).
+    import torch
+
+    import hf_ssl_speech  # noqa: F401  (registers the conformer_ssl classes with the Auto factories)
+    from hf_ssl_speech.finetune.inference import transcribe_files, write_records
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     result = transcribe_files(
         args.model,
         args.files,
@@ -76,4 +82,15 @@ def main(argv: list[str] | None = None) -> Transcription:
 
 
 if __name__ == "__main__":
+    from _preflight import preflight
+
+    def check_paths(errors, argv: list[str]) -> None:
+        args = parse(argv)
+        errors.check_model_source(args.model, "model")
+        errors.check_paths(args.files, "files")
+        errors.check_paths(args.manifest, "--manifest")
+
+    preflight(check_paths)
+    from hf_ssl_speech.errors import run_command
+
     sys.exit(run_command(main))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
 from ..data.audio_io import AudioError, load_audio
-from ..errors import check_paths
+from ..errors import check_model_source, check_paths
 from ..frames import SAMPLING_RATE
 from .ctc import ctc_outputs
 from .metrics import load_metrics
@@ -128,6 +128,7 @@ def transcribe_files(
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r}: choose one of {', '.join(DECODERS)}")
+    check_model_source(model_name_or_path, "model_name_or_path")
     items_in = collect_inputs(files, manifests)
     processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     processor_lm = load_lm_processor(model_name_or_path, decoder)
@@ -193,6 +194,7 @@ def load_validation_outputs(
 ) -> tuple[list[str], list[Any]]:
     """(normalised references, CTC log-probabilities) of a manifest's utterances with text: what the LM weights
     are tuned on (`finetune.lm.tune_lm_weights`)."""
+    check_model_source(model_name_or_path, "model_name_or_path")
     items = [item for item in collect_inputs([], [str(manifest)]) if item["reference"] is not None]
     if not items:
         raise ValueError(f"{manifest}: no utterance with text; tuning LM weights needs references")

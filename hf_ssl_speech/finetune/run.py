@@ -19,7 +19,7 @@ from typing import Any
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, UserError, check_model_source
 from ..precision import describe, resolve_mixed_precision
 from .args import DataArguments, FinetuneArguments, ModelArguments
 from .collators import ClassificationCollator, CtcCollator
@@ -63,6 +63,13 @@ class FinetuneResult:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) as logged
     load_report: LoadReport | None = None  # what came from the checkpoint (None from scratch)
     commit_url: str | None = None
+
+
+def check_model_argument(model_args: ModelArguments) -> None:
+    """A local `model_name_or_path` that is not there fails now, in one line, before the demo corpus is made or
+    transformers asks the Hub for it (which retried for ~30 s before)."""
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path, "--model_name_or_path")
 
 
 def check_output_dir(training_args: TrainingArguments) -> None:
@@ -206,6 +213,7 @@ def run_ctc(
     with `AutoProcessor` / `AutoModelForCTC`), `results.md` / `results.json` (WER/CER per eval set),
     `training_curves.png` and a README.md model card.
     """
+    check_model_argument(model_args)
     check_output_dir(training_args)
     apply_mixed_precision(training_args, finetune_args.mixed_precision)
     set_seed(training_args.seed)
@@ -327,6 +335,7 @@ def run_classification(
     corpus, the training talkers' utterances (pretrain and finetune splits) are classified: its test split holds
     only unseen talkers.
     """
+    check_model_argument(model_args)
     check_output_dir(training_args)
     apply_mixed_precision(training_args, finetune_args.mixed_precision)
     set_seed(training_args.seed)
@@ -395,6 +404,7 @@ __all__ = [
     "CTC_DEFAULTS",
     "FinetuneResult",
     "OutputDirInUseError",
+    "check_model_argument",
     "check_output_dir",
     "hold_out",
     "run_classification",
