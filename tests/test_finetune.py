@@ -4,6 +4,7 @@ from a checkpoint vs from scratch, SpecAugment, layer-wise LR decay, encoder fre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -219,6 +220,30 @@ def test_pretraining_checkpoint_transfers_encoder_and_drops_ssl_heads(tmp_path, 
     assert "bestrq_head.weight" in report.unused and "quantizer.codevectors" in report.unused
     source = pretrained.conformer.state_dict()
     assert all(torch.equal(model.conformer.state_dict()[name], value) for name, value in source.items())
+
+
+def test_pretraining_checkpoint_load_is_one_line_of_ours_not_the_load_report(tmp_path, tiny_config, caplog):
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForPreTraining
+
+    ConformerSslForPreTraining(tiny_config(objectives={"bestrq": {}})).save_pretrained(tmp_path / "ssl")
+    seen: list[str] = []
+    collector = logging.Handler()
+    collector.emit = lambda record: seen.append(record.getMessage())
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    transformers_logger.addHandler(collector)
+    try:
+        ConformerSslForCTC.from_pretrained(str(tmp_path / "ssl"), vocab_size=7, pad_token_id=0)
+        assert any("LOAD REPORT" in message for message in seen)  # what a plain from_pretrained prints
+        seen.clear()
+        with caplog.at_level(logging.INFO, logger="hf_ssl_speech.finetune.model_init"):
+            init_ctc_model(7, 0, str(tmp_path / "ssl"))
+    finally:
+        transformers_logger.removeHandler(collector)
+    assert not any("LOAD REPORT" in message for message in seen), seen
+    ours = [record.getMessage() for record in caplog.records if record.name == "hf_ssl_speech.finetune.model_init"]
+    assert len(ours) == 1 and "\n" not in ours[0], ours
+    assert "dropped (not used by this head): bestrq_head, bestrq_quantizer, masked_spec_embed" in ours[0]
+    assert "new (randomly initialised): lm_head" in ours[0]
 
 
 def test_missing_encoder_weights_warn_loudly_by_name(tmp_path, tiny_config):

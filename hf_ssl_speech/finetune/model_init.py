@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,42 @@ def _load_report(info: Mapping[str, Any], base_prefix: str = "conformer.") -> Lo
     )
 
 
+def _modules(keys: Sequence[str]) -> str:
+    """Tensor names -> the modules that own them, in order ('bestrq_head.weight', 'bestrq_head.bias' -> 'bestrq_head')."""
+    names = dict.fromkeys(key.rsplit(".", 1)[0] if "." in key else key for key in keys)
+    return ", ".join(names) or "none"
+
+
+def describe_load(report: LoadReport, source: str) -> str:
+    """Our one line about a checkpoint loaded into a fine-tuning head: what was dropped and what is new."""
+    return (
+        f"encoder loaded from {source}; dropped (not used by this head): {_modules(report.unused)}; "
+        f"new (randomly initialised): {_modules(report.new_head)}"
+    )
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def without_load_report() -> Iterator[None]:
+    """Drop transformers' LOAD REPORT table (13 lines with ANSI colour codes) while a checkpoint is loaded into a
+    fine-tuning head: dropping the pretraining heads and adding a new one is expected there, and `describe_load`
+    says it in one line (`_warn_encoder_keys` warns loudly when the encoder itself did not load)."""
+    target = logging.getLogger("transformers.modeling_utils")
+    dropper = _DropLoadReport()
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
 def _warn_encoder_keys(report: LoadReport, source: str) -> None:
     if report.encoder_complete:
-        logger.info("encoder weights loaded from %s; new head tensors: %s", source, report.new_head)
+        logger.info(describe_load(report, source))
         return
     problems = []
     if report.missing_encoder:
@@ -111,9 +145,14 @@ def init_ctc_model(
         if not from_scratch:
             raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
         return ConformerSslForCTC(config), None
-    model, info = ConformerSslForCTC.from_pretrained(
-        model_name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True, cache_dir=cache_dir
-    )
+    with without_load_report():
+        model, info = ConformerSslForCTC.from_pretrained(
+            model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            cache_dir=cache_dir,
+        )
     report = _load_report(info)
     _warn_encoder_keys(report, model_name_or_path)
     return model, report
@@ -144,9 +183,14 @@ def init_classification_model(
         if not from_scratch:
             raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
         return ConformerSslForSequenceClassification(config), None
-    model, info = ConformerSslForSequenceClassification.from_pretrained(
-        model_name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True, cache_dir=cache_dir
-    )
+    with without_load_report():
+        model, info = ConformerSslForSequenceClassification.from_pretrained(
+            model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            cache_dir=cache_dir,
+        )
     report = _load_report(info)
     _warn_encoder_keys(report, model_name_or_path)
     return model, report
