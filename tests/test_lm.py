@@ -154,6 +154,7 @@ def lm_folder(tone_ctc, tmp_path_factory):
     return folder
 
 
+@needs_irstlm
 def test_processor_with_lm_round_trips_and_the_pipeline_decodes_with_it(lm_folder, tone_ctc):
     assert has_lm(lm_folder) and not has_lm(tone_ctc["output_dir"])
     processor_lm = AutoProcessor.from_pretrained(str(lm_folder))
