@@ -120,3 +120,35 @@ def test_option_value_reads_the_three_spellings():
     assert option_value(["--model_name_or_path=b"], "model_name_or_path") == "b"
     assert option_value(["x=1", "model_name_or_path=c"], "model_name_or_path") == "c"
     assert option_value(["--other", "d"], "model_name_or_path") is None
+
+
+def test_bad_data_report_lists_every_kind_with_its_override_key(tmp_path):
+    """A manifest with several kinds of bad lines: the report names each kind (not only the first found) and the
+    setting by the key a recipe override uses (`data.max_bad_fraction`)."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from hf_ssl_speech.data import TooManyBadExamplesError, build_dataloader
+
+    rows = []
+    for index in range(3):
+        sf.write(tmp_path / f"good{index}.wav", np.full(16000, 0.1 * (index + 1), dtype=np.float32), 16000)
+        rows.append({"audio_filepath": f"good{index}.wav", "duration": 1.0})
+    sf.write(tmp_path / "short.wav", np.full(1600, 0.1, dtype=np.float32), 16000)
+    (tmp_path / "garbage.wav").write_bytes(b"not a wave file at all" * 10)
+    rows += [
+        {"audio_filepath": "gone.wav", "duration": 1.0},
+        {"audio_filepath": "garbage.wav", "duration": 1.0},
+        {"audio_filepath": "short.wav", "duration": 0.1},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([json.dumps(row) for row in rows] + ["{not json"]) + "\n")
+    with pytest.raises(TooManyBadExamplesError) as caught:
+        build_dataloader(str(manifest), num_workers=0, return_waveforms=True, max_bad_fraction=0.05)
+    message = str(caught.value)
+    for reason in ("malformed", "missing", "unreadable", "too_short"):
+        assert f"  {reason} (" in message, (reason, message)
+    assert "4 of 7 examples" in message, message
+    assert "data.max_bad_fraction=0.05" in message and "raise data.max_bad_fraction" in message, message

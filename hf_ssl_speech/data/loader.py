@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .audio_io import BAD_REASONS, AudioError
+from .audio_io import BAD_REASONS, AudioError, probe_duration
 from .collate import SpeechCollator
 from .config import DataConfig
 from .decode import decode_example
@@ -45,6 +45,8 @@ class BadExampleCounter:
         log_first: log this many bad examples one by one, then one summary line per `log_interval` seconds.
         log_interval: seconds between summary lines after the first `log_first`.
         keep_names: remember this many file names per reason for `summary()`.
+        settings_prefix: how the messages name `DataConfig` fields: their override key in a recipe
+            (`data.max_bad_fraction=0.1` on the command line), so the fix can be typed as printed.
     """
 
     def __init__(
@@ -54,8 +56,10 @@ class BadExampleCounter:
         log_first: int = 20,
         log_interval: float = 60.0,
         keep_names: int = 5,
+        settings_prefix: str = "data.",
     ) -> None:
         self.max_bad_fraction = max_bad_fraction
+        self.settings_prefix = settings_prefix
         self.min_examples_before_check = min_examples_before_check
         self.log_first = log_first
         self.log_interval = log_interval
@@ -104,10 +108,11 @@ class BadExampleCounter:
             return
         fraction = self.total_bad / self.attempted
         if fraction > self.max_bad_fraction:
+            key = f"{self.settings_prefix}max_bad_fraction"
             raise TooManyBadExamplesError(
                 f"{self.total_bad} of {self.attempted} examples ({fraction:.1%}) were bad, more than "
-                f"max_bad_fraction={self.max_bad_fraction}. Fix or remove them (e.g. regenerate the manifest "
-                f"with scripts/make_manifest.py), or raise max_bad_fraction.\n{self.summary()}"
+                f"{key}={self.max_bad_fraction}. Fix or remove them (e.g. regenerate the manifest "
+                f"with scripts/make_manifest.py), or raise {key}.\n{self.summary()}"
             )
 
     def summary(self) -> str:
@@ -468,6 +473,34 @@ class SpeechDataLoader:
         self.counter.load_state_dict(state["counter"])
 
 
+def _examine_prefix(
+    sources: Sequence[IndexedSource], config: DataConfig, counter: BadExampleCounter, limit: int
+) -> int:
+    """Count into `counter` what the first `limit` rows show without decoding: the duration filters on their
+    metadata and a header read of each file (missing, not a file, empty, unreadable). Returns the bad rows."""
+    limit = max(limit, 1)
+    examined = bad = 0
+    for source in sources:
+        for row in range(len(source)):
+            if examined >= limit:
+                return bad
+            examined += 1
+            where = f"{source.name} row {row}"
+            try:
+                raw = source.raw(row)
+                where = raw.where
+                duration = float(source.durations[row])
+                if duration < config.min_duration:
+                    raise AudioError("too_short", where, f"{duration:.3f}s < data.min_duration={config.min_duration}")
+                if config.max_duration is not None and duration > config.max_duration and not config.crop_long:
+                    raise AudioError("too_long", where, f"{duration:.3f}s > data.max_duration={config.max_duration}")
+                probe_duration(raw.audio, where)
+            except AudioError as error:
+                counter.add_bad(error.reason, error.where, error.detail, log=False)
+                bad += 1
+    return bad
+
+
 def build_dataloader(
     sources: Any,
     weights: Sequence[float] | None = None,
@@ -540,8 +573,10 @@ def build_dataloader(
     if problems and len(problems) / (rows + len(problems)) > data_config.max_bad_fraction:
         counter = BadExampleCounter(data_config.max_bad_fraction, 0, log_first=0, log_interval=math.inf)
         for problem in problems:  # already logged while indexing
-            counter.add_bad(*problem)
-        counter.add_good(rows)
+            counter.add_bad(*problem, log=False)
+        # Report every kind of bad example, not only the indexing's: look at the first rows as decoding would.
+        bad_in_prefix = _examine_prefix(opened, data_config, counter, data_config.min_examples_before_check)
+        counter.add_good(rows - bad_in_prefix)
         counter.check(force=True)
     dataset = PlannedBatchDataset(opened, weights, data_config, collator, rank, world_size, seed)
     return SpeechDataLoader(dataset, counter, num_workers, pin_memory, problems=problems)
