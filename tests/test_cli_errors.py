@@ -3,6 +3,7 @@ no attempt to reach the Hub (HF_ENDPOINT points at a loopback socket that record
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -152,3 +153,33 @@ def test_bad_data_report_lists_every_kind_with_its_override_key(tmp_path):
         assert f"  {reason} (" in message, (reason, message)
     assert "4 of 7 examples" in message, message
     assert "data.max_bad_fraction=0.05" in message and "raise data.max_bad_fraction" in message, message
+
+
+LM_MODEL = REPO_ROOT / "docs" / "results" / "models" / "ctc_10min_pretrained_contrastive_mlm"
+
+
+@pytest.mark.skipif(not (LM_MODEL / "language_model").is_dir(), reason="the committed LM model is not in this checkout")
+def test_lm_loading_chatter_goes_to_the_debug_log(capfd, caplog):
+    pytest.importorskip("pyctcdecode")
+    pytest.importorskip("kenlm")
+    from hf_ssl_speech.finetune.inference import load_lm_processor
+
+    with caplog.at_level(logging.DEBUG, logger="hf_ssl_speech.finetune.lm"):
+        assert load_lm_processor(LM_MODEL, "lm") is not None
+    err = capfd.readouterr().err
+    assert "Loading the LM" not in err and "Transformers v6" not in err, err
+    assert any("Loading the LM" in record.getMessage() for record in caplog.records)  # kept, at debug level
+
+
+def test_folder_lm_without_pyctcdecode_says_greedy_and_how_to_install(tmp_path, monkeypatch, caplog):
+    (tmp_path / "alphabet.json").write_text("{}")
+    (tmp_path / "language_model").mkdir()
+    monkeypatch.setitem(sys.modules, "pyctcdecode", None)  # an import of it now raises ImportError
+    from hf_ssl_speech.finetune.inference import load_lm_processor
+    from hf_ssl_speech.finetune.lm import LM_INSTALL, LmError
+
+    with caplog.at_level(logging.WARNING):
+        assert load_lm_processor(tmp_path, "auto") is None
+    assert any("GREEDY" in r.getMessage() and LM_INSTALL in r.getMessage() for r in caplog.records), caplog.text
+    with pytest.raises(LmError, match="pyctcdecode"):
+        load_lm_processor(tmp_path, "lm")

@@ -38,7 +38,7 @@ DECODERS = ("auto", "greedy", "lm")
 
 def load_lm_processor(model_name_or_path: str | os.PathLike, decoder: str) -> Any:
     """The folder's `ConformerSslProcessorWithLM` when `decoder` asks for the LM ("lm", or "auto" and one is there)."""
-    from .lm import LmError, has_lm
+    from .lm import LM_INSTALL, LmError, has_lm, lm_chatter_to_debug_log
 
     if decoder == "greedy":
         return None
@@ -52,13 +52,18 @@ def load_lm_processor(model_name_or_path: str | os.PathLike, decoder: str) -> An
     try:
         from ..processing_conformer_ssl_lm import ConformerSslProcessorWithLM
 
-        return ConformerSslProcessorWithLM.from_pretrained(str(model_name_or_path))
+        with lm_chatter_to_debug_log():
+            return ConformerSslProcessorWithLM.from_pretrained(str(model_name_or_path))
     except ImportError as error:
         if decoder == "lm":
-            raise LmError(
-                f"LM decoding needs pyctcdecode and kenlm: pip install 'hf_ssl_speech[lm]' ({error})"
-            ) from error
-        logger.warning("%s has an LM but decoding is greedy: %s", model_name_or_path, error)
+            raise LmError(f"LM decoding needs pyctcdecode and kenlm: {LM_INSTALL} ({error})") from error
+        # Not silently: the folder's LM is what its WER figures assume.
+        logger.warning(
+            "%s has an n-gram LM, but %s is not installed, so decoding is GREEDY. For LM decoding: %s",
+            model_name_or_path,
+            getattr(error, "name", None) or "pyctcdecode/kenlm",
+            LM_INSTALL,
+        )
         return None
 
 
@@ -130,7 +135,10 @@ def transcribe_files(
         raise ValueError(f"decoder={decoder!r}: choose one of {', '.join(DECODERS)}")
     check_model_source(model_name_or_path, "model_name_or_path")
     items_in = collect_inputs(files, manifests)
-    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    from .lm import lm_chatter_to_debug_log
+
+    with lm_chatter_to_debug_log():  # a folder with an LM loads it here too
+        processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     processor_lm = load_lm_processor(model_name_or_path, decoder)
     model = AutoModelForCTC.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
     model.eval()
@@ -139,14 +147,15 @@ def transcribe_files(
 
     with tqdm(total=len(audios), unit="file", desc="transcribing", file=sys.stderr) as bar:
         if chunk_length_s > 0:
-            asr = pipeline(
-                "automatic-speech-recognition",
-                model=model,
-                tokenizer=processor.tokenizer,
-                feature_extractor=processor.feature_extractor,
-                decoder=processor_lm.decoder if processor_lm is not None else None,
-                device=device,
-            )
+            with lm_chatter_to_debug_log():
+                asr = pipeline(
+                    "automatic-speech-recognition",
+                    model=model,
+                    tokenizer=processor.tokenizer,
+                    feature_extractor=processor.feature_extractor,
+                    decoder=processor_lm.decoder if processor_lm is not None else None,
+                    device=device,
+                )
             hypotheses = []
             for audio in audios:
                 hypotheses.append(asr(audio, chunk_length_s=chunk_length_s, stride_length_s=stride_length_s)["text"])

@@ -22,8 +22,10 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ from .text import normalize_transcript
 
 logger = logging.getLogger(__name__)
 
+# pyctcdecode declares numpy<2 but runs on numpy 2: a plain `pip install pyctcdecode` would downgrade numpy, so it
+# goes in without its pins (docs/dependencies.md); the extra brings kenlm and pyctcdecode's real dependency.
+LM_INSTALL = "pip install 'hf_ssl_speech[lm]' && pip install --no-deps pyctcdecode==0.5.0"
 IRSTLM_ENV = "IRSTLM"
 _IRSTLM_DEFAULT = "/usr/lib/irstlm"  # Debian's irstlm package
 
@@ -130,6 +135,50 @@ def arpa_unigrams(arpa_path: str | Path) -> list[str]:
 
 
 # ============================================================================================ decoding
+class _DeprecationToDebug(logging.Filter):
+    """transformers' notice that pyctcdecode decoding through it ends in v6 (we call pyctcdecode ourselves)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Transformers v6" not in record.getMessage():
+            return True
+        logger.debug("transformers: %s", record.getMessage())
+        return False
+
+
+_V6_NOTICE_LOGGERS = (
+    "transformers.models.wav2vec2_with_lm.processing_wav2vec2_with_lm",
+    "transformers.pipelines.automatic_speech_recognition",
+)
+
+
+@contextmanager
+def lm_chatter_to_debug_log() -> Iterator[None]:
+    """Send what loading an LM prints to this module's debug log: kenlm's progress bars (its C++ writes to the
+    process's stderr, so file descriptor 2 is redirected) and transformers' v6 deprecation notice. If the block
+    fails, what was printed is logged as a warning instead, next to the error."""
+    dropper = _DeprecationToDebug()
+    for name in _V6_NOTICE_LOGGERS:
+        logging.getLogger(name).addFilter(dropper)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = True
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            for name in _V6_NOTICE_LOGGERS:
+                logging.getLogger(name).removeFilter(dropper)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace").strip()
+            if text:
+                logger.log(logging.WARNING if failed else logging.DEBUG, "while loading the LM:\n%s", text)
+
+
 def ctc_labels(tokenizer: Any) -> list[str]:
     """The tokenizer's vocabulary as pyctcdecode labels, in id order: blank `<pad>` -> "", `|` -> " "."""
     vocab = tokenizer.get_vocab()
@@ -159,22 +208,23 @@ def attach_lm(
         from pyctcdecode import build_ctcdecoder
         from transformers import AutoProcessor
     except ImportError as error:
-        raise LmError(f"LM decoding needs pyctcdecode and kenlm: pip install 'hf_ssl_speech[lm]' ({error})") from error
+        raise LmError(f"LM decoding needs pyctcdecode and kenlm: {LM_INSTALL} ({error})") from error
     model_dir = Path(model_dir)
     processor = AutoProcessor.from_pretrained(str(model_dir))
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise LmError(f"{model_dir}: no CTC tokenizer in this folder; attach an LM to a fine-tuned CTC model")
-    decoder = build_ctcdecoder(
-        ctc_labels(tokenizer),
-        kenlm_model_path=str(arpa_path),
-        unigrams=arpa_unigrams(arpa_path),
-        alpha=alpha,
-        beta=beta,
-    )
-    processor_lm = ConformerSslProcessorWithLM(
-        feature_extractor=processor.feature_extractor, tokenizer=tokenizer, decoder=decoder
-    )
+    with lm_chatter_to_debug_log():
+        decoder = build_ctcdecoder(
+            ctc_labels(tokenizer),
+            kenlm_model_path=str(arpa_path),
+            unigrams=arpa_unigrams(arpa_path),
+            alpha=alpha,
+            beta=beta,
+        )
+        processor_lm = ConformerSslProcessorWithLM(
+            feature_extractor=processor.feature_extractor, tokenizer=tokenizer, decoder=decoder
+        )
     if save:
         save_lm(processor_lm, model_dir)
     return processor_lm
@@ -250,6 +300,7 @@ def has_lm(model_dir: str | Path) -> bool:
 
 
 __all__ = [
+    "LM_INSTALL",
     "LmError",
     "arpa_unigrams",
     "attach_lm",
@@ -257,6 +308,7 @@ __all__ = [
     "ctc_labels",
     "has_lm",
     "irstlm_available",
+    "lm_chatter_to_debug_log",
     "lm_decode",
     "save_lm",
     "tune_lm_weights",
