@@ -23,6 +23,11 @@ class UserError(Exception):
     """A problem the user can fix; the message says what is wrong, where, and what to do."""
 
 
+class Preempted(Exception):  # noqa: N818 - not an error: a run that stopped on request, with a checkpoint
+    """A run stopped by a stop signal after writing its checkpoint; `run_command` prints the message (which says
+    how to continue) and exits with `PREEMPTED_EXIT_CODE` (hf_ssl_speech.preemption)."""
+
+
 class ConfigError(UserError, ValueError):
     """A config key or value that does not fit its schema (the message names the key, the value and the fix)."""
 
@@ -172,6 +177,11 @@ def run_command(main: Callable[[list[str]], object], argv: Sequence[str] | None 
         # One line: the message says what to fix; the traceback is for bug reports.
         print(f"error: {error} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        from .preemption import PREEMPTED_EXIT_CODE
+
+        print(stopped, flush=True)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -181,6 +191,7 @@ def run_command(main: Callable[[list[str]], object], argv: Sequence[str] | None 
 __all__ = [
     "ConfigError",
     "MissingPathError",
+    "Preempted",
     "UserError",
     "check_model_source",
     "check_paths",

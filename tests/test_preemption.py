@@ -300,3 +300,68 @@ def test_chaos_kills_and_a_preemption_end_with_the_uninterrupted_weights(tmp_pat
     if newest > 2:
         assert "falling back to" in proc.stderr, (seed, proc.stderr[-3000:])
     assert_same_weights(weights(tmp_path / "straight", steps), weights(tmp_path / "run", steps))
+
+
+# Fine-tuning: SIGTERM at the start of optimiser step `at` (a Trainer callback sends it), then the script's own run.
+_FINETUNE_SIGNAL = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    from transformers import TrainerCallback
+    import hf_ssl_speech.finetune.run as run
+
+    at, script = int(sys.argv[1]), sys.argv[2]
+    sys.path.insert(0, os.path.dirname(script))
+    options = run.train_time_options
+
+    class SendSignal(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def with_signal(*args, **kwargs):
+        spec, callbacks = options(*args, **kwargs)
+        return spec, [*callbacks, SendSignal()]
+
+    run.train_time_options = with_signal
+    sys.argv = [script, *sys.argv[3:]]
+    runpy.run_path(script, run_name="__main__")
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_during_ctc_finetuning_writes_trainers_checkpoint_and_resumes(tmp_path):
+    from support import tiny_scratch_args, write_tone_corpus
+
+    manifest = write_tone_corpus(tmp_path / "tones", count=8, seed=0, words=(1, 2), name="train")
+    output = tmp_path / "ctc"
+    args = [*tiny_scratch_args(), "--train_manifests", str(manifest), "--eval_manifests", str(manifest)]
+    args += ["--output_dir", str(output), "--use_cpu", "--max_steps", "6", "--per_device_train_batch_size", "4"]
+    args += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+    wrapper = tmp_path / "finetune_with_signal.py"
+    wrapper.write_text(_FINETUNE_SIGNAL)
+    script = str(REPO_ROOT / "scripts" / "finetune_ctc.py")
+    env = run_env(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(wrapper), "2", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    checkpoint = output / "checkpoint-3"
+    assert f"preempted at step 3 (SIGTERM): checkpoint {checkpoint} written" in proc.stdout
+    assert f"rerun with --resume_from_checkpoint {checkpoint}" in proc.stdout
+    # Trainer's own checkpoint format, though the run saves no checkpoints by itself (save_strategy=no).
+    assert {"trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    assert not (output / "results.json").exists()  # the final evaluation is for the run that finishes
+
+    proc = subprocess.run(
+        [sys.executable, script, *args, "--resume_from_checkpoint", str(checkpoint)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 6
+    assert (output / "results.json").is_file()

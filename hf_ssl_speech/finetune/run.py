@@ -19,8 +19,9 @@ from typing import Any
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
-from ..errors import ConfigError, UserError, check_model_source
+from ..errors import ConfigError, Preempted, UserError, check_model_source
 from ..precision import describe, resolve_mixed_precision
+from ..preemption import StopRequest, preempted_message
 from .args import DataArguments, FinetuneArguments, ModelArguments
 from .collators import ClassificationCollator, CtcCollator
 from .ctc import drop_infeasible_ctc, make_ctc_compute_metrics, split_ctc_feasible
@@ -32,6 +33,7 @@ from .model_init import (
     model_num_mel_bins,
 )
 from .optim import build_optimizer, set_encoder_trainable, train_time_options
+from .preempt import PreemptionCallback
 from .report import ctc_model_card, plot_training_curves, push_folder, write_results
 from .rows import demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
 from .text import build_processor
@@ -146,7 +148,16 @@ def _train_and_report(
     args = trainer.args
     output_dir = Path(args.output_dir)
     start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    with StopRequest() as stop:  # SIGTERM / SIGUSR1 / SIGINT: Trainer's checkpoint after this step, exit 75
+        preemption = PreemptionCallback(stop)
+        trainer.add_callback(preemption)
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.remove_callback(preemption)
+    if preemption.stopped_by is not None:
+        step = trainer.state.global_step
+        checkpoint = output_dir / f"checkpoint-{step}"
+        rerun = f"--resume_from_checkpoint {checkpoint}"
+        raise Preempted(preempted_message(step, checkpoint, preemption.stopped_by, rerun=rerun))
     train_seconds = time.perf_counter() - start
     stopped = _report_early_stop(trainer, finetune_args.early_stopping_patience)
     if stopped:
