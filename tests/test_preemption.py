@@ -43,7 +43,10 @@ _FAULTS = textwrap.dedent(
     def fire(fault, rank):
         if rank in fault.get("ranks", [0]):
             for _ in range(fault.get("times", 1)):
-                os.kill(os.getpid(), getattr(signal, fault["signal"]))
+                if fault.get("group"):  # the whole process group, data-loader workers included (Ctrl-C, SLURM)
+                    os.killpg(os.getpgid(0), getattr(signal, fault["signal"]))
+                else:
+                    os.kill(os.getpid(), getattr(signal, fault["signal"]))
 
     def train_step(run, batches, interval):
         for fault in faults:
@@ -68,13 +71,22 @@ _FAULTS = textwrap.dedent(
 
 
 def pretrain(tmp_path: Path, args: list[str], faults: list[dict] | None = None) -> subprocess.CompletedProcess:
-    """`scripts/pretrain.py args...` in `tmp_path` (through the fault wrapper when `faults` are given)."""
+    """`scripts/pretrain.py args...` in `tmp_path` (through the fault wrapper when `faults` are given), in a
+    process group of its own (a fault may signal the whole group)."""
     command = [sys.executable, str(SCRIPT), *args]
     if faults:
         wrapper = tmp_path / "with_faults.py"
         wrapper.write_text(_FAULTS)
         command = [sys.executable, str(wrapper), json.dumps(faults), *args]
-    return subprocess.run(command, cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
 
 
 def launch(tmp_path: Path, args: list[str], processes: int, faults: list[dict]) -> subprocess.CompletedProcess:
@@ -166,6 +178,19 @@ def test_sigterm_checkpoints_the_step_and_resume_is_bitwise_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resumed from run/checkpoints/checkpoint-00000003 at step 3" in proc.stdout
     assert_same_weights(weights(tmp_path / "straight", 6), weights(tmp_path / "run", 6))
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_spares_the_data_workers_until_the_checkpoint(tmp_path):
+    run = recipe(tmp_path, "run", 6, 3)
+    text = run.read_text().replace("num_workers: 0", "num_workers: 1")
+    assert text != run.read_text()
+    run.write_text(text)
+    fault = {"at": 1, "signal": "SIGINT", "when": "step", "group": True}
+    proc = pretrain(tmp_path, ["--config", str(run), "--no_progress"], [fault])
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    assert "preempted at step 2 (SIGINT)" in proc.stdout and "Traceback" not in proc.stderr
+    assert checkpoint_steps(tmp_path / "run") == [2]
 
 
 @pytest.mark.slow

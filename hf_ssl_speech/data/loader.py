@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import collections
 import logging
 import math
+import multiprocessing
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -338,6 +341,23 @@ def _identity(batch: Any) -> Any:
 def _single_thread_worker(worker_id: int) -> None:
     # Each worker featurises on one thread: M workers × several torch threads would oversubscribe the cores.
     torch.set_num_threads(1)
+    # A stop signal is the training process's business (it finishes the step and checkpoints; see
+    # hf_ssl_speech/preemption.py): Ctrl-C or a scheduler's signal to the whole process group must not kill the
+    # workers first (torch would then fail the step in progress). They end when their loader shuts them down, when
+    # their parent dies (torch's watchdog), or at the parent's exit (`_kill_leftover_workers`).
+    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(stop, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """At exit, multiprocessing ends daemonic children with SIGTERM and then joins them; our workers ignore
+    SIGTERM, so a loader left mid-pass (a run stopped before the end of its data) would hang the exit. Registered
+    after multiprocessing's own exit hook, so it runs before it (atexit is last in, first out)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------

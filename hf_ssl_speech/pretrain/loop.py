@@ -610,6 +610,8 @@ def _train(run: Run, stop: StopRequest, progress: bool) -> PretrainResult:
             stopped_by = "max_minutes"
             break
     bar.close()
+    # Shuts the data workers down now (a pass left half-read keeps them waiting, and they ignore stop signals).
+    batches.close()
     return _finish(run, last_saved, stopped_by, latest_metrics, valid_metrics)
 
 
