@@ -2,7 +2,7 @@
 """Fine-tune a pretrained Conformer encoder for speech recognition with CTC, using the stock Trainer.
 
     python scripts/finetune_ctc.py --config configs/finetune/ctc_demo.yaml \\
-        --model_name_or_path runs/tiny_nest/checkpoints/checkpoint-00000300/model
+        --model_name_or_path runs/tiny_nest/model
     python scripts/finetune_ctc.py --config configs/finetune/ctc_base.yaml \\
         --model_name_or_path runs/pretrain/checkpoints/checkpoint-00100000/model \\
         --train_manifests train.jsonl --eval_manifests dev.jsonl test.jsonl max_steps=20000

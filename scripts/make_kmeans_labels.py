@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Frame labels for the HuBERT objective: k-means on one layer of a checkpoint's hidden states.
 
-    python scripts/make_kmeans_labels.py --checkpoint runs/tiny_nest/checkpoints/checkpoint-00000300/model \\
+    python scripts/make_kmeans_labels.py --checkpoint runs/tiny_nest/model \\
         --manifest demo_corpus/train.jsonl --output-dir data/kmeans_l2 --layer 2 --num-clusters 100
 
     python scripts/make_kmeans_labels.py --features mfcc --manifest demo_corpus/pretrain.jsonl \\

@@ -390,3 +390,29 @@ def test_sigterm_during_ctc_finetuning_writes_trainers_checkpoint_and_resumes(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 6
     assert (output / "results.json").is_file()
+
+
+def test_a_time_capped_run_says_so_first_and_its_model_has_a_stable_path(tmp_path):
+    run = recipe(tmp_path, "run", 50, 100)
+    proc = pretrain(tmp_path, ["--config", str(run), "--no_progress", "train.max_minutes=0.0001"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout.split("\n\n")[-1].splitlines()
+    assert summary[0] == (
+        "Stopped by train.max_minutes=0.0001 after 1 of 50 optimiser steps in run: continue with the same command "
+        "and --resume (or raise train.max_minutes)."
+    )
+    assert summary[-1] == "Load it:      import hf_ssl_speech; AutoModel.from_pretrained('run/model')"
+    assert os.readlink(tmp_path / "run" / "model") == "checkpoints/checkpoint-00000001/model"
+
+    proc = pretrain(tmp_path, ["--config", str(run), "--no_progress", "--resume", "train.max_minutes=0.0001"])
+    assert proc.returncode == 0 and "after 2 of 50" in proc.stdout, proc.stderr[-3000:]
+    assert os.readlink(tmp_path / "run" / "model") == "checkpoints/checkpoint-00000002/model"
+
+    from transformers import AutoModel
+
+    import hf_ssl_speech  # noqa: F401 - registers the Auto classes
+
+    model = AutoModel.from_pretrained(tmp_path / "run" / "model")
+    saved = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-00000002" / "model" / "model.safetensors")
+    for name, value in model.state_dict().items():  # the encoder of the pretraining model saved at step 2
+        assert torch.equal(value, saved[f"conformer.{name}"]), name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import run_command
@@ -62,6 +63,10 @@ def main(argv: list[str]) -> int:
     """Parse, load the recipe, (make the demo corpus), check its paths, pretrain, report."""
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume train.max_steps=600`: argparse gives --resume the override as its CHECKPOINT value.
+        overrides.insert(0, args.resume)
+        args.resume = True
     if args.push_to_hub:
         overrides.append(f"train.push_to_hub={args.push_to_hub}")
     recipe = load_recipe(args.config or DEFAULT_RECIPE, overrides)
