@@ -1,4 +1,5 @@
-"""The pretraining loop, readable top to bottom: recipe -> accelerate -> model, data -> steps -> checkpoints.
+"""The pretraining loop, readable top to bottom: `setup` -> `train_step` -> `log_train` / `evaluate` /
+`save_checkpoint`, driven by `_train`; `pretrain` is the entry point.
 
 One optimiser step = `train.grad_accum` micro-batches. For each micro-batch every process featurises its own
 batch (the data plan gives each rank different batches), runs `ConformerSslForPreTraining`, sums the
@@ -8,7 +9,9 @@ teacher's step (data2vec, dinosr: `update_teacher` with statistics summed over m
 `log_steps` the global losses go to TensorBoard and the progress bar, every `eval_steps` the held-out
 manifests are scored with fixed masks, every `save_steps` an atomic checkpoint is written (with the loss-curve
 PNG and a model card). `resume` continues a run exactly: weights, optimiser, schedule, RNGs, mask generator,
-data position.
+data position. After every step the processes agree (one all-reduce) on whether to stop early: `train.max_minutes`
+ran out, or a stop signal (SIGTERM / SIGUSR1 / SIGINT, `hf_ssl_speech.preemption`) reached any of them; either way
+the step is checkpointed first.
 """
 
 from __future__ import annotations
