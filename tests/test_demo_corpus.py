@@ -255,6 +255,11 @@ def test_a_demo_corpus_made_before_the_valid_split_is_rebuilt_on_use(tmp_path, c
     dc.ensure_demo_corpus(old, minutes=0.3)
     assert "rebuilding it" in capsys.readouterr().out
     assert _manifest(old, "valid") and dc._read_summary(old)["params"]["valid_fraction"] == 0.1
+    # ...with the README's LM text: grammar sentences, none inside a valid or test utterance
+    lm_text = (old / "lm_text.txt").read_text().splitlines()
+    assert len(lm_text) == dc.DEMO_LM_SENTENCES and all(lm_text)
+    held = "\n".join(row["text"].lower() for split in ("valid", "test") for row in _manifest(old, split))
+    assert not [sentence for sentence in lm_text if sentence in held]
     # a corpus made there with other parameters is still refused, naming them
     other = tmp_path / "other"
     dc.make_demo_corpus(other, 0.3, seed=0, engines=["espeak"], valid_fraction=0.0, progress=False, num_workers=2)

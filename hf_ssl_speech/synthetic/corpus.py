@@ -1103,7 +1103,32 @@ def ensure_demo_corpus(folder: str | os.PathLike = DEMO_DIR, minutes: float = DE
         elif state.is_main_process and not (folder / "summary.json").is_file():
             print(f"Building the demo corpus ({minutes:g} min of synthetic speech) in {folder}")
         make_demo_corpus(folder, minutes=minutes, seed=seed, progress=state.is_main_process, overwrite=stale)
+        if state.is_main_process:
+            write_demo_lm_text(folder, seed)
     return folder
+
+
+DEMO_LM_SENTENCES = 5000  # a 3-gram over the demo grammar: enough to help, seconds for irstlm to build
+
+
+def write_demo_lm_text(folder: Path, seed: int = 0, count: int = DEMO_LM_SENTENCES) -> Path:
+    """`folder/lm_text.txt`: grammar sentences for the README's `build_lm.py` step, none of them inside a valid or
+    test utterance (the LM never saw what it is scored on). Written once, atomically."""
+    from ..experiments.low_resource import lm_sentences  # the experiment's rule; imported late (it loads torch)
+
+    path = folder / "lm_text.txt"
+    if path.is_file():
+        return path
+    held: list[str] = []
+    for split in ("valid", "test"):
+        manifest = folder / f"{split}.jsonl"
+        if manifest.is_file():
+            held += [json.loads(line)["text"] for line in manifest.read_text().splitlines() if line.strip()]
+    sentences, _ = lm_sentences(count, seed + 7, held)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(sentences) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _made_without_valid_split(folder: Path, minutes: float, seed: int) -> bool:
