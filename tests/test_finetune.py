@@ -565,12 +565,15 @@ def test_overfit_on_demo_corpus_speech(tmp_path):
 def test_early_stopping_on_wer_stops_the_run(tmp_path):
     """learning_rate 0 keeps WER constant: with patience 1 the run stops at the second evaluation."""
     manifest = write_tone_corpus(tmp_path / "data", count=4, seed=5)
+    heldout = write_tone_corpus(tmp_path / "data", count=2, seed=6, name="heldout")
     argv = [
         *tiny_scratch_args(),
         "--train_manifests",
         str(manifest),
         "--eval_manifests",
         str(manifest),
+        "--test_manifests",  # scored once with the selected model, never during training
+        str(heldout),
         "--output_dir",
         str(tmp_path / "o"),
         "--use_cpu",
@@ -597,6 +600,8 @@ def test_early_stopping_on_wer_stops_the_run(tmp_path):
     assert result.summary["steps"] == 4
     history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "eval_wer" in entry] == [2, 4]
+    assert [entry for entry in history if "heldout_wer" in entry] == []  # not during training
+    assert result.results["heldout"]["utterances"] == 2 and "wer" in result.results["heldout"]
     # The run says why it ended early instead of leaving the progress bar at 4/50.
     assert result.summary["early_stopped"].startswith("early stopping at step 4 of 50: wer did not improve")
     # The same command again would mix two runs in one folder: refused before any model is built.

@@ -61,7 +61,18 @@ class DataArguments:
         default_factory=list, metadata={"help": "NeMo JSONL manifests to train on (empty: the demo corpus)."}
     )
     eval_manifests: list[str] = field(
-        default_factory=list, metadata={"help": "NeMo JSONL manifests to evaluate on, each reported separately."}
+        default_factory=list,
+        metadata={
+            "help": "NeMo JSONL manifests to evaluate on during training, each reported separately; together they "
+            "select the best checkpoint and drive early stopping."
+        },
+    )
+    test_manifests: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "NeMo JSONL manifests scored once, after training, with the selected model (CTC); never read "
+            "before (no selection or early stopping on them). Default with the demo corpus: its test split."
+        },
     )
     min_duration: float = field(
         default=DataConfig.min_duration, metadata={"help": "Leave out shorter utterances (seconds)."}

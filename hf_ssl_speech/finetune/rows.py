@@ -187,11 +187,15 @@ def resolve_manifests(
 
 
 def demo_test_manifests(data_args: DataArguments, demo_test: Sequence[str] = ("test",)) -> list[str]:
-    """The demo splits evaluated once, after training (never for selection): [] when train manifests are given.
+    """The manifests evaluated once, after training (never for selection): `test_manifests` if given, else the
+    demo's test split when the demo corpus is used, else [].
 
     Paths only; the files are not opened here, so a run reads them first at its end. Call after
     `resolve_manifests`, which makes the demo corpus.
     """
+    if data_args.test_manifests:
+        check_paths(data_args.test_manifests, "test_manifests")  # exists, but not opened until the end
+        return list(data_args.test_manifests)
     if data_args.train_manifests:
         return []
     return [str(Path(data_args.demo_corpus_dir) / f"{split}.jsonl") for split in demo_test]
