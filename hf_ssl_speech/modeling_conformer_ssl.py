@@ -106,6 +106,28 @@ class ConformerSslSubsampling(nn.Module):
         return self.linear(hidden), lengths
 
 
+class ConformerSslFeatureProjection(nn.Module):
+    """w2v-BERT 2.0's front end (subsampling="feature_projection"): LayerNorm -> Linear on every input frame.
+
+    Its frames are already stacked by transformers' `SeamlessM4TFeatureExtractor` (2 fbank frames of 80 bins: 160
+    dims, 20 ms), so time is not reduced: one encoder step per input frame. Named like `ConformerSslSubsampling`'s
+    projection (`linear`) so `get_input_embeddings` finds it the same way.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.num_mel_bins, eps=config.layer_norm_eps)
+        self.linear = nn.Linear(config.num_mel_bins, config.hidden_size)
+
+    def forward(self, input_features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_features (B, T, num_mel_bins); lengths (B,). Returns hidden (B, T, D), zero at padded frames (what
+        Wav2Vec2Bert's encoder does before its first layer), and the same lengths."""
+        hidden = self.linear(self.layer_norm(input_features))
+        if torch.compiler.is_compiling() or bool((lengths < input_features.shape[1]).any()):
+            hidden = hidden.masked_fill(lengths_to_padding_mask(lengths, hidden.shape[1])[..., None], 0.0)
+        return hidden, lengths
+
+
 class ConformerSslRelPositionalEncoding(nn.Module):
     """Transformer-XL sinusoidal embeddings of relative distances T'-1 ... -(T'-1) (sin/cos interleaved)."""
 
@@ -185,15 +207,41 @@ class ConformerSslRotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-class ConformerSslFeedForward(nn.Module):
-    """Linear -> Swish -> dropout -> Linear (the caller halves the residual: macaron)."""
+class ConformerSslRelativeKeyDistances(nn.Module):
+    """Shaw et al. (2018) clipped distances for position_embeddings_type="relative_key" (w2v-BERT 2.0).
+
+    No parameters: every layer's attention holds its own distance embeddings; this module computes once per
+    forward which of them each (query, key) pair uses.
+    """
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__()
-        self.linear1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.attention_bias)
-        self.activation = ACT2FN[config.hidden_act]
+        self.left = config.left_max_position_embeddings
+        self.right = config.right_max_position_embeddings
+        # The clipping bounds as a buffer too: it moves with the model, so the indices are made on its device.
+        self.register_buffer("bounds", torch.tensor([-self.left, self.right]), persistent=False)
+
+    def forward(self, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns (T', T') long: clamp(j - i, -left, right) + left, the row of key j's distance to query i in a
+        (left + right + 1)-row table (dtype is unused: the indices are integers)."""
+        positions = torch.arange(steps, device=self.bounds.device)
+        distance = (positions[None, :] - positions[:, None]).clamp(-self.left, self.right)
+        return distance + self.left
+
+
+class ConformerSslFeedForward(nn.Module):
+    """Linear -> Swish -> dropout -> Linear (the caller halves the residual: macaron).
+
+    `hidden_size` / `activation` default to the config's; the adapter and the intermediate feed-forward of
+    w2v-BERT 2.0 pass their own (output_hidden_size, adapter_act or ReLU)."""
+
+    def __init__(self, config: ConformerSslConfig, hidden_size: int | None = None, activation: str | None = None):
+        super().__init__()
+        hidden_size = hidden_size or config.hidden_size
+        self.linear1 = nn.Linear(hidden_size, config.intermediate_size, bias=config.attention_bias)
+        self.activation = ACT2FN[activation or config.hidden_act]
         self.dropout = nn.Dropout(config.activation_dropout)
-        self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.attention_bias)
+        self.linear2 = nn.Linear(config.intermediate_size, hidden_size, bias=config.attention_bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(hidden))))
@@ -207,16 +255,17 @@ class ConformerSslAttention(nn.Module):
     `output_attentions` take the explicit softmax instead, which also returns the weights.
     """
 
-    def __init__(self, config: ConformerSslConfig):
+    def __init__(self, config: ConformerSslConfig, hidden_size: int | None = None):
         super().__init__()
+        hidden_size = hidden_size or config.hidden_size  # the adapter's attention runs at output_hidden_size
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = hidden_size // config.num_attention_heads
         self.dropout = config.attention_dropout
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.config = config
 
     @property
@@ -375,16 +424,54 @@ class ConformerSslRotaryAttention(ConformerSslAttention):
         return self.attend(query, key, value, attention_bias, output_attentions)
 
 
+class ConformerSslRelativeKeyAttention(ConformerSslAttention):
+    """Self-attention with Shaw et al. (2018) relative position embeddings, as w2v-BERT 2.0 (transformers'
+    Wav2Vec2Bert with position_embeddings_type="relative_key") uses them:
+
+        score(i, j) = (q_i . k_j + q_i . E[clamp(j - i, -left, right)]) / sqrt(d)
+
+    with E this layer's (left + right + 1, d) table. Only left + right + 1 distinct distances exist, so q . E is
+    one (B, H, T', left + right + 1) matmul, gathered into (T', T') by the shared distance indices; the result
+    enters SDPA as an additive bias together with the padding mask.
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__(config)
+        num_distances = config.left_max_position_embeddings + config.right_max_position_embeddings + 1
+        # A bare Parameter, not nn.Embedding, so the no-weight-decay rule finds it by name (an embedding).
+        self.distance_embedding = nn.Parameter(torch.empty(num_distances, self.head_dim))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (B, T', D); position_embeddings (T', T') long distance indices; attention_bias (B, 1, T', T') or
+        None."""
+        query, key, value = self.project(hidden)  # (B, H, T', d)
+        scale = self.head_dim**-0.5
+        per_distance = torch.matmul(query, self.distance_embedding.to(query.dtype).t()) * scale  # (B, H, T', P)
+        index = position_embeddings.expand(*per_distance.shape[:2], -1, -1)  # (B, H, T', T')
+        bias = per_distance.gather(-1, index)
+        if attention_bias is not None:
+            bias = bias + attention_bias
+        return self.attend(query, key, value, bias, output_attentions)
+
+
 # One attention class and one position module per ConformerSslConfig.position_embeddings_type.
 ATTENTION_CLASSES: dict[str, type[ConformerSslAttention]] = {
     "rel_pos": ConformerSslRelPositionAttention,
     "gated_rel_pos": ConformerSslGatedRelPositionAttention,
     "rotary": ConformerSslRotaryAttention,
+    "relative_key": ConformerSslRelativeKeyAttention,
 }
 POSITION_CLASSES: dict[str, type[nn.Module]] = {
     "rel_pos": ConformerSslRelPositionalEncoding,
     "gated_rel_pos": ConformerSslRelPositionBias,
     "rotary": ConformerSslRotaryEmbedding,
+    "relative_key": ConformerSslRelativeKeyDistances,
 }
 
 
@@ -392,14 +479,15 @@ class ConformerSslConvModule(nn.Module):
     """Pointwise (D -> 2D) + GLU -> depthwise conv (k) -> BatchNorm | LayerNorm -> Swish -> pointwise (D -> D).
 
     Pointwise convs are Linear layers over (B, T', D) (same maths as a 1x1 Conv1d, no transposes). Padding is
-    zeroed right before the depthwise conv, the only place where time steps mix. Causal mode pads k - 1 steps
-    on the left instead of (k - 1) / 2 on each side (`conv_time_padding`).
+    zeroed right before the depthwise conv, the only place where time steps mix. Causal mode (`causal`, or
+    `conv_depthwise_causal` alone as in w2v-BERT 2.0) pads k - 1 steps on the left instead of (k - 1) / 2 on each
+    side (`conv_time_padding`).
     """
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__()
         channels, kernel = config.hidden_size, config.conv_depthwise_kernel_size
-        padding, self.causal_padding = conv_time_padding(kernel, config.causal)
+        padding, self.causal_padding = conv_time_padding(kernel, config.causal or config.conv_depthwise_causal)
         bias = config.convolution_bias
         self.pointwise_conv1 = nn.Linear(channels, 2 * channels, bias=bias)
         self.depthwise_conv = nn.Conv1d(channels, channels, kernel, padding=padding, groups=channels, bias=bias)
@@ -461,17 +549,98 @@ class ConformerSslLayer(GradientCheckpointingLayer):
         return self.norm_out(hidden), weights
 
 
+class ConformerSslAdapterLayer(nn.Module):
+    """One layer of w2v-BERT 2.0's adapter (transformers' `Wav2Vec2BertAdapterLayer`, same names): pools time by
+    `adapter_stride`, then attention and a feed-forward, at width E = output_hidden_size.
+
+        residual = GLU(Conv1d_s(LayerNorm(x)))                       the pooled input (E -> 2E -> E)
+        h = residual + Attention(GLU(Conv1d_s(LayerNorm(x))))        its own LayerNorm and conv before attention
+        h = h + FeedForward(LayerNorm(h))                            adapter_act, intermediate_size
+
+    The convs pad `adapter_stride // 2` steps on each side and do not zero padded steps first (Wav2Vec2Bert's
+    adapter does not either: the last valid step may read padded encoder steps, which are outputs of the blocks
+    like any other, and the same in both implementations).
+    """
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        width = config.output_hidden_size or config.hidden_size
+        eps = config.layer_norm_eps
+        kernel, stride = config.adapter_kernel_size, config.adapter_stride
+        self.residual_layer_norm = nn.LayerNorm(width, eps=eps)
+        self.residual_conv = nn.Conv1d(width, 2 * width, kernel, stride=stride, padding=stride // 2)
+        self.self_attn_layer_norm = nn.LayerNorm(width, eps=eps)
+        self.self_attn_conv = nn.Conv1d(width, 2 * width, kernel, stride=stride, padding=stride // 2)
+        self.self_attn = ConformerSslAttention(config, hidden_size=width)
+        self.ffn_layer_norm = nn.LayerNorm(width, eps=eps)
+        self.ffn = ConformerSslFeedForward(config, hidden_size=width, activation=config.adapter_act)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, T', E); attention_bias (B, 1, 1, T'') additive mask of the pooled padded steps, or None.
+        Returns (B, T'', E), T'' = floor((T' + 2 * (stride // 2) - kernel) / stride) + 1."""
+        residual = F.glu(self.residual_conv(self.residual_layer_norm(hidden).transpose(1, 2)), dim=1).transpose(1, 2)
+        pooled = F.glu(self.self_attn_conv(self.self_attn_layer_norm(hidden).transpose(1, 2)), dim=1).transpose(1, 2)
+        query, key, value = self.self_attn.project(pooled)  # (B, H, T'', d): no position term
+        attended, _ = self.self_attn.attend(query, key, value, attention_bias, output_attentions=False)
+        hidden = residual + self.dropout(attended)
+        return hidden + self.ffn(self.ffn_layer_norm(hidden))
+
+
+class ConformerSslAdapter(nn.Module):
+    """w2v-BERT 2.0's adapter (add_adapter): optional Linear + LayerNorm to output_hidden_size, then
+    `num_adapter_layers` x `ConformerSslAdapterLayer`, each dividing the steps by about `adapter_stride`."""
+
+    def __init__(self, config: ConformerSslConfig):
+        super().__init__()
+        width = config.output_hidden_size or config.hidden_size
+        if width != config.hidden_size:
+            self.proj = nn.Linear(config.hidden_size, width)
+            self.proj_layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(ConformerSslAdapterLayer(config) for _ in range(config.num_adapter_layers))
+        self.kernel_size, self.stride = config.adapter_kernel_size, config.adapter_stride
+        self.layerdrop = config.layerdrop
+
+    def output_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Valid steps after one adapter layer: floor((L + 2 * (kernel // 2) - kernel) / stride) + 1, the count
+        Wav2Vec2Bert uses for its masks (equal to the conv's own count when stride // 2 == kernel // 2, as 3 / 2)."""
+        return (lengths + 2 * (self.kernel_size // 2) - self.kernel_size) // self.stride + 1
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (B, T', D), lengths (B,) -> (B, T'', E) and the pooled lengths (B,)."""
+        if hasattr(self, "proj"):
+            hidden = self.proj_layer_norm(self.proj(hidden))
+        for layer in self.layers:
+            # LayerDrop skips a whole adapter layer, pooling included, so the lengths stay (Wav2Vec2Bert shrinks them
+            # anyway, which leaves its CTC lengths wrong for that step; we do not copy that).
+            if self.training and self.layerdrop > 0 and torch.rand([]) <= self.layerdrop:
+                continue
+            lengths = self.output_lengths(lengths)
+            steps = (hidden.shape[1] + 2 * (self.stride // 2) - self.kernel_size) // self.stride + 1
+            padding_mask = lengths_to_padding_mask(lengths, steps)  # (B, T'')
+            attention_bias = None
+            if torch.compiler.is_compiling() or bool(padding_mask.any()):
+                attention_bias = torch.zeros(
+                    padding_mask[:, None, None, :].shape, dtype=hidden.dtype, device=hidden.device
+                )
+                attention_bias = attention_bias.masked_fill(
+                    padding_mask[:, None, None, :], torch.finfo(hidden.dtype).min
+                )
+            hidden = layer(hidden, attention_bias)
+        return hidden, lengths
+
+
 # ----------------------------------------------------------------------------------------------- base
 
 
 @dataclass
 class ConformerSslModelOutput(ModelOutput):
     """
-    last_hidden_state: (B, T', D) output of the last block.
+    last_hidden_state: (B, T', D) output of the last block (with `add_adapter`: the adapter's (B, T'', E)).
     hidden_states: num_hidden_layers + 1 tensors (B, T', D): the scaled subsampling output, then every block.
     attentions: one (B, H, T', T') tensor per block, when asked for.
-    output_lengths: (B,) valid encoder steps per utterance.
-    attention_mask: (B, T') long, 1 on valid encoder steps.
+    output_lengths: (B,) valid steps of last_hidden_state per utterance.
+    attention_mask: (B, T') long, 1 on the valid steps of last_hidden_state.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -496,9 +665,9 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     # Parameters that weight decay must not pull towards zero, besides every 1-d tensor (biases, norm scales,
-    # masked_spec_embed, layer_weights): the rel-pos attention biases u, v, the Gumbel code vectors and the
-    # gated_rel_pos bucket table.
-    _no_weight_decay_names = ("bias_u", "bias_v", "codevectors", "relative_attention_bias")
+    # masked_spec_embed, layer_weights): the rel-pos attention biases u, v, the Gumbel code vectors, the
+    # gated_rel_pos bucket table and the relative_key distance embeddings.
+    _no_weight_decay_names = ("bias_u", "bias_v", "codevectors", "relative_attention_bias", "distance_embedding")
 
     def no_weight_decay_parameters(self) -> set[str]:
         """Names of the parameters that get no weight decay: norms, biases and embeddings, by one rule.
@@ -526,6 +695,10 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             init.ones_(module.gate_scale)  # WavLM: w starts at 1
         elif isinstance(module, ConformerSslRelPositionBias):
             init.normal_(module.relative_attention_bias, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ConformerSslRelativeKeyAttention):
+            init.normal_(module.distance_embedding, mean=0.0, std=self.config.initializer_range)  # an nn.Embedding's
+        elif isinstance(module, ConformerSslRelativeKeyDistances):
+            init.copy_(module.bounds, torch.tensor([-module.left, module.right]))
         elif isinstance(module, ConformerSslRotaryEmbedding):
             init.copy_(module.inv_freq, inverse_frequencies(module.inv_freq.shape[0] * 2, module.base))
         elif isinstance(module, nn.BatchNorm1d) and module.running_mean is not None:
@@ -568,8 +741,15 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
         self.conformer.requires_grad_(True)
 
     def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
-        """Encoder steps for `input_lengths` feature frames: `frames.output_lengths` (ceil(L / subsampling))."""
-        return output_lengths(input_lengths, self.config.subsampling_factor)
+        """Output steps for `input_lengths` feature frames: `frames.output_lengths` (ceil(L / subsampling)), then
+        each adapter layer's pooling (`ConformerSslAdapter.output_lengths`) when `add_adapter`."""
+        config = self.config
+        lengths = output_lengths(input_lengths, config.subsampling_factor)
+        if config.add_adapter:
+            padding = config.adapter_kernel_size // 2
+            for _ in range(config.num_adapter_layers):
+                lengths = (lengths + 2 * padding - config.adapter_kernel_size) // config.adapter_stride + 1
+        return lengths
 
     def _input_lengths(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
@@ -578,16 +758,25 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
 
 
 class ConformerSslModel(ConformerSslPreTrainedModel):
-    """The bare encoder: subsampling -> xscaling -> Conformer blocks. Outputs every layer for probing."""
+    """The bare encoder: subsampling -> xscaling -> Conformer blocks [-> w2v-BERT 2.0's intermediate feed-forward
+    and adapter]. Outputs every layer for probing."""
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__(config)
-        self.subsampling = ConformerSslSubsampling(config)
+        if config.subsampling == "feature_projection":
+            self.subsampling = ConformerSslFeatureProjection(config)
+        else:
+            self.subsampling = ConformerSslSubsampling(config)
         self.position_encoding = POSITION_CLASSES[config.position_embeddings_type](config)
         self.xscale = math.sqrt(config.hidden_size) if config.xscaling else 1.0
         self.dropout = nn.Dropout(config.feat_proj_dropout)
         self.dropout_positions = nn.Dropout(config.dropout_positions)
         self.layers = nn.ModuleList([ConformerSslLayer(config) for _ in range(config.num_hidden_layers)])
+        if config.use_intermediate_ffn_before_adapter:
+            self.intermediate_ffn = ConformerSslFeedForward(config, activation="relu")
+            self.dropout_intermediate = nn.Dropout(config.hidden_dropout)
+        if config.add_adapter:
+            self.adapter = ConformerSslAdapter(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -623,7 +812,8 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
         hidden, lengths = self.subsampling(input_features, lengths)  # (B, T', D)
         hidden = self.dropout(hidden * self.xscale)
         steps = hidden.shape[1]
-        # rel_pos: the sinusoid table (2T'-1, D); gated_rel_pos: the ungated bias (H, T', T'); rotary: (cos, sin).
+        # rel_pos: the sinusoid table (2T'-1, D); gated_rel_pos: the ungated bias (H, T', T'); rotary: (cos, sin);
+        # relative_key: the distance indices (T', T').
         position_embeddings = self.position_encoding(steps, hidden.dtype)
         if self.config.position_embeddings_type == "rel_pos":
             position_embeddings = self.dropout_positions(position_embeddings)
@@ -655,6 +845,11 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
             if output_attentions:
                 all_attentions += (layer_out[1],)
 
+        if self.config.use_intermediate_ffn_before_adapter:  # w2v-BERT 2.0: a half-weight ReLU feed-forward
+            hidden = hidden + 0.5 * self.dropout_intermediate(self.intermediate_ffn(hidden))
+        if self.config.add_adapter:  # pooled steps: last_hidden_state, lengths and mask are the adapter's
+            hidden, lengths = self.adapter(hidden, lengths)
+            padding_mask = lengths_to_padding_mask(lengths, hidden.shape[1])
         output_mask = (~padding_mask).long()
         if not return_dict:
             return tuple(v for v in (hidden, all_hidden, all_attentions, lengths, output_mask) if v is not None)
@@ -682,7 +877,9 @@ class ConformerSslForCTC(ConformerSslPreTrainedModel):
             )
         self.conformer = ConformerSslModel(config)
         self.dropout = nn.Dropout(config.final_dropout)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        # With the adapter, the head reads its width (output_hidden_size, None = hidden_size).
+        width = (config.output_hidden_size or config.hidden_size) if config.add_adapter else config.hidden_size
+        self.lm_head = nn.Linear(width, config.vocab_size)
         self.post_init()
 
     def forward(
@@ -744,6 +941,12 @@ class ConformerSslForSequenceClassification(ConformerSslPreTrainedModel):
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__(config)
+        if config.add_adapter:
+            raise ValueError(
+                "ConformerSslConfig.add_adapter=True: sequence classification reads the blocks' hidden states and "
+                "their lengths, not the adapter's pooled steps (nor does Wav2Vec2BertForSequenceClassification); "
+                "set add_adapter=False."
+            )
         self.conformer = ConformerSslModel(config)
         num_layers = config.num_hidden_layers + 1  # subsampling output + every block
         if config.use_weighted_layer_sum:
@@ -882,6 +1085,11 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
 
     def __init__(self, config: ConformerSslConfig):
         super().__init__(config)
+        if config.add_adapter:
+            raise ValueError(
+                "ConformerSslConfig.add_adapter=True: the objectives read the blocks' hidden states, so the adapter "
+                "would get no gradient; pretrain with add_adapter=False and add the adapter when fine-tuning."
+            )
         self.conformer = ConformerSslModel(config)
         self.objectives = objective_settings(config.objectives)
         entries = [OBJECTIVES[name] for name in OBJECTIVES if name in self.objectives]

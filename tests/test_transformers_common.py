@@ -109,7 +109,7 @@ class ConformerSslModelTester:
         self.parent = parent
         self.config_overrides = dict(config_overrides or {})
         self.subsampling = subsampling
-        self.subsampling_factor = {"striding": 4, "dw_striding": 8}[subsampling]
+        self.subsampling_factor = {"striding": 4, "dw_striding": 8, "feature_projection": 1}[subsampling]
         self.batch_size = batch_size
         self.num_frames = num_frames
         self.num_mel_bins = num_mel_bins
@@ -331,3 +331,21 @@ class ConformerSslRotaryModelTest(CommonTestsBase, unittest.TestCase):
     """Rotary positions (position_embeddings_type="rotary"): no bias, SDPA without attn_mask when unpadded."""
 
     config_overrides = {"position_embeddings_type": "rotary"}
+
+
+@skip_mixin_tests(COVERED_BY_STRIDING, "test_bc_torch_dtype")
+class ConformerSslW2vBertModelTest(CommonTestsBase, unittest.TestCase):
+    """w2v-BERT 2.0's options: feature projection of stacked frames, relative_key attention, LayerNorm causal conv."""
+
+    subsampling = "feature_projection"
+    config_overrides = {
+        "subsampling_factor": 1,
+        "hop_length": 320,
+        "position_embeddings_type": "relative_key",
+        "left_max_position_embeddings": 8,
+        "right_max_position_embeddings": 4,
+        "conv_norm_type": "layer_norm",
+        "conv_depthwise_causal": True,
+        "convolution_bias": False,
+        "xscaling": False,
+    }
