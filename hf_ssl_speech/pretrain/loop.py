@@ -43,6 +43,8 @@ from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
 from .checkpoints import CheckpointManager, check_output_dir
 from .compiling import compile_encoders, pad_to_bucket
+from .features import batch_extractor
+from .init_from import init_source, initialise, resumed_config
 from .malloc import keep_freed_memory
 from .optim import build_optimizer, build_scheduler, ema_decay, gumbel_temperature
 from .recipe import Recipe, check_recipe_paths, model_config, save_recipe
@@ -249,6 +251,7 @@ class Run:
     step: int = 0
     audio_seconds_total: float = 0.0
     resumed_from: Path | None = None
+    encoder_frozen: bool = False  # train.freeze_encoder_steps: the heads-only warm-up is on
 
     @property
     def out_dir(self) -> Path:
@@ -331,8 +334,19 @@ def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
     check_output_dir(out_dir, resume)
     if t.tune_malloc:  # before the model's first large allocation
         keep_freed_memory()
-    config = model_config(recipe)
+    checkpoints = CheckpointManager(out_dir, t.keep_last)
+    start = _resume_path(resume, checkpoints)
+    initialised, extractor = None, None
+    if init_source(recipe) is None:
+        config = model_config(recipe)
+    elif start is not None:  # the checkpoint holds every weight: only its config and extractor are needed
+        config, extractor = resumed_config(start, recipe)
+    else:  # model.init_from on a fresh start: convert the source, load its encoder (and heads), seed the new heads
+        initialised = initialise(recipe, seed=t.seed)
+        config, extractor = initialised.model.config, initialised.feature_extractor
     unused = unused_parameter_reasons(config)
+    if t.freeze_encoder_steps > 0:  # the frozen encoder gets no gradient during the warm-up
+        unused.append(f"train.freeze_encoder_steps={t.freeze_encoder_steps}")
     accelerator, precision = _make_accelerator(recipe, find_unused=bool(unused))
     rank, world = accelerator.process_index, accelerator.num_processes
     fsdp = t.fsdp and world > 1
@@ -341,12 +355,23 @@ def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
     if unused and world > 1 and not fsdp:
         accelerator.print(f"DDP looks for parameters without a gradient every step: {'; '.join(unused)}")
     set_seed(t.seed)
-    model = ConformerSslForPreTraining(config)
+    if initialised is not None:
+        model = initialised.model
+        accelerator.print(initialised.report)
+    else:
+        model = ConformerSslForPreTraining(config)
     compiled = compile_encoders(model, t.compile_mode) if t.compile else None  # in place, before DDP wraps it
-    extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
+    if extractor is None and getattr(config, "subsampling", None) == "feature_projection":
+        from ..interop.w2v_bert import feature_extractor_for  # w2v-BERT 2.0's stacked fbank front end
+
+        extractor = feature_extractor_for(config)
+    elif extractor is None:
+        extractor = ConformerSslFeatureExtractor(feature_size=config.num_mel_bins, hop_length=config.hop_length)
+    extractor = batch_extractor(extractor)
     if fsdp:  # shard before the optimiser exists: it must hold the shards (sharding.py says why not accelerate's)
         model = sharding.shard_model(model.to(accelerator.device), accelerator.device)
-    optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps)
+    # Every parameter is in the optimiser from the start, frozen or not: a resumed run finds the same groups.
+    optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps, o.encoder_lr_scale, o.layer_decay)
     scheduler = build_scheduler(optimizer, o.scheduler, o.warmup_steps, t.max_steps, config.hidden_size, o.lr, o.min_lr)
     if fsdp:  # accelerate keeps the scheduler and the RNG states; model and optimiser state are ours to save
         scheduler = accelerator.prepare(scheduler)
@@ -381,7 +406,7 @@ def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
         generator,
         train_loader,
         valid_loader,
-        CheckpointManager(out_dir, t.keep_last),
+        checkpoints,
         MetricsLogger(accelerator.log if t.report_to != "none" else None),
         NonFiniteGuard(t.max_nonfinite),
         LossTracker(),
@@ -389,7 +414,6 @@ def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
         compiled,
         (model, optimizer) if fsdp else None,
     )
-    start = _resume_path(resume, run.checkpoints)
     if start is not None:
         _restore(run, start)
     if accelerator.is_main_process:
@@ -425,6 +449,7 @@ def train_step(run: Run, batches: Iterator[dict[str, Any]], interval: Interval) 
     )
     finite = True
     teacher_statistics: dict[str, torch.Tensor] = {}  # summed over this step's micro-batches
+    _set_encoder_frozen(run, run.step < t.freeze_encoder_steps)
     for micro in range(t.grad_accum):
         before = time.monotonic()
         batch = next(batches)
@@ -466,6 +491,9 @@ def train_step(run: Run, batches: Iterator[dict[str, Any]], interval: Interval) 
         run.guard.ok(float("nan"), run.step, "loss")
     decay = ema_decay(run.step, o.ema_decay_start, o.ema_decay_end, o.ema_anneal_steps)
     if finite:
+        if run.encoder_frozen:  # no update at all, not even weight decay or a moment decaying on a zero gradient
+            for param in run.unwrapped.conformer.parameters():
+                param.grad = None
         run.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:
             run.scheduler.step()
@@ -474,6 +502,25 @@ def train_step(run: Run, batches: Iterator[dict[str, Any]], interval: Interval) 
         run.step += 1
     run.optimizer.zero_grad(set_to_none=True)
     return StepOutcome(finite, temperature, decay, grad_norm)
+
+
+def _set_encoder_frozen(run: Run, frozen: bool) -> None:
+    """train.freeze_encoder_steps: the encoder takes no gradient while the new heads warm up (the EMA teacher has
+    none anyway). Its parameters stay in the optimiser, so resuming finds the same groups and state. Its batch norms
+    use and keep their running statistics (eval mode, re-applied every step: validation sets train mode again), so
+    the frozen encoder is exactly the source's."""
+    encoder = run.unwrapped.conformer
+    if frozen != run.encoder_frozen:
+        encoder.requires_grad_(not frozen)
+        run.encoder_frozen = frozen
+        if not frozen:
+            encoder.train(run.model.training)
+        if run.step > 0 or not frozen:
+            run.accelerator.print(f"step {run.step}: encoder {'frozen' if frozen else 'unfrozen'}")
+    if frozen:
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def log_train(run: Run, outcome: StepOutcome, interval: Interval) -> dict[str, float]:

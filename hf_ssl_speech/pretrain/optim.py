@@ -9,23 +9,70 @@ from torch import nn
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups of the trainable parameters: weight matrices and conv kernels decay; the norms, biases
+def lr_scale(name: str, num_layers: int, encoder_lr_scale: float = 1.0, layer_decay: float = 1.0) -> float:
+    """The LR multiplier of parameter `name` of `ConformerSslForPreTraining` (continued pretraining).
+
+    Heads (everything outside `conformer.`) get 1. The encoder gets `encoder_lr_scale` times fine-tuning's
+    layer-wise decay (`finetune.optim.layerwise_param_groups`, BEiT / ELECTRA): block k (0-based) of L
+    `layer_decay^(L - k)`, so the top block `layer_decay`, the front end (subsampling, positions) `layer_decay^(L + 1)`.
+    Lower layers hold the most general features, so they move least.
+    """
+    if not name.startswith("conformer."):
+        return 1.0
+    parts = name.split(".")
+    depth = num_layers - int(parts[2]) if parts[1] == "layers" else num_layers + 1
+    return encoder_lr_scale * layer_decay**depth
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    encoder_lr_scale: float = 1.0,
+    layer_decay: float = 1.0,
+) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: weight matrices and conv kernels decay; the norms, biases
     and embeddings of `model.no_weight_decay_parameters()` (the model's one rule, shared with fine-tuning) don't.
+
+    With `encoder_lr_scale` or `layer_decay` other than 1 (and `lr` given), each (decay, `lr_scale`) pair is its own
+    group with `lr * scale`, the heads' groups first (the loop logs the first group's LR). Otherwise the two groups
+    of a run from scratch, exactly as before (a checkpoint's optimiser state keeps loading).
     """
     exempt = model.no_weight_decay_parameters()
-    decay, no_decay = [], []
+    scaled = lr is not None and (encoder_lr_scale != 1.0 or layer_decay != 1.0)
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", 0)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name in exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = lr_scale(name, num_layers, encoder_lr_scale, layer_decay) if scaled else 1.0
+            groups.setdefault((scale, name in exempt), []).append(param)
+    ordered = sorted(groups, key=lambda key: (-key[0], key[1]))
+    if not scaled:  # the historical two groups, both present even when empty
+        ordered = [(1.0, False), (1.0, True)]
+    out = []
+    for scale, no_decay in ordered:
+        group: dict[str, Any] = {
+            "params": groups.get((scale, no_decay), []),
+            "weight_decay": 0.0 if no_decay else weight_decay,
+        }
+        if scaled:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float = 1e-8,
+    encoder_lr_scale: float = 1.0,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`; arguments come from the recipe's `optim` section."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    """AdamW over `param_groups(...)`; arguments come from the recipe's `optim` section."""
+    groups = param_groups(model, weight_decay, lr, encoder_lr_scale, layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 # ---------------------------------------------------------------------------------------------- schedules

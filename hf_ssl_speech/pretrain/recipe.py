@@ -32,7 +32,7 @@ import yaml
 from .. import config_io
 from ..configuration_conformer_ssl import ConformerSslConfig
 from ..data.config import DataConfig
-from ..errors import ConfigError, check_paths
+from ..errors import ConfigError, check_model_source, check_paths
 from ..objectives import OBJECTIVES, objective_settings
 from ..precision import MIXED_PRECISION
 from ..presets import RECIPE_DIR, PresetError, load_preset
@@ -93,6 +93,9 @@ class OptimSection:
     ema_decay_start: float = 0.999  # data2vec 2.0: 0.999 -> 0.99999
     ema_decay_end: float = 0.99999
     ema_anneal_steps: int = 75000
+    # Continued pretraining (model.init_from): the pretrained encoder learns slower than the new heads.
+    encoder_lr_scale: float = 1.0  # LR of the encoder's top block / LR of the heads (e.g. 0.1)
+    layer_decay: float = 1.0  # layer-wise LR decay as in fine-tuning: top block x decay, each block below x decay more
 
 
 @dataclass
@@ -128,6 +131,8 @@ class TrainSection:
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     compile_bucket_frames: int = 128  # a multiple of model.subsampling_factor (128 frames = 1.28 s of audio)
+    # Heads-only warm-up: the encoder (model.init_from) stays frozen for this many optimiser steps, then trains.
+    freeze_encoder_steps: int = 0
 
 
 SECTION_TYPES: dict[str, type] = {"data": DataSection, "optim": OptimSection, "train": TrainSection}
@@ -157,6 +162,8 @@ def model_field_types() -> dict[str, Any]:
     for name, annotation in ConformerSslConfig.__annotations__.items():
         hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
     hints.pop("objectives", None)  # set by the `objectives` section
+    # Not a config field: the checkpoint to continue from (a folder, Hub repo or .nemo; pretrain/init_from.py).
+    hints["init_from"] = str | None
     return hints
 
 
@@ -245,6 +252,31 @@ def validate(recipe: Recipe) -> None:
             "a momentum in [0, 1] (data2vec: 0.999 .. 0.99999)",
         )
     check(o.ema_anneal_steps >= 0, "optim.ema_anneal_steps", o.ema_anneal_steps, "an integer >= 0")
+    check(
+        o.encoder_lr_scale > 0,
+        "optim.encoder_lr_scale",
+        o.encoder_lr_scale,
+        "> 0 (the encoder's LR relative to the heads', e.g. 0.1; train.freeze_encoder_steps freezes it)",
+    )
+    check(0 < o.layer_decay <= 1, "optim.layer_decay", o.layer_decay, "in (0, 1] (e.g. 0.9; 1.0 = no decay)")
+    check(
+        0 <= t.freeze_encoder_steps and (t.freeze_encoder_steps == 0 or t.freeze_encoder_steps < t.max_steps),
+        "train.freeze_encoder_steps",
+        t.freeze_encoder_steps,
+        f"an integer in [0, train.max_steps={t.max_steps}) (the encoder must train after the warm-up)",
+    )
+    check(
+        t.freeze_encoder_steps == 0 or recipe.model.get("init_from") is not None,
+        "train.freeze_encoder_steps",
+        t.freeze_encoder_steps,
+        "0 without model.init_from (a heads-only warm-up needs a pretrained encoder to keep)",
+    )
+    check(
+        t.freeze_encoder_steps == 0 or not t.fsdp,
+        "train.freeze_encoder_steps",
+        t.freeze_encoder_steps,
+        "0 with train.fsdp=true (freezing sharded parameters mid-run is not supported; use DDP for the warm-up)",
+    )
     check(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", t.mixed_precision, f"one of {MIXED_PRECISION}")
     check(t.report_to in REPORT_TO, "train.report_to", t.report_to, f"one of {REPORT_TO}")
     check(
@@ -297,6 +329,12 @@ def check_recipe_paths(recipe: Recipe) -> None:
         raise RecipeError("data.train_manifests is empty: give at least one JSONL manifest of training audio.")
     check_paths(recipe.data.train_manifests, "data.train_manifests", kind="path")
     check_paths(recipe.data.valid_manifests, "data.valid_manifests", kind="path")
+    source = recipe.model.get("init_from")
+    if source is not None:  # before any Hub access: a local-looking path that is not there is named now
+        if str(source).endswith(".nemo"):
+            check_paths([source], "model.init_from", kind="file")
+        else:
+            check_model_source(source, "model.init_from")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -342,7 +380,8 @@ def load_recipe(
 
 def model_config(recipe: Recipe, **extra: Any) -> ConformerSslConfig:
     """The `ConformerSslConfig` of a recipe: its model fields plus the objectives (weights, start steps, layers)."""
-    fields = {**recipe.model, **extra}
+    # init_from is not a config field: `pretrain.init_from` builds the config of such a run from its source.
+    fields = {**{k: v for k, v in recipe.model.items() if k != "init_from"}, **extra}
     try:
         return ConformerSslConfig(**fields, objectives={name: dict(spec) for name, spec in recipe.objectives.items()})
     except ValueError as error:  # the config names the field; say that it comes from the recipe
