@@ -291,3 +291,34 @@ def test_preset_is_the_w2v_bert_2_network():
     preset = preset_config("w2v_bert_2")
     for field in ("subsampling", "num_mel_bins", "hop_length", "position_embeddings_type", "conv_depthwise_causal"):
         assert getattr(preset, field) == getattr(reference, field), field
+
+
+def test_a_converted_w2v_bert_folder_fine_tunes_with_ctc_and_transcribes(tmp_path):
+    """finetune_ctc.py takes a folder converted from w2v-BERT as it is: transformers' SeamlessM4T extractor (not our
+    log-mels), CTC feasibility counted after the adapter's pooling; the result transcribes through the pipeline."""
+    import json
+
+    import soundfile as sf
+    from support import load_script, write_tone_corpus
+    from transformers import pipeline
+
+    from hf_ssl_speech.finetune.ctc import ctc_output_steps
+
+    torch.manual_seed(0)
+    ours = from_wav2vec2_bert(Wav2Vec2BertModel(_small_config(add_adapter=True, num_adapter_layers=1)))
+    source = tmp_path / "converted"
+    ours.save_pretrained(source)
+    feature_extractor_for(ours.config).save_pretrained(source)
+    assert ctc_output_steps(16000, ours.config) == int(ours._get_feat_extract_output_lengths(16000 // 320))
+    manifest = write_tone_corpus(tmp_path / "tones", count=8, seed=0, words=(1, 2), name="train")
+    output = tmp_path / "ctc"
+    argv = ["--model_name_or_path", str(source), "--train_manifests", str(manifest), "--eval_manifests", str(manifest)]
+    argv += ["--output_dir", str(output), "--use_cpu", "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+    result = load_script("finetune_ctc").main(argv)
+    assert result.summary["steps"] == 2 and result.results["train"]["utterances"] == 8
+    asr = pipeline("automatic-speech-recognition", model=str(output))
+    assert type(asr.feature_extractor).__name__ == "SeamlessM4TFeatureExtractor"
+    row = json.loads(manifest.read_text().splitlines()[0])
+    audio, rate = sf.read(manifest.parent / row["audio_filepath"], dtype="float32")
+    assert isinstance(asr({"raw": audio, "sampling_rate": rate})["text"], str)

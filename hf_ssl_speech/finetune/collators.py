@@ -41,7 +41,7 @@ class CtcCollator:
 
     def _collator(self, augment: bool) -> SpeechCollator:
         extractor = self.processor.feature_extractor
-        if augment and self.dither:
+        if augment and self.dither and hasattr(extractor, "dither"):  # SeamlessM4T's fbank (w2v-BERT) has none
             extractor = functools.partial(extractor, dither=extractor.dither)
         return SpeechCollator(extractor, text_to_ids=functools.partial(text_to_ids, self.processor.tokenizer))
 

@@ -24,8 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def ctc_output_steps(num_samples: int, config: ConformerSslConfig) -> int:
-    """Encoder steps (CTC emissions) for an utterance of `num_samples` samples."""
-    return output_lengths(num_frames(num_samples, config.hop_length), config.subsampling_factor)
+    """Encoder steps (CTC emissions) for an utterance of `num_samples` samples (w2v-BERT's adapter pools them
+    further: `adapter_stride` per adapter layer, with the count transformers' Wav2Vec2Bert uses)."""
+    steps = output_lengths(num_frames(num_samples, config.hop_length), config.subsampling_factor)
+    if config.add_adapter:
+        padding = config.adapter_kernel_size // 2
+        for _ in range(config.num_adapter_layers):
+            steps = (steps + 2 * padding - config.adapter_kernel_size) // config.adapter_stride + 1
+    return steps
 
 
 def ctc_min_steps(label_ids: Sequence[int]) -> int:

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import AutoFeatureExtractor
+
 from ..configuration_conformer_ssl import ConformerSslConfig
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..modeling_conformer_ssl import ConformerSslForCTC, ConformerSslForSequenceClassification
@@ -200,24 +202,43 @@ def model_num_mel_bins(
     model_name_or_path: str | None, model_preset: str | None, config_overrides: Any, cache_dir: str | None = None
 ) -> int:
     """Mel bins the model expects (its config's `num_mel_bins`), to build a matching feature extractor."""
+    return model_input_config(model_name_or_path, model_preset, config_overrides, cache_dir).num_mel_bins
+
+
+def model_input_config(
+    model_name_or_path: str | None, model_preset: str | None, config_overrides: Any, cache_dir: str | None = None
+) -> ConformerSslConfig:
+    """The config the fine-tuned model will have (checkpoint or preset, with the overrides): what its features are."""
     overrides = parse_config_overrides(config_overrides)
-    return _model_config(model_name_or_path, model_preset, overrides, cache_dir).num_mel_bins
+    return _model_config(model_name_or_path, model_preset, overrides, cache_dir)
+
+
+def _feature_dims(extractor: Any) -> int:
+    """Feature dimensions an extractor gives: SeamlessM4T's stacks `stride` fbank frames (80 bins x 2 = 160)."""
+    return int(extractor.feature_size) * int(getattr(extractor, "stride", 1))
 
 
 def load_feature_extractor(
-    model_name_or_path: str | None, num_mel_bins: int, cache_dir: str | None = None
-) -> ConformerSslFeatureExtractor:
-    """The checkpoint's feature extractor if it saved one, else our default with `num_mel_bins` bins."""
+    model_name_or_path: str | None, num_mel_bins: int, cache_dir: str | None = None, stacked_fbank: bool = False
+) -> Any:
+    """The checkpoint's feature extractor if it saved one (ours, or transformers' `SeamlessM4TFeatureExtractor` in a
+    folder converted from w2v-BERT), else the default for the model: our log-mels with `num_mel_bins` bins, or with
+    `stacked_fbank` (a `feature_projection` model from scratch) SeamlessM4T's stacked fbank."""
     if model_name_or_path:
         try:
-            extractor = ConformerSslFeatureExtractor.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+            extractor = AutoFeatureExtractor.from_pretrained(model_name_or_path, cache_dir=cache_dir)
         except (OSError, ValueError) as error:
             logger.info("no feature extractor in %s (%s); using the default", model_name_or_path, error)
         else:
-            if extractor.feature_size != num_mel_bins:
+            if _feature_dims(extractor) != num_mel_bins:
                 raise ValueError(
-                    f"{model_name_or_path}: feature extractor has feature_size={extractor.feature_size} but the model "
-                    f"expects num_mel_bins={num_mel_bins}; fix preprocessor_config.json or the config overrides."
+                    f"{model_name_or_path}: feature extractor gives {_feature_dims(extractor)} dimensions but the "
+                    f"model expects num_mel_bins={num_mel_bins}; fix preprocessor_config.json or the config overrides."
                 )
             return extractor
+    if stacked_fbank:
+        from ..interop.w2v_bert import STACK_STRIDE, SeamlessM4TFeatureExtractor
+
+        bins = num_mel_bins // STACK_STRIDE
+        return SeamlessM4TFeatureExtractor(feature_size=bins, num_mel_bins=bins, stride=STACK_STRIDE)
     return ConformerSslFeatureExtractor(feature_size=num_mel_bins)

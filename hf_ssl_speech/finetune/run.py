@@ -30,7 +30,7 @@ from .model_init import (
     init_classification_model,
     init_ctc_model,
     load_feature_extractor,
-    model_num_mel_bins,
+    model_input_config,
 )
 from .optim import build_optimizer, set_encoder_trainable, train_time_options
 from .preempt import PreemptionCallback
@@ -198,10 +198,15 @@ def _train_and_report(
 
 
 def _feature_extractor(model_args: ModelArguments):
-    num_mel_bins = model_num_mel_bins(
+    config = model_input_config(
         model_args.model_name_or_path, model_args.model_preset, model_args.config_overrides, model_args.cache_dir
     )
-    return load_feature_extractor(model_args.model_name_or_path, num_mel_bins, model_args.cache_dir)
+    return load_feature_extractor(
+        model_args.model_name_or_path,
+        config.num_mel_bins,
+        model_args.cache_dir,
+        stacked_fbank=config.subsampling == "feature_projection",
+    )
 
 
 def run_ctc(
