@@ -74,7 +74,9 @@ def main(argv: list[str]) -> int:
         from ..synthetic.corpus import ensure_demo_corpus
 
         ensure_demo_corpus()
-    check_recipe_paths(recipe)  # before any model is built: a missing manifest is one clear line
+    # Before any model is built: a missing manifest is one clear line. With --resume, setup checks model.init_from
+    # only if no checkpoint is found (a checkpoint holds every weight: the source may be gone).
+    check_recipe_paths(recipe, source_needed=args.resume is False)
 
     from accelerate import PartialState
 

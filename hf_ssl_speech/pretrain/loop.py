@@ -330,12 +330,12 @@ def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
     t, o, d = recipe.train, recipe.optim, recipe.data
     out_dir = Path(t.output_dir)
     # Checked by every process before any writes (no process writes until all have joined the Accelerator).
-    check_recipe_paths(recipe)
+    checkpoints = CheckpointManager(out_dir, t.keep_last)
+    start = _resume_path(resume, checkpoints)
+    check_recipe_paths(recipe, source_needed=start is None)  # a resumed run never reads model.init_from again
     check_output_dir(out_dir, resume)
     if t.tune_malloc:  # before the model's first large allocation
         keep_freed_memory()
-    checkpoints = CheckpointManager(out_dir, t.keep_last)
-    start = _resume_path(resume, checkpoints)
     initialised, extractor = None, None
     if init_source(recipe) is None:
         config = model_config(recipe)

@@ -323,14 +323,19 @@ def validate(recipe: Recipe) -> None:
     check(bool(recipe.objectives), "objectives", recipe.objectives, f"at least one objective from {tuple(OBJECTIVES)}")
 
 
-def check_recipe_paths(recipe: Recipe) -> None:
-    """Every manifest the recipe names exists: a `MissingPathError` naming the field, before any model is built."""
+def check_recipe_paths(recipe: Recipe, source_needed: bool = True) -> None:
+    """Every manifest the recipe names exists: a `MissingPathError` naming the field, before any model is built.
+
+    `source_needed=False` (resuming from a checkpoint, which holds every weight and the config) skips
+    `model.init_from`: the source is never read again and may since have been moved or deleted.
+    """
     if not recipe.data.train_manifests:
         raise RecipeError("data.train_manifests is empty: give at least one JSONL manifest of training audio.")
     check_paths(recipe.data.train_manifests, "data.train_manifests", kind="path")
     check_paths(recipe.data.valid_manifests, "data.valid_manifests", kind="path")
     source = recipe.model.get("init_from")
-    if source is not None:  # before any Hub access: a local-looking path that is not there is named now
+    # Before any Hub access: a local-looking path that is not there is named now.
+    if source is not None and source_needed:
         if str(source).endswith(".nemo"):
             check_paths([source], "model.init_from", kind="file")
         else:
