@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,70 @@ def test_a_missing_source_is_refused_unless_a_checkpoint_is_resumed(tmp_path, ca
         err = capsys.readouterr().err
         assert "model.init_from" in err and "no such folder" in err, err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 2. a .nemo source
+def test_init_from_a_nest_nemo_keeps_its_quantizer_and_decoder_head_then_trains(tmp_path):
+    import io
+    import tarfile
+
+    from hf_ssl_speech.interop.nemo_mapping import book_major_rows_to_multisoftmax, rpq_projection_to_nemo
+    from hf_ssl_speech.pretrain.init_from import initialise
+    from hf_ssl_speech.pretrain.loop import pretrain as pretrain_in_process
+    from hf_ssl_speech.pretrain.recipe import load_recipe
+
+    nemo_file, original = _nest_source(tmp_path)
+    manifest = make_corpus(tmp_path / "corpus", count=6, seconds=1.5, vary=True)
+    overrides = [
+        f"model.init_from={nemo_file}",
+        f"data.train_manifests=[{manifest}]",
+        "data.valid_manifests=[]",
+        "data.batch_seconds=4",
+        "data.max_batch_size=4",
+        "data.min_duration=0.5",
+        "data.num_workers=0",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=4",
+        "train.save_steps=4",
+        "train.log_steps=1",
+        "train.report_to=none",
+        "train.mixed_precision=no",
+        "optim.warmup_steps=1",
+        "optim.lr=3e-3",
+    ]
+    recipe = load_recipe(CONTINUE_NEST, overrides)
+    init = initialise(recipe, seed=0)
+    assert "heads loaded: bestrq_head, bestrq_quantizer, masked_spec_embed" in init.report, init.report
+    assert "new: none" in init.report and "nest.nemo" in init.report, init.report
+
+    model = init.model
+    config = model.config
+    assert config.bestrq_num_codebooks == 2 and config.bestrq_normalize_input is False
+    with tarfile.open(nemo_file) as archive:  # the archive's own tensors, NeMo's layouts
+        state = torch.load(io.BytesIO(archive.extractfile("./model_weights.ckpt").read()), weights_only=True)
+    quantizer, head = model.bestrq_quantizer, model.bestrq_head
+    books, classes = config.bestrq_num_codebooks, config.bestrq_codebook_size
+    assert torch.equal(rpq_projection_to_nemo(quantizer.projection), state["quantizer.proj.weight"])
+    assert quantizer.codebooks.dtype == torch.float32
+    assert torch.equal(quantizer.codebooks, state["quantizer.codebooks"].float())
+    head_weight = book_major_rows_to_multisoftmax(head.weight.detach(), classes, books).unsqueeze(-1)
+    assert torch.equal(head_weight, state["decoder.decoder_layers.0.weight"])
+    assert torch.equal(
+        book_major_rows_to_multisoftmax(head.bias.detach(), classes, books), state["decoder.decoder_layers.0.bias"]
+    )
+    assert torch.equal(model.masked_spec_embed, state["mask_processor.mask_embedding"])
+    for name, value in original.state_dict().items():  # and so the model the .nemo was written from, whole
+        assert torch.equal(model.state_dict()[name], value), name
+
+    result = pretrain_in_process(recipe, progress=False)
+    assert result.step == 4
+    history = json.loads((result.checkpoint / "trainer_state.json").read_text())["metrics"]["history"]
+    losses = [row["train/loss"] for row in history if "train/loss" in row]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))), losses
+    # The quantizer is frozen (the targets stay NeMo's) while the encoder and the decoder head train.
+    from safetensors.torch import load_file
+
+    trained = load_file(result.checkpoint / "accelerate" / "model.safetensors")
+    assert torch.equal(trained["bestrq_quantizer.projection"], quantizer.projection)
+    assert torch.equal(trained["bestrq_quantizer.codebooks"], quantizer.codebooks)
+    assert not torch.equal(trained["bestrq_head.weight"], head.weight)
