@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,116 @@ def test_init_from_a_nest_nemo_keeps_its_quantizer_and_decoder_head_then_trains(
     assert torch.equal(trained["bestrq_quantizer.projection"], quantizer.projection)
     assert torch.equal(trained["bestrq_quantizer.codebooks"], quantizer.codebooks)
     assert not torch.equal(trained["bestrq_head.weight"], head.weight)
+
+
+# ---------------------------------------------------------------------------------------------- 3. NeMo's own loss
+def _nemo_python() -> str | None:
+    from test_nemo_convert import nemo_python
+
+    return nemo_python()
+
+
+NEMO_SETUP = (
+    "NeMo not installed: set NEMO_PYTHON to the python of a NeMo 3.0 venv (python3 -m venv /opt/nemo_env && "
+    "/opt/nemo_env/bin/pip install torch==2.13.0 'nemo_toolkit[asr]==3.0.0'; docs/nemo.md)"
+)
+
+
+def _run_nemo(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "NEMO_PARITY_MODELS": "nest"}
+    done = subprocess.run([_nemo_python(), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.nemo
+@pytest.mark.skipif(_nemo_python() is None, reason=NEMO_SETUP)
+def test_nest_first_step_loss_equals_nemos_on_the_same_batch(tmp_path):
+    """Our first continue_nest step from a NeMo-written NEST .nemo has NeMo's loss (and gradient norm).
+
+    Compared: NeMo's `training_step` loss (MultiMLMLoss over the block-masked steps, mean over books) and ours
+    (`ForPreTraining.forward` with the loop's `featurise`: clean features -> targets, noisy -> encoder), both in
+    training mode (BatchNorm batch statistics) on the same two utterances and the same noisy versions of them
+    (white noise into one, the other utterance into the other). Shared, because a random draw cannot be: NeMo's
+    block mask (its RandomBlockMasking draw, given to ours as `mask_time_indices`) and the noisy audio (NeMo's data
+    layer mixes it, ours `mix_for_denoising`). Off on both sides: dither and dropout. Our features are zero-padded to
+    NeMo's frame count (its preprocessor pads to a multiple of 16): BatchNorm's batch statistics in training count
+    the padded steps, and without that padding the losses differ by ~6e-3. Lengths are multiples of 8 frames: NeMo
+    judges a partial last step over 8 frames, ours over its valid frames.
+    """
+    import numpy as np
+    import soundfile as sf
+    from support import make_speech_like
+
+    from hf_ssl_speech.pretrain import loop
+    from hf_ssl_speech.pretrain.features import batch_extractor
+    from hf_ssl_speech.pretrain.init_from import initialise
+    from hf_ssl_speech.pretrain.recipe import load_recipe
+
+    clean = [make_speech_like(3.2, seed=1), make_speech_like(2.56, seed=2)]  # 320 and 256 frames
+    noise = 0.05 * np.random.default_rng(0).standard_normal(len(clean[0]))
+    noisy = [clean[0] + noise, clean[1] + 0.5 * clean[0][: len(clean[1])]]
+    names = []
+    for stem, waves in (("clean", clean), ("noisy", noisy)):
+        for index, wave in enumerate(waves):
+            path = tmp_path / f"{stem}{index}.wav"
+            sf.write(path, np.asarray(wave, dtype=np.float32), 16000, subtype="FLOAT")
+            names.append(str(path))
+    parity = REPO_ROOT / "tests" / "nemo_parity"
+    _run_nemo(str(parity / "make_models.py"), str(tmp_path / "out"), *names[:2])  # NeMo's own NEST .nemo
+    nemo_file = tmp_path / "out" / "nest.nemo"
+    _run_nemo(
+        str(parity / "nest_step.py"), str(nemo_file), str(tmp_path / "nemo_step.pt"), *names[:2], "--", *names[2:]
+    )
+    ref = torch.load(tmp_path / "nemo_step.pt", weights_only=True)
+
+    no_dropout = [
+        f"model.{k}=0.0"
+        for k in ("hidden_dropout", "activation_dropout", "attention_dropout", "feat_proj_dropout", "dropout_positions")
+    ]
+    recipe = load_recipe(CONTINUE_NEST, [f"model.init_from={nemo_file}", "data.dither=0.0", *no_dropout])
+    assert recipe.data.denoising_prob > 0  # the NEST setting: the loop's featurise takes the denoising path
+    init = initialise(recipe, seed=0)
+    assert "heads loaded: bestrq_head, bestrq_quantizer, masked_spec_embed; new: none" in init.report
+    model = init.model.train()
+
+    def read(paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        audio = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in paths]
+        return torch.nn.utils.rnn.pad_sequence(audio, batch_first=True), torch.tensor([len(a) for a in audio])
+
+    waveforms, lengths = read(names[:2])
+    noisy_waveforms, _ = read(names[2:])
+    batch = {"waveforms": waveforms, "waveform_lengths": lengths}
+    mixed = loop.mix_for_denoising
+    loop.mix_for_denoising = lambda *args, **kwargs: (noisy_waveforms, None)  # NeMo's noisy batch, not a new draw
+    try:
+        extractor = batch_extractor(init.feature_extractor)
+        inputs = loop.featurise(batch, extractor, torch.device("cpu"), recipe, torch.Generator(), train=True)
+    finally:
+        loop.mix_for_denoising = mixed
+    frames = ref["frame_mask"].shape[1]
+    extra = frames - inputs["input_features"].shape[1]
+    assert extra > 0
+    inputs = {
+        k: torch.nn.functional.pad(v, (0, 0, 0, extra) if v.dim() == 3 else (0, extra)) for k, v in inputs.items()
+    }
+    lengths = inputs["attention_mask"].sum(-1)
+    assert torch.equal(lengths, ref["feature_lengths"])
+    for ours, theirs in (("target_features", "features"), ("input_features", "noisy_features")):
+        difference = max(float((inputs[ours][i, :n] - ref[theirs][i, :n]).abs().max()) for i, n in enumerate(lengths))
+        assert difference <= 1e-4, (ours, difference)
+
+    out = model(**inputs, mask_time_indices=ref["frame_mask"], step=0, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    # NeMo freezes its mask embedding (RandomBlockMasking freeze: true): compare the gradients both sides have.
+    grads = [p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None and n != "masked_spec_embed"]
+    grad_norm = torch.cat(grads).norm()
+    ours, theirs = float(out.loss.detach()), float(ref["loss"])
+    print(
+        f"first-step loss: ours {ours:.7f}, NeMo {theirs:.7f} (|diff| {abs(ours - theirs):.1e}); grad norm: ours "
+        f"{float(grad_norm):.6f}, NeMo {float(ref['grad_norm']):.6f}; masked steps {int(out.token_mask.sum())}"
+    )
+    assert int(out.token_mask.sum()) == int(ref["masked_steps"]) > 0
+    assert abs(ours - theirs) <= 1e-4
+    assert abs(float(grad_norm) - float(ref["grad_norm"])) <= 1e-4 * float(ref["grad_norm"])
