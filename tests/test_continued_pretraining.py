@@ -1,8 +1,8 @@
 """Continued pretraining: `scripts/convert_checkpoint.py` (every source, and back) and `model.init_from` recipes.
 
-The end-to-end cases build a small random source (Wav2Vec2BertModel, ParakeetEncoder), save it with
-`save_pretrained`, convert it with the command, run 20 steps of a shipped `continue_*.yaml` recipe on a small
-speech-like corpus, and check: the losses are finite and fall (mean of the first 5 logged steps vs the last 5), the
+The end-to-end cases build a small source (a random Wav2Vec2BertModel; a ParakeetEncoder exported from a tiny
+FastConformer pretrained for 30 steps), save it with `save_pretrained`, convert it with the command, run 20 steps
+of a shipped `continue_*.yaml` recipe on a small speech-like corpus, and check: the losses are finite and fall (mean of the first 5 logged steps vs the last 5), the
 encoder at step 0 is the source's (and still is at the end of the heads-only warm-up), and `--to` gives a folder the
 target's own classes load.
 """
@@ -76,7 +76,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _run_and_check(recipe, converted: Path, falls: bool = True) -> None:
+def _run_and_check(recipe, converted: Path) -> None:
     """20 steps (heads-only for the first 10): finite (and falling) losses; the encoder is the source's until step 10."""
     from hf_ssl_speech.pretrain.loop import pretrain
 
@@ -85,7 +85,7 @@ def _run_and_check(recipe, converted: Path, falls: bool = True) -> None:
     losses = _losses(result.checkpoint)
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses))), losses
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first or not falls, (first, last, losses)
+    assert last < first, (first, last, losses)
     source = _encoder_state(converted)
     warm_up_end = result.output_dir / "checkpoints" / "checkpoint-00000010" / "model"
     assert _same(_encoder_state(warm_up_end), source), "the frozen encoder moved during the warm-up"
@@ -146,25 +146,59 @@ def test_w2v_bert_source_continues_with_its_own_objective_and_exports_back(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- Parakeet
+def _trained_parakeet(corpus: Path, folder: Path) -> Path:
+    """A trained ParakeetEncoder: 30 steps of `tiny_nest.yaml` (BEST-RQ, NeMo's own SSL for FastConformers) on a
+    Parakeet-shaped FastConformer (8x, 32 wide, 2 blocks), exported with `interop.parakeet.to_parakeet`.
+
+    Not a random ParakeetEncoder: transformers initialises every conv and linear of one with N(0, 0.02), so with
+    this tiny width the subsampling's output is ~1e-7 and each block's LayerNorm (eps 1e-5) amplifies it ~300x.
+    Such an encoder's features sit at the noise floor: its instance-normalised top layers are targets no decoder
+    predicts (the loss stays at the targets' own energy) and its biases' gradients are ~1e5, so when the encoder
+    unfreezes even a 0.05 % EMA step of the teacher lifts a layer above the instance norm's eps and the targets'
+    energy (and the loss) jumps 2-3x. A trained encoder has neither problem.
+    """
+    from hf_ssl_speech.interop.parakeet import to_parakeet
+    from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
+    from hf_ssl_speech.pretrain.loop import pretrain
+
+    recipe = load_recipe(
+        REPO_ROOT / "configs" / "pretrain" / "tiny_nest.yaml",
+        [
+            "model.subsampling_factor=8",
+            "model.subsampling_conv_channels=16",
+            "model.hidden_size=32",
+            "model.num_attention_heads=2",
+            "model.intermediate_size=64",
+            "model.num_mel_bins=80",
+            f"data.train_manifests=[{corpus}]",
+            "data.valid_manifests=[]",
+            "data.batch_seconds=8",
+            "data.max_batch_size=4",
+            "data.num_workers=0",
+            f"train.output_dir={folder / 'nest'}",
+            "train.max_steps=30",
+            "train.save_steps=30",
+            "train.report_to=none",
+            "train.mixed_precision=no",
+            "train.seed=0",
+            "optim.warmup_steps=3",
+        ],
+    )
+    result = pretrain(recipe, progress=False)
+    trained = ConformerSslForPreTraining.from_pretrained(result.checkpoint / "model").conformer
+    to_parakeet(trained).save_pretrained(folder / "parakeet")
+    return folder / "parakeet"
+
+
 def test_parakeet_source_continues_with_data2vec_and_exports_back(tmp_path, corpus):
-    from transformers import ParakeetEncoder, ParakeetEncoderConfig, ParakeetForRNNT
+    from transformers import ParakeetEncoder, ParakeetForRNNT
 
     from hf_ssl_speech.pretrain.init_from import initialise
 
-    torch.manual_seed(0)
-    config = ParakeetEncoderConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_kernel_size=9,
-        subsampling_conv_channels=16,
-        num_mel_bins=80,
-        dropout=0.0,
-    )
-    ParakeetEncoder(config).save_pretrained(tmp_path / "parakeet")
+    source = _trained_parakeet(corpus, tmp_path)
+    assert ParakeetEncoder.from_pretrained(source).config.hidden_size == 32
     converted = tmp_path / "converted"
-    done = _convert(tmp_path, str(tmp_path / "parakeet"), str(converted))
+    done = _convert(tmp_path, str(source), str(converted))
     assert done.returncode == 0, done.stderr
 
     recipe = _recipe(
@@ -177,21 +211,23 @@ def test_parakeet_source_continues_with_data2vec_and_exports_back(tmp_path, corp
         "objectives.data2vec.decoder_layers=1",
         "objectives.data2vec.decoder_dim=32",
         "objectives.data2vec.decoder_groups=4",
+        # Every step reads all 12 utterances (only the masks differ), so the first and last 5 losses are over the
+        # same audio: with 3 batches of 4 the targets' energy differs ~2x between batches and decides the comparison.
+        "data.batch_seconds=24",
+        "data.max_batch_size=12",
+        # The recipe's shape, shortened: the LR warms up over the heads-only steps, so the decoder reaches its peak
+        # LR as the encoder unfreezes; the teacher keeps the recipe's slow momentum (0.9995 ->).
         "train.freeze_encoder_steps=10",
+        "optim.warmup_steps=10",
         "optim.lr=5e-3",
-        "optim.ema_decay_start=0.99",
-        "optim.ema_anneal_steps=20",
     )
     init = initialise(recipe, seed=0)
-    source = _encoder_state(converted)
-    assert _same(init.model.conformer.state_dict(), source)
-    assert _same(init.model.teacher.state_dict(), source), "the EMA teacher must start as the checkpoint"
+    source_state = _encoder_state(converted)
+    assert _same(init.model.conformer.state_dict(), source_state)
+    assert _same(init.model.teacher.state_dict(), source_state), "the EMA teacher must start as the checkpoint"
     assert "EMA teacher" in init.report
-    # Not "the losses fall": the source here is a random encoder, so the teacher's instance-normalised layer
-    # averages are noise that no decoder predicts in 20 steps (flat during the warm-up at any decoder LR tried,
-    # 2e-3..1e-2), and once the encoder trains the teacher's targets move with it (the loss rises, then falls
-    # slowly). With a trained source the targets are speech features; the w2v-BERT case above shows the fall.
-    _run_and_check(recipe, converted, falls=False)
+    # The loss falls 16-32 % (first 5 vs last 5) over 3 source seeds x 3 run seeds; 25 % here (1.79 -> 1.34).
+    _run_and_check(recipe, converted)
 
     exported = tmp_path / "exported"
     done = _convert(tmp_path, str(tmp_path / "run" / "model"), str(exported), "--to", "parakeet")
