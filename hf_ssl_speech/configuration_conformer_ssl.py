@@ -24,7 +24,7 @@ SUBSAMPLING_TYPES = {
 }
 CONV_NORM_TYPES = ("batch_norm", "layer_norm")
 MASK_STRATEGIES = ("span", "patch", "block")
-MASK_FILLS = ("learned", "noise")
+MASK_FILLS = ("learned", "frozen", "noise")
 CONTRASTIVE_TARGETS = ("quantized", "projected")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 CTC_REDUCTIONS = ("mean", "sum")
@@ -132,7 +132,8 @@ class ConformerSslConfig(PreTrainedConfig):
             mlm, bestrq, hubert, reconstruction, apc, cpc). `layer` indexes the hidden states (-1 = final
             layer, k = output of block k, 0 = subsampling output). None: BEST-RQ alone (the NEST recipe).
         mask_strategy ("span" | "patch" | "block"), mask_time_prob, mask_time_length (in feature frames),
-        mask_time_min_masks, mask_fill ("learned" | "noise"), mask_token_threshold (fraction of a token's
+        mask_time_min_masks, mask_fill ("learned" | "frozen": the same vector, never trained, as NeMo NEST's
+        `RandomBlockMasking(freeze=True)` | "noise"), mask_token_threshold (fraction of a token's
         stacked frames that must be masked for the token to count as masked).
         Gumbel quantizer / contrastive: num_codevector_groups, num_codevectors_per_group, codevector_dim,
         proj_codevector_dim, contrastive_target ("quantized" | "projected"), num_negatives,

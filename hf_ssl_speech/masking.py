@@ -194,21 +194,22 @@ def apply_frame_mask(
     Args:
         features: log-mel features from the feature extractor (model input).
         frame_mask: (batch, T) bool, True = replace.
-        mask_fill: config `mask_fill`: "learned" uses `masked_embed` (the model's `masked_spec_embed`,
-            shape (n_mels,)); "noise" draws fresh N(0, noise_std^2) values per frame (BEST-RQ: 0.1).
-        masked_embed: learned vector for "learned"; gradients flow into it.
+        mask_fill: config `mask_fill`: "learned" and "frozen" use `masked_embed` (the model's `masked_spec_embed`,
+            shape (n_mels,); "frozen" keeps it fixed, as NeMo's NEST does); "noise" draws fresh N(0, noise_std^2)
+            values per frame (BEST-RQ: 0.1).
+        masked_embed: the vector for "learned" / "frozen"; gradients flow into it unless it is frozen.
         generator: randomness for "noise".
     """
-    if mask_fill == "learned":
+    if mask_fill in ("learned", "frozen"):
         if masked_embed is None:
-            raise ValueError("mask_fill='learned' needs masked_embed (the model's masked_spec_embed).")
+            raise ValueError(f"mask_fill={mask_fill!r} needs masked_embed (the model's masked_spec_embed).")
         fill = masked_embed.to(features.dtype).expand_as(features)
     elif mask_fill == "noise":
         gen_device = generator.device if generator is not None else features.device
         noise = torch.randn(features.shape, generator=generator, device=gen_device, dtype=torch.float32)
         fill = (noise * noise_std).to(device=features.device, dtype=features.dtype)
     else:
-        raise ValueError(f"mask_fill={mask_fill!r} is unknown: use 'learned' or 'noise'.")
+        raise ValueError(f"mask_fill={mask_fill!r} is unknown: use 'learned', 'frozen' or 'noise'.")
     return torch.where(frame_mask[..., None], fill, features)
 
 

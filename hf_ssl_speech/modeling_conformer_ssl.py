@@ -1093,8 +1093,10 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         self.conformer = ConformerSslModel(config)
         self.objectives = objective_settings(config.objectives)
         entries = [OBJECTIVES[name] for name in OBJECTIVES if name in self.objectives]
-        if any(entry.reads == "masked" for entry in entries) and config.mask_fill == "learned":
-            self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins))
+        if any(entry.reads == "masked" for entry in entries) and config.mask_fill in ("learned", "frozen"):
+            # "frozen": NeMo NEST's mask embedding, drawn once and never trained (continued NEST stays NeMo's).
+            trainable = config.mask_fill == "learned"
+            self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins), requires_grad=trainable)
         for entry in entries:
             for attribute, build in entry.heads(config).items():
                 if not hasattr(self, attribute):  # shared by two objectives (the Gumbel quantizer): built once

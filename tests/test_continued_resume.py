@@ -213,6 +213,9 @@ def test_init_from_a_nest_nemo_keeps_its_quantizer_and_decoder_head_then_trains(
     assert torch.equal(trained["bestrq_quantizer.projection"], quantizer.projection)
     assert torch.equal(trained["bestrq_quantizer.codebooks"], quantizer.codebooks)
     assert not torch.equal(trained["bestrq_head.weight"], head.weight)
+    # So is the mask embedding (NeMo's RandomBlockMasking freezes it): mask_fill="frozen", as NeMo trains.
+    assert config.mask_fill == "frozen" and not model.masked_spec_embed.requires_grad
+    assert torch.equal(trained["masked_spec_embed"], state["mask_processor.mask_embedding"])
 
 
 # ---------------------------------------------------------------------------------------------- 3. NeMo's own loss

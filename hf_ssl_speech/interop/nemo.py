@@ -378,7 +378,8 @@ def _nest_head(checkpoint: NemoCheckpoint, factor: int, num_mel_bins: int) -> He
         "bestrq_num_codebooks": books,
         "bestrq_codebook_size": classes,
         "bestrq_codebook_dim": dim,
-        "mask_fill": "learned",
+        # NeMo's RandomBlockMasking freezes its mask embedding unless told otherwise (freeze=True by default).
+        "mask_fill": "frozen" if masking.get("freeze", True) else "learned",
         "mask_token_threshold": float(config.get("loss", {}).get("mask_threshold", 0.8)),
     }
     if target_name(masking) == "RandomBlockMasking":
