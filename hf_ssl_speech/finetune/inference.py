@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
 from ..data.audio_io import AudioError, load_audio
-from ..errors import check_model_source, check_paths
+from ..errors import UserError, check_model_source, check_paths
 from ..frames import SAMPLING_RATE
 from .ctc import ctc_outputs
 from .metrics import load_metrics
@@ -136,11 +136,19 @@ def transcribe_files(
     check_model_source(model_name_or_path, "model_name_or_path")
     items_in = collect_inputs(files, manifests)
     from .lm import lm_chatter_to_debug_log
+    from .transducer import is_transducer_folder, load_transducer, transducer_outputs
 
     with lm_chatter_to_debug_log():  # a folder with an LM loads it here too
         processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    processor_lm = load_lm_processor(model_name_or_path, decoder)
-    model = AutoModelForCTC.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
+    transducer = is_transducer_folder(str(model_name_or_path), trust_remote_code)
+    if transducer and (decoder == "lm" or chunk_length_s > 0):
+        # transformers 5.25's ASR pipeline drops the chunk strides of transducer outputs (overlaps would repeat)
+        raise UserError(f"{model_name_or_path} is a transducer: greedy decoding of whole files only (no LM, no chunks)")
+    processor_lm = None if transducer else load_lm_processor(model_name_or_path, decoder)
+    if transducer:
+        model = load_transducer(str(model_name_or_path), trust_remote_code).to(device)
+    else:
+        model = AutoModelForCTC.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
     model.eval()
 
     items, audios, skipped = load_inputs(items_in)
@@ -160,6 +168,8 @@ def transcribe_files(
             for audio in audios:
                 hypotheses.append(asr(audio, chunk_length_s=chunk_length_s, stride_length_s=stride_length_s)["text"])
                 bar.update(1)
+        elif transducer:
+            hypotheses = transducer_outputs(model, processor, audios, batch_size, progress=bar.update)
         else:
             hypotheses, log_probs = ctc_outputs(model, processor, audios, batch_size, progress=bar.update)
             if processor_lm is not None:
