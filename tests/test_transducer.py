@@ -15,6 +15,7 @@ from support import REPO_ROOT, load_script, make_tiny_config, write_tone_corpus
 from transformers import AutoModelForTDT, AutoProcessor, ParakeetProcessor, TrainingArguments, pipeline
 
 from hf_ssl_speech.errors import ConfigError, UserError
+from hf_ssl_speech.finetune import transducer
 from hf_ssl_speech.finetune.args import DataArguments, FinetuneArguments, ModelArguments, parse_args
 from hf_ssl_speech.finetune.rows import manifest_rows
 from hf_ssl_speech.finetune.transducer import (
@@ -112,10 +113,12 @@ def test_conformer_striding_encoder_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchaudio") is not None, reason="torchaudio installed: RNN-T trains")
-def test_rnnt_training_without_torchaudio_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="torchaudio"):
+def test_rnnt_training_without_a_working_torchaudio_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(transducer, "rnnt_loss_problem", lambda: "torchaudio is not installed")
+    with pytest.raises(ConfigError, match="head=rnnt.*torchaudio is not installed.*use head=tdt"):
         load_script("finetune_transducer").main(_args(tmp_path, "unused", tmp_path / "out", "head=rnnt"))
+    if importlib.util.find_spec("torchaudio") is None:
+        assert transducer.rnnt_loss_problem() == "torchaudio is not installed"
 
 
 def test_rnnt_head_folder_transcribes_through_the_pipeline(tmp_path):

@@ -6,17 +6,22 @@ What `scripts/finetune_transducer.py` runs (`run_transducer`). Same arguments, d
 BPE (or unigram) tokenizer trained with HF `tokenizers` on the normalised training transcripts, `<blank>` last (the
 Parakeet convention: blank = vocab_size - 1, also the pad of label batches). The output folder is all stock
 transformers classes (`ParakeetForTDT`, `ParakeetProcessor` = `ParakeetFeatureExtractor` + `ParakeetTokenizer`):
-`AutoProcessor`, `AutoModelForTDT`-style loading and `pipeline("automatic-speech-recognition")` need no package.
+`AutoProcessor`, `AutoModelForTDT` / `AutoModelForRNNT` and `pipeline("automatic-speech-recognition")` need no package.
 
 Training features are our extractor's (NeMo parity, dither for training audio); the saved `ParakeetFeatureExtractor`
 computes the same values on the valid frames (it returns one extra, masked, trailing frame).
 
-Two facts of transformers 5.25 handled here:
+Facts of transformers 5.25 handled here:
 - `ParakeetForTDT.generate` takes the greedy arg-max over the token *and* duration logits, so a model whose
   duration logits win (any freshly initialised joint) emits ids >= vocab_size and crashes in the decoder embedding.
   The saved generation config suppresses those ids (`suppress_tokens`), which the stock pipeline honours.
-- `ParakeetForRNNT`'s loss is `torchaudio.functional.rnnt_loss`: without torchaudio (no wheel for torch 2.13 yet)
-  `--head rnnt` is refused up front.
+- `ParakeetForRNNT`'s loss is `torchaudio.functional.rnnt_loss`: where it cannot run (no torchaudio; torchaudio
+  2.11.1, the newest, installs next to torch 2.13 but its native library does not load) `--head rnnt` is refused
+  up front (`rnnt_loss_problem`). An RNN-T folder still decodes and transcribes.
+- Batched transducer decoding is not the pipeline's: padding changes `ParakeetEncoder`'s outputs on valid frames
+  (its subsampling convs do not re-mask padding, so the conv bias leaks in: ~3e-2 here, ours ~7e-7), and in a
+  batched `generate` an utterance whose frames are exhausted keeps emitting tokens. Evaluation and `transcribe.py`
+  decode each utterance alone (`generate_each`, `transducer_outputs`), as the pipeline does.
 """
 
 from __future__ import annotations
@@ -84,6 +89,24 @@ class TransducerArguments:
     num_decoder_layers: int = field(default=1, metadata={"help": "LSTM layers of the prediction network."})
 
 
+def rnnt_loss_problem() -> str | None:
+    """Why torchaudio's `rnnt_loss` (what `ParakeetForRNNT` trains with) cannot run here, or None when it can.
+
+    torchaudio 2.11.1, the newest release, installs next to torch 2.13 (it asks for torch>=2.11) but its compiled
+    library does not load, so importing it is not enough: a 1-frame loss is computed."""
+    if importlib.util.find_spec("torchaudio") is None:
+        return "torchaudio is not installed"
+    try:
+        import torchaudio.functional
+
+        logits = torch.zeros(1, 1, 2, 2)
+        one = torch.ones(1, dtype=torch.int32)
+        torchaudio.functional.rnnt_loss(logits, one[None] * 0, one, one, blank=1)
+    except Exception as error:  # noqa: BLE001  (an OSError, ImportError or RuntimeError from the native library)
+        return f"torchaudio {getattr(torchaudio, '__version__', '?')} fails: {type(error).__name__}: {error}"
+    return None
+
+
 def check_transducer_arguments(args: TransducerArguments, finetune_args: FinetuneArguments) -> None:
     """Refuse what this path does not do, in one line each, before any data is made."""
     if args.head not in HEADS:
@@ -94,11 +117,13 @@ def check_transducer_arguments(args: TransducerArguments, finetune_args: Finetun
         raise ConfigError(
             f"tokenizer_vocab_size={args.tokenizer_vocab_size}: use at least 8 (blank and <unk> included)"
         )
-    if args.head == "rnnt" and importlib.util.find_spec("torchaudio") is None:
-        raise ConfigError(
-            "head=rnnt: transformers' RNN-T loss (transformers/loss/loss_rnnt.py) is torchaudio's rnnt_loss and "
-            "torchaudio is not installed (no release matches this torch yet); use head=tdt"
-        )
+    if args.head == "rnnt":
+        problem = rnnt_loss_problem()
+        if problem:
+            raise ConfigError(
+                f"head=rnnt: transformers' RNN-T loss (transformers/loss/loss_rnnt.py) is torchaudio's rnnt_loss, "
+                f"which does not run here ({problem}); use head=tdt"
+            )
     unsupported = {
         "freeze_encoder": finetune_args.freeze_encoder,
         "freeze_encoder_steps": finetune_args.freeze_encoder_steps,
@@ -443,6 +468,7 @@ __all__ = [
     "generate_each",
     "build_transducer_tokenizer",
     "check_transducer_arguments",
+    "rnnt_loss_problem",
     "init_transducer_model",
     "is_transducer_folder",
     "load_transducer",
