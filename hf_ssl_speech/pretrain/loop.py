@@ -17,6 +17,7 @@ the step is checkpointed first.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -688,6 +689,12 @@ def _finish(
         )
         accelerator.print(f"Pushed {final / 'model'} to {hub_url}")
     accelerator.wait_for_everyone()
+    # Let the model go before accelerate destroys the process group: DDP's reducer (FSDP's mesh) holds the group, and
+    # a gloo group destroyed later, when the reducer is freed with the GIL held, can deadlock against a gloo thread
+    # that is still releasing the last collective's tensors (it needs the GIL): seen as a hang at the end of a run.
+    run.model = run.optimizer = run.sharded = None
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     return PretrainResult(
         run.out_dir, run.step, final, plot, hub_url, latest_metrics, valid_metrics, data_counts, stopped_by
