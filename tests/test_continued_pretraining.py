@@ -93,6 +93,7 @@ def _run_and_check(recipe, converted: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- w2v-BERT 2.0
+@pytest.mark.slow  # a real run in subprocesses: in the full suite, not the quick subset
 def test_w2v_bert_source_continues_with_its_own_objective_and_exports_back(tmp_path, corpus):
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC, Wav2Vec2BertModel
 
@@ -190,6 +191,7 @@ def _trained_parakeet(corpus: Path, folder: Path) -> Path:
     return folder / "parakeet"
 
 
+@pytest.mark.slow  # a real run in subprocesses: in the full suite, not the quick subset
 def test_parakeet_source_continues_with_data2vec_and_exports_back(tmp_path, corpus):
     from transformers import ParakeetEncoder, ParakeetForRNNT
 
@@ -240,6 +242,7 @@ def test_parakeet_source_continues_with_data2vec_and_exports_back(tmp_path, corp
 
 
 # ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.slow  # a real run in subprocesses: in the full suite, not the quick subset
 def test_a_non_speech_model_is_refused_in_one_line_naming_the_supported_ones(tmp_path):
     from transformers import BertConfig
 

@@ -392,6 +392,7 @@ def test_sigterm_during_ctc_finetuning_writes_trainers_checkpoint_and_resumes(tm
     assert (output / "results.json").is_file()
 
 
+@pytest.mark.slow  # a real run in subprocesses: in the full suite, not the quick subset
 def test_a_time_capped_run_says_so_first_and_its_model_has_a_stable_path(tmp_path):
     run = recipe(tmp_path, "run", 50, 100)
     proc = pretrain(tmp_path, ["--config", str(run), "--no_progress", "train.max_minutes=0.0001"])
