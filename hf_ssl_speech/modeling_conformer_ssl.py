@@ -650,6 +650,17 @@ class ConformerSslModelOutput(ModelOutput):
     attention_mask: torch.LongTensor | None = None
 
 
+def encoder_output_lengths(input_lengths: torch.Tensor | int, config: ConformerSslConfig) -> torch.Tensor | int:
+    """Output steps for `input_lengths` feature frames: `frames.output_lengths` (ceil(L / subsampling)), then
+    each adapter layer's pooling (`ConformerSslAdapter.output_lengths`) when `add_adapter`."""
+    lengths = output_lengths(input_lengths, config.subsampling_factor)
+    if config.add_adapter:
+        padding = config.adapter_kernel_size // 2
+        for _ in range(config.num_adapter_layers):
+            lengths = (lengths + 2 * padding - config.adapter_kernel_size) // config.adapter_stride + 1
+    return lengths
+
+
 class ConformerSslPreTrainedModel(PreTrainedModel):
     config_class = ConformerSslConfig
     config: ConformerSslConfig
@@ -741,15 +752,7 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
         self.conformer.requires_grad_(True)
 
     def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
-        """Output steps for `input_lengths` feature frames: `frames.output_lengths` (ceil(L / subsampling)), then
-        each adapter layer's pooling (`ConformerSslAdapter.output_lengths`) when `add_adapter`."""
-        config = self.config
-        lengths = output_lengths(input_lengths, config.subsampling_factor)
-        if config.add_adapter:
-            padding = config.adapter_kernel_size // 2
-            for _ in range(config.num_adapter_layers):
-                lengths = (lengths + 2 * padding - config.adapter_kernel_size) // config.adapter_stride + 1
-        return lengths
+        return encoder_output_lengths(input_lengths, self.config)
 
     def _input_lengths(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:

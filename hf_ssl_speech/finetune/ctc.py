@@ -15,8 +15,8 @@ from transformers import (
 )
 
 from ..configuration_conformer_ssl import ConformerSslConfig
-from ..frames import SAMPLING_RATE, num_frames, output_lengths
-from ..modeling_conformer_ssl import ConformerSslForCTC
+from ..frames import SAMPLING_RATE, num_frames
+from ..modeling_conformer_ssl import ConformerSslForCTC, encoder_output_lengths
 from .metrics import load_metrics
 from .text import normalize_transcript, text_to_ids
 
@@ -26,12 +26,7 @@ logger = logging.getLogger(__name__)
 def ctc_output_steps(num_samples: int, config: ConformerSslConfig) -> int:
     """Encoder steps (CTC emissions) for an utterance of `num_samples` samples (w2v-BERT's adapter pools them
     further: `adapter_stride` per adapter layer, with the count transformers' Wav2Vec2Bert uses)."""
-    steps = output_lengths(num_frames(num_samples, config.hop_length), config.subsampling_factor)
-    if config.add_adapter:
-        padding = config.adapter_kernel_size // 2
-        for _ in range(config.num_adapter_layers):
-            steps = (steps + 2 * padding - config.adapter_kernel_size) // config.adapter_stride + 1
-    return steps
+    return encoder_output_lengths(num_frames(num_samples, config.hop_length), config)
 
 
 def ctc_min_steps(label_ids: Sequence[int]) -> int:
