@@ -116,6 +116,32 @@ def _model_config(
     )
 
 
+def _head_model(
+    model_class: type,
+    config: ConformerSslConfig,
+    model_name_or_path: str | None,
+    from_scratch: bool,
+    cache_dir: str | None,
+) -> tuple[Any, LoadReport | None]:
+    """`model_class` from scratch, or with the checkpoint's encoder (our one load line, a loud warning for missing
+    encoder tensors); the report is None from scratch."""
+    if from_scratch or not model_name_or_path:
+        if not from_scratch:
+            raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
+        return model_class(config), None
+    with without_load_report():
+        model, info = model_class.from_pretrained(
+            model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            cache_dir=cache_dir,
+        )
+    report = _load_report(info)
+    _warn_encoder_keys(report, model_name_or_path)
+    return model, report
+
+
 def init_ctc_model(
     vocab_size: int,
     pad_token_id: int = 0,
@@ -143,21 +169,7 @@ def init_ctc_model(
     """
     overrides = {**parse_config_overrides(config_overrides), "vocab_size": vocab_size, "pad_token_id": pad_token_id}
     config = _model_config(model_name_or_path, model_preset, overrides, cache_dir)
-    if from_scratch or not model_name_or_path:
-        if not from_scratch:
-            raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
-        return ConformerSslForCTC(config), None
-    with without_load_report():
-        model, info = ConformerSslForCTC.from_pretrained(
-            model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            cache_dir=cache_dir,
-        )
-    report = _load_report(info)
-    _warn_encoder_keys(report, model_name_or_path)
-    return model, report
+    return _head_model(ConformerSslForCTC, config, model_name_or_path, from_scratch, cache_dir)
 
 
 def init_classification_model(
@@ -181,21 +193,7 @@ def init_classification_model(
     config = _model_config(model_name_or_path, model_preset, overrides, cache_dir)
     config.label2id = dict(label2id)
     config.id2label = {index: name for name, index in label2id.items()}
-    if from_scratch or not model_name_or_path:
-        if not from_scratch:
-            raise ValueError("--model_preset without --model_name_or_path builds a random model: add --from_scratch")
-        return ConformerSslForSequenceClassification(config), None
-    with without_load_report():
-        model, info = ConformerSslForSequenceClassification.from_pretrained(
-            model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            cache_dir=cache_dir,
-        )
-    report = _load_report(info)
-    _warn_encoder_keys(report, model_name_or_path)
-    return model, report
+    return _head_model(ConformerSslForSequenceClassification, config, model_name_or_path, from_scratch, cache_dir)
 
 
 def model_num_mel_bins(
