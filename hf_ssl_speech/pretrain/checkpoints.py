@@ -153,7 +153,7 @@ class CheckpointManager:
                     feature_extractor.save_pretrained(tmp / "model")
         except Exception as error:  # noqa: BLE001 - diagnosed in _write_error, re-raised unless the disk refused it
             failure = error
-        failed = _failed_anywhere(accelerator, failure is not None)  # also the barrier: every part is written
+        (failed,) = any_process(accelerator, failure is not None)  # also the barrier: every part is written
         if accelerator.is_main_process and not failed:
             try:
                 if before_rename is not None:
@@ -164,7 +164,7 @@ class CheckpointManager:
                 _fsync_dir(tmp)
             except Exception as error:  # noqa: BLE001
                 failure = error
-        if failed or _failed_anywhere(accelerator, failure is not None):
+        if failed or any_process(accelerator, failure is not None)[0]:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # the previous complete checkpoint stays as it was
             accelerator.wait_for_everyone()
@@ -288,12 +288,13 @@ def _write_failure_reason(failure: BaseException | None) -> str | None:
     return None
 
 
-def _failed_anywhere(accelerator: Any, failed: bool) -> bool:
-    """True on every process if `failed` is True on any one of them."""
+def any_process(accelerator: Any, *flags: object) -> tuple[bool, ...]:
+    """Each flag: True if it is set on any process (one all-reduce for all of them)."""
+    local = [bool(flag) for flag in flags]
     if accelerator.num_processes == 1:
-        return failed
-    flag = torch.tensor([float(failed)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, "sum").item() > 0)
+        return tuple(local)
+    total = accelerator.reduce(torch.tensor([float(f) for f in local], device=accelerator.device), "sum")
+    return tuple(bool(v > 0) for v in total.tolist())
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:

@@ -42,7 +42,7 @@ from ..precision import describe, launch_device, resolve_mixed_precision
 from ..preemption import StopRequest
 from . import sharding
 from .bookkeeping import CodeUsage, LossTracker, MetricsLogger, NonFiniteGuard, backward_loss, global_totals
-from .checkpoints import CheckpointManager, check_output_dir
+from .checkpoints import CheckpointManager, any_process, check_output_dir
 from .compiling import compile_encoders, pad_to_bucket
 from .features import batch_extractor
 from .init_from import init_source, initialise, resumed_config
@@ -636,7 +636,7 @@ def _train(run: Run, stop: StopRequest, progress: bool) -> PretrainResult:
             )
             interval = Interval(time.monotonic())
         # Every process stops at the same step: wall clocks and signals differ between processes.
-        out_of_time, preempted = _any_process(
+        out_of_time, preempted = any_process(
             accelerator, t.max_minutes is not None and time.monotonic() - started > 60 * t.max_minutes, stop.received
         )
         done = run.step >= t.max_steps or out_of_time or preempted
@@ -699,15 +699,6 @@ def _finish(
     return PretrainResult(
         run.out_dir, run.step, final, plot, hub_url, latest_metrics, valid_metrics, data_counts, stopped_by
     )
-
-
-def _any_process(accelerator: Accelerator, *flags: object) -> tuple[bool, ...]:
-    """Each flag: True if it is set on any process (one all-reduce for all of them)."""
-    local = [bool(flag) for flag in flags]
-    if accelerator.num_processes == 1:
-        return tuple(local)
-    total = accelerator.reduce(torch.tensor([float(f) for f in local], device=accelerator.device), "sum")
-    return tuple(bool(v > 0) for v in total.tolist())
 
 
 def recipe_name(recipe: Recipe) -> str:
