@@ -9,7 +9,9 @@
         --train_manifests train.jsonl --eval_manifests dev.jsonl tokenizer_vocab_size=256 max_steps=20000
 
 Same arguments, recipe layer and output-folder rules as finetune_ctc.py, plus `head`, `tokenizer_vocab_size`,
-`tokenizer_model` (bpe/unigram), `decoder_hidden_size`, `num_decoder_layers` (`--help` lists them all). The output
+`tokenizer_model` (bpe/unigram), `decoder_hidden_size`, `num_decoder_layers`, `predictor_from` (a
+scripts/pretrain_predictor.py folder: its tokenizer, and the prediction network starts from its text-trained
+weights), `tokenizer_from` (a saved tokenizer alone) (`--help` lists them all). The output
 folder is stock transformers (ParakeetForTDT + ParakeetProcessor with a BPE tokenizer trained on the training text):
 `pipeline("automatic-speech-recognition", model=folder)` and scripts/transcribe.py transcribe it. An encoder that
 transformers' ParakeetEncoder cannot hold (a Conformer with 4x `striding`, ...) is refused in one line. The run is

@@ -28,6 +28,12 @@ COMMANDS = {
         "--model_name_or_path",
         MISSING,
     ),
+    "finetune_transducer": (
+        ["finetune_transducer.py", "--model_name_or_path", MISSING],
+        "--model_name_or_path",
+        MISSING,
+    ),
+    "pretrain_predictor": (["pretrain_predictor.py", "--text", MISSING, "--output_dir", "out"], "--text", MISSING),
     "build_lm": (["build_lm.py", MISSING, "--text", "lm_sentences.txt"], "model", MISSING),
     "convert_nemo": (["convert_nemo_checkpoint.py", "runs/model.nemo", "out"], "nemo_file", "runs/model.nemo"),
 }

@@ -7,6 +7,9 @@ BPE (or unigram) tokenizer trained with HF `tokenizers` on the normalised traini
 Parakeet convention: blank = vocab_size - 1, also the pad of label batches). The output folder is all stock
 transformers classes (`ParakeetForTDT`, `ParakeetProcessor` = `ParakeetFeatureExtractor` + `ParakeetTokenizer`):
 `AutoProcessor`, `AutoModelForTDT` / `AutoModelForRNNT` and `pipeline("automatic-speech-recognition")` need no package.
+With `predictor_from` (a `scripts/pretrain_predictor.py` folder, `predictor.py`) the tokenizer and the prediction
+network's starting weights come from text-only pretraining (the joint stays new); `tokenizer_from` takes a saved
+tokenizer alone.
 
 Training features are our extractor's (NeMo parity, dither for training audio); the saved `ParakeetFeatureExtractor`
 computes the same values on the valid frames (it returns one extra, masked, trailing frame).
@@ -30,7 +33,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +51,7 @@ from transformers import (
 
 from ..data import DataConfig
 from ..data.augment import SpecAugmentConfig, spec_augment
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError, check_paths
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..frames import SAMPLING_RATE
 from ..interop.parakeet import check_parakeet_compatible, export_parakeet_for_asr
@@ -88,6 +92,20 @@ class TransducerArguments:
     tokenizer_model: str = field(default="bpe", metadata={"help": "bpe or unigram (HF tokenizers trainers)."})
     decoder_hidden_size: int = field(default=320, metadata={"help": "LSTM prediction network and joint width."})
     num_decoder_layers: int = field(default=1, metadata={"help": "LSTM layers of the prediction network."})
+    predictor_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrain_predictor.py folder: its tokenizer is used and the prediction network starts from "
+            "its weights (trained on text); the joint stays new."
+        },
+    )
+    tokenizer_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder with a saved ParakeetTokenizer (a pretrain_predictor.py or finetune_transducer.py "
+            "output folder) to use instead of training one."
+        },
+    )
 
 
 def rnnt_loss_problem() -> str | None:
@@ -162,6 +180,29 @@ def build_transducer_tokenizer(texts: Sequence[str], vocab_size: int, model: str
     return wrapped
 
 
+def check_transducer_tokenizer(tokenizer: Any, source: str) -> None:
+    """Refuse a tokenizer whose last id is not `<blank>` (what Parakeet transducers and the collator expect)."""
+    blank = getattr(tokenizer, "pad_token_id", None)
+    if blank != len(tokenizer) - 1 or tokenizer.convert_ids_to_tokens(blank) != BLANK_TOKEN:
+        raise ConfigError(
+            f"{source}: its pad token (id {blank}) is not {BLANK_TOKEN} as the last of {len(tokenizer)} ids; "
+            "give a tokenizer made by finetune_transducer.py or pretrain_predictor.py"
+        )
+
+
+def load_transducer_tokenizer(path: str | Path, argument: str = "tokenizer_from") -> ParakeetTokenizer:
+    """The `ParakeetTokenizer` saved in a predictor or transducer output folder."""
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(
+            f"{argument} {str(path)!r}: no tokenizer.json there; give a pretrain_predictor.py or "
+            "finetune_transducer.py output folder"
+        )
+    tokenizer = ParakeetTokenizer.from_pretrained(folder)
+    check_transducer_tokenizer(tokenizer, f"{argument} {str(path)!r}")
+    return tokenizer
+
+
 def build_transducer_processor(
     tokenizer: ParakeetTokenizer, num_mel_bins: int, head: str = "tdt"
 ) -> tuple[ParakeetProcessor, ConformerSslFeatureExtractor]:
@@ -176,6 +217,45 @@ def build_transducer_processor(
         preemphasis=ours.preemphasis,
     )
     return ParakeetProcessor(stock, tokenizer, blank_token=BLANK_TOKEN, decoder_type=head), ours
+
+
+def tokens_and_predictor(
+    args: TransducerArguments,
+) -> tuple[TransducerArguments, ParakeetTokenizer | None, tuple[dict[str, torch.Tensor], dict[str, Any]] | None]:
+    """What `predictor_from` / `tokenizer_from` bring: (args with the predictor's decoder sizes, the saved tokenizer
+    or None (train one), (the decoder state dict, the predictor config) or None (a new prediction network))."""
+    if args.predictor_from and args.tokenizer_from:
+        raise ConfigError(
+            f"predictor_from={args.predictor_from!r} and tokenizer_from={args.tokenizer_from!r}: the predictor "
+            "brings its own tokenizer; drop tokenizer_from"
+        )
+    if args.tokenizer_from:
+        check_paths([args.tokenizer_from], "tokenizer_from", "folder")
+        return args, load_transducer_tokenizer(args.tokenizer_from), None
+    if not args.predictor_from:
+        return args, None, None
+    from .predictor import load_predictor  # here, not at the top: predictor.py imports this module
+
+    tokenizer, state, config = load_predictor(args.predictor_from)
+    sizes = {}
+    for name in ("decoder_hidden_size", "num_decoder_layers"):
+        given, saved = getattr(args, name), config[name]
+        if given != saved and given != getattr(TransducerArguments(), name):  # a default is not a request
+            raise ConfigError(
+                f"{name}={given}, but predictor_from={args.predictor_from!r} has {name}={saved}: drop {name} "
+                "(it is taken from the predictor) or pretrain a predictor of that size"
+            )
+        sizes[name] = saved
+    return replace(args, **sizes), tokenizer, (state, config)
+
+
+def load_prediction_network(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str
+) -> None:
+    """The pretrained prediction network into `model.decoder`, every tensor (strict)."""
+    model.decoder.load_state_dict(state, strict=True)
+    perplexity = config.get("results", {}).get("perplexity")
+    logger.info("prediction network: %d tensors from %s (text perplexity %s)", len(state), source, perplexity)
 
 
 # ============================================================================================ model
@@ -376,6 +456,8 @@ def run_transducer(
     """TDT / RNN-T fine-tuning with the stock `Trainer`; the output folder is a stock Parakeet model + processor
     (`pipeline("automatic-speech-recognition", model=output_dir)` transcribes it) plus run.py's reports."""
     check_transducer_arguments(transducer_args, finetune_args)
+    # Before any data is made: a wrong folder or size is refused in one line.
+    transducer_args, saved_tokenizer, predictor = tokens_and_predictor(transducer_args)
     check_model_argument(model_args)
     check_output_dir(training_args)
     config = model_input_config(
@@ -404,14 +486,20 @@ def run_transducer(
     eval_rows = [row for rows in eval_sets.values() for row in rows]
     _disable_eval_without_data(training_args, bool(eval_rows))
 
-    tokenizer = build_transducer_tokenizer(
-        [row["text"] for row in train_rows], transducer_args.tokenizer_vocab_size, transducer_args.tokenizer_model
-    )
-    logger.info(
-        "%s tokenizer: %d tokens (blank %d)", transducer_args.tokenizer_model, len(tokenizer), tokenizer.pad_token_id
-    )
+    tokenizer = saved_tokenizer
+    if tokenizer is None:
+        texts = [row["text"] for row in train_rows]
+        tokenizer = build_transducer_tokenizer(
+            texts, transducer_args.tokenizer_vocab_size, transducer_args.tokenizer_model
+        )
+    source = transducer_args.predictor_from or transducer_args.tokenizer_from or "the training transcripts"
+    logger.info("tokenizer: %d tokens (blank %d) from %s", len(tokenizer), tokenizer.pad_token_id, source)
     processor, features = build_transducer_processor(tokenizer, config.num_mel_bins, transducer_args.head)
     model, report = init_transducer_model(transducer_args.head, tokenizer, model_args, transducer_args)
+    if predictor is not None:
+        load_prediction_network(model, *predictor, transducer_args.predictor_from)
+        if report is not None:
+            report.new_head = ["encoder_projector", "joint"]
 
     def load_test_sets() -> dict[str, list[dict[str, Any]]]:
         return {name: eval_rows_of(m) for name, m in zip(set_names[len(eval_manifests) :], test_manifests)}
@@ -450,6 +538,9 @@ def run_transducer(
         "train_utterances": len(train_rows),
         "train_audio_seconds": round(sum(float(row.get("duration") or 0.0) for row in train_rows), 1),
         "vocabulary": len(tokenizer),
+        "predictor": "text" if predictor is not None else "scratch",
+        "predictor_from": transducer_args.predictor_from,
+        "tokenizer_from": transducer_args.tokenizer_from,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     result = _train_and_report(
@@ -472,7 +563,11 @@ __all__ = [
     "rnnt_loss_problem",
     "init_transducer_model",
     "is_transducer_folder",
+    "load_prediction_network",
     "load_transducer",
+    "load_transducer_tokenizer",
+    "check_transducer_tokenizer",
+    "tokens_and_predictor",
     "make_transducer_compute_metrics",
     "run_transducer",
     "transducer_outputs",
