@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain a transducer's prediction network on unpaired text, for finetune_transducer.py --predictor_from.
 
-    python scripts/pretrain_predictor.py --text lm_sentences.txt --output_dir runs/predictor
+    python scripts/pretrain_predictor.py --text lm_sentences.txt --output_dir runs/predictor decoder_hidden_size=96
     python scripts/pretrain_predictor.py --text a.txt b.txt --valid_text dev.txt --output_dir runs/predictor \\
         tokenizer_vocab_size=256 decoder_hidden_size=640 max_steps=5000
     python scripts/finetune_transducer.py --config configs/finetune/tdt_demo.yaml \\
@@ -14,7 +14,8 @@ being the start symbol. Held-out perplexity is reported against an add-one unigr
 `--valid_text` or the last `valid_fraction` of the shuffled sentences. The output folder holds the tokenizer, the
 decoder weights (predictor.safetensors), predictor_config.json and results.json. `--help` lists every argument
 (`--name value` or `name=value`; a `--config` YAML works too). The work is
-`hf_ssl_speech.finetune.predictor.pretrain_predictor`.
+`hf_ssl_speech.finetune.predictor.pretrain_predictor`. The transducer takes `decoder_hidden_size` and
+`num_decoder_layers` from the predictor: a recipe that sets other values (tdt_demo.yaml: 96, 1) is refused.
 """
 
 # No `from __future__ import annotations`: the dataclass below needs real annotations, because tests load this
