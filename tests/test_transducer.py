@@ -163,3 +163,25 @@ def test_tdt_demo_recipe_parses():
     parsed = parse_args(types, ["--config", str(REPO_ROOT / "configs" / "finetune" / "tdt_demo.yaml"), "--use_cpu"])
     assert parsed[0].model_name_or_path == "runs/tiny_nest/model"
     assert parsed[3].head == "tdt" and parsed[3].tokenizer_vocab_size == 64 and parsed[4].max_steps == 20
+
+
+def test_a_parakeet_folder_is_converted_and_its_encoder_fine_tuned_unchanged(tmp_path):
+    """--model_name_or_path a ParakeetForCTC folder (e.g. a converted NVIDIA checkpoint): its encoder is converted to
+    ours for the run and lands in the TDT model weight for weight (learning rate 0: no weight moves)."""
+    from hf_ssl_speech.interop.parakeet import export_parakeet_for_asr
+
+    write_tone_corpus(tmp_path, 4, seed=1, name="train")
+    write_tone_corpus(tmp_path, 2, seed=2, name="valid")
+    torch.manual_seed(0)
+    source = export_parakeet_for_asr(ConformerSslForPreTraining(make_tiny_config(**FAST)).conformer, "ctc", 12)
+    source.save_pretrained(tmp_path / "parakeet_ctc")
+    args = _args(tmp_path, str(tmp_path / "parakeet_ctc"), tmp_path / "out", "learning_rate=0", "weight_decay=0")
+    result = load_script("finetune_transducer").main(args)
+    assert result.load_report is not None and result.load_report.encoder_complete
+    # Parameters: BatchNorm's running statistics do move in training mode, whatever the learning rate.
+    tuned = dict(AutoModelForTDT.from_pretrained(tmp_path / "out").encoder.named_parameters())
+    expected = dict(source.encoder.named_parameters())
+    assert tuned.keys() == expected.keys()
+    assert all(torch.equal(tuned[key], expected[key]) for key in expected)
+    for name in ("README.md", "results.json"):  # the temporary folder of the conversion is gone and named nowhere
+        assert "converted_encoder_" not in (tmp_path / "out" / name).read_text()

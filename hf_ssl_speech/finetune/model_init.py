@@ -240,3 +240,39 @@ def load_feature_extractor(
         bins = num_mel_bins // STACK_STRIDE
         return SeamlessM4TFeatureExtractor(feature_size=bins, num_mel_bins=bins, stride=STACK_STRIDE)
     return ConformerSslFeatureExtractor(feature_size=num_mel_bins)
+
+
+# ============================================================================================ other checkpoints
+CONVERTED_FAMILIES = ("nemo", "parakeet")  # sources whose encoder is converted into ours before fine-tuning
+
+
+@contextmanager
+def converted_source(model_name_or_path: str | None, from_scratch: bool = False) -> Iterator[str | None]:
+    """`model_name_or_path`, or, for a NeMo `.nemo` file or a Parakeet folder / Hub repo, a temporary folder of ours
+    holding its encoder (`interop.convert.load_source`: identical outputs), removed on exit.
+
+    What the fine-tuning scripts load is then always a folder of ours, so every later check (encoder keys, features,
+    Parakeet compatibility) is the same whatever the source was."""
+    import tempfile
+
+    from ..interop.convert import NEMO_SUFFIX, ConversionError, load_source, source_family
+
+    if not model_name_or_path or from_scratch:
+        yield model_name_or_path
+        return
+    family = "nemo" if model_name_or_path.endswith(NEMO_SUFFIX) else None
+    if family is None:
+        try:
+            family = source_family(model_name_or_path)[0]
+        except ConversionError:
+            family = None  # not a convertible source: the normal loading path says what is wrong
+    if family not in CONVERTED_FAMILIES:
+        yield model_name_or_path
+        return
+    source = load_source(model_name_or_path)
+    with tempfile.TemporaryDirectory(prefix="converted_encoder_") as folder:
+        source.model.save_pretrained(folder)
+        source.feature_extractor.save_pretrained(folder)
+        logger.info("%s: converted to our classes (%s)%s", model_name_or_path, source.description,
+                    "; " + "; ".join(source.notes) if source.notes else "")  # fmt: skip
+        yield folder

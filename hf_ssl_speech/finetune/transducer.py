@@ -51,14 +51,22 @@ from transformers import (
 
 from ..data import DataConfig
 from ..data.augment import SpecAugmentConfig, spec_augment
-from ..errors import ConfigError, UserError, check_paths
+from ..errors import ConfigError, UserError, check_model_source, check_paths
 from ..feature_extraction_conformer_ssl import ConformerSslFeatureExtractor
 from ..frames import SAMPLING_RATE
+from ..interop.convert import NEMO_SUFFIX
 from ..interop.parakeet import check_parakeet_compatible, export_parakeet_for_asr
 from ..modeling_conformer_ssl import ConformerSslModel
 from .args import DataArguments, FinetuneArguments, ModelArguments
 from .metrics import load_metrics
-from .model_init import LoadReport, _load_report, _warn_encoder_keys, model_input_config, without_load_report
+from .model_init import (
+    LoadReport,
+    _load_report,
+    _warn_encoder_keys,
+    converted_source,
+    model_input_config,
+    without_load_report,
+)
 from .optim import train_time_options
 from .report import ctc_model_card
 from .rows import decode_rows, demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
@@ -458,8 +466,30 @@ def run_transducer(
     check_transducer_arguments(transducer_args, finetune_args)
     # Before any data is made: a wrong folder or size is refused in one line.
     transducer_args, saved_tokenizer, predictor = tokens_and_predictor(transducer_args)
-    check_model_argument(model_args)
+    if (model_args.model_name_or_path or "").endswith(NEMO_SUFFIX):
+        check_model_source(model_args.model_name_or_path, "--model_name_or_path", marker=None)  # a file
+    else:
+        check_model_argument(model_args)
     check_output_dir(training_args)
+    # A .nemo file or a Parakeet folder / repo: its encoder converted into our classes for the run.
+    with converted_source(model_args.model_name_or_path, model_args.from_scratch) as path:
+        loaded = replace(model_args, model_name_or_path=path)
+        return _run_transducer(
+            loaded, data_args, finetune_args, transducer_args, training_args, saved_tokenizer, predictor,
+            source=model_args.model_name_or_path,
+        )  # fmt: skip
+
+
+def _run_transducer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    finetune_args: FinetuneArguments,
+    transducer_args: TransducerArguments,
+    training_args: TrainingArguments,
+    saved_tokenizer: ParakeetTokenizer | None,
+    predictor: Any,
+    source: str | None,
+) -> FinetuneResult:
     config = model_input_config(
         model_args.model_name_or_path, model_args.model_preset, model_args.config_overrides, model_args.cache_dir
     )
@@ -517,7 +547,7 @@ def run_transducer(
     )
 
     def card(repo_id: str, results: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
-        text = ctc_model_card(repo_id, results, base_model=model_args.model_name_or_path, training_summary=summary)
+        text = ctc_model_card(repo_id, results, base_model=source, training_summary=summary)
         name = {"tdt": "TDT (token-and-duration transducer)", "rnnt": "RNN-T"}[transducer_args.head]
         return (
             text.replace("- ctc\n", f"- {transducer_args.head}\n- parakeet\n")
