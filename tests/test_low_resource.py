@@ -297,7 +297,8 @@ def test_rerun_skips_every_finished_stage(toy, capsys):
     argv = ["--config", str(TOY), "--out", str(work), "--results_dir", str(results), "--models_dir", config.models_dir]
     assert load_script().main(argv) == 0
     assert (
-        "stages: corpus skipped, pretrain skipped, finetune skipped, evaluate skipped, probes skipped, report skipped"
+        "stages: corpus skipped, pretrain skipped, finetune skipped, evaluate skipped, probes skipped, transducer "
+        "skipped, report skipped"
         in (capsys.readouterr().out)
     )
     assert {path: path.stat().st_mtime_ns for path in watched} == before
@@ -412,3 +413,44 @@ def test_shipped_experiment_configs_load_and_their_recipes_exist(path):
         assert (REPO_ROOT / recipe).is_file(), (family, recipe)
     assert Path(config.results_dir).parts[:2] == ("docs", "results")
     assert config.models_dir is None or Path(config.models_dir).parts[:2] == ("docs", "results")
+
+
+# Last in the module: it adds rows to the toy's shared report.
+@pytest.mark.slow
+def test_transducer_stage_puts_tdt_rows_beside_ctc_and_its_models_transcribe(toy):
+    """The TDT stage on the finished toy experiment: predictor on the LM text, every arm on every subset, rows with
+    the CTC rows' fields (head tdt, predictor scratch|text, no LM), a table beside CTC, stock-pipeline folders."""
+    import soundfile as sf
+    from transformers import pipeline
+
+    work, results, config = toy
+    config = dataclasses.replace(config, transducer=dataclasses.replace(config.transducer, enabled=True))
+    result = run_experiment(config, stages=["transducer", "report"], log=lambda line: None)
+    assert result.status["transducer"] == "ran" and result.status["report"] == "ran"
+    document = json.loads((results / "low_resource.json").read_text())
+    tdt = [r for r in document["rows"] if r["head"] == "tdt"]
+    subsets = [s.minutes for s in config.finetune.subsets]
+    arms = {(a.encoder, a.predictor) for a in config.transducer.arms}
+    assert sorted((r["init"], r["predictor"], r["labeled_minutes"]) for r in tdt) == sorted(
+        (*arm, m) for arm in arms for m in subsets
+    )
+    for row in tdt:
+        for key, kind in ROW_TYPES.items():
+            if key not in ("wer_lm", "cer_lm"):
+                assert isinstance(row[key], kind) and not isinstance(row[key], bool), (key, row)
+        assert row["wer_lm"] is None and row["cer_lm"] is None and 0 <= row["cer"] and row["best_step"] <= row["steps"]
+        assert row["objective"] == ("nest" if row["init"] == "pretrained" else "none")
+    assert all(r["head"] == "ctc" and r["predictor"] is None for r in document["rows"] if r not in tdt)
+    predictor = document["transducer"]["predictor"]
+    assert document["transducer"]["family"] == "nest" and math.isfinite(predictor["perplexity"])
+    markdown = (results / "low_resource.md").read_text()
+    table = _table(markdown, "## Transducers (TDT) beside CTC")
+    assert sum(cells[1] == "tdt" for cells in table) == len(tdt)
+    assert {cells[3] for cells in table if cells[1] == "tdt"} == {"scratch", "text"}
+    # A kept TDT folder is a stock Parakeet model: the ASR pipeline transcribes a test utterance with it.
+    test_row = _manifest(work / "corpus" / "test.jsonl")[0]
+    audio, rate = sf.read(work / "corpus" / test_row["audio_filepath"], dtype="float32")
+    asr = pipeline("automatic-speech-recognition", model=str(work / tdt[0]["model"]))
+    assert isinstance(asr({"raw": audio, "sampling_rate": rate})["text"], str)
+    again = run_experiment(config, stages=["transducer"], log=lambda line: None)
+    assert again.status["transducer"] == "skipped"

@@ -14,18 +14,21 @@ from typing import Any
 from .. import config_io
 from ..errors import ConfigError
 
-STAGES = ("corpus", "pretrain", "finetune", "evaluate", "probes", "report")
+# "transducer" sits after "probes" so that adding it left the markers of finished experiments valid.
+STAGES = ("corpus", "pretrain", "finetune", "evaluate", "probes", "transducer", "report")
 INITS = ("pretrained", "probe", "scratch")
 ARMS = ("standard", "in_domain")
+HEADS = ("ctc", "tdt")
 IN_DOMAIN = "@in_domain"  # suffix of a family trained on the in-domain pool: "nest@in_domain"
 ROW_KEYS = {
     "arm": str,  # standard (unlabeled pool of other voices) | in_domain (the pool + unlabeled test-voice audio)
     "objective": str,  # pretraining family, or "none" for scratch baselines
     "labeled_minutes": float,  # the nominal size of the labeled subset (10, 60, ...)
-    "init": str,  # pretrained | probe | scratch
+    "init": str,  # pretrained | probe | scratch (the encoder's start)
+    "head": str,  # ctc (character CTC) | tdt (transformers' ParakeetForTDT, subword tokens)
     "wer": float,  # fraction (0.25 = 25 %) on the held-out-voice test split, greedy CTC
     "cer": float,
-    "wer_lm": float,  # the same model, beam search with the n-gram word LM (weights chosen on validation)
+    "wer_lm": float,  # the same model, beam search with the n-gram word LM (weights chosen on validation); None: tdt
     "cer_lm": float,
     "steps": int,  # fine-tuning optimiser steps
     "wall_s": float,  # fine-tuning wall time
@@ -152,6 +155,45 @@ class ProbeStageSpec:
 
 
 @dataclass
+class TransducerArm:
+    """One transducer run per subset: the encoder's start (`pretrained`: the chosen SSL family, or `scratch`) and
+    the prediction network's (`scratch`, or `text`: pretrained as a next-token model on the LM sentences)."""
+
+    encoder: str = "pretrained"
+    predictor: str = "scratch"
+
+
+@dataclass
+class TransducerStageSpec:
+    """TDT fine-tuning (transformers' `ParakeetForTDT`, `finetune.transducer.run_transducer`) on the same subsets,
+    validation split and test voices as the CTC runs.
+
+    `family` None: the standard-arm family whose pretrained CTC run had the lowest validation CER on the first
+    subset. Every arm uses one tokenizer, trained on the LM sentences with the text predictor, so the arms differ
+    only in their starting weights. `learning_rates[encoder]` is a grid run on the first subset, as for CTC.
+    """
+
+    enabled: bool = False
+    family: str | None = None
+    arms: list[TransducerArm] = field(
+        default_factory=lambda: [
+            TransducerArm("pretrained", "scratch"),
+            TransducerArm("scratch", "scratch"),
+            TransducerArm("pretrained", "text"),
+        ]
+    )
+    learning_rates: dict[str, list[float]] = field(default_factory=lambda: {"pretrained": [1e-3], "scratch": [1e-3]})
+    steps_scale: float = 1.0  # steps of a subset = its CTC steps x this (a transducer may need more)
+    tokenizer_vocab_size: int = 128
+    tokenizer_model: str = "bpe"
+    decoder_hidden_size: int = 160
+    num_decoder_layers: int = 1
+    predictor_steps: int = 2000
+    predictor_batch_size: int = 64
+    predictor_learning_rate: float = 2e-3
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment (configs/experiments/*.yaml). Relative paths resolve against the current folder."""
 
@@ -166,6 +208,7 @@ class ExperimentConfig:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     probes: ProbeStageSpec = field(default_factory=ProbeStageSpec)
+    transducer: TransducerStageSpec = field(default_factory=TransducerStageSpec)
     models_dir: str | None = None  # where the best 10-min models are exported (docs/results/models), None: not
 
 
@@ -244,3 +287,23 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
         rates = f.learning_rates.get(init)
         if not rates or any(not r > 0 for r in rates):
             raise ExperimentError(f"{where}: finetune.learning_rates.{init}={rates}: give one or more rates > 0")
+    t = config.transducer
+    if t.enabled:
+        for index, arm in enumerate(t.arms):
+            if arm.encoder not in ("pretrained", "scratch") or arm.predictor not in ("scratch", "text"):
+                raise ExperimentError(
+                    f"{where}: transducer.arms[{index}]={{encoder: {arm.encoder}, predictor: {arm.predictor}}}: "
+                    "encoder is pretrained or scratch, predictor is scratch or text"
+                )
+            rates = t.learning_rates.get(arm.encoder)
+            if not rates or any(not r > 0 for r in rates):
+                raise ExperimentError(
+                    f"{where}: transducer.learning_rates.{arm.encoder}={rates}: give one or more rates > 0"
+                )
+        if t.family is not None and t.family not in p.recipes:
+            raise ExperimentError(
+                f"{where}: transducer.family={t.family!r} is not a family of pretrain.recipes {sorted(p.recipes)}; "
+                "name one, or null to take the one validation chose"
+            )
+        if not t.arms or t.steps_scale <= 0:
+            raise ExperimentError(f"{where}: transducer.arms must be non-empty and transducer.steps_scale > 0")

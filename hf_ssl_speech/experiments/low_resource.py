@@ -1,6 +1,6 @@
 """The low-resource experiment: does self-supervised pretraining pay when labels are scarce?
 
-`run_experiment(config)` runs five stages, each in its own folder under `config.output_dir` and each skipped
+`run_experiment(config)` runs seven stages, each in its own folder under `config.output_dir` and each skipped
 when its `done.json` marker exists (a marker made with other settings is an error, never silently reused):
 
 1. **corpus**: the demo corpus (`synthetic.corpus.make_demo_corpus`): unlabeled pretraining audio, a labeled pool
@@ -15,7 +15,10 @@ when its `done.json` marker exists (a marker made with other settings is an erro
    (`scratch`; one per distinct encoder architecture, so causal families get a causal baseline). A fixed number
    of steps per subset and no model selection: the test split is never looked at while training.
 4. **evaluate**: greedy-CTC WER/CER of every fine-tuned model on the held-out-voice test split.
-5. **report**: `low_resource.json` (one row per run), `low_resource.md` (tables, corpus, machine, the command),
+5. **probes**: SUPERB-style probes of the frozen encoders (`experiments.probes`).
+6. **transducer** (`transducer.enabled`): TDT fine-tuning of the chosen SSL encoder and its scratch twin, with a
+   prediction network from scratch or pretrained on the LM text (`experiments.transducers`), on the same subsets.
+7. **report**: `low_resource.json` (one row per run), `low_resource.md` (tables, corpus, machine, the command),
    `wer_vs_labeled_minutes.png`, `cer_vs_labeled_minutes.png` and `pretraining_loss.png` in `config.results_dir`.
 
 Everything runs in this process through the library (`pretrain.loop.pretrain`, `finetune.run.run_ctc` on
@@ -80,6 +83,8 @@ from .report import (
     plot_pretraining_losses,
     result_rows,
     selection_rows,
+    transducer_rows,
+    transducer_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -952,22 +957,26 @@ def stage_report(
     pretrained = results["pretrain"]["families"]
     finetuned = results["finetune"]
     chosen = {name: finetuned["runs"][name] for name in finetuned["chosen"]}
-    rows = result_rows(pretrained, chosen, results["evaluate"]["scores"])
-    check_rows(rows)
+    rows = result_rows(pretrained, chosen, results["evaluate"]["scores"])  # CTC: the tables, plots and exports
+    transducer = results.get("transducer") or {}
+    all_rows = rows + transducer_rows(pretrained, transducer)
+    check_rows(all_rows)
     results_dir = Path(config.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
     machine["matmul_peak_gflops"] = round(results["pretrain"].get("matmul_peak_flops", 0.0) / 1e9, 1)
     models = export_models(config, out, rows, pretrained)
     selection = selection_rows(finetuned["runs"], set(finetuned["chosen"]))
+    selection += selection_rows(transducer.get("runs", {}), set(transducer.get("chosen", [])))
     document = {
         "experiment": config.name,
         "command": command,
         "machine": machine,
         "corpus": results["corpus"],
         "pretraining": {k: {key: v for key, v in info.items() if key != "history"} for k, info in pretrained.items()},
-        "rows": rows,
+        "rows": all_rows,
         "selection": selection,
+        "transducer": {"family": transducer.get("family"), "predictor": transducer.get("predictor")},
         "models": models,
     }
     (results_dir / "low_resource.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
@@ -983,6 +992,7 @@ def stage_report(
         selection=selection,
         probes=results.get("probes", {}).get("rows", []),
         models=models,
+        transducer=transducer_table(all_rows, transducer.get("predictor")),
     )
     (results_dir / "low_resource.md").write_text(markdown + "\n")
     plot_error_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
@@ -990,7 +1000,7 @@ def stage_report(
     plot_pretraining_losses(pretrained, results_dir / "pretraining_loss.png")
     return {
         "results_dir": str(results_dir),
-        "rows": len(rows),
+        "rows": len(all_rows),
         "models": models,
         "files": [
             "low_resource.json",
@@ -1044,6 +1054,8 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
         return {"evaluate": dataclasses.asdict(config.evaluate)}
     if stage == "probes":
         return {"probes": dataclasses.asdict(config.probes), "results_dir": str(Path(config.results_dir).resolve())}
+    if stage == "transducer":
+        return {"transducer": dataclasses.asdict(config.transducer)}
     return {"results_dir": str(Path(config.results_dir).resolve()), "models_dir": config.models_dir}
 
 
@@ -1075,7 +1087,9 @@ def run_experiment(
         settings = _stage_settings(config, stage)
         before = STAGES[:index]
         upstream = {s: results[s]["finished_at"] for s in before if s in results}
-        done = stage_done(folder, settings, upstream, f"stage {stage}", strict=stage != "report")
+        # The report, and the transducer stage whose runs guard their own settings (`unit_done`; so it can be
+        # switched on after an experiment finished), simply run again with other settings.
+        done = stage_done(folder, settings, upstream, f"stage {stage}", strict=stage not in ("transducer", "report"))
         if done is not None and not (stage == "report" and stage in requested):
             results[stage], status[stage] = done, "skipped"
             log(f"[{stage}] done before ({folder / DONE}): skipped")
@@ -1099,6 +1113,10 @@ def run_experiment(
             result = stage_evaluate(config, out, results["finetune"])
         elif stage == "probes":
             result = stage_probes(config, out, results["corpus"], results["pretrain"]["families"])
+        elif stage == "transducer":
+            from .transducers import stage_transducer  # imports this module
+
+            result = stage_transducer(config, out, results["pretrain"]["families"], results["finetune"])
         else:
             total = compute_wall_s(results)
             result = stage_report(config, out, results, command, total)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ARMS, INITS, ROW_KEYS, ExperimentError
+from .config import ARMS, HEADS, INITS, ROW_KEYS, ExperimentError
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig
@@ -34,6 +34,8 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
                 "objective": run["objective"],
                 "labeled_minutes": float(run["minutes"]),
                 "init": run["init"],
+                "head": "ctc",
+                "predictor": None,
                 "wer": round(score["wer"], 4),
                 "cer": round(score["cer"], 4),
                 "wer_lm": round(score.get("wer_lm", float("nan")), 4),
@@ -73,6 +75,91 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
     return rows
 
 
+def transducer_rows(pretrained: Mapping[str, Any], transducer: Mapping[str, Any]) -> list[dict]:
+    """One row per kept TDT run (`experiments.transducers`), with the CTC rows' fields: `head` "tdt", `predictor`
+    scratch | text, `init` the encoder's start, no LM (`wer_lm`/`cer_lm` None)."""
+    rows = []
+    for name in transducer.get("chosen", []):
+        run, score = transducer["runs"][name], transducer["scores"][name]
+        family = pretrained.get(run["key"], {})
+        pretrained_encoder = run["encoder"] == "pretrained"
+        rows.append(
+            {
+                "arm": "standard",
+                "objective": run["key"] if pretrained_encoder else "none",
+                "labeled_minutes": float(run["minutes"]),
+                "init": run["encoder"],
+                "head": "tdt",
+                "predictor": run["predictor"],
+                "wer": round(score["wer"], 4),
+                "cer": round(score["cer"], 4),
+                "wer_lm": None,
+                "cer_lm": None,
+                "steps": int(run["steps"]),
+                "wall_s": float(run["wall_s"]),
+                "key": run["key"],
+                "architecture": family.get("architecture", ""),
+                "learning_rate": run["learning_rate"],
+                "best_step": run.get("best_step"),
+                "valid_cer": run.get("valid_cer"),
+                "valid_wer_greedy": score.get("valid", {}).get("wer"),
+                "run": name,
+                "model": run["model"],
+                "train_utterances": run["train_utterances"],
+                "trainable_params": run["trainable_params"],
+                "vocabulary": run.get("vocabulary"),
+                "test_utterances": score["utterances"],
+                "pretrain_steps": family.get("steps", 0) if pretrained_encoder else 0,
+                "pretrain_wall_s": family.get("wall_s", 0.0) if pretrained_encoder else 0.0,
+                "pretrain_audio_hours_seen": family.get("audio_hours_seen", 0.0) if pretrained_encoder else 0.0,
+            }
+        )
+    order = {"pretrained": 0, "scratch": 1}
+    rows.sort(key=lambda r: (r["labeled_minutes"], order[r["init"]], r["predictor"]))
+    return rows
+
+
+def transducer_table(rows: Sequence[Mapping[str, Any]], predictor: Mapping[str, Any] | None) -> list[str]:
+    """The TDT rows beside the CTC rows of the same subsets and encoder starts (greedy; CTC also with the LM)."""
+    tdt = [r for r in rows if r["head"] == "tdt"]
+    if not tdt:
+        return []
+    lines = ["## Transducers (TDT) beside CTC", ""]
+    if predictor:
+        lines += [
+            f"Prediction network `text`: pretrained as a next-token model on the LM sentences "
+            f"({predictor.get('train_sentences')} sentences, {predictor.get('steps')} steps; held-out perplexity "
+            f"{predictor.get('perplexity', float('nan')):.1f} vs {predictor.get('unigram_perplexity', float('nan')):.1f}"
+            f" for a unigram model); one tokenizer ({predictor.get('vocabulary')} BPE tokens, trained on the same "
+            "text) for every TDT arm. TDT decoding is greedy, without the LM. Encoder `pretrained`: the family "
+            "validation chose; CTC rows of the same encoder start for comparison.",
+            "",
+        ]
+    lines += [
+        "| labeled | head | encoder | predictor | CER | WER | CER LM | WER LM | valid CER | lr | best step / steps | "
+        "fine-tune wall |",
+        "|" + "---|" * 12,
+    ]
+    objectives = {r["objective"] for r in tdt if r["init"] == "pretrained"}
+    ctc = [
+        r
+        for r in rows
+        if r["head"] == "ctc" and r["arm"] == "standard" and (r["init"] == "scratch" or r["objective"] in objectives)
+    ]
+    for minutes in sorted({r["labeled_minutes"] for r in tdt}):
+        for row in [r for r in ctc + tdt if r["labeled_minutes"] == minutes]:
+            if row["head"] == "ctc" and row["init"] == "probe":
+                continue
+            encoder = row["objective"] if row["init"] == "pretrained" else "scratch"
+            lines.append(
+                f"| {_minutes_label(minutes)} | {row['head']} | {encoder} | {row.get('predictor') or ''} | "
+                f"{_pct(row['cer'])} | {_pct(row['wer'])} | {_pct(row['cer_lm'])} | {_pct(row['wer_lm'])} | "
+                f"{_pct(row.get('valid_cer'))} | {row['learning_rate']:g} | {row.get('best_step')} / {row['steps']} | "
+                f"{format_duration(row['wall_s'])} |"
+            )
+    return lines + [""]
+
+
 def selection_rows(runs: Mapping[str, Mapping[str, Any]], chosen: set[str]) -> list[dict[str, Any]]:
     """Every fine-tuning run with its validation CER, and whether validation kept it (the learning-rate grid)."""
     return [
@@ -99,9 +186,16 @@ def check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
                 if kind is float
                 else (isinstance(value, kind) and not isinstance(value, bool))
             )
-            if not ok:
+            if not ok and not (key in ("wer_lm", "cer_lm") and value is None and row.get("head") == "tdt"):
                 raise ExperimentError(f"row {index}: {key}={value!r} is not a {kind.__name__}")
-        if row["init"] not in INITS or row["arm"] not in ARMS or row["wer"] < 0 or row["cer"] < 0 or row["steps"] < 1:
+        if (
+            row["head"] not in HEADS
+            or row["init"] not in INITS
+            or row["arm"] not in ARMS
+            or row["wer"] < 0
+            or row["cer"] < 0
+            or row["steps"] < 1
+        ):
             raise ExperimentError(f"row {index}: impossible values {dict(row)}")
 
 
@@ -160,6 +254,7 @@ def markdown_report(
     selection: Sequence[Mapping[str, Any]] = (),
     probes: Sequence[Mapping[str, Any]] = (),
     models: Mapping[str, Any] | None = None,
+    transducer: Sequence[str] = (),
 ) -> str:
     """low_resource.md: scale, the command, the machine, the corpus, the pretraining budget, the verdict per arm,
     the result tables (greedy and LM), the validation choices, the probes and the exported models."""
@@ -269,6 +364,8 @@ def markdown_report(
                 f"{'yes' if item['kept'] else ''} |"
             )
     lines += _sample_transcripts(rows, scores or {})
+    if transducer:
+        lines += ["", *transducer]
     if probes:
         lines += ["", "## SUPERB-style probes (frozen encoder, learned weighted sum of layers)", ""]
         lines += probe_table(probes)
