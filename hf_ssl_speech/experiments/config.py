@@ -155,6 +155,9 @@ class FinetuneSpec:
     spec_augment: bool = True  # False: no masking at all (then `masking` must hold one setting, unused)
     masking: list[MaskingSpec] = field(default_factory=lambda: [MaskingSpec()])
     patience: int | None = None  # evaluations without a better validation CER before stopping (None: never)
+    # The subset the verdict, the sample transcripts and the exported models are about (None: the fewest labels);
+    # a label-efficiency curve may start below it (1 and 3 minutes under a 10-minute headline).
+    headline_minutes: float | None = None
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
     eval_steps: int = 100  # validation CER every N steps; the best checkpoint is the model kept
@@ -335,6 +338,11 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
         raise ExperimentError(
             f"{where}: finetune.spec_augment is false but finetune.masking lists {len(f.masking)} settings to "
             "choose from; turn spec_augment on or give one setting"
+        )
+    if f.headline_minutes is not None and f.headline_minutes not in [s.minutes for s in f.subsets]:
+        raise ExperimentError(
+            f"{where}: finetune.headline_minutes={f.headline_minutes:g} is not the minutes of a subset "
+            f"{[s.minutes for s in f.subsets]}; choose one, or null for the fewest"
         )
     if f.patience is not None and f.patience < 1:
         raise ExperimentError(f"{where}: finetune.patience={f.patience}: give >= 1 evaluations, or null (no stop)")

@@ -958,11 +958,12 @@ def stage_probes(
 def export_models(
     config: ExperimentConfig, out: Path, rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Copy the best pretrained -> CTC model of the fewest labels (standard arm, lowest VALIDATION CER), its
-    scratch twin and its pretrained encoder to `config.models_dir` as plain save_pretrained folders."""
+    """Copy the best pretrained -> CTC model on `finetune.headline_minutes` of labels (default: the fewest;
+    standard arm, lowest VALIDATION CER), its scratch twin and its pretrained encoder to `config.models_dir` as
+    plain save_pretrained folders."""
     if not config.models_dir:
         return {}
-    fewest = min(r["labeled_minutes"] for r in rows)
+    fewest = config.finetune.headline_minutes or min(r["labeled_minutes"] for r in rows)
     candidates = [r for r in rows if r["labeled_minutes"] == fewest and r["arm"] == "standard"]
     tuned = [r for r in candidates if r["init"] == "pretrained"]
     scratch = [r for r in candidates if r["init"] == "scratch"]
