@@ -416,6 +416,7 @@ def test_full_config_is_the_regime_ssl_is_used_in():
         assert small.voices <= 3 and small.speakers <= 8
     f = config.finetune
     assert f.patience and f.head_only_steps > 0 and f.lr_scheduler == "tri_stage" and len(f.masking) >= 2
+    assert f.headline_minutes == 10  # the verdict and the exported models (ctc_10min_*) stay on 10 minutes
     assert len(c.labeled_voices) * c.labeled_speakers_per_voice <= 30
     assert len(c.test_voices) >= 6 and len({v.split(":")[0] for v in c.test_voices}) >= 3
     assert c.valid_voices and not set(c.valid_voices) & set(c.test_voices) and c.in_domain_minutes > 0
@@ -470,6 +471,7 @@ def test_protocol_settings_are_validated():
         ({"head_only_steps": 3, "patience": None}, r"subsets\[0\]\.steps=3 <= finetune\.head_only_steps=3"),
         ({"patience": 2}, r"subsets\[0\]\.steps=3 leaves no room to stop early"),
         ({"patience": 0}, r"finetune\.patience=0"),
+        ({"headline_minutes": 5.0}, r"finetune\.headline_minutes=5 is not the minutes of a subset"),
         ({"masking": []}, r"finetune\.masking is empty"),
         ({"masking": [MaskingSpec(), MaskingSpec()]}, r"lists a setting twice"),
         ({"spec_augment": False, "masking": [MaskingSpec(), MaskingSpec(time_masks=20)]}, r"spec_augment is false"),
