@@ -587,3 +587,31 @@ def test_early_stopping_counts_only_evaluations_after_the_head_only_phase():
         DataArguments(), FinetuneArguments(freeze_encoder=True, freeze_encoder_steps=200, early_stopping_patience=2)
     )
     assert [c.start_step for c in callbacks if isinstance(c, HeadOnlyAwareEarlyStopping)] == [0]  # probe: all count
+
+
+def test_tables_and_plots_take_the_five_point_label_efficiency_curve(tmp_path):
+    from matplotlib.image import imread
+
+    from hf_ssl_speech.experiments.report import _pivot_table, plot_error_curves
+
+    minutes = [1.0, 3.0, 10.0, 30.0, 60.0]
+    pretrained = {"nest": {"architecture": "non-causal"}}
+    rows = [
+        {
+            "key": key,
+            "init": init,
+            "architecture": "non-causal",
+            "labeled_minutes": m,
+            **{metric: 0.9 - 0.1 * i - (0.05 if init == "pretrained" else 0) for metric in ("cer", "wer")},
+            **{metric: 0.8 - 0.1 * i for metric in ("cer_lm", "wer_lm")},
+        }
+        for i, m in enumerate(minutes)
+        for key, init in (("nest", "pretrained"), ("nest", "probe"), ("none", "scratch"))
+    ]
+    header, separator, line = _pivot_table(rows, pretrained, "cer")
+    assert [f"{m:g} min" if m < 60 else "1 h" for m in minutes] == [
+        cell.strip().split(" pretrained")[0] for cell in header.split("|") if "pretrained" in cell
+    ]
+    assert len(line.strip("|").split("|")) == 2 + 5 * len(minutes)
+    path = plot_error_curves(rows, pretrained, tmp_path / "cer.png", "cer")
+    assert imread(path).shape[1] > 100
