@@ -1105,14 +1105,18 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
             "finetune": {
                 k: v
                 for k, v in dataclasses.asdict(config.finetune).items()
-                if k not in ("progress", "logging_steps", "save_steps")
+                if k not in ("progress", "logging_steps", "save_steps", "headline_minutes")  # the last: report only
             }
         }
     if stage == "evaluate":
         return {"evaluate": dataclasses.asdict(config.evaluate)}
     if stage == "probes":
         return {"probes": dataclasses.asdict(config.probes), "results_dir": str(Path(config.results_dir).resolve())}
-    return {"results_dir": str(Path(config.results_dir).resolve()), "models_dir": config.models_dir}
+    return {
+        "results_dir": str(Path(config.results_dir).resolve()),
+        "models_dir": config.models_dir,
+        "headline_minutes": config.finetune.headline_minutes,
+    }
 
 
 def run_experiment(
