@@ -609,6 +609,44 @@ def test_early_stopping_on_wer_stops_the_run(tmp_path):
         load_script("finetune_ctc").main(argv)
 
 
+def test_early_stopping_does_not_count_the_head_only_phase(tmp_path):
+    """With freeze_encoder_steps=4, the evaluations at steps 2 and 4 (head only) do not count towards the
+    patience: a constant WER (learning_rate 0) stops the run at the first evaluation after it, step 6."""
+    manifest = write_tone_corpus(tmp_path / "data", count=4, seed=5)
+    argv = [
+        *tiny_scratch_args(),
+        "--train_manifests",
+        str(manifest),
+        "--eval_manifests",
+        str(manifest),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--use_cpu",
+        "--max_steps",
+        "50",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "0",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--load_best_model_at_end",
+        "early_stopping_patience=1",
+        "freeze_encoder_steps=4",
+        "--disable_tqdm",
+        "true",
+    ]
+    result = load_script("finetune_ctc").main(argv)
+    assert result.summary["steps"] == 6
+    assert result.summary["early_stopped"].startswith("early stopping at step 6 of 50")
+
+
 def test_a_fresh_run_takes_an_empty_or_missing_folder_and_resume_continues(tmp_path):
     check_output_dir(TrainingArguments(output_dir=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()

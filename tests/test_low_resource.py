@@ -93,11 +93,15 @@ def test_json_has_one_well_formed_row_per_kept_run(toy):
     assert len(rows) == len(subsets) * (2 * len(keys) + 2)
     for row in rows:
         for key, kind in ROW_TYPES.items():
-            assert isinstance(row[key], kind) and not isinstance(row[key], bool), (key, row)
+            assert isinstance(row[key], kind) and (kind is bool or not isinstance(row[key], bool)), (key, row)
         assert row["init"] in ("pretrained", "probe", "scratch") and row["arm"] in ARMS
         for metric in ("wer", "cer", "wer_lm", "cer_lm"):
             assert math.isfinite(row[metric]) and row[metric] >= 0, (metric, row)
-        assert row["steps"] == 3 and row["wall_s"] >= 0
+        # early stopping may end a run before its cap; the kept checkpoint is at or before the last step
+        assert 1 <= row["steps"] <= row["max_steps"] == 3 and 0 <= row["best_step"] <= row["steps"], row
+        assert row["stopped_early"] == (row["steps"] < 3) and row["wall_s"] >= 0
+        assert row["head_only_steps"] == (0 if row["init"] == "probe" else config.finetune.head_only_steps)
+        assert row["lr_scheduler"] == "tri_stage" and row["masking"] == config.finetune.masking[0].label
         assert row["labeled_minutes"] in subsets
         assert (row["objective"] == "none") == (row["init"] == "scratch")
         assert row["objective"] in config.pretrain.recipes or row["objective"] == "none"
@@ -298,15 +302,14 @@ def test_rerun_skips_every_finished_stage(toy, capsys):
     assert load_script().main(argv) == 0
     assert (
         "stages: corpus skipped, pretrain skipped, finetune skipped, evaluate skipped, probes skipped, transducer "
-        "skipped, report skipped"
-        in (capsys.readouterr().out)
+        "skipped, report skipped" in (capsys.readouterr().out)
     )
     assert {path: path.stat().st_mtime_ns for path in watched} == before
 
 
 def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     work, results, config = toy
-    target = work / "finetune" / "apc__probe__labeled_1min__lr0.005"
+    target = next((work / "finetune").glob("apc__probe__labeled_1min__lr*"))  # the rate validation chose
     models = {p: p.stat().st_mtime_ns for p in (work / "finetune").glob("*/model/model.safetensors")}
     evaluations = {p: p.stat().st_mtime_ns for p in (work / "evaluate").glob("*/done.json")}
     (target / "done.json").unlink()  # as if the run had been killed before it finished
@@ -318,6 +321,7 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
         "finetune": "ran",
         "evaluate": "ran",
         "probes": "ran",
+        "transducer": "ran",  # upstream ran; off in the toy config, so it has nothing to do
         "report": "ran",
     }
     changed = {p for p, t in models.items() if p.stat().st_mtime_ns != t}
@@ -376,7 +380,10 @@ def test_scratch_baseline_per_distinct_encoder():
         },
     }
     subset = config.finetune.subsets[-1]
-    chosen = {(key, init): 1e-3 for key in [*pretrained, "scratch-non-causal", "scratch-causal"] for init in INITS}
+    mask = config.finetune.masking[0]
+    chosen = {
+        (key, init): (1e-3, mask) for key in [*pretrained, "scratch-non-causal", "scratch-causal"] for init in INITS
+    }
     runs = plan_finetune_runs(config, pretrained, subset, chosen)
     scratch = [r for r in runs if r.init == "scratch"]
     assert sorted((r.architecture, r.checkpoint) for r in scratch) == [("causal", "c"), ("non-causal", "a")]
@@ -385,6 +392,15 @@ def test_scratch_baseline_per_distinct_encoder():
     grid = plan_finetune_runs(config, pretrained, config.finetune.subsets[0])  # the first subset: every rate
     rates = config.finetune.learning_rates
     assert len(grid) == len(pretrained) * (len(rates["pretrained"]) + len(rates["probe"])) + 2 * len(rates["scratch"])
+    # the full config crosses every rate with every masking setting on its first subset
+    full = load_experiment_config(FULL)
+    grid = plan_finetune_runs(full, {"nest": pretrained["nest"]}, full.finetune.subsets[0])
+    masks = [m.label for m in full.finetune.masking]
+    assert len(masks) >= 2
+    for init in full.finetune.inits:
+        pairs = sorted((r.learning_rate, r.masking.label) for r in grid if r.init == init)
+        assert pairs == sorted((lr, m) for lr in full.finetune.learning_rates[init] for m in masks), init
+    assert len({r.group for r in grid if r.init == "pretrained"}) == 1 and len({r.name for r in grid}) == len(grid)
 
 
 def test_full_config_is_the_regime_ssl_is_used_in():
@@ -395,8 +411,13 @@ def test_full_config_is_the_regime_ssl_is_used_in():
     assert c.engines == "auto" and c.pool_minutes >= 600 and c.min_pretrain_hours >= 9.5
     pool_voices = 51 - len(c.valid_voices) - len(c.test_voices)  # 36 espeak + 15 recorded voices installed
     assert pool_voices * c.speakers_per_voice >= 300
-    ten, hour = config.finetune.subsets
-    assert (ten.minutes, hour.minutes) == (10, 60) and ten.voices <= 3 and ten.speakers <= 8
+    subsets = config.finetune.subsets
+    assert [s.minutes for s in subsets] == [1, 3, 10, 30, 60]  # the label-efficiency curve, nested
+    for small in subsets[:3]:  # 1, 3 and 10 minutes: the same <= 8 speakers of <= 3 voices
+        assert small.voices <= 3 and small.speakers <= 8
+    f = config.finetune
+    assert f.patience and f.head_only_steps > 0 and f.lr_scheduler == "tri_stage" and len(f.masking) >= 2
+    assert f.headline_minutes == 10  # the verdict and the exported models (ctc_10min_*) stay on 10 minutes
     assert len(c.labeled_voices) * c.labeled_speakers_per_voice <= 30
     assert len(c.test_voices) >= 6 and len({v.split(":")[0] for v in c.test_voices}) >= 3
     assert c.valid_voices and not set(c.valid_voices) & set(c.test_voices) and c.in_domain_minutes > 0
@@ -413,6 +434,188 @@ def test_shipped_experiment_configs_load_and_their_recipes_exist(path):
         assert (REPO_ROOT / recipe).is_file(), (family, recipe)
     assert Path(config.results_dir).parts[:2] == ("docs", "results")
     assert config.models_dir is None or Path(config.models_dir).parts[:2] == ("docs", "results")
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning protocol
+def _with_finetune(config, **changes):
+    return dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, **changes))
+
+
+@pytest.mark.parametrize(
+    ("grids", "match"),
+    [
+        ({"pretrained": [1e-4, 5e-4], "scratch": [1e-3, 1e-2]}, r"learning_rates\.pretrained.*span.*at least a decade"),
+        ({"pretrained": [1e-4, 1e-3], "scratch": [1e-3, 3e-3, 1e-2]}, r"2 and 3 points.*same number of points"),
+        ({"pretrained": [2e-4, 2e-3], "scratch": [1e-3, 1e-2]}, r"less than 10x below.*lower the pretrained grid"),
+        ({"pretrained": [1e-4, 1e-3], "probe": [5e-3], "scratch": [1e-3, 1e-2]}, r"learning_rates\.probe"),
+    ],
+)
+def test_learning_rate_grids_span_a_decade_and_pretrained_reaches_10x_below_scratch(grids, match):
+    from hf_ssl_speech.experiments.config import validate_config
+
+    config = load_experiment_config(TOY)
+    rates = {**config.finetune.learning_rates, **grids}
+    with pytest.raises(ExperimentError, match=match):
+        validate_config(_with_finetune(config, learning_rates=rates))
+    # without a scratch init, the pretrained grid is free of the scratch rules (but not of the decade)
+    validate_config(_with_finetune(config, inits=["pretrained", "probe"]))
+
+
+def test_protocol_settings_are_validated():
+    from hf_ssl_speech.experiments.config import MaskingSpec, validate_config
+
+    config = load_experiment_config(TOY)
+    validate_config(config)
+    cases = [
+        ({"tri_stage": [0.1, 0.4, 0.4]}, r"finetune\.tri_stage.*sum to 1"),
+        ({"lr_scheduler": "linear"}, r"finetune\.lr_scheduler='linear'"),
+        ({"head_only_steps": 3, "patience": None}, r"subsets\[0\]\.steps=3 <= finetune\.head_only_steps=3"),
+        ({"patience": 2}, r"subsets\[0\]\.steps=3 leaves no room to stop early"),
+        ({"patience": 0}, r"finetune\.patience=0"),
+        ({"headline_minutes": 5.0}, r"finetune\.headline_minutes=5 is not the minutes of a subset"),
+        ({"masking": []}, r"finetune\.masking is empty"),
+        ({"masking": [MaskingSpec(), MaskingSpec()]}, r"lists a setting twice"),
+        ({"spec_augment": False, "masking": [MaskingSpec(), MaskingSpec(time_masks=20)]}, r"spec_augment is false"),
+    ]
+    for changes, match in cases:
+        with pytest.raises(ExperimentError, match=match):
+            validate_config(_with_finetune(config, **changes))
+
+
+def test_tri_stage_schedule_warms_up_holds_and_decays_to_the_final_scale():
+    import torch
+    from transformers.optimization import get_scheduler
+
+    from hf_ssl_speech.experiments.low_resource import schedule_arguments
+
+    f = load_experiment_config(FULL).finetune
+    arguments = schedule_arguments(f, 1000)
+    assert arguments["lr_scheduler_type"] == "warmup_stable_decay" and arguments["warmup_steps"] == 100
+    assert arguments["lr_scheduler_kwargs"] == {"num_decay_steps": 500, "min_lr_ratio": 0.05}  # hold: the rest
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(
+        arguments["lr_scheduler_type"],
+        optimizer,
+        num_warmup_steps=arguments["warmup_steps"],
+        num_training_steps=1000,
+        scheduler_specific_kwargs=arguments["lr_scheduler_kwargs"],
+    )
+    rates = []
+    for _ in range(1000):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.05) and rates[50] == pytest.approx(0.525)  # linear warmup over 10%
+    assert rates[100] == rates[499] == 1.0  # the hold: 40% at the peak
+    assert rates[750] == pytest.approx(0.525, abs=0.01) and rates[-1] == pytest.approx(0.05, abs=0.01)
+    cosine = schedule_arguments(dataclasses.replace(f, lr_scheduler="cosine", warmup_steps=100), 150)
+    assert cosine == {"lr_scheduler_type": "cosine", "warmup_steps": 75}
+
+
+def test_nested_subsets_of_1_3_and_10_minutes_share_the_10_minutes_speakers():
+    from hf_ssl_speech.experiments.low_resource import draw_nested_subsets
+
+    config = load_experiment_config(FULL)
+    voices = config.corpus.labeled_voices
+    rows = [  # the labeled pool's shape: 3 pseudo-speakers per voice, ~2.2 minutes each of 5-second utterances
+        {
+            "audio_filepath": f"{voice}-{speaker}-{index}.wav",
+            "voice": voice,
+            "speaker": f"{voice.replace(':', '-')}-{speaker}",
+            "duration": 5.0,
+        }
+        for voice in voices
+        for speaker in range(config.corpus.labeled_speakers_per_voice)
+        for index in range(27)
+    ]
+    drawn = draw_nested_subsets(rows, config.finetune.subsets, voices, seed=0)
+    assert len(drawn) == 5
+    previous: set[str] = set()
+    for spec, subset in zip(config.finetune.subsets, drawn):
+        files = {r["audio_filepath"] for r in subset}
+        assert previous <= files and len(files) == len(subset)  # nested, no repeats
+        minutes = sum(r["duration"] for r in subset) / 60
+        assert spec.minutes <= minutes < spec.minutes + 5 / 60 + 1e-9
+        if spec.voices is not None:
+            assert {r["voice"] for r in subset} <= set(voices[: spec.voices])
+            assert len({r["speaker"] for r in subset}) <= spec.speakers
+        previous = files
+    ten_speakers = {r["speaker"] for r in drawn[2]}
+    assert {r["speaker"] for r in drawn[0]} <= ten_speakers and {r["speaker"] for r in drawn[1]} <= ten_speakers
+
+
+def test_report_flags_a_kept_run_whose_best_step_is_its_last_evaluation():
+    from hf_ssl_speech.experiments.report import best_at_last_evaluation, check_rows, stopping_lines
+
+    stopped = {"run": "nest__pretrained__labeled_10min", "best_step": 600, "steps": 1100, "last_eval_step": 1100}
+    capped = {"run": "scratch__scratch__labeled_10min", "best_step": 2000, "steps": 2000, "last_eval_step": 2000}
+    odd_cap = {"run": "x", "best_step": 1900, "steps": 1950, "last_eval_step": 1950}  # cap off the eval grid
+    assert not best_at_last_evaluation(stopped) and best_at_last_evaluation(capped)
+    assert not best_at_last_evaluation(odd_cap)
+    assert best_at_last_evaluation({"run": "old", "best_step": 400, "steps": 400})  # rows without last_eval_step
+    (line,) = stopping_lines([stopped, capped])
+    assert "WARNING: 1 of 2 kept fine-tuning runs chose their LAST evaluated step" in line
+    assert "scratch__scratch__labeled_10min (2000 / 2000)" in line and "nest__" not in line
+    assert "no kept fine-tuning run chose its last evaluated step" in stopping_lines([stopped])[0]
+    row = {key: (0.1 if kind is float else kind()) for key, kind in ROW_KEYS.items()}
+    row.update(arm="standard", init="pretrained", head="ctc", steps=10, best_step=12, stopped_early=False)
+    with pytest.raises(ExperimentError, match="best_step=12 outside"):
+        check_rows([row])
+    with pytest.raises(ExperimentError, match="stopped_early=0 is not a bool"):
+        check_rows([{**row, "best_step": 5, "stopped_early": 0}])
+
+
+def test_early_stopping_counts_only_evaluations_after_the_head_only_phase():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from hf_ssl_speech.finetune.args import DataArguments, FinetuneArguments
+    from hf_ssl_speech.finetune.optim import HeadOnlyAwareEarlyStopping, train_time_options
+
+    _, callbacks = train_time_options(
+        DataArguments(), FinetuneArguments(freeze_encoder_steps=200, early_stopping_patience=2)
+    )
+    (stopper,) = [c for c in callbacks if isinstance(c, HeadOnlyAwareEarlyStopping)]
+    assert stopper.start_step == 200 and stopper.state()["args"]["start_step"] == 200  # restored on resume
+    args = SimpleNamespace(metric_for_best_model="cer", greater_is_better=False)
+    control = TrainerControl()
+    for step in (100, 200, 300, 400):  # no improvement on validation at all
+        state = SimpleNamespace(global_step=step, best_metric=0.5)
+        stopper.on_evaluate(args, state, control, {"eval_cer": 0.6})
+        assert control.should_training_stop == (step == 400), step  # 100 and 200 were head-only: not counted
+    _, callbacks = train_time_options(
+        DataArguments(), FinetuneArguments(freeze_encoder=True, freeze_encoder_steps=200, early_stopping_patience=2)
+    )
+    assert [c.start_step for c in callbacks if isinstance(c, HeadOnlyAwareEarlyStopping)] == [0]  # probe: all count
+
+
+def test_tables_and_plots_take_the_five_point_label_efficiency_curve(tmp_path):
+    from matplotlib.image import imread
+
+    from hf_ssl_speech.experiments.report import _pivot_table, plot_error_curves
+
+    minutes = [1.0, 3.0, 10.0, 30.0, 60.0]
+    pretrained = {"nest": {"architecture": "non-causal"}}
+    rows = [
+        {
+            "key": key,
+            "init": init,
+            "architecture": "non-causal",
+            "labeled_minutes": m,
+            **{metric: 0.9 - 0.1 * i - (0.05 if init == "pretrained" else 0) for metric in ("cer", "wer")},
+            **{metric: 0.8 - 0.1 * i for metric in ("cer_lm", "wer_lm")},
+        }
+        for i, m in enumerate(minutes)
+        for key, init in (("nest", "pretrained"), ("nest", "probe"), ("none", "scratch"))
+    ]
+    header, separator, line = _pivot_table(rows, pretrained, "cer")
+    assert [f"{m:g} min" if m < 60 else "1 h" for m in minutes] == [
+        cell.strip().split(" pretrained")[0] for cell in header.split("|") if "pretrained" in cell
+    ]
+    assert len(line.strip("|").split("|")) == 2 + 5 * len(minutes)
+    path = plot_error_curves(rows, pretrained, tmp_path / "cer.png", "cer")
+    assert imread(path).shape[1] > 100
 
 
 # Last in the module: it adds rows to the toy's shared report.
@@ -437,7 +640,7 @@ def test_transducer_stage_puts_tdt_rows_beside_ctc_and_its_models_transcribe(toy
     for row in tdt:
         for key, kind in ROW_TYPES.items():
             if key not in ("wer_lm", "cer_lm"):
-                assert isinstance(row[key], kind) and not isinstance(row[key], bool), (key, row)
+                assert isinstance(row[key], kind) and isinstance(row[key], bool) == (kind is bool), (key, row)
         assert row["wer_lm"] is None and row["cer_lm"] is None and 0 <= row["cer"] and row["best_step"] <= row["steps"]
         assert row["objective"] == ("nest" if row["init"] == "pretrained" else "none")
     assert all(r["head"] == "ctc" and r["predictor"] is None for r in document["rows"] if r not in tdt)

@@ -30,7 +30,9 @@ ROW_KEYS = {
     "cer": float,
     "wer_lm": float,  # the same model, beam search with the n-gram word LM (weights chosen on validation); None: tdt
     "cer_lm": float,
-    "steps": int,  # fine-tuning optimiser steps
+    "steps": int,  # fine-tuning optimiser steps actually run (early stopping may end a run before its cap)
+    "best_step": int,  # the step of the checkpoint kept (lowest validation CER)
+    "stopped_early": bool,  # early stopping ended the run before its step cap
     "wall_s": float,  # fine-tuning wall time
 }
 
@@ -76,7 +78,8 @@ class CorpusSpec:
 @dataclass
 class SubsetSpec:
     """One labeled subset: `minutes` of transcribed audio from the first `voices` labeled voices (None: all) and at
-    most `speakers` of their pseudo-speakers (None: all), fine-tuned for `steps` steps."""
+    most `speakers` of their pseudo-speakers (None: all), fine-tuned for at most `steps` steps (the cap: with
+    `finetune.patience`, early stopping on validation CER usually ends a run before it)."""
 
     minutes: float
     steps: int
@@ -100,25 +103,64 @@ class PretrainSpec:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class MaskingSpec:
+    """One SpecAugment setting of fine-tuning (`DataArguments` freq/time masks): `time_masks` spans of up to
+    `time_width` (a fraction of the utterance if < 1, else frames) and `freq_masks` bands of up to `freq_width`
+    mel bins. All zero: no masking. `finetune.masking` lists the settings validation chooses from."""
+
+    time_masks: int = 10
+    time_width: float = 0.05
+    freq_masks: int = 2
+    freq_width: int = 27
+
+    @property
+    def label(self) -> str:
+        """Short and unique, for run names and tables: "t10x0.05-f2x27"."""
+        return f"t{self.time_masks}x{self.time_width:g}-f{self.freq_masks}x{self.freq_width}"
+
+
+LR_SCHEDULERS = ("cosine", "tri_stage")
+
+
 @dataclass
 class FinetuneSpec:
-    """CTC fine-tuning of every (init, subset): the same optimisation for all; every choice made on validation.
+    """CTC fine-tuning of every (init, subset): the same protocol for every init; every choice made on validation.
 
-    `learning_rates[init]` is a grid: on the first (smallest) subset every rate runs and the one with the lowest
-    validation CER is kept; larger subsets use it. Within a run, the checkpoint with the best validation CER
-    (evaluated every `eval_steps`) is the model kept, so the number of steps is chosen on validation too.
+    The protocol follows wav2vec 2.0's low-resource recipe (Baevski et al. 2020: a head-only phase
+    `freeze_finetune_updates`, a tri-stage learning rate, heavy time masking) and LP-FT (Kumar et al. 2022:
+    training the new head first keeps a random head's gradients from distorting the pretrained features):
+
+    - `head_only_steps`: the encoder is frozen and only the CTC head trains for the first N steps, then the whole
+      model, for `pretrained` and `scratch` alike (`probe` keeps its encoder frozen throughout);
+    - `lr_scheduler`: `cosine` (linear warmup of `warmup_steps`, cosine decay) or `tri_stage` (warmup, hold,
+      decay over the `tri_stage` fractions of the step cap, to `final_lr_scale` x the peak; fairseq's
+      tri-stage, through the stock `warmup_stable_decay` schedule);
+    - `learning_rates[init]` x `masking` is a grid: on the first (smallest) subset every pair runs and the one
+      with the lowest validation CER is kept per (pretraining run, init); larger subsets reuse it;
+    - `patience`: a run stops after that many evaluations (every `eval_steps`, those of the head-only phase not
+      counted) without a better validation CER; a subset's `steps` is only the cap. The checkpoint with the best
+      validation CER is the model kept, so the number of steps is chosen on validation too.
     """
 
     subsets: list[SubsetSpec] = field(default_factory=list)
     batch_size: int = 8
     learning_rates: dict[str, list[float]] = field(
-        default_factory=lambda: {"pretrained": [2e-3], "probe": [5e-3], "scratch": [2e-3]}
+        default_factory=lambda: {"pretrained": [2e-4, 2e-3], "probe": [2e-3, 2e-2], "scratch": [2e-3, 2e-2]}
     )
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # lr_scheduler: cosine
+    lr_scheduler: str = "cosine"  # cosine | tri_stage
+    tri_stage: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])  # warmup, hold, decay (wav2vec 2.0)
+    final_lr_scale: float = 0.05  # tri_stage: the last rate as a fraction of the peak (wav2vec 2.0: 0.05)
     weight_decay: float = 1e-3
-    freeze_encoder_steps: int = 0  # pretrained runs: head-only steps first (fairseq freeze_finetune_updates)
+    head_only_steps: int = 0  # pretrained and scratch: CTC head only first (fairseq freeze_finetune_updates)
     layer_decay: float = 1.0  # pretrained runs: layer-wise LR decay
-    spec_augment: bool = True
+    spec_augment: bool = True  # False: no masking at all (then `masking` must hold one setting, unused)
+    masking: list[MaskingSpec] = field(default_factory=lambda: [MaskingSpec()])
+    patience: int | None = None  # evaluations without a better validation CER before stopping (None: never)
+    # The subset the verdict, the sample transcripts and the exported models are about (None: the fewest labels);
+    # a label-efficiency curve may start below it (1 and 3 minutes under a 10-minute headline).
+    headline_minutes: float | None = None
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
     eval_steps: int = 100  # validation CER every N steps; the best checkpoint is the model kept
@@ -307,3 +349,78 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
             )
         if not t.arms or t.steps_scale <= 0:
             raise ExperimentError(f"{where}: transducer.arms must be non-empty and transducer.steps_scale > 0")
+    validate_finetune_protocol(f, where)
+
+
+def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
+    """The fine-tuning protocol's checks: learning-rate grids, schedule, masking, head-only phase, early stopping.
+
+    Every init's grid spans at least a decade (max / min >= 10): a grid narrower than that cannot tell whether
+    the best rate lies outside it. `pretrained` and `scratch` grids have the same number of points (the same
+    tuning effort for both) and the pretrained grid reaches 10x below the scratch grid's lowest rate, since a
+    pretrained model is fine-tuned at rates 10-50x below those it (or a scratch model) trains at.
+    """
+    for init in f.inits:
+        rates = sorted(f.learning_rates[init])
+        if rates[-1] < 10 * rates[0] * (1 - 1e-9):
+            raise ExperimentError(
+                f"{where}: finetune.learning_rates.{init}={f.learning_rates[init]} spans "
+                f"{rates[-1] / rates[0]:.3g}x; a grid must span at least a decade (max / min >= 10): e.g. "
+                f"[{rates[0]:.3g}, {10 * rates[0]:.3g}]"
+            )
+    if "pretrained" in f.inits and "scratch" in f.inits:
+        pre, scratch = f.learning_rates["pretrained"], f.learning_rates["scratch"]
+        if len(pre) != len(scratch):
+            raise ExperimentError(
+                f"{where}: finetune.learning_rates.pretrained={pre} and .scratch={scratch} have {len(pre)} and "
+                f"{len(scratch)} points; give both grids the same number of points (the same tuning effort)"
+            )
+        if min(pre) > min(scratch) / 10 * (1 + 1e-9):
+            raise ExperimentError(
+                f"{where}: finetune.learning_rates.pretrained={pre} starts at {min(pre):g}, less than 10x below "
+                f".scratch={scratch} (lowest {min(scratch):g}); lower the pretrained grid to reach "
+                f"{min(scratch) / 10:g} or below (pretrained models fine-tune at 10-50x lower rates)"
+            )
+    if f.lr_scheduler not in LR_SCHEDULERS:
+        raise ExperimentError(f"{where}: finetune.lr_scheduler={f.lr_scheduler!r}: choose one of {LR_SCHEDULERS}")
+    if len(f.tri_stage) != 3 or any(p < 0 for p in f.tri_stage) or abs(sum(f.tri_stage) - 1) > 1e-6:
+        raise ExperimentError(
+            f"{where}: finetune.tri_stage={f.tri_stage}: give three fractions (warmup, hold, decay) >= 0 that sum "
+            "to 1, e.g. [0.1, 0.4, 0.5] (wav2vec 2.0)"
+        )
+    if not 0 <= f.final_lr_scale <= 1:
+        raise ExperimentError(f"{where}: finetune.final_lr_scale={f.final_lr_scale}: must be in [0, 1]")
+    if not f.masking:
+        raise ExperimentError(f"{where}: finetune.masking is empty; give one or more settings, e.g. [{{}}]")
+    for index, mask in enumerate(f.masking):
+        if min(mask.time_masks, mask.freq_masks, mask.freq_width) < 0 or mask.time_width < 0:
+            raise ExperimentError(f"{where}: finetune.masking[{index}]={mask}: counts and widths must be >= 0")
+    if len({m.label for m in f.masking}) != len(f.masking):
+        raise ExperimentError(f"{where}: finetune.masking lists a setting twice: {[m.label for m in f.masking]}")
+    if not f.spec_augment and len(f.masking) > 1:
+        raise ExperimentError(
+            f"{where}: finetune.spec_augment is false but finetune.masking lists {len(f.masking)} settings to "
+            "choose from; turn spec_augment on or give one setting"
+        )
+    if f.headline_minutes is not None and f.headline_minutes not in [s.minutes for s in f.subsets]:
+        raise ExperimentError(
+            f"{where}: finetune.headline_minutes={f.headline_minutes:g} is not the minutes of a subset "
+            f"{[s.minutes for s in f.subsets]}; choose one, or null for the fewest"
+        )
+    if f.patience is not None and f.patience < 1:
+        raise ExperimentError(f"{where}: finetune.patience={f.patience}: give >= 1 evaluations, or null (no stop)")
+    if f.head_only_steps < 0 or f.eval_steps < 1:
+        raise ExperimentError(f"{where}: finetune.head_only_steps must be >= 0 and finetune.eval_steps >= 1")
+    for index, subset in enumerate(f.subsets):
+        if f.head_only_steps and subset.steps <= f.head_only_steps:
+            raise ExperimentError(
+                f"{where}: finetune.subsets[{index}].steps={subset.steps} <= finetune.head_only_steps="
+                f"{f.head_only_steps}: the encoder would never be fine-tuned; raise the cap or lower head_only_steps"
+            )
+        # room for one evaluation after the head-only phase and `patience` more that fail to beat it
+        needed = f.head_only_steps + (f.patience + 1) * f.eval_steps if f.patience else 0
+        if subset.steps < needed:
+            raise ExperimentError(
+                f"{where}: finetune.subsets[{index}].steps={subset.steps} leaves no room to stop early: head_only_steps "
+                f"({f.head_only_steps}) + (patience + 1) x eval_steps = {needed}; raise the cap or lower patience"
+            )

@@ -12,14 +12,32 @@ when its `done.json` marker exists (a marker made with other settings is an erro
    each gets the same compute budget. Wall time is recorded. APC and CPC need causal encoders.
 3. **finetune**: character CTC on each labeled subset from every pretrained encoder (`pretrained`), from a
    frozen encoder with only the CTC head trained (`probe`), and from random weights of the same architecture
-   (`scratch`; one per distinct encoder architecture, so causal families get a causal baseline). A fixed number
-   of steps per subset and no model selection: the test split is never looked at while training.
+   (`scratch`; one per distinct encoder architecture, so causal families get a causal baseline). Every init gets
+   the same protocol, the papers' (see "Fine-tuning protocol" below), and every choice is made on validation:
+   the test split is never looked at while training.
 4. **evaluate**: greedy-CTC WER/CER of every fine-tuned model on the held-out-voice test split.
 5. **probes**: SUPERB-style probes of the frozen encoders (`experiments.probes`).
 6. **transducer** (`transducer.enabled`): TDT fine-tuning of the chosen SSL encoder and its scratch twin, with a
    prediction network from scratch or pretrained on the LM text (`experiments.transducers`), on the same subsets.
 7. **report**: `low_resource.json` (one row per run), `low_resource.md` (tables, corpus, machine, the command),
    `wer_vs_labeled_minutes.png`, `cer_vs_labeled_minutes.png` and `pretraining_loss.png` in `config.results_dir`.
+
+Fine-tuning protocol (`FinetuneSpec`), as wav2vec 2.0 fine-tunes on 10 minutes of labels (Baevski et al. 2020:
+13k updates of which the first 10k train only the output layer, a tri-stage learning rate of 10% warmup, 40%
+hold and 50% decay, time masking with p = 0.65 during fine-tuning) and as LP-FT recommends (Kumar et al. 2022:
+fitting the new head on frozen features first keeps its random gradients from distorting the pretrained
+features, which full fine-tuning from a random head does):
+
+- a head-only phase (`head_only_steps`, fairseq's `freeze_finetune_updates`), then the whole model; for
+  `pretrained` and `scratch` alike, so neither gets a protocol the other lacks (`probe` is head-only throughout);
+- a `tri_stage` (warmup-hold-decay) or `cosine` learning rate over the subset's step cap;
+- a learning-rate grid per init spanning at least a decade, the pretrained one reaching 10x below the scratch
+  one with as many points (validated in `config.validate_finetune_protocol`), crossed with fine-tuning masking
+  settings (`masking`); the first subset runs every pair and validation CER keeps one per (encoder, init);
+- early stopping on validation CER (`patience` evaluations without improvement, the head-only phase's not
+  counted) under a step cap per subset, the best checkpoint kept; every row records `best_step`, `steps` (run)
+  and `max_steps` (the cap), and the report flags any kept run whose best step is its last evaluation (it was
+  still improving when the cap ended it).
 
 Everything runs in this process through the library (`pretrain.loop.pretrain`, `finetune.run.run_ctc` on
 the stock `Trainer`); devices are chosen by accelerate (a GPU when there is one). The settings are
@@ -70,6 +88,7 @@ from .config import (
     ExperimentConfig,
     ExperimentError,
     FinetuneSpec,
+    MaskingSpec,
     PretrainSpec,
     SubsetSpec,
     load_experiment_config,
@@ -560,8 +579,9 @@ class FinetuneRun:
     architecture: str
     subset: str
     minutes: float
-    steps: int
+    steps: int  # the cap (early stopping may end the run before)
     learning_rate: float
+    masking: MaskingSpec | None  # fine-tuning SpecAugment; None: finetune.spec_augment is off
     checkpoint: str  # relative to the experiment folder: the weights (pretrained, probe) or the config (scratch)
     encoder_id: float  # finish time of that pretraining run (a redone pretraining invalidates this run)
 
@@ -576,11 +596,12 @@ class FinetuneRun:
     @property
     def name(self) -> str:
         who = self.key if self.init != "scratch" else f"scratch-{self.architecture}"
-        return f"{who}__{self.init}__{self.subset}__lr{self.learning_rate:g}"
+        mask = self.masking.label if self.masking is not None else "nomask"
+        return f"{who}__{self.init}__{self.subset}__lr{self.learning_rate:g}__{mask}"
 
     @property
     def group(self) -> str:
-        """Runs that differ only in learning rate share a group: validation picks one run per group."""
+        """Runs that differ only in learning rate and masking share a group: validation picks one run per group."""
         return self.name.rsplit("__lr", 1)[0]
 
 
@@ -588,11 +609,11 @@ def plan_finetune_runs(
     config: ExperimentConfig,
     pretrained: Mapping[str, Mapping[str, Any]],
     subset: SubsetSpec,
-    chosen_rates: Mapping[tuple[str, str], float] | None = None,
+    chosen: Mapping[tuple[str, str], tuple[float, MaskingSpec | None]] | None = None,
 ) -> list[FinetuneRun]:
     """The runs of one subset: every (pretraining run, init), plus one scratch run per distinct encoder
-    architecture; each with every rate of `finetune.learning_rates[init]`, or, when `chosen_rates` is given
-    ((key, init) -> rate, from the first subset), only the chosen one."""
+    architecture; each with every (rate, masking) pair of `finetune.learning_rates[init]` x `finetune.masking`,
+    or, when `chosen` is given ((key, init) -> (rate, masking), from the first subset), only the chosen pair."""
     runs = []
     architectures: dict[str, tuple[str, str, float]] = {}  # signature -> (label, checkpoint, id) of its 1st family
     for info in pretrained.values():
@@ -601,11 +622,14 @@ def plan_finetune_runs(
     labels = [label for label, _, _ in architectures.values()]
     name = subset_name(subset.minutes)
     rates = config.finetune.learning_rates
+    masks: list[MaskingSpec | None] = list(config.finetune.masking) if config.finetune.spec_augment else [None]
 
     def add(key: str, init: str, label: str, checkpoint: str, encoder_id: float) -> None:
-        grid = [chosen_rates[(key, init)]] if chosen_rates is not None else rates[init]
-        for lr in grid:
-            runs.append(FinetuneRun(key, init, label, name, subset.minutes, subset.steps, lr, checkpoint, encoder_id))
+        grid = [chosen[(key, init)]] if chosen is not None else [(lr, m) for lr in rates[init] for m in masks]
+        for lr, mask in grid:
+            runs.append(
+                FinetuneRun(key, init, label, name, subset.minutes, subset.steps, lr, mask, checkpoint, encoder_id)
+            )
 
     for key, info in pretrained.items():
         for init in ("pretrained", "probe"):
@@ -619,61 +643,64 @@ def plan_finetune_runs(
     return runs
 
 
-def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet_texts: Sequence[str]) -> dict:
-    """Train one CTC model with `finetune.run.run_ctc` (resuming its Trainer checkpoint if an attempt was killed).
+def schedule_arguments(spec: FinetuneSpec, max_steps: int) -> dict[str, Any]:
+    """`TrainingArguments` keywords of the learning-rate schedule over a run's step cap.
 
-    The validation split is scored every `finetune.eval_steps`; the best checkpoint (validation CER) is the model
-    kept, and its validation CER is what the learning-rate choice compares.
+    `cosine`: linear warmup of `warmup_steps` (at most half the run), then cosine decay to 0. `tri_stage`
+    (wav2vec 2.0's fine-tuning schedule): linear warmup from `final_lr_scale` x the peak, a hold at the peak and
+    a decay to `final_lr_scale` x the peak, over the `tri_stage` fractions of the cap, with the stock
+    `warmup_stable_decay` schedule (its decay is a half cosine where fairseq's is exponential; both end at the
+    same rate). The schedule spans the cap: a run that early stopping ends sooner stops in the hold or decay.
     """
-    f = config.finetune
-    folder = out / "finetune" / run.name
-    settings = {
-        **dataclasses.asdict(run),
-        "batch_size": f.batch_size,
-        "warmup_steps": f.warmup_steps,
-        "weight_decay": f.weight_decay,
-        "spec_augment": f.spec_augment,
-        "freeze_encoder_steps": f.freeze_encoder_steps if run.init == "pretrained" else 0,
-        "layer_decay": f.layer_decay if run.init == "pretrained" else 1.0,
-        "eval_steps": f.eval_steps,
-        "valid_utterances": f.valid_utterances,
-        "seed": config.seed,
+    if spec.lr_scheduler == "cosine":
+        return {"lr_scheduler_type": "cosine", "warmup_steps": min(spec.warmup_steps, max_steps // 2)}
+    warmup = round(spec.tri_stage[0] * max_steps)
+    hold = round(spec.tri_stage[1] * max_steps)
+    # The hold is what is left of Trainer's num_training_steps (max_steps) after warmup and decay.
+    return {
+        "lr_scheduler_type": "warmup_stable_decay",
+        "warmup_steps": warmup,
+        "lr_scheduler_kwargs": {"num_decay_steps": max_steps - warmup - hold, "min_lr_ratio": spec.final_lr_scale},
     }
-    done = unit_done(folder, settings)
-    if done is not None:
-        return done
-    logger.info("finetune %s: %d steps", run.name, run.steps)
-    run_dir = folder / "model"  # run_ctc saves the finished model here, beside its resume points
-    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if run_dir.is_dir() and resume is None:
-        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to continue
+
+
+def head_only_steps(spec: FinetuneSpec, init: str) -> int:
+    """Head-only steps of a run: `finetune.head_only_steps` for pretrained and scratch alike (LP-FT, wav2vec 2.0's
+    freeze_finetune_updates); 0 for the probe, whose encoder is frozen throughout anyway."""
+    return 0 if init == "probe" else spec.head_only_steps
+
+
+def evaluation_steps(log_history: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The steps at which validation was scored during training (Trainer's `eval_cer` log entries)."""
+    return sorted({int(e["step"]) for e in log_history if "eval_cer" in e and "step" in e})
+
+
+def training_valid_manifest(config: ExperimentConfig, out: Path) -> Path:
+    """What fine-tuning runs score during training: the validation split, or its first `finetune.valid_utterances`
+    (a fixed slice, the same for every run)."""
     valid = out / "corpus" / "valid.jsonl"
-    if f.valid_utterances is not None:  # a fixed slice, the same for every run
-        valid = out / "corpus" / "valid_during_training.jsonl"
-        if not valid.is_file():
-            _write_manifest(valid, read_manifest(out / "corpus" / "valid.jsonl")[: f.valid_utterances])
-    model_args = ModelArguments(model_name_or_path=str(out / run.checkpoint), from_scratch=run.init == "scratch")
-    data_args = DataArguments(
-        train_manifests=[str(out / "corpus" / f"{run.subset}.jsonl")],
-        eval_manifests=[str(valid)],
-        min_duration=0.1,
-        max_duration=f.max_duration,
-        spec_augment=f.spec_augment,
-    )
-    finetune_args = FinetuneArguments(
-        freeze_encoder=run.init == "probe",
-        freeze_encoder_steps=settings["freeze_encoder_steps"],
-        layer_decay=settings["layer_decay"],
-    )
-    eval_steps = min(f.eval_steps, run.steps)
-    training_args = TrainingArguments(
+    if config.finetune.valid_utterances is None:
+        return valid
+    sliced = out / "corpus" / "valid_during_training.jsonl"
+    if not sliced.is_file():
+        _write_manifest(sliced, read_manifest(valid)[: config.finetune.valid_utterances])
+    return sliced
+
+
+def trainer_arguments(
+    config: ExperimentConfig, run_dir: Path, steps: int, learning_rate: float, schedule: Mapping[str, Any], resume
+) -> TrainingArguments:
+    """The `TrainingArguments` of every fine-tuning run (CTC and transducer): validation CER every
+    `finetune.eval_steps` with a checkpoint each time, the best one loaded at the end, resumable."""
+    f = config.finetune
+    eval_steps = min(f.eval_steps, steps)
+    return TrainingArguments(
         output_dir=str(run_dir),
-        max_steps=run.steps,
+        max_steps=steps,
         per_device_train_batch_size=f.batch_size,
         per_device_eval_batch_size=config.evaluate.batch_size,
-        learning_rate=run.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(f.warmup_steps, run.steps // 2),
+        learning_rate=learning_rate,
+        **schedule,
         weight_decay=f.weight_decay,
         adam_beta2=0.98,
         max_grad_norm=1.0,
@@ -697,6 +724,73 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         remove_unused_columns=False,
         resume_from_checkpoint=resume,
     )
+
+
+def run_outcome(run_dir: Path, result: Any) -> dict[str, Any]:
+    """Steps run, the kept checkpoint's step and validation CER, evaluations, early stop, of a finished run (a
+    `FinetuneResult`); its resume points are removed (the kept model is in `run_dir`)."""
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    steps = int(result.summary["steps"])
+    evaluated = evaluation_steps(state.get("log_history", []))
+    for stale in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return {
+        "steps": steps,
+        "best_step": int(str(state.get("best_model_checkpoint") or f"-{steps}").rsplit("-", 1)[1]),
+        "last_eval_step": evaluated[-1] if evaluated else steps,
+        "evaluations": len(evaluated),
+        "stopped_early": "early_stopped" in result.summary,
+        "valid_cer": next(iter(result.results.values()))["cer"],  # the kept (best) model, scored again at the end
+    }
+
+
+def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet_texts: Sequence[str]) -> dict:
+    """Train one CTC model with `finetune.run.run_ctc` (resuming its Trainer checkpoint if an attempt was killed).
+
+    The validation split is scored every `finetune.eval_steps`; the best checkpoint (validation CER) is the model
+    kept, and its validation CER is what the learning-rate and masking choice compares. With `finetune.patience`,
+    the run stops after that many evaluations without improvement (the head-only phase's not counted).
+    """
+    f = config.finetune
+    folder = out / "finetune" / run.name
+    schedule = schedule_arguments(f, run.steps)
+    settings = {
+        **dataclasses.asdict(run),
+        "batch_size": f.batch_size,
+        "schedule": schedule,
+        "weight_decay": f.weight_decay,
+        "head_only_steps": head_only_steps(f, run.init),
+        "layer_decay": f.layer_decay if run.init == "pretrained" else 1.0,
+        "patience": f.patience,
+        "eval_steps": f.eval_steps,
+        "valid_utterances": f.valid_utterances,
+        "seed": config.seed,
+    }
+    done = unit_done(folder, settings)
+    if done is not None:
+        return done
+    logger.info("finetune %s: %d steps", run.name, run.steps)
+    run_dir = folder / "model"  # run_ctc saves the finished model here, beside its resume points
+    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if run_dir.is_dir() and resume is None:
+        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to continue
+    valid = training_valid_manifest(config, out)
+    model_args = ModelArguments(model_name_or_path=str(out / run.checkpoint), from_scratch=run.init == "scratch")
+    data_args = DataArguments(
+        train_manifests=[str(out / "corpus" / f"{run.subset}.jsonl")],
+        eval_manifests=[str(valid)],
+        min_duration=0.1,
+        max_duration=f.max_duration,
+        spec_augment=run.masking is not None,
+        **(dataclasses.asdict(run.masking) if run.masking is not None else {}),
+    )
+    finetune_args = FinetuneArguments(
+        freeze_encoder=run.init == "probe",
+        freeze_encoder_steps=settings["head_only_steps"],
+        layer_decay=settings["layer_decay"],
+        early_stopping_patience=f.patience,
+    )
+    training_args = trainer_arguments(config, run_dir, run.steps, run.learning_rate, schedule, resume)
     # One character set for every run: the labeled pool's. A 10-minute subset may miss a rare letter; that
     # would be an alphabet gap, not a measure of how well an encoder learns from few labels.
     result = run_ctc(
@@ -707,17 +801,14 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         vocabulary_texts=alphabet_texts,
         require_complete_encoder=run.init != "scratch",
     )
-    state = json.loads((run_dir / "trainer_state.json").read_text())
-    best_step = int(str(state.get("best_model_checkpoint") or f"-{run.steps}").rsplit("-", 1)[1])
-    valid_cer = next(iter(result.results.values()))["cer"]  # the kept (best) model, scored again at the end
-    for stale in run_dir.glob("checkpoint-*"):  # the finished model is in model/; resume points are not needed
-        shutil.rmtree(stale, ignore_errors=True)
+    outcome = run_outcome(run_dir, result)
+    steps = outcome["steps"]
     train_audio_s = result.summary.get("train_audio_seconds")
     cfg = ConformerSslForCTC.config_class.from_pretrained(str(run_dir))
     flops = training_flops_per_audio_second(cfg) / (3 if run.init == "probe" else 1)  # probe: forward only
     audio_per_s = None
     if train_audio_s and result.summary.get("train_seconds"):
-        epochs = run.steps * f.batch_size / max(result.summary["train_utterances"], 1)
+        epochs = steps * f.batch_size / max(result.summary["train_utterances"], 1)
         audio_per_s = round(train_audio_s * epochs / result.summary["train_seconds"], 1)
     result_row = {
         **dataclasses.asdict(run),
@@ -725,9 +816,11 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "arm": run.arm,
         "group": run.group,
         "run": run.name,
-        "steps": int(result.summary["steps"]),
-        "best_step": best_step,
-        "valid_cer": valid_cer,
+        "max_steps": run.steps,
+        **outcome,
+        "masking": run.masking.label if run.masking is not None else "none",
+        "head_only_steps": settings["head_only_steps"],
+        "lr_scheduler": f.lr_scheduler,
         "wall_s": result.summary["train_seconds"],
         "audio_seconds_per_s": audio_per_s,
         "flop_utilisation": utilisation(flops, audio_per_s),
@@ -752,23 +845,22 @@ def choose_by_validation(results: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 
 
 def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str, Any]) -> dict[str, Any]:
-    """The first subset runs every learning rate of the grid; validation CER picks one per (run, init), which the
-    larger subsets reuse. Every run is kept in `runs`; `chosen` names the one per group that goes on to test."""
+    """The first subset runs every (learning rate, masking) pair of the grid; validation CER picks one per
+    (run, init), which the larger subsets reuse. Every run is kept in `runs`; `chosen` names the one per group
+    that goes on to test."""
     alphabet_texts = [r["text"] for r in read_manifest(out / "corpus" / "finetune.jsonl")]
     results: dict[str, Any] = {}
-    chosen_rates: dict[tuple[str, str], float] | None = None
+    chosen: dict[tuple[str, str], tuple[float, MaskingSpec | None]] | None = None
     for subset in config.finetune.subsets:
-        runs = plan_finetune_runs(config, pretrained, subset, chosen_rates)
+        runs = plan_finetune_runs(config, pretrained, subset, chosen)
+        by_name = {run.name: run for run in runs}
         subset_results = {run.name: finetune_one(config, run, out, alphabet_texts) for run in runs}
         results.update(subset_results)
-        if chosen_rates is None:
-            picks = choose_by_validation(subset_results)
-            chosen_rates = {
-                (subset_results[n]["key"], subset_results[n]["init"]): subset_results[n]["learning_rate"]
-                for n in picks.values()
-            }
-    chosen = sorted(choose_by_validation(results).values())
-    return {"runs": results, "chosen": chosen}
+        if chosen is None:
+            picks = [by_name[n] for n in choose_by_validation(subset_results).values()]
+            chosen = {(run.key, run.init): (run.learning_rate, run.masking) for run in picks}
+    kept = sorted(choose_by_validation(results).values())
+    return {"runs": results, "chosen": kept}
 
 
 # ============================================================================================ 4. evaluate
@@ -896,11 +988,12 @@ def stage_probes(
 def export_models(
     config: ExperimentConfig, out: Path, rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Copy the best pretrained -> CTC model of the fewest labels (standard arm, lowest VALIDATION CER), its
-    scratch twin and its pretrained encoder to `config.models_dir` as plain save_pretrained folders."""
+    """Copy the best pretrained -> CTC model on `finetune.headline_minutes` of labels (default: the fewest;
+    standard arm, lowest VALIDATION CER), its scratch twin and its pretrained encoder to `config.models_dir` as
+    plain save_pretrained folders."""
     if not config.models_dir:
         return {}
-    fewest = min(r["labeled_minutes"] for r in rows)
+    fewest = config.finetune.headline_minutes or min(r["labeled_minutes"] for r in rows)
     candidates = [r for r in rows if r["labeled_minutes"] == fewest and r["arm"] == "standard"]
     tuned = [r for r in candidates if r["init"] == "pretrained"]
     scratch = [r for r in candidates if r["init"] == "scratch"]
@@ -1047,7 +1140,7 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
             "finetune": {
                 k: v
                 for k, v in dataclasses.asdict(config.finetune).items()
-                if k not in ("progress", "logging_steps", "save_steps")
+                if k not in ("progress", "logging_steps", "save_steps", "headline_minutes")  # the last: report only
             }
         }
     if stage == "evaluate":
@@ -1056,7 +1149,11 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
         return {"probes": dataclasses.asdict(config.probes), "results_dir": str(Path(config.results_dir).resolve())}
     if stage == "transducer":
         return {"transducer": dataclasses.asdict(config.transducer)}
-    return {"results_dir": str(Path(config.results_dir).resolve()), "models_dir": config.models_dir}
+    return {
+        "results_dir": str(Path(config.results_dir).resolve()),
+        "models_dir": config.models_dir,
+        "headline_minutes": config.finetune.headline_minutes,
+    }
 
 
 def run_experiment(
@@ -1161,6 +1258,7 @@ __all__ = [
     "ExperimentResult",
     "FinetuneRun",
     "FinetuneSpec",
+    "MaskingSpec",
     "PretrainSpec",
     "SubsetSpec",
     "check_held_out",
@@ -1171,4 +1269,5 @@ __all__ = [
     "markdown_report",
     "plan_finetune_runs",
     "run_experiment",
+    "schedule_arguments",
 ]

@@ -46,6 +46,12 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
                 "architecture": run["architecture"],
                 "learning_rate": run["learning_rate"],
                 "best_step": run.get("best_step"),
+                "max_steps": run.get("max_steps"),
+                "last_eval_step": run.get("last_eval_step"),
+                "stopped_early": bool(run.get("stopped_early", False)),
+                "masking": run.get("masking"),
+                "head_only_steps": run.get("head_only_steps"),
+                "lr_scheduler": run.get("lr_scheduler"),
                 "valid_cer": run.get("valid_cer"),
                 "valid_wer_greedy": score.get("valid", {}).get("wer"),
                 "lm_alpha": score.get("lm_alpha"),
@@ -101,6 +107,12 @@ def transducer_rows(pretrained: Mapping[str, Any], transducer: Mapping[str, Any]
                 "architecture": family.get("architecture", ""),
                 "learning_rate": run["learning_rate"],
                 "best_step": run.get("best_step"),
+                "max_steps": run.get("max_steps"),
+                "last_eval_step": run.get("last_eval_step"),
+                "stopped_early": bool(run.get("stopped_early", False)),
+                "masking": "default",  # SpecAugment's defaults (finetune.spec_augment): no masking grid for TDT
+                "head_only_steps": 0,
+                "lr_scheduler": run.get("lr_scheduler"),
                 "valid_cer": run.get("valid_cer"),
                 "valid_wer_greedy": score.get("valid", {}).get("wer"),
                 "run": name,
@@ -161,15 +173,18 @@ def transducer_table(rows: Sequence[Mapping[str, Any]], predictor: Mapping[str, 
 
 
 def selection_rows(runs: Mapping[str, Mapping[str, Any]], chosen: set[str]) -> list[dict[str, Any]]:
-    """Every fine-tuning run with its validation CER, and whether validation kept it (the learning-rate grid)."""
+    """Every fine-tuning run with its validation CER, and whether validation kept it (the learning-rate and
+    masking grid)."""
     return [
         {
             "run": name,
             "group": info["group"],
             "learning_rate": info["learning_rate"],
+            "masking": info.get("masking"),
             "valid_cer": info["valid_cer"],
             "best_step": info.get("best_step"),
             "steps": info["steps"],
+            "max_steps": info.get("max_steps"),
             "kept": name in chosen,
         }
         for name, info in runs.items()
@@ -181,11 +196,12 @@ def check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
     for index, row in enumerate(rows):
         for key, kind in ROW_KEYS.items():
             value = row.get(key)
-            ok = (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                if kind is float
-                else (isinstance(value, kind) and not isinstance(value, bool))
-            )
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind) and not isinstance(value, bool)
             if not ok and not (key in ("wer_lm", "cer_lm") and value is None and row.get("head") == "tdt"):
                 raise ExperimentError(f"row {index}: {key}={value!r} is not a {kind.__name__}")
         if (
@@ -197,6 +213,33 @@ def check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
             or row["steps"] < 1
         ):
             raise ExperimentError(f"row {index}: impossible values {dict(row)}")
+        if not 0 <= row["best_step"] <= row["steps"]:
+            raise ExperimentError(f"row {index}: best_step={row['best_step']} outside 0..steps={row['steps']}")
+
+
+def best_at_last_evaluation(row: Mapping[str, Any]) -> bool:
+    """Whether a run kept the checkpoint of its last evaluation: validation CER was still improving when the run
+    ended (at its step cap: early stopping ends a run only after `patience` evaluations without improvement)."""
+    last = row.get("last_eval_step")
+    return row.get("best_step") is not None and row["best_step"] >= (row["steps"] if last is None else last)
+
+
+def stopping_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The check that training ran long enough, in plain words: which kept runs chose their last evaluation."""
+    still = [r for r in rows if best_at_last_evaluation(r)]
+    if not rows:
+        return []
+    if not still:
+        return [
+            f"- **stopping**: no kept fine-tuning run chose its last evaluated step (all {len(rows)} had stopped "
+            "improving on validation before they ended; best step / steps in the tables below)."
+        ]
+    names = ", ".join(f"{r['run']} ({r['best_step']} / {r['steps']})" for r in still)
+    return [
+        f"- **stopping**: WARNING: {len(still)} of {len(rows)} kept fine-tuning runs chose their LAST evaluated "
+        f"step: still improving when their step cap ended them, so their error rates are not converged (raise "
+        f"finetune.subsets[].steps): {names}."
+    ]
 
 
 def _pct(value: float | None) -> str:
@@ -261,7 +304,9 @@ def markdown_report(
     lines = [f"# Low-resource ASR: does self-supervised pretraining pay? ({config.name})", ""]
     if config.description:
         lines += [config.description.strip(), ""]
-    lines += _verdict(rows, pretrained)
+    headline = config.finetune.headline_minutes
+    lines += _verdict(rows, pretrained, headline)
+    lines += [*stopping_lines(rows), ""] if rows else []
     if probes:
         lines += [_probe_verdict(probes), ""]
     subsets = corpus["subsets"]
@@ -350,20 +395,39 @@ def markdown_report(
             f"{row.get('lm_beta')} | {format_duration(row['wall_s'])} | {row.get('audio_seconds_per_s') or ''} | "
             f"{'' if util is None else f'{100 * util:.1f}%'} |"
         )
+    lines += [
+        "",
+        "### Fine-tuning settings and stopping of every kept run",
+        "",
+        "Chosen on validation: the learning rate and masking (on the first subset, reused by the larger ones) and "
+        "the checkpoint (lowest validation CER). `best / run / cap`: the step of the kept checkpoint, the steps "
+        "run and the step cap; `best = last eval`: the run was still improving when it ended.",
+        "",
+        "| run | init | labeled | lr | masking | head-only steps | LR schedule | best / run / cap steps | "
+        "stopped early | best = last eval |",
+        "|" + "---|" * 10,
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['run']} | {row['init']} | {_minutes_label(row['labeled_minutes'])} | {row['learning_rate']:g} | "
+            f"{row.get('masking')} | {row.get('head_only_steps')} | {row.get('lr_scheduler')} | "
+            f"{row.get('best_step')} / {row['steps']} / {row.get('max_steps')} | "
+            f"{'yes' if row.get('stopped_early') else 'no'} | {'**YES**' if best_at_last_evaluation(row) else 'no'} |"
+        )
     if selection:
         lines += [
             "",
-            "### Learning-rate choice on validation",
+            "### Learning-rate and masking choice on validation",
             "",
-            "| run | lr | valid CER | kept |",
-            "|---|---|---|---|",
+            "| run | lr | masking | valid CER | best step / steps | kept |",
+            "|---|---|---|---|---|---|",
         ]
         for item in selection:
             lines.append(
-                f"| {item['group']} | {item['learning_rate']:g} | {_pct(item['valid_cer'])} | "
-                f"{'yes' if item['kept'] else ''} |"
+                f"| {item['group']} | {item['learning_rate']:g} | {item.get('masking')} | {_pct(item['valid_cer'])} | "
+                f"{item.get('best_step')} / {item['steps']} | {'yes' if item['kept'] else ''} |"
             )
-    lines += _sample_transcripts(rows, scores or {})
+    lines += _sample_transcripts(rows, scores or {}, headline)
     if transducer:
         lines += ["", *transducer]
     if probes:
@@ -422,9 +486,12 @@ def probe_table(probes: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _sample_transcripts(rows: Sequence[Mapping[str, Any]], scores: Mapping[str, Any]) -> list[str]:
-    """The first test utterances as transcribed by the best pretrained run (fewest labels) and its scratch twin."""
-    fewest = min((r["labeled_minutes"] for r in rows), default=None)
+def _sample_transcripts(
+    rows: Sequence[Mapping[str, Any]], scores: Mapping[str, Any], minutes: float | None = None
+) -> list[str]:
+    """The first test utterances as transcribed by the best pretrained run (on `minutes` of labels, default the
+    fewest) and its scratch twin."""
+    fewest = minutes if minutes is not None else min((r["labeled_minutes"] for r in rows), default=None)
     pretrained = [r for r in rows if r["labeled_minutes"] == fewest and r["init"] == "pretrained"]
     scratch = [r for r in rows if r["labeled_minutes"] == fewest and r["init"] == "scratch"]
     if not pretrained or not scratch:
@@ -501,12 +568,15 @@ def best_change(
 TARGETS = {"cer": -0.40, "wer_lm": -0.30}
 
 
-def _verdict(rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any]) -> list[str]:
-    """One line per arm on the fewest labels: the best pretrained run (chosen on validation) against scratch, CER
-    and WER greedy and with the LM on test, and whether the targets (CER -40%, WER with LM -30%) are reached."""
+def _verdict(
+    rows: Sequence[Mapping[str, Any]], pretrained: Mapping[str, Any], minutes: float | None = None
+) -> list[str]:
+    """One line per arm on `minutes` of labels (default the fewest): the best pretrained run (chosen on validation)
+    against scratch, CER and WER greedy and with the LM on test, and whether the targets (CER -40%, WER with LM
+    -30%) are reached."""
     if not rows:
         return []
-    fewest = min(r["labeled_minutes"] for r in rows)
+    fewest = minutes if minutes is not None else min(r["labeled_minutes"] for r in rows)
     lines = ["## Verdict", ""]
     for arm in ARMS:
         parts, reached = [], []

@@ -18,7 +18,6 @@ only when the stage runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, TrainingArguments
+from transformers import AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import DataConfig
@@ -40,12 +39,15 @@ from ..finetune.text import normalize_transcript
 from ..finetune.transducer import TransducerArguments, load_transducer, run_transducer, transducer_outputs
 from .config import ExperimentConfig, ExperimentError
 from .low_resource import (
-    _write_manifest,
     arm_of,
     choose_by_validation,
     finish_unit,
     read_manifest,
+    run_outcome,
+    schedule_arguments,
     subset_name,
+    trainer_arguments,
+    training_valid_manifest,
     unit_done,
 )
 
@@ -158,16 +160,20 @@ def train_predictor(config: ExperimentConfig, out: Path) -> dict[str, Any]:
 
 
 def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, predictor_dir: Path) -> dict[str, Any]:
-    """Train one TDT model with `run_transducer` (resuming its Trainer checkpoint after a kill); the checkpoint with
-    the best validation CER is the model kept."""
+    """Train one TDT model with `run_transducer` (resuming its Trainer checkpoint after a kill), with the CTC runs'
+    schedule, evaluations and early stopping; the checkpoint with the best validation CER is the model kept.
+
+    No head-only phase: the transducer's joint and prediction network are two new modules whose gradients reach
+    the encoder through the joint alone, and `finetune_transducer.py` does not freeze a Parakeet encoder yet."""
     f, t = config.finetune, config.transducer
     folder = out / "transducer" / run.name
+    schedule = schedule_arguments(f, run.steps)
     settings = {
         **dataclasses.asdict(run),
         "batch_size": f.batch_size,
-        "warmup_steps": f.warmup_steps,
+        "schedule": schedule,
         "weight_decay": f.weight_decay,
-        "spec_augment": f.spec_augment,
+        "patience": f.patience,
         "eval_steps": f.eval_steps,
         "valid_utterances": f.valid_utterances,
         "predictor_dir": str(predictor_dir.relative_to(out)),
@@ -181,11 +187,6 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
     resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
     if run_dir.is_dir() and resume is None:
         shutil.rmtree(run_dir)
-    valid = out / "corpus" / "valid.jsonl"
-    if f.valid_utterances is not None:  # the CTC stage's fixed slice
-        valid = out / "corpus" / "valid_during_training.jsonl"
-        if not valid.is_file():
-            _write_manifest(valid, read_manifest(out / "corpus" / "valid.jsonl")[: f.valid_utterances])
     transducer_args = TransducerArguments(
         head="tdt",
         tokenizer_vocab_size=t.tokenizer_vocab_size,
@@ -196,63 +197,28 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
         tokenizer_from=None if run.predictor == "text" else str(predictor_dir),
         predictor_from=str(predictor_dir) if run.predictor == "text" else None,
     )
-    eval_steps = min(f.eval_steps, run.steps)
-    training_args = TrainingArguments(
-        output_dir=str(run_dir),
-        max_steps=run.steps,
-        per_device_train_batch_size=f.batch_size,
-        per_device_eval_batch_size=config.evaluate.batch_size,
-        learning_rate=run.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(f.warmup_steps, run.steps // 2),
-        weight_decay=f.weight_decay,
-        adam_beta2=0.98,
-        max_grad_norm=1.0,
-        train_sampling_strategy="group_by_length",
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=1,
-        load_best_model_at_end=True,
-        metric_for_best_model="cer",
-        greater_is_better=False,
-        logging_steps=f.logging_steps,
-        seed=config.seed,
-        report_to="none",
-        disable_tqdm=not f.progress,
-        dataloader_num_workers=f.dataloader_num_workers,
-        dataloader_persistent_workers=f.dataloader_num_workers > 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-        resume_from_checkpoint=resume,
-    )
     result = run_transducer(
         ModelArguments(model_name_or_path=str(out / run.checkpoint), from_scratch=run.encoder == "scratch"),
         DataArguments(
             train_manifests=[str(out / "corpus" / f"{run.subset}.jsonl")],
-            eval_manifests=[str(valid)],
+            eval_manifests=[str(training_valid_manifest(config, out))],
             min_duration=0.1,
             max_duration=f.max_duration,
             spec_augment=f.spec_augment,
         ),
-        FinetuneArguments(),
+        FinetuneArguments(early_stopping_patience=f.patience),
         transducer_args,
-        training_args,
+        trainer_arguments(config, run_dir, run.steps, run.learning_rate, schedule, resume),
     )
-    state = json.loads((run_dir / "trainer_state.json").read_text())
-    best_step = int(str(state.get("best_model_checkpoint") or f"-{run.steps}").rsplit("-", 1)[1])
-    for stale in run_dir.glob("checkpoint-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     return finish_unit(
         folder,
         {
             **dataclasses.asdict(run),
             "group": run.group,
             "run": run.name,
-            "steps": int(result.summary["steps"]),
-            "best_step": best_step,
-            "valid_cer": next(iter(result.results.values()))["cer"],
+            "max_steps": run.steps,
+            **run_outcome(run_dir, result),
+            "lr_scheduler": f.lr_scheduler,
             "wall_s": result.summary["train_seconds"],
             "train_loss": result.summary["train_loss"],
             "train_utterances": result.summary["train_utterances"],

@@ -16,7 +16,8 @@ is `scripts/transcribe.py`. They are built from pieces, each small and testable 
 - **Model** (`model_init`): `init_ctc_model` / `init_classification_model` from a checkpoint (encoder transferred, a loud
   warning naming any encoder weight that is missing or mismatched) or from scratch (same architecture).
 - **Optimisation** (`optim`): layer-wise learning-rate decay (`layerwise_param_groups`), `FreezeEncoderCallback`
-  (encoder frozen for the first N steps), early stopping on WER via `transformers.EarlyStoppingCallback`.
+  (encoder frozen for the first N steps), early stopping on WER via `transformers.EarlyStoppingCallback`
+  (`HeadOnlyAwareEarlyStopping`: the evaluations of the head-only steps do not count).
 - **Evaluation** (`trainers`, `ctc`, `metrics`): `CtcTrainer` (a `Trainer` whose prediction step returns greedy CTC ids with padded steps
   blanked), WER/CER from the local `evaluate` modules in `hf_ssl_speech/finetune/metrics/` (`metric_path`), a results
   table (`write_results`), training curves (`plot_training_curves`), `transcribe` for plain inference.

@@ -116,7 +116,11 @@ class FinetuneArguments:
         metadata={"help": "Layer-wise LR decay: block i of L trains at lr * decay^(L + 1 - i), the head at lr."},
     )
     early_stopping_patience: int | None = field(
-        default=None, metadata={"help": "Stop after N evaluations without improving metric_for_best_model."}
+        default=None,
+        metadata={
+            "help": "Stop after N evaluations without improving metric_for_best_model (those during "
+            "freeze_encoder_steps not counted)."
+        },
     )
     use_weighted_layer_sum: bool = field(
         default=False, metadata={"help": "Classification: learned softmax-weighted sum of all layers (SUPERB)."}

@@ -106,6 +106,29 @@ class FreezeEncoderCallback(TrainerCallback):
         self._update(state, model)
 
 
+class HeadOnlyAwareEarlyStopping(EarlyStoppingCallback):
+    """The stock `EarlyStoppingCallback`, except that evaluations up to `start_step` (the head-only phase of
+    `freeze_encoder_steps`) do not count towards the patience: the encoder has not trained yet, and a plateau of
+    the head alone must not end the run before the whole model is fine-tuned. Those evaluations still compete
+    for the best checkpoint (`load_best_model_at_end`). With `start_step=0` it is the stock callback."""
+
+    def __init__(
+        self, early_stopping_patience: int = 1, early_stopping_threshold: float | None = 0.0, start_step: int = 0
+    ) -> None:
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.start_step = start_step
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if state.global_step <= self.start_step:
+            return None
+        return super().on_evaluate(args, state, control, metrics, **kwargs)
+
+    def state(self) -> dict:
+        exported = super().state()
+        exported["args"]["start_step"] = self.start_step  # restored with the rest when a run resumes
+        return exported
+
+
 def train_time_options(
     data_args: DataArguments, finetune_args: FinetuneArguments
 ) -> tuple[SpecAugmentConfig | None, list[TrainerCallback]]:
@@ -118,5 +141,6 @@ def train_time_options(
     if finetune_args.freeze_encoder_steps > 0 and not finetune_args.freeze_encoder:
         callbacks.append(FreezeEncoderCallback(finetune_args.freeze_encoder_steps))
     if finetune_args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(finetune_args.early_stopping_patience))
+        head_only = 0 if finetune_args.freeze_encoder else finetune_args.freeze_encoder_steps
+        callbacks.append(HeadOnlyAwareEarlyStopping(finetune_args.early_stopping_patience, start_step=head_only))
     return spec, callbacks
