@@ -29,8 +29,15 @@ from transformers.modeling_outputs import CausalLMOutput, ModelOutput, SequenceC
 
 from .configuration_conformer_ssl import ConformerSslConfig
 from .frames import lengths_to_padding_mask, output_lengths
-from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask
-from .objectives import OBJECTIVES, LossBook, ObjectiveContext, objective_settings
+from .masking import (
+    apply_frame_mask,
+    compute_frame_mask,
+    frame_to_token_mask,
+    gather_kept_steps,
+    keep_at_least_one_step,
+    scatter_kept_steps,
+)
+from .objectives import OBJECTIVES, Data2VecDecoder, LossBook, ObjectiveContext, objective_settings
 from .targets import GumbelVectorQuantizer, OnlineCodebooks, RandomProjectionQuantizer, stack_frames
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -723,6 +730,8 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             projection, codebooks = module.draw_buffers()
             init.copy_(module.projection, projection)
             init.copy_(module.codebooks, codebooks)
+        elif isinstance(module, Data2VecDecoder) and module.mask_token is not None:
+            init.normal_(module.mask_token, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, OnlineCodebooks):
             module.reset_parameters()  # DinoSR codewords: N(0, 1), the scale of instance-normalised teacher layers
         if isinstance(getattr(module, "masked_spec_embed", None), nn.Parameter):
@@ -797,6 +806,7 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        kept_steps: torch.Tensor | None = None,
         **kwargs,
     ) -> ConformerSslModelOutput | tuple:
         r"""
@@ -804,6 +814,11 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
             Log-mel features from `ConformerSslFeatureExtractor`.
         attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
             1 for real frames, 0 for padding (from the feature extractor).
+        kept_steps (`torch.BoolTensor` of shape `(batch, steps)`, *optional*):
+            data2vec 2.0's MAE-style student: after the subsampling only these encoder steps (True = kept) go
+            through the blocks, compacted to the left of each row (`masking.gather_kept_steps`). Every output
+            then has the compacted layout (batch, max kept steps, D) and `output_lengths` counts the kept steps;
+            `masking.scatter_kept_steps` puts them back. Relative positions then count kept steps, not time.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -814,6 +829,8 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
         lengths = self._input_lengths(input_features, attention_mask)
         hidden, lengths = self.subsampling(input_features, lengths)  # (B, T', D)
         hidden = self.dropout(hidden * self.xscale)
+        if kept_steps is not None:  # (B, T', D) -> (B, K, D): the masked steps are dropped, not encoded
+            hidden, lengths = gather_kept_steps(hidden, kept_steps)
         steps = hidden.shape[1]
         # rel_pos: the sinusoid table (2T'-1, D); gated_rel_pos: the ungated bias (H, T', T'); rotary: (cos, sin);
         # relative_key: the distance indices (T', T').
@@ -1265,7 +1282,20 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
             frame_mask, token_mask = self._draw_masks(input_features, lengths, mask_time_indices, generator)
             embed = getattr(self, "masked_spec_embed", None)
             masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
-            encoded = self.conformer(masked_input, **encode)
+            if "data2vec" in active and active["data2vec"]["encode_unmasked_only"]:
+                # data2vec 2.0's MAE-style student (Baevski et al. 2022, §3): the blocks encode only the unmasked
+                # steps; the subsampling still reads the mask-filled frames, so a kept step next to a masked span
+                # sees no more of it than in the full path. Every hidden state comes back at full length with
+                # zeros at the dropped steps, where the decoder puts its mask token (`Data2VecDecoder`).
+                token_mask = keep_at_least_one_step(token_mask, step_lengths)
+                valid_steps = torch.arange(token_mask.shape[1], device=token_mask.device) < step_lengths[:, None]
+                kept = valid_steps & ~token_mask  # (B, T')
+                encoded = self.conformer(masked_input, kept_steps=kept, **encode)  # (B, K, D) states, K <= T'
+                hidden_states = tuple(scatter_kept_steps(state, kept) for state in encoded.hidden_states)
+                encoded.hidden_states = hidden_states  # attentions and last_hidden_state stay compacted
+                book.metrics["encoded_step_fraction"] = (kept.sum() / step_lengths.sum().clamp(min=1)).float()
+            else:
+                encoded = self.conformer(masked_input, **encode)
             contexts["masked"] = ObjectiveContext(
                 config,
                 encoded.hidden_states,
