@@ -71,12 +71,13 @@ def test_every_utterance_keeps_at_least_one_step():
 
 # ----------------------------------------------------------------------------------------------- the model
 def _pair() -> tuple[ConformerSslForPreTraining, ConformerSslForPreTraining]:
-    """The full student and the MAE-style one with the same weights (the MAE one adds the decoder's mask token)."""
+    """The full student and the MAE-style one with the same weights (the MAE one has the decoder's mask token
+    instead of the frame mask embedding: it drops masked steps rather than filling masked frames)."""
     torch.manual_seed(0)
-    full = _model(mae=False)
-    mae = _model(mae=True)
+    full = _model(mae=False, mask_fill="learned")
+    mae = _model(mae=True, mask_fill="learned")
     missing, unexpected = mae.load_state_dict(full.state_dict(), strict=False)
-    assert missing == ["data2vec_decoder.mask_token"] and not unexpected
+    assert missing == ["data2vec_decoder.mask_token"] and unexpected == ["masked_spec_embed"]
     return full, mae
 
 
@@ -135,15 +136,21 @@ def test_one_teacher_pass_serves_every_clone_of_the_mae_student():
     torch.manual_seed(0)
     model = _model(mae=True, clone_batch=4).train()
     features, mask = _batch()
-    teacher_batches, student_batches = [], []
+    teacher_batches, student_batches, block_batches = [], [], []
     hooks = [
         model.teacher.register_forward_hook(lambda module, args, out: teacher_batches.append(args[0].shape[0])),
-        model.conformer.register_forward_hook(lambda module, args, out: student_batches.append(args[0].shape[0])),
+        model.conformer.subsampling.register_forward_hook(
+            lambda module, args, out: student_batches.append(args[0].shape[0])
+        ),
+        model.conformer.layers[0].register_forward_hook(
+            lambda module, args, out: block_batches.append(args[0].shape[0])
+        ),
     ]
     out = model(features, mask, generator=_gen(0))
     for hook in hooks:
         hook.remove()
-    assert teacher_batches == [3] and student_batches == [12]  # one teacher pass on B, one student pass on 4 * B
+    # one teacher pass and one student subsampling pass on the B utterances; the student's blocks see 4 * B rows
+    assert teacher_batches == [3] and student_batches == [3] and block_batches == [12]
     # the loss is normalised over the masked steps of all 4 copies
     assert out.loss_counts["data2vec"].item() == out.token_mask.sum().item() > 0
     torch.testing.assert_close(out.loss, out.loss_sums["data2vec"] / out.loss_counts["data2vec"])
@@ -171,6 +178,7 @@ def test_mae_student_gradients_reach_decoder_mask_token_and_blocks_and_the_loss_
                 ("block 0", model.conformer.layers[0].self_attn.q_proj.weight),
                 ("last block", model.conformer.layers[-1].feed_forward2.linear2.weight),
                 ("subsampling", model.conformer.subsampling.linear.weight),
+                ("first subsampling conv", model.conformer.subsampling.layers[0].weight),
             ]:
                 assert param.grad is not None and param.grad.abs().sum() > 0, name
         optimizer.step()
