@@ -17,6 +17,8 @@ Systems (each in its own subprocess, so the peak RSS is that system's; run alter
   nemo_nest              NeMo 3.0 EncDecDenoiseMaskedTokenPredModel, NEST FastConformer recipe
   ours_data2vec, ours_dinosr, ours_w2v_bert, ours_wavlm
                          the new families (no peer ships their pretraining): ratios against ours_contrastive
+  ours_data2vec_fast     data2vec 2.0's MAE-style student (data2vec_fast.yaml); `--clone_batch c` gives every
+                         ours_* system c masked copies per teacher pass (audio-s/s counts the utterances once)
   baseline_contrastive, baseline_bestrq
                          ours_contrastive / ours_bestrq from another checkout of this project (`--baseline_code DIR`,
                          e.g. a git worktree of an older commit), always in fp32: today's path against an earlier one
@@ -104,6 +106,13 @@ OURS = {
         "objectives": {"data2vec": {"top_k_layers": 8}},
         "config": {"mask_strategy": "span", "mask_time_prob": 0.05, "mask_time_length": 10},
     },
+    # configs/pretrain/data2vec_fast.yaml: data2vec 2.0's MAE-style student (the blocks encode only the unmasked
+    # steps, ~51% of them masked) with the same targets; compare at equal --clone_batch with ours_data2vec.
+    "data2vec_fast": {
+        "encoder": "conformer",
+        "objectives": {"data2vec": {"top_k_layers": 8, "encode_unmasked_only": True}},
+        "config": {"mask_strategy": "span", "mask_time_prob": 0.04, "mask_time_length": 20},
+    },
     "dinosr": {
         "encoder": "conformer",
         "objectives": {"dinosr": {"top_k_layers": 8}},
@@ -166,6 +175,7 @@ SYSTEMS = (
     "ours_cpc",
     "ours_mixed",
     "ours_data2vec",
+    "ours_data2vec_fast",
     "ours_dinosr",
     "ours_w2v_bert",
     "ours_wavlm",
@@ -411,6 +421,7 @@ def run_ours(objective: str, args: argparse.Namespace) -> None:
         objectives=objectives,
         **ENCODERS[encoder],
         **spec["config"],
+        **({"clone_batch": args.clone_batch} if args.clone_batch else {}),
     )
     num_samples = int(args.seconds * SAMPLE_RATE)
     # What the data loader hands over: log-mel features of the batch (made here, outside the timed step).
@@ -566,6 +577,8 @@ def child_command(system: str, args: argparse.Namespace) -> list[str]:
         return [args.nemo_python, str(NEMO_RUNNER), "--recipe", NEMO_SYSTEMS[system], *sizes]
     if args.encoder:
         sizes += ["--encoder", args.encoder]
+    if args.clone_batch:
+        sizes += ["--clone_batch", str(args.clone_batch)]
     return [sys.executable, str(Path(__file__).resolve()), "--one", system, *sizes]
 
 
@@ -662,6 +675,9 @@ def main() -> None:
     parser.add_argument("--kernel", type=int, default=31, help="depthwise kernel of the Conformer systems")
     parser.add_argument("--fast_kernel", type=int, default=9, help="depthwise kernel of the FastConformer systems")
     parser.add_argument("--encoder", choices=tuple(ENCODERS), help="run every ours_* system on this encoder")
+    parser.add_argument(
+        "--clone_batch", type=int, help="every ours_* system's clone_batch: masked copies per teacher pass (1)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed steps per process, median reported (3; --quick: 1)")
     parser.add_argument("--warmup", type=int, help="untimed steps first: allocator, lazy init (2; --quick: 1)")

@@ -143,7 +143,8 @@ class ConformerSslConfig(PreTrainedConfig):
             projects them as they are, so converted NEST checkpoints set it to False), bestrq_input_layer_norm
             (LayerNorm without affine over each stacked step before projecting: NeMo NEST's 2026 option).
         EMA-teacher objectives (data2vec, dinosr): their settings are in `objectives[name]` (top_k_layers,
-            decoder_*, codebook_*); clone_batch (`int`, 1): in training the student sees `clone_batch` copies of
+            decoder_*, data2vec's encode_unmasked_only: the MAE-style student of data2vec 2.0, whose blocks skip
+            the masked steps, codebook_*); clone_batch (`int`, 1): in training the student sees `clone_batch` copies of
             the batch, each with its own masks, against one teacher pass (data2vec 2.0: 8 for audio).
         HuBERT: hubert_num_labels.  Reconstruction: reconstruction_loss ("l1" | "l2").
         APC: apc_shift.  CPC: cpc_steps, cpc_num_negatives.
@@ -532,6 +533,17 @@ class ConformerSslConfig(PreTrainedConfig):
                 spec["decoder_dim"],
                 f"a multiple of decoder_groups={spec['decoder_groups']}",
             )
+            mae = spec["encode_unmasked_only"]
+            _check(isinstance(mae, bool), "objectives.data2vec.encode_unmasked_only", mae, "true or false")
+            if mae:  # the masked steps are never encoded: only data2vec's decoder predicts there
+                others = sorted(n for n in self.objectives if n != "data2vec" and OBJECTIVES[n].reads == "masked")
+                _check(
+                    not others,
+                    "objectives",
+                    others,
+                    "no other masked objective next to data2vec.encode_unmasked_only=true (the student skips the "
+                    "masked steps they predict from)",
+                )
         if "dinosr" in self.objectives:
             spec = self.objectives["dinosr"]
             size, decay = spec["codebook_size"], spec["codebook_decay"]

@@ -29,8 +29,15 @@ from transformers.modeling_outputs import CausalLMOutput, ModelOutput, SequenceC
 
 from .configuration_conformer_ssl import ConformerSslConfig
 from .frames import lengths_to_padding_mask, output_lengths
-from .masking import apply_frame_mask, compute_frame_mask, frame_to_token_mask
-from .objectives import OBJECTIVES, LossBook, ObjectiveContext, objective_settings
+from .masking import (
+    apply_frame_mask,
+    compute_frame_mask,
+    frame_to_token_mask,
+    gather_kept_steps,
+    keep_at_least_one_step,
+    scatter_kept_steps,
+)
+from .objectives import OBJECTIVES, Data2VecDecoder, LossBook, ObjectiveContext, objective_settings
 from .targets import GumbelVectorQuantizer, OnlineCodebooks, RandomProjectionQuantizer, stack_frames
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -723,6 +730,8 @@ class ConformerSslPreTrainedModel(PreTrainedModel):
             projection, codebooks = module.draw_buffers()
             init.copy_(module.projection, projection)
             init.copy_(module.codebooks, codebooks)
+        elif isinstance(module, Data2VecDecoder) and module.mask_token is not None:
+            init.normal_(module.mask_token, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, OnlineCodebooks):
             module.reset_parameters()  # DinoSR codewords: N(0, 1), the scale of instance-normalised teacher layers
         if isinstance(getattr(module, "masked_spec_embed", None), nn.Parameter):
@@ -797,6 +806,7 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        kept_steps: torch.Tensor | None = None,
         **kwargs,
     ) -> ConformerSslModelOutput | tuple:
         r"""
@@ -804,6 +814,13 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
             Log-mel features from `ConformerSslFeatureExtractor`.
         attention_mask (`torch.LongTensor` of shape `(batch, frames)`, *optional*):
             1 for real frames, 0 for padding (from the feature extractor).
+        kept_steps (`torch.BoolTensor` of shape `(copies * batch, steps)`, *optional*):
+            data2vec 2.0's MAE-style student: after the subsampling only these encoder steps (True = kept) go
+            through the blocks, compacted to the left of each row (`masking.gather_kept_steps`). Every output
+            then has the compacted layout (copies * batch, max kept steps, D) and `output_lengths` counts the kept
+            steps; `masking.scatter_kept_steps` puts them back. Relative positions then count kept steps, not
+            time. With copies > 1 (clone_batch) the subsampling runs once on the batch and its output is tiled:
+            copy c of utterance b is row c * batch + b, as in data2vec 2.0, which clones the front end's output.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -813,7 +830,12 @@ class ConformerSslModel(ConformerSslPreTrainedModel):
 
         lengths = self._input_lengths(input_features, attention_mask)
         hidden, lengths = self.subsampling(input_features, lengths)  # (B, T', D)
+        if kept_steps is not None:  # one front-end pass serves every masked copy: (B, T', D) -> (c * B, T', D)
+            copies = kept_steps.shape[0] // hidden.shape[0]
+            hidden, lengths = hidden.repeat(copies, 1, 1), lengths.repeat(copies)
         hidden = self.dropout(hidden * self.xscale)
+        if kept_steps is not None:  # (c * B, T', D) -> (c * B, K, D): the masked steps are dropped, not encoded
+            hidden, lengths = gather_kept_steps(hidden, kept_steps)
         steps = hidden.shape[1]
         # rel_pos: the sinusoid table (2T'-1, D); gated_rel_pos: the ungated bias (H, T', T'); rotary: (cos, sin);
         # relative_key: the distance indices (T', T').
@@ -1096,7 +1118,10 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
         self.conformer = ConformerSslModel(config)
         self.objectives = objective_settings(config.objectives)
         entries = [OBJECTIVES[name] for name in OBJECTIVES if name in self.objectives]
-        if any(entry.reads == "masked" for entry in entries) and config.mask_fill in ("learned", "frozen"):
+        # data2vec 2.0's MAE-style student drops the masked steps: no frame is filled, no mask embedding
+        self.encodes_unmasked_only = bool(self.objectives.get("data2vec", {}).get("encode_unmasked_only", False))
+        masked = any(entry.reads == "masked" for entry in entries)
+        if masked and config.mask_fill in ("learned", "frozen") and not self.encodes_unmasked_only:
             # "frozen": NeMo NEST's mask embedding, drawn once and never trained (continued NEST stays NeMo's).
             trainable = config.mask_fill == "learned"
             self.masked_spec_embed = nn.Parameter(torch.empty(config.num_mel_bins), requires_grad=trainable)
@@ -1234,6 +1259,7 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
                 teacher_states = self.teacher(
                     clean, attention_mask=attention_mask, output_hidden_states=True
                 ).hidden_states
+        utterances, utterance_mask = input_features, attention_mask  # (B0, frames): before any clone_batch tiling
         clones = config.clone_batch if self.training else 1
         if clones > 1:  # data2vec 2.0's clone_batch: c tiled copies of the batch, each masked differently
             input_features, clean = input_features.repeat(clones, 1, 1), clean.repeat(clones, 1, 1)
@@ -1263,9 +1289,25 @@ class ConformerSslForPreTraining(ConformerSslPreTrainedModel):
 
         if "masked" in passes:
             frame_mask, token_mask = self._draw_masks(input_features, lengths, mask_time_indices, generator)
-            embed = getattr(self, "masked_spec_embed", None)
-            masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
-            encoded = self.conformer(masked_input, **encode)
+            if self.encodes_unmasked_only:
+                # data2vec 2.0's MAE-style student (Baevski et al. 2022, §3): the subsampling reads the unmasked
+                # utterances once, its output serves all c copies, and the blocks encode only each copy's
+                # unmasked steps (masking drops steps instead of filling frames; a kept step still sees the edge
+                # frames of a masked neighbour through the subsampling's receptive field, as the paper's CNN
+                # does). Every hidden state comes back at full length with zeros at the dropped steps, where the
+                # decoder puts its mask token (`Data2VecDecoder`).
+                token_mask = keep_at_least_one_step(token_mask, step_lengths)
+                valid_steps = torch.arange(token_mask.shape[1], device=token_mask.device) < step_lengths[:, None]
+                kept = valid_steps & ~token_mask  # (c * B0, T')
+                encoded = self.conformer(
+                    utterances, kept_steps=kept, **{**encode, "attention_mask": utterance_mask}
+                )  # hidden states (c * B0, K, D), K <= T'; attentions and last_hidden_state stay compacted
+                encoded.hidden_states = tuple(scatter_kept_steps(state, kept) for state in encoded.hidden_states)
+                book.metrics["encoded_step_fraction"] = (kept.sum() / step_lengths.sum().clamp(min=1)).float()
+            else:
+                embed = getattr(self, "masked_spec_embed", None)
+                masked_input = apply_frame_mask(input_features, frame_mask, config.mask_fill, embed, generator)
+                encoded = self.conformer(masked_input, **encode)
             contexts["masked"] = ObjectiveContext(
                 config,
                 encoded.hidden_states,

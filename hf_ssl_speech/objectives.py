@@ -271,10 +271,16 @@ class Data2VecDecoder(nn.Module):
     input Linear(hidden -> dim), then `layers` x [Conv1d(kernel, groups) -> LayerNorm (no affine) -> GELU] with a
     residual around every block but the first, then Linear(dim -> hidden). Padded steps are zeroed before each
     convolution so padding never leaks into real steps (lengths from the forward's `step_lengths`).
+
+    With `mask_token=True` (data2vec's `encode_unmasked_only`: the student encoder skipped the masked steps) a
+    learned vector `mask_token` (hidden,) stands at the masked steps of the decoder's input: the decoder sees the
+    encoder's outputs at the unmasked steps and mask tokens at the masked ones (data2vec 2.0, §3; the paper fills
+    them with N(0, 0.01^2) noise, a learned token is ours).
     """
 
-    def __init__(self, hidden_size: int, dim: int, kernel: int, layers: int, groups: int) -> None:
+    def __init__(self, hidden_size: int, dim: int, kernel: int, layers: int, groups: int, mask_token: bool = False):
         super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(hidden_size)) if mask_token else None  # init: _init_weights
         self.input = nn.Linear(hidden_size, dim)
         self.convs = nn.ModuleList(
             nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(layers)
@@ -282,8 +288,13 @@ class Data2VecDecoder(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
         self.output = nn.Linear(dim, hidden_size)
 
-    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(batch, T', hidden), (batch,) valid steps -> (batch, T', hidden)."""
+    def forward(
+        self, hidden: torch.Tensor, lengths: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, T', hidden), (batch,) valid steps [, (batch, T') bool masked steps that the encoder skipped, filled
+        with `mask_token`] -> (batch, T', hidden)."""
+        if token_mask is not None:
+            hidden = torch.where(token_mask[..., None], self.mask_token.to(hidden.dtype), hidden)
         valid = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None])[..., None]
         x = self.input(hidden)  # (batch, T', dim)
         for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
@@ -299,7 +310,9 @@ def _data2vec(model: nn.Module, ctx: ObjectiveContext, spec: Mapping[str, Any]) 
     b, t = ctx.masked
     rows, layers = ctx.teacher_targets(spec["top_k_layers"])
     targets = torch.stack(layers).mean(dim=0)  # y_t = 1/K sum_l IN(a_t^l), (B0, T', hidden)
-    predictions = model.data2vec_decoder(ctx.hidden(spec), ctx.step_lengths)  # f(x) at every step
+    # f(x) at every step; with encode_unmasked_only the masked steps were never encoded: the decoder's mask token
+    skipped = ctx.token_mask if spec["encode_unmasked_only"] else None
+    predictions = model.data2vec_decoder(ctx.hidden(spec), ctx.step_lengths, skipped)
     return regression_loss(predictions[b, t], targets[rows, t])
 
 
@@ -402,9 +415,12 @@ OBJECTIVES: dict[str, Objective] = {
                 c.objectives["data2vec"]["decoder_kernel"],
                 c.objectives["data2vec"]["decoder_layers"],
                 c.objectives["data2vec"]["decoder_groups"],
+                mask_token=c.objectives["data2vec"]["encode_unmasked_only"],
             )
         },
         # data2vec 2.0 audio: K = 8 top layers; decoder 4 x conv(kernel 7), 384 wide in 16 groups.
+        # encode_unmasked_only: the paper's MAE-style student (only the unmasked steps through the blocks); False
+        # keeps data2vec 1.0's student, which encodes the masked steps with the mask embedding.
         defaults={
             **COMMON_DEFAULTS,
             "top_k_layers": 8,
@@ -412,6 +428,7 @@ OBJECTIVES: dict[str, Objective] = {
             "decoder_kernel": 7,
             "decoder_dim": 384,
             "decoder_groups": 16,
+            "encode_unmasked_only": False,
         },
         teacher=True,
         summary="data2vec 2.0: the EMA teacher's averaged top-K layers at masked steps (L2, conv decoder)",
