@@ -632,7 +632,7 @@ def test_transducer_stage_puts_tdt_rows_beside_ctc_and_its_models_transcribe(toy
     assert result.status["transducer"] == "ran" and result.status["report"] == "ran"
     document = json.loads((results / "low_resource.json").read_text())
     tdt = [r for r in document["rows"] if r["head"] == "tdt"]
-    subsets = [s.minutes for s in config.finetune.subsets]
+    subsets = config.transducer.minutes or [s.minutes for s in config.finetune.subsets]
     arms = {(a.encoder, a.predictor) for a in config.transducer.arms}
     assert sorted((r["init"], r["predictor"], r["labeled_minutes"]) for r in tdt) == sorted(
         (*arm, m) for arm in arms for m in subsets
