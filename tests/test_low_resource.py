@@ -298,8 +298,7 @@ def test_rerun_skips_every_finished_stage(toy, capsys):
     assert load_script().main(argv) == 0
     assert (
         "stages: corpus skipped, pretrain skipped, finetune skipped, evaluate skipped, probes skipped, transducer "
-        "skipped, report skipped"
-        in (capsys.readouterr().out)
+        "skipped, report skipped" in (capsys.readouterr().out)
     )
     assert {path: path.stat().st_mtime_ns for path in watched} == before
 
