@@ -183,6 +183,7 @@ class TransducerStageSpec:
         ]
     )
     learning_rates: dict[str, list[float]] = field(default_factory=lambda: {"pretrained": [1e-3], "scratch": [1e-3]})
+    minutes: list[float] = field(default_factory=list)  # the subsets it runs on (empty: every subset)
     steps_scale: float = 1.0  # steps of a subset = its CTC steps x this (a transducer may need more)
     tokenizer_vocab_size: int = 128
     tokenizer_model: str = "bpe"
@@ -304,6 +305,12 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
             raise ExperimentError(
                 f"{where}: transducer.family={t.family!r} is not a family of pretrain.recipes {sorted(p.recipes)}; "
                 "name one, or null to take the one validation chose"
+            )
+        missing = [m for m in t.minutes if m not in [s.minutes for s in f.subsets]]
+        if missing:
+            raise ExperimentError(
+                f"{where}: transducer.minutes {missing} are not subsets of finetune.subsets "
+                f"{[s.minutes for s in f.subsets]}; choose among them, or [] for every subset"
             )
         if not t.arms or t.steps_scale <= 0:
             raise ExperimentError(f"{where}: transducer.arms must be non-empty and transducer.steps_scale > 0")

@@ -5,8 +5,8 @@ network from scratch or pretrained on text, on the CTC runs' subsets, validation
    of which occurs in a validation or test utterance; `finetune.predictor.pretrain_predictor`). Its tokenizer
    (BPE on those sentences) serves every arm, so arms differ only in their starting weights.
 2. Each arm (`transducer.arms`: encoder pretrained|scratch x predictor scratch|text) is fine-tuned with
-   `finetune.transducer.run_transducer` (the stock `Trainer`, transformers' TDT loss) on each subset: the first
-   subset runs every learning rate of `transducer.learning_rates[encoder]`, validation CER keeps one, larger
+   `finetune.transducer.run_transducer` (the stock `Trainer`, transformers' TDT loss) on each subset of
+   `transducer.minutes` (empty: every subset): the first subset runs every learning rate of `transducer.learning_rates[encoder]`, validation CER keeps one, larger
    subsets reuse it; within a run the checkpoint with the best validation CER is kept.
 3. The kept runs are decoded greedily (each utterance alone, as the ASR pipeline does) on validation and test.
    No LM fusion: `wer_lm`/`cer_lm` are None on these rows.
@@ -306,7 +306,10 @@ def stage_transducer(
     predictor_dir = out / predictor["model"]
     results: dict[str, Any] = {}
     chosen_rates: dict[tuple[str, str], float] | None = None
-    for index in range(len(config.finetune.subsets)):
+    wanted = config.transducer.minutes
+    for index, subset in enumerate(config.finetune.subsets):
+        if wanted and subset.minutes not in wanted:
+            continue
         runs = plan_transducer_runs(config, pretrained[key], key, chosen_rates, index)
         subset_results = {run.name: transducer_one(config, run, out, predictor_dir) for run in runs}
         results.update(subset_results)
