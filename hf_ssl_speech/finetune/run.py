@@ -209,6 +209,35 @@ def _feature_extractor(model_args: ModelArguments):
     )
 
 
+def transcribed_rows(
+    data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], Callable[[], dict[str, list[dict[str, Any]]]]]:
+    """The data rules of ASR fine-tuning (CTC and transducer): (training rows, eval sets by name, a reader of the
+    test sets, called once after training). Metadata rows only; the collator decodes the audio. Evaluation is
+    switched off when there are no eval rows."""
+    train_manifests, eval_manifests = resolve_manifests(data_args, demo_train=("pretrain", "finetune"))
+    test_manifests = demo_test_manifests(data_args)
+    set_names = eval_set_names(eval_manifests + test_manifests)
+    train_rows, _ = manifest_rows(
+        train_manifests,
+        data_args.min_duration,
+        data_args.max_duration,
+        require_text=True,
+        limit=data_args.max_train_samples,
+    )
+
+    def eval_rows_of(manifest: str) -> list[dict[str, Any]]:
+        return manifest_rows([manifest], data_args.min_duration, None, True, None, data_args.max_eval_samples)[0]
+
+    eval_sets = {name: eval_rows_of(manifest) for name, manifest in zip(set_names, eval_manifests)}
+    _disable_eval_without_data(training_args, any(eval_sets.values()))
+
+    def read_test_sets() -> dict[str, list[dict[str, Any]]]:
+        return {name: eval_rows_of(m) for name, m in zip(set_names[len(eval_manifests) :], test_manifests)}
+
+    return train_rows, eval_sets, read_test_sets
+
+
 def run_ctc(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -240,23 +269,8 @@ def run_ctc(
     # The demo fine-tunes on all ~16 transcribed minutes of the demo corpus (pretrain + finetune splits): its
     # finetune split alone (~35 utterances) is overfitted within the first evaluations. It selects and early-stops
     # on the valid split (held-out talkers) and reads the test split (other held-out talkers) once, at the end.
-    train_manifests, eval_manifests = resolve_manifests(data_args, demo_train=("pretrain", "finetune"))
-    test_manifests = demo_test_manifests(data_args)
-    set_names = eval_set_names(eval_manifests + test_manifests)
-    train_rows, _ = manifest_rows(
-        train_manifests,
-        data_args.min_duration,
-        data_args.max_duration,
-        require_text=True,
-        limit=data_args.max_train_samples,
-    )
-
-    def eval_rows_of(manifest: str) -> list[dict[str, Any]]:
-        return manifest_rows([manifest], data_args.min_duration, None, True, None, data_args.max_eval_samples)[0]
-
-    eval_sets = {name: eval_rows_of(manifest) for name, manifest in zip(set_names, eval_manifests)}
+    train_rows, eval_sets, read_test_sets = transcribed_rows(data_args, training_args)
     eval_rows = [row for rows in eval_sets.values() for row in rows]
-    _disable_eval_without_data(training_args, bool(eval_rows))
 
     # --- processor (the vocabulary of the transcripts) and model
     texts = vocabulary_texts if vocabulary_texts is not None else [row["text"] for row in train_rows]
@@ -288,7 +302,7 @@ def run_ctc(
                 )
 
     def load_test_sets() -> dict[str, list[dict[str, Any]]]:
-        test_sets = {name: eval_rows_of(m) for name, m in zip(set_names[len(eval_manifests) :], test_manifests)}
+        test_sets = read_test_sets()
         warn_infeasible(test_sets)
         return test_sets
 

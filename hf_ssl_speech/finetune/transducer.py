@@ -69,14 +69,14 @@ from .model_init import (
 )
 from .optim import train_time_options
 from .report import ctc_model_card
-from .rows import decode_rows, demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
+from .rows import decode_rows, rows_to_dataset
 from .run import (
     FinetuneResult,
-    _disable_eval_without_data,
     _train_and_report,
     apply_mixed_precision,
     check_model_argument,
     check_output_dir,
+    transcribed_rows,
 )
 from .text import normalize_transcript
 
@@ -498,23 +498,8 @@ def _run_transducer(
     set_seed(training_args.seed)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
 
-    train_manifests, eval_manifests = resolve_manifests(data_args, demo_train=("pretrain", "finetune"))
-    test_manifests = demo_test_manifests(data_args)
-    set_names = eval_set_names(eval_manifests + test_manifests)
-    train_rows, _ = manifest_rows(
-        train_manifests,
-        data_args.min_duration,
-        data_args.max_duration,
-        require_text=True,
-        limit=data_args.max_train_samples,
-    )
-
-    def eval_rows_of(manifest: str) -> list[dict[str, Any]]:
-        return manifest_rows([manifest], data_args.min_duration, None, True, None, data_args.max_eval_samples)[0]
-
-    eval_sets = {name: eval_rows_of(manifest) for name, manifest in zip(set_names, eval_manifests)}
+    train_rows, eval_sets, load_test_sets = transcribed_rows(data_args, training_args)
     eval_rows = [row for rows in eval_sets.values() for row in rows]
-    _disable_eval_without_data(training_args, bool(eval_rows))
 
     tokenizer = saved_tokenizer
     if tokenizer is None:
@@ -530,9 +515,6 @@ def _run_transducer(
         load_prediction_network(model, *predictor, transducer_args.predictor_from)
         if report is not None:
             report.new_head = ["encoder_projector", "joint"]
-
-    def load_test_sets() -> dict[str, list[dict[str, Any]]]:
-        return {name: eval_rows_of(m) for name, m in zip(set_names[len(eval_manifests) :], test_manifests)}
 
     spec, callbacks = train_time_options(data_args, finetune_args)
     trainer = TransducerTrainer(
