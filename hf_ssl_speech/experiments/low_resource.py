@@ -687,6 +687,15 @@ def training_valid_manifest(config: ExperimentConfig, out: Path) -> Path:
     return sliced
 
 
+def resume_point(run_dir: Path) -> str | None:
+    """The Trainer checkpoint an interrupted run continues from; a run killed before its first checkpoint has
+    nothing to continue, so its folder is cleared."""
+    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if run_dir.is_dir() and resume is None:
+        shutil.rmtree(run_dir)
+    return resume
+
+
 def trainer_arguments(
     config: ExperimentConfig, run_dir: Path, steps: int, learning_rate: float, schedule: Mapping[str, Any], resume
 ) -> TrainingArguments:
@@ -771,9 +780,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         return done
     logger.info("finetune %s: %d steps", run.name, run.steps)
     run_dir = folder / "model"  # run_ctc saves the finished model here, beside its resume points
-    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if run_dir.is_dir() and resume is None:
-        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to continue
+    resume = resume_point(run_dir)
     valid = training_valid_manifest(config, out)
     model_args = ModelArguments(model_name_or_path=str(out / run.checkpoint), from_scratch=run.init == "scratch")
     data_args = DataArguments(

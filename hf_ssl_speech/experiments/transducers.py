@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 from transformers import AutoProcessor
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import DataConfig
 from ..finetune.args import DataArguments, FinetuneArguments, ModelArguments
@@ -43,6 +41,7 @@ from .low_resource import (
     choose_by_validation,
     finish_unit,
     read_manifest,
+    resume_point,
     run_outcome,
     schedule_arguments,
     subset_name,
@@ -184,9 +183,7 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
         return done
     logger.info("transducer %s: %d steps", run.name, run.steps)
     run_dir = folder / "model"
-    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if run_dir.is_dir() and resume is None:
-        shutil.rmtree(run_dir)
+    resume = resume_point(run_dir)
     transducer_args = TransducerArguments(
         head="tdt",
         tokenizer_vocab_size=t.tokenizer_vocab_size,
