@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import accelerate_launch, make_tiny_config
+from support import accelerate_launch, make_tiny_config, write_recipe
 from torch import nn
 
 from hf_ssl_speech.modeling_conformer_ssl import ConformerSslForPreTraining
@@ -436,6 +436,30 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, tiny_confi
     weights = manager.latest() / "model" / "model.safetensors"
     config = manager.latest() / "model" / "config.json"
     assert weights.stat().st_mode & 0o777 == config.stat().st_mode & 0o777  # not 0600 next to 0644
+
+
+def test_keep_steps_survive_rotation_and_do_not_count_in_keep_last(tmp_path, tiny_config):
+    """The compute curve fine-tunes the encoders at 1/4 and 1/2 of pretraining: rotation must leave them."""
+    from accelerate import Accelerator
+
+    from hf_ssl_speech import ConformerSslModel
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(ConformerSslModel(tiny_config()))
+    manager = CheckpointManager(tmp_path / "run", keep_last=1, keep_steps=[2, 4])
+    for step in (2, 3, 4, 6, 8):
+        manager.save(step, accelerator, model, {}, {})
+    assert [p.name for p in manager.complete()] == [f"checkpoint-{s:08d}" for s in (2, 4, 8)]
+    assert manager.latest().name == "checkpoint-00000008"
+
+
+def test_keep_steps_outside_the_run_are_refused(tmp_path):
+    from hf_ssl_speech.errors import ConfigError
+    from hf_ssl_speech.pretrain.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", {}, {"bestrq": {}}, {}, {}, {"max_steps": 10, "keep_steps": [5, 11]})
+    with pytest.raises(ConfigError, match=r"train\.keep_steps.*\[5, 11\].*max_steps=10"):
+        load_recipe(recipe)
 
 
 def test_a_fresh_run_refuses_a_folder_that_holds_another_run(tmp_path):

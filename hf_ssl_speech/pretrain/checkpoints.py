@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,16 @@ class CheckpointManager:
     run with one line naming the path and the bytes needed (`CheckpointWriteError`). `trainer_state.json` records
     every file's size, so `--resume` can tell a checkpoint torn outside this rename (a truncated file on a network
     filesystem) and fall back to the previous one (`latest_usable`). Only the newest `keep_last` complete
-    checkpoints are kept, by the time they were written, and only after the new one is complete: the one just
+    checkpoints are kept (plus those at `keep_steps`, never deleted), by the time they were written, and only after the new one is complete: the one just
     written is never deleted, even when its step is lower than older ones' (a run resumed from an earlier
     checkpoint). `<output_dir>/model` is a relative link to the newest checkpoint's `model/`, replaced atomically,
     so the run's model has one stable path.
     """
 
-    def __init__(self, output_dir: str | Path, keep_last: int = 3) -> None:
+    def __init__(self, output_dir: str | Path, keep_last: int = 3, keep_steps: Sequence[int] = ()) -> None:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.keep_steps = set(keep_steps)  # never pruned, not counted in keep_last
 
     def path_for(self, step: int) -> Path:
         return self.root / f"checkpoint-{step:08d}"
@@ -214,7 +215,7 @@ class CheckpointManager:
         )
 
     def _prune(self, keep: Path) -> None:
-        others = [path for path in self.complete() if path != keep]
+        others = [path for path in self.complete() if path != keep and _step_of(path) not in self.keep_steps]
         for old in others[: max(0, len(others) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -256,6 +257,10 @@ class CheckpointManager:
             )
         rank_state = torch.load(rank_file, weights_only=False)
         return trainer_state, rank_state
+
+
+def _step_of(folder: Path) -> int:
+    return int(CHECKPOINT_RE.match(folder.name).group(1))
 
 
 def _saved_at(folder: Path) -> float:

@@ -331,7 +331,7 @@ def setup(recipe: Recipe, resume: bool | str | Path) -> Run:
     t, o, d = recipe.train, recipe.optim, recipe.data
     out_dir = Path(t.output_dir)
     # Checked by every process before any writes (no process writes until all have joined the Accelerator).
-    checkpoints = CheckpointManager(out_dir, t.keep_last)
+    checkpoints = CheckpointManager(out_dir, t.keep_last, t.keep_steps)
     start = _resume_path(resume, checkpoints)
     check_recipe_paths(recipe, source_needed=start is None)  # a resumed run never reads model.init_from again
     check_output_dir(out_dir, resume)
@@ -650,7 +650,8 @@ def _train(run: Run, stop: StopRequest, progress: bool) -> PretrainResult:
                 f"step {run.step}: valid "
                 + ", ".join(f"{k} {v:.4g}" for k, v in valid_metrics.items() if k.startswith("loss"))
             )
-        if (outcome.finite or done) and (run.step % t.save_steps == 0 or done) and last_saved != run.step:
+        due = run.step % t.save_steps == 0 or run.step in t.keep_steps or done
+        if (outcome.finite or done) and due and last_saved != run.step:
             save_checkpoint(run, latest_metrics)
             last_saved = run.step
         interval.start += time.monotonic() - paused

@@ -121,6 +121,9 @@ class TrainSection:
     # FSDP2 (`fully_shard` per Conformer block + root) instead of DDP when launched on several processes
     fsdp: bool = False
     keep_last: int = 3  # checkpoints kept on disk (the newest is never deleted)
+    # checkpoints also written at these steps and never deleted (not counted in keep_last): e.g. the encoders at
+    # 1/4 and 1/2 of the run, for a downstream-accuracy-against-pretraining-compute curve
+    keep_steps: list[int] = field(default_factory=list)
     max_nonfinite: int = 10  # consecutive non-finite steps tolerated before the run stops
     report_to: str = "tensorboard"  # tensorboard | none
     push_to_hub: str | None = None  # repo id to push the final checkpoint to
@@ -295,6 +298,12 @@ def validate(recipe: Recipe) -> None:
     )
     for key in ("max_steps", "save_steps", "eval_steps", "log_steps", "grad_accum", "keep_last", "max_nonfinite"):
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    check(
+        all(isinstance(k, int) and 1 <= k <= t.max_steps for k in t.keep_steps),
+        "train.keep_steps",
+        t.keep_steps,
+        f"a list of steps between 1 and train.max_steps={t.max_steps}",
+    )
     check(d.batch_seconds > 0, "data.batch_seconds", d.batch_seconds, "> 0")
     check(
         d.max_duration is None or d.min_duration <= d.max_duration,
