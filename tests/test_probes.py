@@ -56,6 +56,24 @@ def test_utterance_probe_finds_the_informative_layer_and_beats_noise():
     assert utterance_probe(shuffled, classes=4, spec=spec)["value"] < 0.5
 
 
+def test_input_layer_lets_the_head_use_what_only_fbank_sees():
+    """Speaker ID: the label is in the (un-normalised) input features only, as a level that per-utterance
+    normalisation removes from the encoder's layers. With the inputs as layer 0 the head finds it and weights it."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, size=(4, 8))
+    spec = ProbeSpec(learning_rates=[1e-2], utterance_steps=200)
+    splits, inputs = {}, {}
+    for name, count in (("train", 80), ("valid", 40), ("test", 40)):
+        feats, labels = _utterances(count, centres, 2, rng)
+        noise = [torch.randn_like(f) for f in feats]  # the encoder's layers: nothing about the label
+        splits[name] = (noise, labels)
+        inputs[name] = ([f[2:3, :, :5] for f in feats], labels)  # FBANK: (1, steps, 5) holding the label
+    assert utterance_probe(splits, classes=4, spec=spec)["value"] < 0.5
+    result = utterance_probe(splits, classes=4, spec=spec, inputs=inputs)
+    assert result["value"] > 0.9 and len(result["layers"]) == 4  # input + 3 layers
+    assert int(np.argmax(result["layers"])) == 0
+
+
 def _phone_data(count: int, inventory: int, rng: np.random.Generator, centres: np.ndarray):
     """Utterances whose frames are the phone's centre (3 frames each) plus noise, in layer 1 only."""
     names = [f"p{i}" for i in range(inventory)]

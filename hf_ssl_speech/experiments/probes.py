@@ -13,7 +13,9 @@ How a probe is trained. Features are computed once per encoder: every hidden sta
 block) of `ConformerSslModel`, standardised per dimension with training-set statistics. FBANK is the feature
 extractor's 80 log-mels before its per-utterance normalisation (which would leave mean-pooled features all zero),
 with `subsampling_factor` consecutive frames stacked so that it runs at the encoder's rate.
-The head sees softmax(w)-weighted sums of the layers (w learned with the head). Every setting that is chosen (the
+The head sees softmax(w)-weighted sums of the layers (w learned with the head); for speaker ID
+(`ProbeSpec.input_layer`) the FBANK features join the sum as layer 0 through a linear map, as SUPERB's sum
+starts at the input side, so the encoders' per-utterance input normalisation cannot hide what FBANK sees. Every setting that is chosen (the
 learning rate) is chosen on the validation split; the test split is scored once, with the chosen one.
 """
 
@@ -56,6 +58,8 @@ class ProbeSpec:
     speakers: int = 40  # pool speakers of speaker_id (those with the most utterances)
     speaker_label: str = "speaker"  # the manifest field told apart: "speaker" (pseudo-speaker) or "voice" (base voice)
     speaker_utterances: list[int] = field(default_factory=lambda: [8, 3, 4])  # train / valid / test per speaker
+    # utterance tasks whose encoder heads also get the log-mels as layer 0 of the weighted sum (`WeightedSumHead`)
+    input_layer: list[str] = field(default_factory=lambda: ["speaker_id"])
     phone_utterances: list[int] = field(default_factory=lambda: [600, 150, 300])  # train / valid / test
     command_speakers_per_voice: int = 3
     command_unknown_per_speaker: int = 2
@@ -140,15 +144,23 @@ def _standardiser(train: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 # ============================================================================================ heads
 class WeightedSumHead(nn.Module):
-    """softmax(w)-weighted sum over layers, then a linear layer (SUPERB's downstream for SID/KS/PR)."""
+    """softmax(w)-weighted sum over layers, then a linear layer (SUPERB's downstream for SID/KS/PR).
 
-    def __init__(self, layers: int, dim: int, classes: int) -> None:
+    With `input_dim`, the model's input features join the sum as an extra layer 0 through a linear map to `dim`:
+    SUPERB's weighted sum starts at the upstream's input side, and our encoders standardise every utterance before
+    the first layer, which removes the level and spectral tilt a speaker head on FBANK can use.
+    """
+
+    def __init__(self, layers: int, dim: int, classes: int, input_dim: int = 0) -> None:
         super().__init__()
-        self.layer_logits = nn.Parameter(torch.zeros(layers))
+        self.input_projection = nn.Linear(input_dim, dim) if input_dim else None
+        self.layer_logits = nn.Parameter(torch.zeros(layers + (1 if input_dim else 0)))
         self.linear = nn.Linear(dim, classes)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # features (batch, layers, [steps,] dim)
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        # features (batch, layers, [steps,] dim); inputs (batch, [steps,] input_dim), with `input_dim` only
+        if self.input_projection is not None:
+            features = torch.cat([self.input_projection(inputs).unsqueeze(1), features], 1)
         weights = torch.softmax(self.layer_logits, 0)
         shape = (1, -1) + (1,) * (features.dim() - 2)
         return self.linear((features * weights.view(shape)).sum(1))
@@ -157,39 +169,48 @@ class WeightedSumHead(nn.Module):
         return [round(float(w), 4) for w in torch.softmax(self.layer_logits.detach(), 0)]
 
 
-def _fit_utterance_head(pooled, labels, classes, lr, steps, seed) -> WeightedSumHead:
+def _fit_utterance_head(pooled, labels, inputs, classes, lr, steps, seed) -> WeightedSumHead:
     torch.manual_seed(seed)
-    head = WeightedSumHead(pooled.shape[1], pooled.shape[2], classes)
+    head = WeightedSumHead(pooled.shape[1], pooled.shape[2], classes, inputs.shape[-1] if inputs is not None else 0)
     optimiser = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
-        loss = F.cross_entropy(head(pooled), labels)
+        loss = F.cross_entropy(head(pooled, inputs), labels)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     return head
 
 
-def _accuracy(head: WeightedSumHead, pooled: torch.Tensor, labels: torch.Tensor) -> float:
+def _accuracy(head: WeightedSumHead, pooled: torch.Tensor, labels: torch.Tensor, inputs=None) -> float:
     with torch.no_grad():
-        return float((head(pooled).argmax(-1) == labels).float().mean())
+        return float((head(pooled, inputs).argmax(-1) == labels).float().mean())
 
 
-def utterance_probe(splits: Mapping[str, tuple[list[torch.Tensor], list[int]]], classes: int, spec: ProbeSpec):
-    """Mean-pooled features -> linear head; the learning rate with the best VALIDATION accuracy is kept."""
+def _pooled(splits: Mapping[str, tuple[list[torch.Tensor], Any]]) -> dict[str, torch.Tensor]:
+    """Per split (utterances, layers, dim): features standardised with training statistics, mean over steps."""
     mean, std = _standardiser(splits["train"][0])
-    pooled = {
-        name: (torch.stack([((f - mean) / std).mean(1) for f in feats]), torch.tensor(labels))
-        for name, (feats, labels) in splits.items()
-    }  # (utterances, layers, dim)
+    return {name: torch.stack([((f - mean) / std).mean(1) for f in feats]) for name, (feats, _) in splits.items()}
+
+
+def utterance_probe(
+    splits: Mapping[str, tuple[list[torch.Tensor], list[int]]],
+    classes: int,
+    spec: ProbeSpec,
+    inputs: Mapping[str, tuple[list[torch.Tensor], Any]] | None = None,
+):
+    """Mean-pooled features -> linear head; the learning rate with the best VALIDATION accuracy is kept. `inputs`
+    (FBANK's features of the same utterances) join the weighted sum as layer 0 (`WeightedSumHead`)."""
+    pooled = {name: (features, torch.tensor(splits[name][1])) for name, features in _pooled(splits).items()}
+    extra = {name: f[:, 0] for name, f in _pooled(inputs).items()} if inputs is not None else {}
     best = None
     for lr in spec.learning_rates:
-        head = _fit_utterance_head(*pooled["train"], classes, lr, spec.utterance_steps, spec.seed)
-        valid = _accuracy(head, *pooled["valid"])
+        head = _fit_utterance_head(*pooled["train"], extra.get("train"), classes, lr, spec.utterance_steps, spec.seed)
+        valid = _accuracy(head, *pooled["valid"], extra.get("valid"))
         if best is None or valid > best[0]:
             best = (valid, lr, head)
     valid, lr, head = best
     return {
-        "value": _accuracy(head, *pooled["test"]),
+        "value": _accuracy(head, *pooled["test"], extra.get("test")),
         "valid": valid,
         "learning_rate": lr,
         "layers": head.layer_weights(),
@@ -369,19 +390,23 @@ def run_probes(
     features_sets = {FBANK: (None, extractor, stack), **features_sets}
 
     rows = []
+    fbank: dict[str, dict[str, tuple[list[torch.Tensor], list[int]]]] = {}  # task -> FBANK's features (layer 0)
     for features, (encoder, extractor, stack) in features_sets.items():
         for task, splits in audio.items():
             t0 = time.perf_counter()
             feats = {
                 name: (layer_features(encoder, extractor, waves, stack), kept) for name, (waves, kept) in splits.items()
             }
+            if encoder is None:
+                fbank[task] = feats
             if task == "phone_recognition":
                 inputs = {n: (f, [task_rows[task][n][i]["phones"] for i in kept]) for n, (f, kept) in feats.items()}
                 result = phone_probe(inputs, spec)
             else:
                 inputs = {n: (f, [task_rows[task][n][i]["label"] for i in kept]) for n, (f, kept) in feats.items()}
                 classes = max(label for _, labels in inputs.values() for label in labels) + 1
-                result = utterance_probe(inputs, classes, spec)
+                layer0 = fbank[task] if encoder is not None and task in spec.input_layer else None
+                result = utterance_probe(inputs, classes, spec, layer0)
             metric, higher = METRICS[task]
             row = {
                 "task": task,
@@ -392,6 +417,7 @@ def run_probes(
                 "valid": round(result["valid"], 4),
                 "learning_rate": result["learning_rate"],
                 "layer_weights": result["layers"],
+                "input_layer": encoder is not None and task in spec.input_layer,  # layer_weights[0]: the log-mels
                 "wall_s": round(time.perf_counter() - t0, 1),
             }
             logger.info("probe %s / %s: %s %.4f (valid %.4f)", task, features, metric, row["value"], row["valid"])
@@ -427,10 +453,11 @@ def write_probe_report(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, 
             r = table.get((task, f))
             cells.append("" if r is None else f"{100 * r['value']:.1f}%")
         lines.append(f"| {task} | {metric} ({'higher' if higher else 'lower'} is better) | " + " | ".join(cells) + " |")
-    lines += ["", "Layer weights (softmax; layer 0 = subsampling output):", ""]
+    lines += ["", "Layer weights (softmax; first: the log-mel input where marked, then the subsampling output):", ""]
     for r in rows:
         if r["features"] != FBANK:
-            lines.append(f"- {r['task']} / {r['features']}: {r['layer_weights']} (lr {r['learning_rate']:g})")
+            first = " (first: log-mel input)" if r.get("input_layer") else ""
+            lines.append(f"- {r['task']} / {r['features']}: {r['layer_weights']}{first} (lr {r['learning_rate']:g})")
     (folder / "probes.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
