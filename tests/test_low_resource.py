@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hf_ssl_speech.experiments.config import ARMS, INITS, ROW_KEYS
+from hf_ssl_speech.experiments.kws import KWS_INITS
 from hf_ssl_speech.experiments.low_resource import (
     ExperimentError,
     command_line,
@@ -31,7 +32,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY = REPO_ROOT / "configs" / "experiments" / "low_resource_toy.yaml"
 FULL = REPO_ROOT / "configs" / "experiments" / "low_resource.yaml"
 ROW_TYPES = {key: (int, float) if kind is float else kind for key, kind in ROW_KEYS.items()}
-PNGS = ("wer_vs_labeled_minutes.png", "cer_vs_labeled_minutes.png", "pretraining_loss.png")
+PNGS = (
+    "wer_vs_labeled_minutes.png",
+    "cer_vs_labeled_minutes.png",
+    "pretraining_loss.png",
+    "cer_vs_pretraining_compute.png",
+)
 
 
 def load_script():
@@ -86,11 +92,20 @@ def _manifest(path: Path) -> list[dict]:
 def test_json_has_one_well_formed_row_per_kept_run(toy):
     work, results, config = toy
     document = json.loads((results / "low_resource.json").read_text())
-    rows = document["rows"]
+    every = document["rows"]
+    rows = [r for r in every if r["pretrain_fraction"] in (0.0, 1.0)]  # finished encoders and scratch
     keys = [*config.pretrain.recipes, *(f"{f}@in_domain" for f in config.pretrain.in_domain)]
     subsets = [s.minutes for s in config.finetune.subsets]
     # pretrained + probe per pretraining run and subset, one scratch run per architecture (nest non-causal, apc causal)
     assert len(rows) == len(subsets) * (2 * len(keys) + 2)
+    assert all((r["pretrain_fraction"] == 0.0) == (r["init"] == "scratch") for r in rows)
+    # the compute curve: the encoder validation chose, kept part-way, fine-tuned on the grid subset
+    curve = [r for r in every if r not in rows]
+    assert [r["pretrain_fraction"] for r in curve] == config.pretrain.curve_fractions
+    best = document["best_pretrained"]
+    assert best in keys and all(r["key"] == best and r["init"] == "pretrained" for r in curve)
+    assert all(r["labeled_minutes"] == subsets[0] and r["pretrain_steps"] == 2 for r in curve)
+    assert [p["pretrain_fraction"] for p in document["compute_curve"]] == [0.0, 0.5, 1.0]
     for row in rows:
         for key, kind in ROW_TYPES.items():
             assert isinstance(row[key], kind) and (kind is bool or not isinstance(row[key], bool)), (key, row)
@@ -204,7 +219,7 @@ def test_markdown_tables_list_every_run_and_family(toy):
     _, results, config = toy
     markdown = (results / "low_resource.md").read_text()
     document = json.loads((results / "low_resource.json").read_text())
-    rows = document["rows"]
+    rows = [r for r in document["rows"] if r["pretrain_fraction"] in (0.0, 1.0)]  # the compute curve: its own table
     every_run = _table(markdown, "### Every kept run")
     assert len(every_run) == len(rows)
     for cells, row in zip(every_run, rows):
@@ -231,6 +246,7 @@ def test_markdown_tables_list_every_run_and_family(toy):
     assert "python scripts/low_resource_experiment.py --config" in markdown
     assert "Machine:" in markdown and "held-out voices" in markdown
     assert "## SUPERB-style probes" in markdown
+    assert "## Pretraining-compute curve" in markdown and "## Keyword spotting with few labels" in markdown
     for png in PNGS:
         assert f"]({png})" in markdown
 
@@ -291,6 +307,25 @@ def test_probes_json_has_every_task_for_fbank_and_each_encoder(toy):
         assert math.isfinite(row["value"]) and row["value"] >= 0
         assert sum(row["layer_weights"]) == pytest.approx(1.0, abs=1e-2)
     assert (results / "probes.png").stat().st_size > 1000 and "| task |" in (results / "probes.md").read_text()
+
+
+def test_kws_json_has_pretrained_and_scratch_rows_per_label_count(toy):
+    _, results, config = toy
+    document = json.loads((results / "kws.json").read_text())
+    counts = config.probes.kws["labels_per_keyword"]
+    rows = document["rows"]
+    assert {(r["init"], r["labels_per_keyword"]) for r in rows} == {(i, k) for i in KWS_INITS for k in counts}
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["valid_accuracy"] <= 1
+        assert row["learning_rate"] in config.probes.kws["learning_rates"][row["init"]]
+    clips = {r["labels_per_keyword"]: r["train_clips"] for r in rows}
+    assert clips[2] == 2 * clips[1]  # nested by speaker: each voice's first k speakers say every word
+    assert set(document["test_voices"]) == set(config.corpus.test_voices)
+    assert json.loads((results / "low_resource.json").read_text())["kws"] == rows
+    # speaker ID: the log-mel input is layer 0 of every encoder's weighted sum
+    probes = json.loads((results / "probes.json").read_text())["rows"]
+    speaker = [r for r in probes if r["task"] == "speaker_id" and r["features"] != "fbank"]
+    assert speaker and all(r["input_layer"] and len(r["layer_weights"]) == 3 for r in speaker)  # input + 2 states
 
 
 # ------------------------------------------------------------------------------------------ resuming
@@ -392,14 +427,15 @@ def test_scratch_baseline_per_distinct_encoder():
     grid = plan_finetune_runs(config, pretrained, config.finetune.subsets[0])  # the first subset: every rate
     rates = config.finetune.learning_rates
     assert len(grid) == len(pretrained) * (len(rates["pretrained"]) + len(rates["probe"])) + 2 * len(rates["scratch"])
-    # the full config crosses every rate with every masking setting on its first subset
+    # the full config crosses every rate with every masking setting (the probe: the first) on its grid subset
     full = load_experiment_config(FULL)
     grid = plan_finetune_runs(full, {"nest": pretrained["nest"]}, full.finetune.subsets[0])
     masks = [m.label for m in full.finetune.masking]
     assert len(masks) >= 2
     for init in full.finetune.inits:
         pairs = sorted((r.learning_rate, r.masking.label) for r in grid if r.init == init)
-        assert pairs == sorted((lr, m) for lr in full.finetune.learning_rates[init] for m in masks), init
+        options = masks[:1] if init == "probe" else masks  # the frozen-encoder probe: the first masking only
+        assert pairs == sorted((lr, m) for lr in full.finetune.learning_rates[init] for m in options), init
     assert len({r.group for r in grid if r.init == "pretrained"}) == 1 and len({r.name for r in grid}) == len(grid)
 
 
@@ -420,8 +456,12 @@ def test_full_config_is_the_regime_ssl_is_used_in():
     assert f.headline_minutes == 10  # the verdict and the exported models (ctc_10min_*) stay on 10 minutes
     assert len(c.labeled_voices) * c.labeled_speakers_per_voice <= 30
     assert len(c.test_voices) >= 6 and len({v.split(":")[0] for v in c.test_voices}) >= 3
-    assert c.valid_voices and not set(c.valid_voices) & set(c.test_voices) and c.in_domain_minutes > 0
-    assert set(config.finetune.inits) == {"pretrained", "probe", "scratch"} and config.pretrain.in_domain
+    assert c.valid_voices and not set(c.valid_voices) & set(c.test_voices)
+    assert set(config.finetune.inits) == {"pretrained", "probe", "scratch"}
+    # the proof: the family is chosen on validation (two or more), the grid and that choice on the headline
+    # subset, and a compute curve of at least three points (two kept part-way, the finished encoder)
+    assert len(config.pretrain.recipes) >= 2 and f.grid_minutes == f.headline_minutes
+    assert len(config.pretrain.curve_fractions) >= 2 and config.probes.kws.get("enabled")
     for recipe in config.pretrain.recipes.values():
         assert (REPO_ROOT / recipe).is_file(), recipe
     assert not config.pretrain.family_overrides
@@ -480,6 +520,114 @@ def test_protocol_settings_are_validated():
     for changes, match in cases:
         with pytest.raises(ExperimentError, match=match):
             validate_config(_with_finetune(config, **changes))
+
+
+def test_compute_curve_grid_subset_and_parallel_settings_are_validated():
+    from hf_ssl_speech.experiments.config import validate_config
+
+    config = load_experiment_config(TOY)
+    cases = [
+        (_with_finetune(config, grid_minutes=5.0), r"finetune\.grid_minutes=5\.0 is not a subset's minutes"),
+        (_with_finetune(config, curve_runs="some"), r"finetune\.curve_runs='some'.*'all' or 'best'"),
+        (dataclasses.replace(config, parallel_runs=0), r"parallel_runs=0: must be >= 1"),
+        (
+            dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, curve_fractions=[1.0])),
+            r"pretrain\.curve_fractions has 1\.0.*between 0 and 1",
+        ),
+        (
+            dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, curve_fractions=[0.1])),
+            r"at least one step of pretrain\.max_steps=3",
+        ),
+    ]
+    for changed, match in cases:
+        with pytest.raises(ExperimentError, match=match):
+            validate_config(changed)
+
+
+def test_step_caps_are_not_corpus_settings():
+    """Changing a fine-tuning step cap must not invalidate (and regenerate) the corpus."""
+    from hf_ssl_speech.experiments.low_resource import _stage_settings
+
+    config = load_experiment_config(TOY)
+    capped = _with_finetune(
+        config, subsets=[dataclasses.replace(s, steps=s.steps + 5) for s in config.finetune.subsets]
+    )
+    assert _stage_settings(capped, "corpus") == _stage_settings(config, "corpus")
+    assert _stage_settings(capped, "finetune") != _stage_settings(config, "finetune")
+
+
+def _double(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return 2 * x
+
+
+def test_run_in_parallel_keeps_the_order_and_raises_a_failed_run():
+    from hf_ssl_speech.experiments.low_resource import run_in_parallel
+
+    assert run_in_parallel(_double, [(3,), (1,), (2,)], 2) == [6, 2, 4]
+    assert run_in_parallel(_double, [(3,)], 1) == [6]
+    with pytest.raises(ValueError, match="negative: -1"):
+        run_in_parallel(_double, [(1,), (-1,)], 2)
+
+
+def test_best_curve_runs_plan_the_chosen_family_beside_scratch_and_the_grid_runs_on_its_subset():
+    from hf_ssl_speech.experiments.config import MaskingSpec
+    from hf_ssl_speech.experiments.low_resource import best_pretrained_key, grid_subset, plan_finetune_runs
+
+    config = load_experiment_config(FULL)
+    f = config.finetune
+    assert grid_subset(f).minutes == 10 and f.curve_runs == "best"
+    pretrained = {
+        key: {"architecture": "non-causal", "checkpoint": f"pretrain/{key}/model", "finished_at": 1.0, "encoder": {}}
+        for key in config.pretrain.recipes
+    }
+    grid = plan_finetune_runs(config, pretrained, grid_subset(f))
+    masks = len(f.masking)
+    expected = len(pretrained) * (len(f.learning_rates["pretrained"]) * masks + len(f.learning_rates["probe"]))
+    assert len(grid) == expected + len(f.learning_rates["scratch"]) * masks  # the probe takes the first masking
+    assert {r.masking for r in grid if r.init == "probe"} == {f.masking[0]}
+    results = {
+        r.name: {"init": r.init, "key": r.key, "valid_cer": 0.5 if r.key == "contrastive_mlm" else 0.6} for r in grid
+    }
+    assert best_pretrained_key(results, list(results)) == "contrastive_mlm"
+    chosen = {(r.key, r.init): (r.learning_rate, r.masking) for r in grid}
+    one = {"contrastive_mlm": pretrained["contrastive_mlm"]}
+    later = plan_finetune_runs(config, one, f.subsets[0], chosen, ["pretrained", "scratch"])
+    assert sorted((r.key, r.init) for r in later) == [
+        ("contrastive_mlm", "pretrained"),
+        ("scratch-non-causal", "scratch"),
+    ]
+    assert all(isinstance(r.masking, MaskingSpec) and r.minutes == 1 for r in later)
+
+
+def test_compute_curve_extrapolates_the_steps_for_the_target_and_says_when_it_cannot():
+    from hf_ssl_speech.experiments.report import compute_curve_lines, steps_for_target
+
+    scratch = {"cer": 0.5, "valid_cer": 0.5, "cer_lm": 0.5, "best_step": 100, "steps": 200}
+    # CER falls 5 points per doubling from 0.5 at 1000 steps: 0.3 (-40%) is 4 doublings past 1000 = 16000 steps
+    curve = [
+        {"pretrain_steps": s, "cer": c, "valid_cer": c, "cer_lm": c, "key": "nest", "pretrain_fraction": s / 4000}
+        for s, c in ((1000, 0.5), (2000, 0.45), (4000, 0.40))
+    ]
+    fit = steps_for_target(curve, scratch, "cer", -0.4)
+    assert fit["slope_per_doubling"] == pytest.approx(-0.05) and fit["steps"] == pytest.approx(16000)
+    flat = [{**row, "cer": 0.5} for row in curve]
+    assert steps_for_target(flat, scratch, "cer", -0.4)["steps"] is None
+    rows = [
+        {
+            **r,
+            "labeled_minutes": 10.0,
+            "pretrain_audio_hours_seen": r["pretrain_steps"] / 100,
+            "pretrain_wall_s": r["pretrain_steps"] / 2,
+            "best_step": 50,
+            "steps": 100,
+        }
+        for r in curve
+    ]
+    info = {"nest": {"steps": 4000, "audio_hours_seen": 40.0, "wall_s": 2000.0}}
+    text = "\n".join(compute_curve_lines(rows, scratch, info))
+    assert "16,000 steps" in text and "4x this run" in text and "cer_vs_pretraining_compute.png" in text
 
 
 def test_tri_stage_schedule_warms_up_holds_and_decays_to_the_final_scale():

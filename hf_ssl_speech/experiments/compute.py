@@ -1,7 +1,7 @@
 """How well a stage uses the machine: model FLOPs per audio second and a measured matmul peak.
 
 FLOP utilisation = (FLOPs per audio second of one training step) x (audio seconds per second) / (peak FLOP/s).
-The peak is measured here, on this machine and thread count (a large fp32 matmul), not taken from a datasheet,
+The peak is measured here, on this machine and thread count (a large matmul in the run's precision), not taken from a datasheet,
 so the figure says how much of what torch can reach the step reaches; per-step overhead (data, Python, small
 kernels) is what keeps it low.
 """
@@ -20,11 +20,13 @@ from ..modeling_conformer_ssl import ConformerSslModel
 
 
 @functools.cache
-def matmul_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of a square fp32 matmul on the default device, at the current torch thread count (best of runs)."""
+def matmul_peak_flops(size: int = 1024, seconds: float = 0.5, precision: str = "no") -> float:
+    """FLOP/s of a square matmul on the default device, at the current torch thread count (best of runs), in fp32
+    or, with `precision="bf16"`, in bf16 (the peak a mixed-precision run's matmuls can reach)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
@@ -59,8 +61,12 @@ def training_flops_per_audio_second(model_config: Any) -> float:
     return round(encoder_flops_per_audio_second(model_config), 1)
 
 
-def utilisation(flops_per_audio_second: float, audio_seconds_per_second: float | None) -> float | None:
-    """Share of the measured matmul peak a stage reaches (None without a throughput)."""
+def utilisation(
+    flops_per_audio_second: float, audio_seconds_per_second: float | None, precision: str = "no"
+) -> float | None:
+    """Share of the measured matmul peak of the run's `precision` ("no": fp32, "bf16") a stage reaches (None
+    without a throughput)."""
     if not audio_seconds_per_second:
         return None
-    return round(flops_per_audio_second * audio_seconds_per_second / matmul_peak_flops(), 4)
+    peak = matmul_peak_flops(precision="bf16" if precision == "bf16" else "no")
+    return round(flops_per_audio_second * audio_seconds_per_second / peak, 4)

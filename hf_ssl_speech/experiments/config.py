@@ -34,6 +34,7 @@ ROW_KEYS = {
     "best_step": int,  # the step of the checkpoint kept (lowest validation CER)
     "stopped_early": bool,  # early stopping ended the run before its step cap
     "wall_s": float,  # fine-tuning wall time
+    "pretrain_fraction": float,  # share of the pretraining run the encoder had seen (< 1: compute curve; scratch 0)
 }
 
 
@@ -100,6 +101,9 @@ class PretrainSpec:
     overrides: list[str] = field(default_factory=list)
     family_overrides: dict[str, list[str]] = field(default_factory=dict)
     max_steps: int = 1000
+    # Also keep each encoder at these fractions of max_steps (e.g. [0.25, 0.5]): the pretraining-compute curve
+    # fine-tunes them on `finetune.headline_minutes` of labels beside the finished encoder.
+    curve_fractions: list[float] = field(default_factory=list)
     progress: bool = True
 
 
@@ -136,8 +140,10 @@ class FinetuneSpec:
     - `lr_scheduler`: `cosine` (linear warmup of `warmup_steps`, cosine decay) or `tri_stage` (warmup, hold,
       decay over the `tri_stage` fractions of the step cap, to `final_lr_scale` x the peak; fairseq's
       tri-stage, through the stock `warmup_stable_decay` schedule);
-    - `learning_rates[init]` x `masking` is a grid: on the first (smallest) subset every pair runs and the one
-      with the lowest validation CER is kept per (pretraining run, init); larger subsets reuse it;
+    - `learning_rates[init]` x `masking` is a grid: on the grid subset (`grid_minutes`, default the first) every
+      pair runs (the probe: the first masking only) and the one with the lowest validation CER is kept per
+      (pretraining run, init); the other subsets reuse it (`curve_runs`: every run, or only the family validation
+      chose beside scratch);
     - `patience`: a run stops after that many evaluations (every `eval_steps`, those of the head-only phase not
       counted) without a better validation CER; a subset's `steps` is only the cap. The checkpoint with the best
       validation CER is the model kept, so the number of steps is chosen on validation too.
@@ -161,6 +167,10 @@ class FinetuneSpec:
     # The subset the verdict, the sample transcripts and the exported models are about (None: the fewest labels);
     # a label-efficiency curve may start below it (1 and 3 minutes under a 10-minute headline).
     headline_minutes: float | None = None
+    grid_minutes: float | None = None  # the subset the learning-rate x masking grid runs on (None: the first)
+    # The other subsets: "all" (every pretraining run and init) or "best" (the label-efficiency curve: the
+    # pretraining run validation chose on the grid subset, whole-model fine-tuned, beside scratch)
+    curve_runs: str = "all"
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
     eval_steps: int = 100  # validation CER every N steps; the best checkpoint is the model kept
@@ -194,6 +204,9 @@ class ProbeStageSpec:
     # whose speakers speaker_id tells apart: the unlabeled pool's ("pretrain") or, where the pool is too small
     # to give each speaker a few utterances (the toy config), the labeled pool's ("finetune")
     speaker_manifest: str = "pretrain"
+    # the fine-tuned keyword spotter (`experiments.kws.KwsSpec`: enabled, labels_per_keyword, learning_rates, ...),
+    # run on the encoder of the pretraining run the fine-tuning stage chose, beside scratch
+    kws: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -253,6 +266,9 @@ class ExperimentConfig:
     probes: ProbeStageSpec = field(default_factory=ProbeStageSpec)
     transducer: TransducerStageSpec = field(default_factory=TransducerStageSpec)
     models_dir: str | None = None  # where the best 10-min models are exported (docs/results/models), None: not
+    # Independent runs of one stage (pretraining families; fine-tuning runs of one phase) in this many processes
+    # at once. On a CPU, each run takes one core (OMP_NUM_THREADS=1) plus a little for its data loader.
+    parallel_runs: int = 1
 
 
 def load_experiment_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -286,6 +302,14 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
                 )
     if p.max_steps < 1:
         raise ExperimentError(f"{where}: pretrain.max_steps={p.max_steps}: must be >= 1")
+    for fraction in p.curve_fractions:
+        if not 0 < fraction < 1 or round(fraction * p.max_steps) < 1:
+            raise ExperimentError(
+                f"{where}: pretrain.curve_fractions has {fraction}: each must be between 0 and 1 (exclusive) and "
+                f"give at least one step of pretrain.max_steps={p.max_steps}; e.g. [0.25, 0.5]"
+            )
+    if config.parallel_runs < 1:
+        raise ExperimentError(f"{where}: parallel_runs={config.parallel_runs}: must be >= 1 (1: one run at a time)")
     if config.probes.speaker_manifest not in ("pretrain", "finetune"):
         raise ExperimentError(
             f"{where}: probes.speaker_manifest={config.probes.speaker_manifest!r}: choose 'pretrain' (the unlabeled "
@@ -298,6 +322,10 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
         raise ExperimentError(f"{where}: finetune.subsets minutes {minutes} must be positive and increasing")
     if any(s.steps < 1 for s in f.subsets):
         raise ExperimentError(f"{where}: finetune.subsets steps must be >= 1")
+    if f.grid_minutes is not None and f.grid_minutes not in minutes:
+        raise ExperimentError(f"{where}: finetune.grid_minutes={f.grid_minutes} is not a subset's minutes {minutes}")
+    if f.curve_runs not in ("all", "best"):
+        raise ExperimentError(f"{where}: finetune.curve_runs={f.curve_runs!r}: choose 'all' or 'best'")
     bad = [i for i in f.inits if i not in INITS]
     if bad or not f.inits:
         raise ExperimentError(f"{where}: finetune.inits={f.inits}: choose one or more of {INITS}")

@@ -9,18 +9,23 @@ when its `done.json` marker exists (a marker made with other settings is an erro
    fine-tuning data.
 2. **pretrain**: one encoder per objective family (NEST/BEST-RQ, contrastive + MLM, reconstruction, APC, CPC,
    mixed) from its recipe plus the SAME overrides for every family (model size, batch seconds, steps), so
-   each gets the same compute budget. Wall time is recorded. APC and CPC need causal encoders.
+   each gets the same compute budget. Wall time is recorded. APC and CPC need causal encoders. With
+   `pretrain.curve_fractions`, each run also keeps its encoders part-way (e.g. at 1/4 and 1/2 of the steps).
 3. **finetune**: character CTC on each labeled subset from every pretrained encoder (`pretrained`), from a
    frozen encoder with only the CTC head trained (`probe`), and from random weights of the same architecture
    (`scratch`; one per distinct encoder architecture, so causal families get a causal baseline). Every init gets
    the same protocol, the papers' (see "Fine-tuning protocol" below), and every choice is made on validation:
-   the test split is never looked at while training.
+   the test split is never looked at while training. In three phases (`stage_finetune`): the grid on one
+   subset, which also chooses the best pretraining run; the other subsets (the label-efficiency curve); the
+   encoders kept part-way through that run's pretraining, on the grid subset (the pretraining-compute curve).
 4. **evaluate**: greedy-CTC WER/CER of every fine-tuned model on the held-out-voice test split.
-5. **probes**: SUPERB-style probes of the frozen encoders (`experiments.probes`).
+5. **probes**: SUPERB-style probes of the frozen encoders (`experiments.probes`), and the fine-tuned keyword
+   spotter with 1-10 labels per keyword (`experiments.kws`, `probes.kws`).
 6. **transducer** (`transducer.enabled`): TDT fine-tuning of the chosen SSL encoder and its scratch twin, with a
    prediction network from scratch or pretrained on the LM text (`experiments.transducers`), on the same subsets.
 7. **report**: `low_resource.json` (one row per run), `low_resource.md` (tables, corpus, machine, the command),
-   `wer_vs_labeled_minutes.png`, `cer_vs_labeled_minutes.png` and `pretraining_loss.png` in `config.results_dir`.
+   `wer_vs_labeled_minutes.png`, `cer_vs_labeled_minutes.png`, `pretraining_loss.png` and
+   `cer_vs_pretraining_compute.png` in `config.results_dir`.
 
 Fine-tuning protocol (`FinetuneSpec`), as wav2vec 2.0 fine-tunes on 10 minutes of labels (Baevski et al. 2020:
 13k updates of which the first 10k train only the output layer, a tri-stage learning rate of 10% warmup, 40%
@@ -33,14 +38,15 @@ features, which full fine-tuning from a random head does):
 - a `tri_stage` (warmup-hold-decay) or `cosine` learning rate over the subset's step cap;
 - a learning-rate grid per init spanning at least a decade, the pretrained one reaching 10x below the scratch
   one with as many points (validated in `config.validate_finetune_protocol`), crossed with fine-tuning masking
-  settings (`masking`); the first subset runs every pair and validation CER keeps one per (encoder, init);
+  settings (`masking`); the grid subset runs every pair and validation CER keeps one per (encoder, init);
 - early stopping on validation CER (`patience` evaluations without improvement, the head-only phase's not
   counted) under a step cap per subset, the best checkpoint kept; every row records `best_step`, `steps` (run)
   and `max_steps` (the cap), and the report flags any kept run whose best step is its last evaluation (it was
   still improving when the cap ended it).
 
-Everything runs in this process through the library (`pretrain.loop.pretrain`, `finetune.run.run_ctc` on
-the stock `Trainer`); devices are chosen by accelerate (a GPU when there is one). The settings are
+Everything runs through the library (`pretrain.loop.pretrain`, `finetune.run.run_ctc` on the stock `Trainer`),
+in this process or, with `parallel_runs` > 1, the independent runs of a phase in that many spawned processes;
+devices are chosen by accelerate (a GPU when there is one). The settings are
 `experiments/config.py`; the report's rows, tables and plots are `experiments/report.py`.
 """
 
@@ -73,6 +79,8 @@ from ..finetune.rows import decode_rows, manifest_rows
 from ..finetune.run import run_ctc
 from ..finetune.text import normalize_transcript
 from ..modeling_conformer_ssl import ConformerSslForCTC, ConformerSslModel
+from ..precision import launch_device, resolve_mixed_precision
+from ..pretrain.checkpoints import CheckpointManager
 from ..pretrain.loop import pretrain
 from ..pretrain.recipe import load_recipe, model_config
 from ..synthetic.corpus import make_demo_corpus, resolve_voices
@@ -95,9 +103,15 @@ from .config import (
 )
 from .report import (
     check_rows,
+    compute_curve,
+    compute_curve_lines,
     format_duration,
+    full_pretraining,
+    kws_lines,
+    label_efficiency_lines,
     machine_description,
     markdown_report,
+    plot_compute_curve,
     plot_error_curves,
     plot_pretraining_losses,
     result_rows,
@@ -488,9 +502,48 @@ def family_recipe_overrides(config: ExperimentConfig, key: str, out: Path) -> li
         "train.max_minutes=null",  # the budget is steps, equal for all; a wall-clock stop would differ per family
         *config.pretrain.overrides,
         f"train.max_steps={config.pretrain.max_steps}",
+        f"train.keep_steps=[{','.join(str(s) for s in curve_steps(config))}]",
         f"train.output_dir={out / 'pretrain' / key}",
         *config.pretrain.family_overrides.get(family, []),
     ]
+
+
+def curve_steps(config: ExperimentConfig) -> list[int]:
+    """The pretraining steps kept for the compute curve (`pretrain.curve_fractions` of `pretrain.max_steps`)."""
+    return [round(fraction * config.pretrain.max_steps) for fraction in config.pretrain.curve_fractions]
+
+
+def _stop_with_parent() -> None:
+    """Worker initialiser: on Linux, SIGTERM this worker when the experiment process dies (killed, preempted), so
+    no orphan keeps writing into a unit folder that the rerun will use (pretraining checkpoints and stops on it)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.warning("could not tie this worker to the experiment process; stop it by hand if that one dies")
+
+
+def run_in_parallel(function: Callable[..., Any], calls: Sequence[tuple], processes: int) -> list[Any]:
+    """`function(*call)` for every call, in order; with `processes` > 1, in that many spawned processes at once.
+
+    The runs are independent units (their own folders and done.json), so they may finish in any order; an error
+    in one is raised here once the others have finished (their units are then done and a rerun skips them).
+    """
+    if processes <= 1 or len(calls) <= 1:
+        return [function(*call) for call in calls]
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch/accelerate state inherited
+    workers = min(processes, len(calls))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_stop_with_parent) as pool:
+        futures = [pool.submit(function, *call) for call in calls]
+        concurrent.futures.wait(futures)
+    return [future.result() for future in futures]
 
 
 def encoder_signature(model_config: Any) -> dict[str, Any]:
@@ -540,6 +593,7 @@ def pretrain_family(config: ExperimentConfig, key: str, out: Path, corpus_id: fl
     throughput = [row["train/audio_seconds_per_s"] for row in history if "train/audio_seconds_per_s" in row]
     flops = training_flops_per_audio_second(cfg)
     audio_per_s = float(np.mean(throughput)) if throughput else None
+    precision, _ = resolve_mixed_precision(recipe.train.mixed_precision, launch_device())
     summary = {
         "family": family,
         "arm": arm_of(key),
@@ -555,18 +609,30 @@ def pretrain_family(config: ExperimentConfig, key: str, out: Path, corpus_id: fl
         "resumed": has_checkpoint,
         "audio_seconds_per_s": round(audio_per_s, 2) if audio_per_s else None,
         "flops_per_audio_second": flops,
-        "flop_utilisation": utilisation(flops, audio_per_s),
+        "precision": precision,
+        "flop_utilisation": utilisation(flops, audio_per_s, precision),  # against the peak of that precision
         "final_train": {k: v for k, v in result.train_metrics.items() if k.startswith("loss")},
         "final_valid": {k: v for k, v in result.valid_metrics.items() if k.startswith("loss")},
         "checkpoint": str(result.checkpoint.relative_to(out) / "model"),
+        # the encoders of the compute curve: fraction of the run -> its kept checkpoint's model folder
+        "curve_checkpoints": {
+            str(fraction): str(CheckpointManager(folder).path_for(step).relative_to(out) / "model")
+            for fraction, step in zip(config.pretrain.curve_fractions, curve_steps(config))
+        },
         "history": [{k: v for k, v in row.items() if k == "step" or "/loss" in k} for row in history],
     }
     return finish_unit(folder, summary)
 
 
 def stage_pretrain(config: ExperimentConfig, out: Path, corpus_id: float) -> dict[str, Any]:
-    families = {key: pretrain_family(config, key, out, corpus_id) for key in pretrain_keys(config)}
-    return {"families": families, "matmul_peak_flops": matmul_peak_flops()}
+    keys = pretrain_keys(config)
+    results = run_in_parallel(pretrain_family, [(config, key, out, corpus_id) for key in keys], config.parallel_runs)
+    families = dict(zip(keys, results))
+    return {
+        "families": families,
+        "matmul_peak_flops": matmul_peak_flops(),
+        "bf16_matmul_peak_flops": matmul_peak_flops(precision="bf16"),
+    }
 
 
 # ============================================================================================ 3. finetune
@@ -584,6 +650,7 @@ class FinetuneRun:
     masking: MaskingSpec | None  # fine-tuning SpecAugment; None: finetune.spec_augment is off
     checkpoint: str  # relative to the experiment folder: the weights (pretrained, probe) or the config (scratch)
     encoder_id: float  # finish time of that pretraining run (a redone pretraining invalidates this run)
+    pretrain_fraction: float = 1.0  # < 1: an encoder kept part-way through pretraining (the compute curve)
 
     @property
     def objective(self) -> str:
@@ -597,7 +664,8 @@ class FinetuneRun:
     def name(self) -> str:
         who = self.key if self.init != "scratch" else f"scratch-{self.architecture}"
         mask = self.masking.label if self.masking is not None else "nomask"
-        return f"{who}__{self.init}__{self.subset}__lr{self.learning_rate:g}__{mask}"
+        part = f"@{self.pretrain_fraction:g}" if self.pretrain_fraction < 1 else ""
+        return f"{who}{part}__{self.init}__{self.subset}__lr{self.learning_rate:g}__{mask}"
 
     @property
     def group(self) -> str:
@@ -610,10 +678,12 @@ def plan_finetune_runs(
     pretrained: Mapping[str, Mapping[str, Any]],
     subset: SubsetSpec,
     chosen: Mapping[tuple[str, str], tuple[float, MaskingSpec | None]] | None = None,
+    inits: Sequence[str] | None = None,
 ) -> list[FinetuneRun]:
     """The runs of one subset: every (pretraining run, init), plus one scratch run per distinct encoder
     architecture; each with every (rate, masking) pair of `finetune.learning_rates[init]` x `finetune.masking`,
-    or, when `chosen` is given ((key, init) -> (rate, masking), from the first subset), only the chosen pair."""
+    or, when `chosen` is given ((key, init) -> (rate, masking), from the grid subset), only the chosen pair.
+    `pretrained` may be a part of the pretraining runs and `inits` a part of `finetune.inits`."""
     runs = []
     architectures: dict[str, tuple[str, str, float]] = {}  # signature -> (label, checkpoint, id) of its 1st family
     for info in pretrained.values():
@@ -625,17 +695,21 @@ def plan_finetune_runs(
     masks: list[MaskingSpec | None] = list(config.finetune.masking) if config.finetune.spec_augment else [None]
 
     def add(key: str, init: str, label: str, checkpoint: str, encoder_id: float) -> None:
-        grid = [chosen[(key, init)]] if chosen is not None else [(lr, m) for lr in rates[init] for m in masks]
+        # The probe's encoder is frozen: input masking barely changes what its head sees, so it takes the first
+        # masking setting and searches only the rate.
+        options = masks[:1] if init == "probe" else masks
+        grid = [chosen[(key, init)]] if chosen is not None else [(lr, m) for lr in rates[init] for m in options]
         for lr, mask in grid:
             runs.append(
                 FinetuneRun(key, init, label, name, subset.minutes, subset.steps, lr, mask, checkpoint, encoder_id)
             )
 
+    inits = config.finetune.inits if inits is None else inits
     for key, info in pretrained.items():
         for init in ("pretrained", "probe"):
-            if init in config.finetune.inits:
+            if init in inits:
                 add(key, init, info["architecture"], info["checkpoint"], info["finished_at"])
-    if "scratch" in config.finetune.inits:
+    if "scratch" in inits:
         for index, (label, checkpoint, encoder_id) in enumerate(architectures.values()):
             # Two different non-causal encoders would share a label: number them apart.
             label = label if labels.count(label) == 1 else f"{label}{index}"
@@ -830,7 +904,8 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "lr_scheduler": f.lr_scheduler,
         "wall_s": result.summary["train_seconds"],
         "audio_seconds_per_s": audio_per_s,
-        "flop_utilisation": utilisation(flops, audio_per_s),
+        "precision": "bf16" if training_args.bf16 else "no",
+        "flop_utilisation": utilisation(flops, audio_per_s, "bf16" if training_args.bf16 else "no"),
         "resumed": resume is not None,
         "train_loss": result.summary["train_loss"],
         "train_utterances": result.summary["train_utterances"],
@@ -851,23 +926,62 @@ def choose_by_validation(results: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     return best
 
 
+def grid_subset(spec: FinetuneSpec) -> SubsetSpec:
+    """The subset the learning-rate x masking grid runs on: `finetune.grid_minutes`, else the first."""
+    minutes = spec.grid_minutes if spec.grid_minutes is not None else spec.subsets[0].minutes
+    return next(s for s in spec.subsets if s.minutes == minutes)
+
+
+def best_pretrained_key(results: Mapping[str, Mapping[str, Any]], picks: Sequence[str]) -> str | None:
+    """The pretraining run whose whole-model fine-tune (`pretrained` init) has the lowest validation CER among the
+    runs validation kept; None without such runs."""
+    rows = [results[n] for n in picks if results[n]["init"] == "pretrained"]
+    return min(rows, key=lambda r: r["valid_cer"] if r["valid_cer"] is not None else 1e9)["key"] if rows else None
+
+
 def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str, Any]) -> dict[str, Any]:
-    """The first subset runs every (learning rate, masking) pair of the grid; validation CER picks one per
-    (run, init), which the larger subsets reuse. Every run is kept in `runs`; `chosen` names the one per group
-    that goes on to test."""
+    """Three phases, each a set of independent runs (`parallel_runs` at once):
+
+    1. the grid subset (`grid_subset`) runs every (learning rate, masking) pair for every (pretraining run, init);
+       validation CER picks one pair per (run, init) and the best pretraining run (`best_pretrained_key`);
+    2. the other subsets reuse those pairs: every run and init (`finetune.curve_runs: all`), or only the best
+       pretraining run's whole-model fine-tune beside scratch (`best`: the label-efficiency curve);
+    3. the compute curve: the best run's encoders kept part-way (`pretrain.curve_fractions`), fine-tuned on the
+       grid subset with its chosen pair.
+
+    Every run is kept in `runs`; `chosen` names the one per group that goes on to test.
+    """
+    f = config.finetune
     alphabet_texts = [r["text"] for r in read_manifest(out / "corpus" / "finetune.jsonl")]
-    results: dict[str, Any] = {}
-    chosen: dict[tuple[str, str], tuple[float, MaskingSpec | None]] | None = None
-    for subset in config.finetune.subsets:
-        runs = plan_finetune_runs(config, pretrained, subset, chosen)
-        by_name = {run.name: run for run in runs}
-        subset_results = {run.name: finetune_one(config, run, out, alphabet_texts) for run in runs}
-        results.update(subset_results)
-        if chosen is None:
-            picks = [by_name[n] for n in choose_by_validation(subset_results).values()]
-            chosen = {(run.key, run.init): (run.learning_rate, run.masking) for run in picks}
+
+    def train(runs: list[FinetuneRun]) -> dict[str, Any]:
+        runs = sorted(runs, key=lambda run: -run.steps)  # longest first: the processes finish together
+        rows = run_in_parallel(finetune_one, [(config, run, out, alphabet_texts) for run in runs], config.parallel_runs)
+        return {run.name: row for run, row in zip(runs, rows)}
+
+    first = grid_subset(f)
+    grid = plan_finetune_runs(config, pretrained, first)
+    results = train(grid)
+    by_name = {run.name: run for run in grid}
+    picks = list(choose_by_validation(results).values())
+    chosen = {(by_name[n].key, by_name[n].init): (by_name[n].learning_rate, by_name[n].masking) for n in picks}
+    best = best_pretrained_key(results, picks)
+
+    later: list[FinetuneRun] = []
+    for subset in f.subsets:
+        if subset is first:
+            continue
+        if f.curve_runs == "all" or best is None:
+            later += plan_finetune_runs(config, pretrained, subset, chosen)
+        else:
+            later += plan_finetune_runs(config, {best: pretrained[best]}, subset, chosen, ["pretrained", "scratch"])
+    if best is not None:
+        anchor = next(by_name[n] for n in picks if by_name[n].key == best and by_name[n].init == "pretrained")
+        for fraction, checkpoint in pretrained[best].get("curve_checkpoints", {}).items():
+            later.append(dataclasses.replace(anchor, checkpoint=checkpoint, pretrain_fraction=float(fraction)))
+    results.update(train(later))
     kept = sorted(choose_by_validation(results).values())
-    return {"runs": results, "chosen": kept}
+    return {"runs": results, "chosen": kept, "best_pretrained": best, "grid_minutes": first.minutes}
 
 
 # ============================================================================================ 4. evaluate
@@ -937,38 +1051,49 @@ def build_lm(config: ExperimentConfig, out: Path) -> Path:
     return arpa
 
 
-def stage_evaluate(config: ExperimentConfig, out: Path, finetuned: Mapping[str, Any]) -> dict[str, Any]:
-    """Score the runs validation chose (one per group), never the others, on test: greedy and with the LM."""
+def evaluate_one(config: ExperimentConfig, out: Path, name: str, info: Mapping[str, Any], lm_path: Path) -> dict:
+    """Score one kept run (`evaluate_model`), or read back its finished unit."""
     corpus = out / "corpus"
+    folder = out / "evaluate" / name
+    settings = {
+        "model": info["model"],
+        "model_id": info["finished_at"],
+        "test": "corpus/test.jsonl",
+        "lm": lm_path.name,
+        **dataclasses.asdict(config.evaluate),
+    }
+    done = unit_done(folder, settings)
+    if done is None:
+        logger.info("evaluate %s", name)
+        result = evaluate_model(
+            out / info["model"], corpus / "valid.jsonl", corpus / "test.jsonl", lm_path, config.evaluate
+        )
+        done = finish_unit(folder, result)
+    return done
+
+
+def stage_evaluate(config: ExperimentConfig, out: Path, finetuned: Mapping[str, Any]) -> dict[str, Any]:
+    """Score the runs validation chose (one per group), never the others, on test: greedy and with the LM
+    (`parallel_runs` at once)."""
     lm_path = build_lm(config, out)
-    scores = {}
-    for name in finetuned["chosen"]:
-        info = finetuned["runs"][name]
-        folder = out / "evaluate" / name
-        settings = {
-            "model": info["model"],
-            "model_id": info["finished_at"],
-            "test": "corpus/test.jsonl",
-            "lm": lm_path.name,
-            **dataclasses.asdict(config.evaluate),
-        }
-        done = unit_done(folder, settings)
-        if done is None:
-            logger.info("evaluate %s", name)
-            result = evaluate_model(
-                out / info["model"], corpus / "valid.jsonl", corpus / "test.jsonl", lm_path, config.evaluate
-            )
-            done = finish_unit(folder, result)
-        scores[name] = done
-    return {"scores": scores}
+    names = list(finetuned["chosen"])
+    calls = [(config, out, name, finetuned["runs"][name], lm_path) for name in names]
+    return {"scores": dict(zip(names, run_in_parallel(evaluate_one, calls, config.parallel_runs)))}
 
 
 # ============================================================================================ 5. probes
 def stage_probes(
-    config: ExperimentConfig, out: Path, corpus: Mapping[str, Any], pretrained: Mapping[str, Any]
+    config: ExperimentConfig,
+    out: Path,
+    corpus: Mapping[str, Any],
+    pretrained: Mapping[str, Any],
+    finetuned: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """SUPERB-style probes (`experiments.probes`) of every standard-arm encoder against FBANK, on held-out data:
-    speaker ID on pool speakers (disjoint utterances), keywords spoken by held-out voices, phones of test voices."""
+    speaker ID on pool speakers (disjoint utterances), keywords spoken by held-out voices, phones of test voices.
+    With `probes.kws.enabled`, also the fine-tuned keyword spotter (`experiments.kws`) from the encoder of the
+    pretraining run fine-tuning chose (`finetuned["best_pretrained"]`) beside scratch."""
+    from .kws import KwsSpec, run_kws
     from .probes import ProbeData, ProbeSpec, run_probes  # matplotlib and the keyword synthesiser: only here
 
     if not config.probes.enabled:
@@ -988,7 +1113,24 @@ def stage_probes(
     encoders = {key: out / info["checkpoint"] for key, info in pretrained.items() if arm_of(key) == "standard"}
     start = time.perf_counter()
     rows = run_probes(spec, encoders, data, out / "probes", Path(config.results_dir))
-    return {"rows": rows, "wall_s": round(time.perf_counter() - start, 1)}
+    result: dict[str, Any] = {"rows": rows, "wall_s": round(time.perf_counter() - start, 1)}
+    kws = config_io.build(KwsSpec, dict(config.probes.kws), "probes.kws", "kws setting", ExperimentError)
+    if kws.enabled and encoders:
+        best = (finetuned or {}).get("best_pretrained")
+        key = best if best in encoders else next(iter(encoders))
+        start = time.perf_counter()
+        result["kws"] = run_kws(
+            kws,
+            encoders[key],
+            data.command_train_voices,
+            data.command_test_voices,
+            out / "probes" / "kws",
+            Path(config.results_dir),
+            config.parallel_runs,
+        )
+        result["kws_encoder"] = key
+        result["kws_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
 
 
 # ============================================================================================ 6. report
@@ -1057,14 +1199,21 @@ def stage_report(
     pretrained = results["pretrain"]["families"]
     finetuned = results["finetune"]
     chosen = {name: finetuned["runs"][name] for name in finetuned["chosen"]}
-    rows = result_rows(pretrained, chosen, results["evaluate"]["scores"])  # CTC: the tables, plots and exports
+    ctc_rows = result_rows(pretrained, chosen, results["evaluate"]["scores"])
+    rows = full_pretraining(ctc_rows)  # CTC from finished encoders: the tables, verdict, plots and exports
+    best = finetuned.get("best_pretrained")
+    curve, curve_scratch = compute_curve(ctc_rows, best, finetuned.get("grid_minutes"))
     transducer = results.get("transducer") or {}
-    all_rows = rows + transducer_rows(pretrained, transducer)
+    all_rows = ctc_rows + transducer_rows(pretrained, transducer)
     check_rows(all_rows)
     results_dir = Path(config.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
     machine["matmul_peak_gflops"] = round(results["pretrain"].get("matmul_peak_flops", 0.0) / 1e9, 1)
+    machine["bf16_matmul_peak_gflops"] = round(
+        results["pretrain"].get("bf16_matmul_peak_flops", matmul_peak_flops(precision="bf16")) / 1e9, 1
+    )
+    probes = results.get("probes", {})
     models = export_models(config, out, rows, pretrained)
     selection = selection_rows(finetuned["runs"], set(finetuned["chosen"]))
     selection += selection_rows(transducer.get("runs", {}), set(transducer.get("chosen", [])))
@@ -1077,6 +1226,12 @@ def stage_report(
         "rows": all_rows,
         "selection": selection,
         "transducer": {"family": transducer.get("family"), "predictor": transducer.get("predictor")},
+        "best_pretrained": best,
+        "compute_curve": [
+            {k: r[k] for k in ("key", "pretrain_fraction", "pretrain_steps", "valid_cer", "cer", "cer_lm", "wer_lm")}
+            for r in ([curve_scratch] if curve_scratch else []) + curve
+        ],
+        "kws": probes.get("kws", []),
         "models": models,
     }
     (results_dir / "low_resource.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
@@ -1090,14 +1245,19 @@ def stage_report(
         total_wall_s,
         results["evaluate"]["scores"],
         selection=selection,
-        probes=results.get("probes", {}).get("rows", []),
+        probes=probes.get("rows", []),
         models=models,
         transducer=transducer_table(all_rows, transducer.get("predictor")),
+        curves=label_efficiency_lines(rows, best) + compute_curve_lines(curve, curve_scratch, pretrained),
+        kws=kws_lines(probes.get("kws", []), probes.get("kws_encoder")),
     )
     (results_dir / "low_resource.md").write_text(markdown + "\n")
     plot_error_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
     plot_error_curves(rows, pretrained, results_dir / "cer_vs_labeled_minutes.png", "cer")
     plot_pretraining_losses(pretrained, results_dir / "pretraining_loss.png")
+    files = ["cer_vs_pretraining_compute.png"] if len(curve) >= 2 and curve_scratch else []
+    if files:
+        plot_compute_curve(curve, curve_scratch, results_dir / files[0])
     return {
         "results_dir": str(results_dir),
         "rows": len(all_rows),
@@ -1108,6 +1268,7 @@ def stage_report(
             "wer_vs_labeled_minutes.png",
             "cer_vs_labeled_minutes.png",
             "pretraining_loss.png",
+            *files,
         ],
     }
 
@@ -1137,7 +1298,10 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     if stage == "corpus":
         return {
             "corpus": dataclasses.asdict(config.corpus),
-            "subsets": [dataclasses.asdict(s) for s in config.finetune.subsets],
+            # What the draw depends on: a subset's step cap is a fine-tuning setting, not a corpus one.
+            "subsets": [
+                {k: v for k, v in dataclasses.asdict(s).items() if k != "steps"} for s in config.finetune.subsets
+            ],
             "seed": config.seed,
         }
     if stage == "pretrain":
@@ -1216,7 +1380,9 @@ def run_experiment(
         elif stage == "evaluate":
             result = stage_evaluate(config, out, results["finetune"])
         elif stage == "probes":
-            result = stage_probes(config, out, results["corpus"], results["pretrain"]["families"])
+            result = stage_probes(
+                config, out, results["corpus"], results["pretrain"]["families"], results.get("finetune")
+            )
         elif stage == "transducer":
             from .transducers import stage_transducer  # imports this module
 

@@ -63,9 +63,13 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
                 "train_utterances": run["train_utterances"],
                 "trainable_params": run["trainable_params"],
                 "test_utterances": score["utterances"],
-                "pretrain_steps": family.get("steps", 0),
-                "pretrain_wall_s": family.get("wall_s", 0.0),
-                "pretrain_audio_hours_seen": family.get("audio_hours_seen", 0.0),
+                # < 1: an encoder kept part-way through its pretraining run (the compute curve)
+                "pretrain_fraction": float(run.get("pretrain_fraction", 1.0)) if run["init"] != "scratch" else 0.0,
+                "pretrain_steps": round(family.get("steps", 0) * run.get("pretrain_fraction", 1.0)),
+                "pretrain_wall_s": round(family.get("wall_s", 0.0) * run.get("pretrain_fraction", 1.0), 1),
+                "pretrain_audio_hours_seen": round(
+                    family.get("audio_hours_seen", 0.0) * run.get("pretrain_fraction", 1.0), 3
+                ),
             }
         )
     order = {init: i for i, init in enumerate(INITS)}
@@ -73,6 +77,7 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
     rows.sort(
         key=lambda r: (
             r["labeled_minutes"],
+            r["pretrain_fraction"],
             keys.index(r["key"]) if r["key"] in keys else len(keys),
             order[r["init"]],
             r["architecture"],
@@ -121,6 +126,7 @@ def transducer_rows(pretrained: Mapping[str, Any], transducer: Mapping[str, Any]
                 "trainable_params": run["trainable_params"],
                 "vocabulary": run.get("vocabulary"),
                 "test_utterances": score["utterances"],
+                "pretrain_fraction": 1.0 if pretrained_encoder else 0.0,
                 "pretrain_steps": family.get("steps", 0) if pretrained_encoder else 0,
                 "pretrain_wall_s": family.get("wall_s", 0.0) if pretrained_encoder else 0.0,
                 "pretrain_audio_hours_seen": family.get("audio_hours_seen", 0.0) if pretrained_encoder else 0.0,
@@ -298,6 +304,8 @@ def markdown_report(
     probes: Sequence[Mapping[str, Any]] = (),
     models: Mapping[str, Any] | None = None,
     transducer: Sequence[str] = (),
+    curves: Sequence[str] = (),
+    kws: Sequence[str] = (),
 ) -> str:
     """low_resource.md: scale, the command, the machine, the corpus, the pretraining budget, the verdict per arm,
     the result tables (greedy and LM), the validation choices, the probes and the exported models."""
@@ -329,10 +337,18 @@ def markdown_report(
         f"none of which occurs in a validation or test utterance ({corpus['lm_sentences_dropped']} dropped); "
         "beam search with pyctcdecode, its weights chosen on validation for each model.",
         f"- Pretraining: {len(pretrained)} encoders, {config.pretrain.max_steps} steps each, the same model size "
-        "and batch seconds for every objective and arm.",
+        "and batch seconds for every objective and arm"
+        + (
+            f"; encoders also kept at {', '.join(f'{f:g}' for f in config.pretrain.curve_fractions)} of the run "
+            "for the compute curve."
+            if config.pretrain.curve_fractions
+            else "."
+        ),
         f"- Machine: {machine['device']}, {machine['cores']} cores ({machine['cpu']}), torch {machine['torch']} "
-        f"({machine['torch_threads']} torch threads), Python {machine['python']}; measured fp32 matmul peak "
-        f"{machine.get('matmul_peak_gflops', '?')} GFLOP/s.",
+        f"({machine['torch_threads']} torch threads, {config.parallel_runs} run(s) at once), Python "
+        f"{machine['python']}; measured matmul peak {machine.get('matmul_peak_gflops', '?')} GFLOP/s fp32, "
+        f"{machine.get('bf16_matmul_peak_gflops', '?')} GFLOP/s bf16 (FLOP utilisation is against the peak of "
+        "the precision each run used).",
     ]
     if total_wall_s is not None:
         lines.append(
@@ -346,9 +362,9 @@ def markdown_report(
     lines += [
         "## Pretraining",
         "",
-        "| run | arm | loss terms | encoder params | steps | batch s | audio h seen | wall | audio-s/s | "
+        "| run | arm | loss terms | encoder params | steps | batch s | audio h seen | wall | audio-s/s | precision | "
         "FLOP util. | final train loss | final valid loss |",
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
     ]
     for key, info in pretrained.items():
         train_loss = info["final_train"].get("loss")
@@ -358,6 +374,7 @@ def markdown_report(
             f"| {key} | {info.get('arm', 'standard')} | {'+'.join(info['objectives'])} | {info['encoder_params']:,} | "
             f"{info['steps']} | {info['batch_seconds']:g} | {info['audio_hours_seen']:.2f} | "
             f"{format_duration(info['wall_s'])} | {info['audio_seconds_per_s'] or ''} | "
+            f"{'fp32' if info.get('precision', 'no') == 'no' else info['precision']} | "
             f"{'' if util is None else f'{100 * util:.1f}%'} | {'' if train_loss is None else f'{train_loss:.4g}'} | "
             f"{'' if valid_loss is None else f'{valid_loss:.4g}'} |"
         )
@@ -379,6 +396,7 @@ def markdown_report(
         "",
         "![WER vs labeled minutes](wer_vs_labeled_minutes.png)",
         "",
+        *curves,
         "### Every kept run",
         "",
         "| run | arm | init | labeled | CER | WER | CER LM | WER LM | valid CER | lr | best step / steps | "
@@ -399,7 +417,7 @@ def markdown_report(
         "",
         "### Fine-tuning settings and stopping of every kept run",
         "",
-        "Chosen on validation: the learning rate and masking (on the first subset, reused by the larger ones) and "
+        "Chosen on validation: the learning rate and masking (on the grid subset, reused by the others) and "
         "the checkpoint (lowest validation CER). `best / run / cap`: the step of the kept checkpoint, the steps "
         "run and the step cap; `best = last eval`: the run was still improving when it ended.",
         "",
@@ -434,6 +452,8 @@ def markdown_report(
         lines += ["", "## SUPERB-style probes (frozen encoder, learned weighted sum of layers)", ""]
         lines += probe_table(probes)
         lines += ["", "![probes](probes.png)"]
+    if kws:
+        lines += ["", *kws]
     if models:
         lines += ["", f"## Models to try ({config.models_dir}/)", ""]
         for name, info in models.items():
@@ -688,6 +708,189 @@ def plot_error_curves(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def full_pretraining(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of finished encoders (and scratch): what the tables, verdict and exports are about."""
+    return [r for r in rows if r["init"] == "scratch" or r.get("pretrain_fraction", 1.0) == 1.0]
+
+
+def compute_curve(
+    rows: Sequence[Mapping[str, Any]], key: str | None, minutes: float | None
+) -> tuple[list[Mapping[str, Any]], Mapping[str, Any] | None]:
+    """The compute curve of pretraining run `key` on `minutes` of labels: its whole-model fine-tunes from the encoders
+    kept part-way and the finished one, by pretraining steps; and the scratch row of those labels (compute 0)."""
+    curve = sorted(
+        (r for r in rows if r["key"] == key and r["init"] == "pretrained" and r["labeled_minutes"] == minutes),
+        key=lambda r: r["pretrain_fraction"],
+    )
+    scratch = next((r for r in rows if r["init"] == "scratch" and r["labeled_minutes"] == minutes), None)
+    return curve, scratch
+
+
+def steps_for_target(
+    curve: Sequence[Mapping[str, Any]], scratch: Mapping[str, Any], metric: str, target: float
+) -> dict[str, Any] | None:
+    """Fit `metric` = a + b log2(pretraining steps) to the curve (least squares) and solve for the steps at which
+    the relative change against scratch reaches `target` (-0.4: 40% lower). None with fewer than two points."""
+    import numpy as np
+
+    points = [(r["pretrain_steps"], r[metric]) for r in curve if r["pretrain_steps"] > 0 and r.get(metric) is not None]
+    if len(points) < 2 or not math.isfinite(scratch.get(metric) or float("nan")):
+        return None
+    x = np.log2([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    goal = (1 + target) * scratch[metric]
+    result = {"metric": metric, "slope_per_doubling": float(slope), "goal": float(goal), "steps": None}
+    if slope < -1e-6:  # falling with compute (a flat fit's rounding noise is not)
+        steps = 2 ** min((goal - intercept) / slope, 1000.0)
+        result["steps"] = float(steps) if math.isfinite(steps) else None
+    return result
+
+
+def compute_curve_lines(
+    curve: Sequence[Mapping[str, Any]], scratch: Mapping[str, Any] | None, pretrained: Mapping[str, Any]
+) -> list[str]:
+    """The pretraining-compute section: a table, the plot and the extrapolated compute for the CER target."""
+    if len(curve) < 2 or scratch is None:
+        return []
+    key = curve[0]["key"]
+    info = pretrained[key]
+    lines = [
+        "## Pretraining-compute curve",
+        "",
+        f"{key}, whole model fine-tuned on {_minutes_label(curve[0]['labeled_minutes'])} of labels (the learning rate "
+        "and masking validation chose for the finished encoder), from the encoders kept part-way through the same "
+        "pretraining run. Scratch is compute 0.",
+        "",
+        "| pretraining | steps | audio h seen | pretraining wall | valid CER | test CER | test CER LM | change | "
+        "best step / steps |",
+        "|" + "---|" * 9,
+        f"| none (scratch) | 0 | 0 | 0 | {_pct(scratch.get('valid_cer'))} | {_pct(scratch['cer'])} | "
+        f"{_pct(scratch['cer_lm'])} | | {scratch.get('best_step')} / {scratch['steps']} |",
+    ]
+    for row in curve:
+        change = relative_change(row, scratch, "cer")
+        lines.append(
+            f"| {row['pretrain_fraction']:g} | {row['pretrain_steps']} | {row['pretrain_audio_hours_seen']:.1f} | "
+            f"{format_duration(row['pretrain_wall_s'])} | {_pct(row.get('valid_cer'))} | {_pct(row['cer'])} | "
+            f"{_pct(row['cer_lm'])} | {'' if change is None else f'{100 * change:+.0f}%'} | "
+            f"{row.get('best_step')} / {row['steps']} |"
+        )
+    lines += ["", "![CER vs pretraining compute](cer_vs_pretraining_compute.png)", ""]
+    for metric, name in (("cer", "test CER"), ("valid_cer", "validation CER")):
+        fit = steps_for_target(curve, scratch, metric, -0.4)
+        if fit is None:
+            continue
+        slope = f"{100 * fit['slope_per_doubling']:+.1f} points per doubling of pretraining steps"
+        if fit["steps"] is None:
+            lines.append(
+                f"- Fit of {name} against log2(steps): {slope}. It does not fall with compute, so this slope "
+                "reaches the -40% target at no compute."
+            )
+            continue
+        ratio = fit["steps"] / info["steps"]
+        hours = info["audio_hours_seen"] * ratio
+        wall = info["wall_s"] * ratio
+        lines.append(
+            f"- Fit of {name} against log2(steps): {slope}. The -40% target ({_pct(fit['goal'])}) would need "
+            f"about **{fit['steps']:,.0f} steps** ({ratio:.3g}x this run: ~{hours:,.0f} h of audio seen, "
+            f"~{format_duration(wall)} on this machine at the same size), if the log-linear trend held that far."
+        )
+    return lines + [""]
+
+
+def plot_compute_curve(curve: Sequence[Mapping[str, Any]], scratch: Mapping[str, Any] | None, path: Path) -> Path:
+    """Validation and test CER against pretraining steps (log scale), scratch as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for metric, style, label in (("cer", "o-", "test CER"), ("valid_cer", "s--", "validation CER")):
+        points = [(r["pretrain_steps"], 100 * r[metric]) for r in curve if r.get(metric) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=f"{curve[0]['key']}: {label}")
+        if scratch is not None and scratch.get(metric) is not None:
+            ax.axhline(100 * scratch[metric], linestyle=":", color="tab:red" if metric == "cer" else "tab:orange")
+            ax.annotate(f"scratch {label}", (points[0][0] if points else 1, 100 * scratch[metric]), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("pretraining steps")
+    ax.set_ylabel("CER (%)")
+    minutes = curve[0]["labeled_minutes"] if curve else 0
+    ax.set_title(f"Fine-tuned on {_minutes_label(minutes)} of labels", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def label_efficiency_lines(rows: Sequence[Mapping[str, Any]], key: str | None) -> list[str]:
+    """Pretrained (`key`) against scratch at every labeled amount, and where the relative gain is largest."""
+    minutes = sorted({r["labeled_minutes"] for r in rows if r["key"] == key and r["init"] == "pretrained"})
+    pairs = []
+    for m in minutes:
+        ours = next(r for r in rows if r["key"] == key and r["init"] == "pretrained" and r["labeled_minutes"] == m)
+        scratch = next((r for r in rows if r["init"] == "scratch" and r["labeled_minutes"] == m), None)
+        if scratch is not None:
+            pairs.append((m, ours, scratch))
+    if len(pairs) < 2:
+        return []
+    lines = [
+        "## Label-efficiency curve",
+        "",
+        f"{key} (the pretraining run validation chose) whole-model fine-tuned vs scratch, on nested subsets.",
+        "",
+        "| labeled | pretrained CER | scratch CER | change | pretrained CER LM | scratch CER LM | change | "
+        "pretrained WER LM | scratch WER LM | change |",
+        "|" + "---|" * 10,
+    ]
+    for m, ours, scratch in pairs:
+        cells = [_minutes_label(m)]
+        for metric in ("cer", "cer_lm", "wer_lm"):
+            change = relative_change(ours, scratch, metric)
+            cells += [_pct(ours[metric]), _pct(scratch[metric]), "" if change is None else f"{100 * change:+.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    changes = [(relative_change(o, s, "cer"), m) for m, o, s in pairs if relative_change(o, s, "cer") is not None]
+    if changes:
+        best_change, where = min(changes)
+        lines += [
+            "",
+            f"- Largest relative CER gain from pretraining: **{100 * best_change:+.0f}% at {_minutes_label(where)}** "
+            f"of labels (from {100 * changes[0][0]:+.0f}% at {_minutes_label(changes[0][1])} to "
+            f"{100 * changes[-1][0]:+.0f}% at {_minutes_label(changes[-1][1])}).",
+        ]
+    return lines + [""]
+
+
+def kws_lines(kws: Sequence[Mapping[str, Any]], encoder: str | None) -> list[str]:
+    """The fine-tuned keyword spotter: accuracy on held-out voices by labels per keyword, pretrained vs scratch."""
+    if not kws:
+        return []
+    counts = sorted({r["labels_per_keyword"] for r in kws})
+    by = {(r["init"], r["labels_per_keyword"]): r for r in kws}
+    lines = [
+        "## Keyword spotting with few labels, fine-tuned",
+        "",
+        f"The whole encoder ({encoder}, or the same architecture from scratch) plus a mean-pooled linear head, "
+        "fine-tuned on k clips per keyword per labeled voice (12 words, `_unknown_`, `_silence_`); learning rate "
+        "and step chosen on validation speakers; accuracy on held-out test voices (kws.json).",
+        "",
+        "| labels per keyword per voice | pretrained | scratch | pretrained lr | scratch lr |",
+        "|---|---|---|---|---|",
+    ]
+    for k in counts:
+        ours, scratch = by.get(("pretrained", k), {}), by.get(("scratch", k), {})
+        lines.append(
+            f"| {k} | {_pct(ours.get('accuracy'))} | {_pct(scratch.get('accuracy'))} | "
+            f"{ours.get('learning_rate', '')} | {scratch.get('learning_rate', '')} |"
+        )
+    return lines + [""]
 
 
 def plot_pretraining_losses(pretrained: Mapping[str, Any], path: Path) -> Path:

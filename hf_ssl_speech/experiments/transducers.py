@@ -88,6 +88,7 @@ def choose_family(config: ExperimentConfig, finetuned: Mapping[str, Any]) -> str
         finetuned["runs"][name]
         for name in finetuned["chosen"]
         if finetuned["runs"][name]["init"] == "pretrained"
+        and finetuned["runs"][name].get("pretrain_fraction", 1.0) == 1.0  # not the compute curve's encoders
         and finetuned["runs"][name]["subset"] == first
         and arm_of(finetuned["runs"][name]["key"]) == "standard"
     ]
