@@ -239,7 +239,10 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_manifest(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
+    # Written whole, then renamed: a run in another process never reads half a manifest.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def _speaker_index(speaker: str) -> int:
@@ -959,6 +962,7 @@ def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str,
         rows = run_in_parallel(finetune_one, [(config, run, out, alphabet_texts) for run in runs], config.parallel_runs)
         return {run.name: row for run, row in zip(runs, rows)}
 
+    training_valid_manifest(config, out)  # made here, once, before runs in other processes read it
     first = grid_subset(f)
     grid = plan_finetune_runs(config, pretrained, first)
     results = train(grid)
