@@ -457,7 +457,7 @@ def test_full_config_is_the_regime_ssl_is_used_in():
     assert len(c.labeled_voices) * c.labeled_speakers_per_voice <= 30
     assert len(c.test_voices) >= 6 and len({v.split(":")[0] for v in c.test_voices}) >= 3
     assert c.valid_voices and not set(c.valid_voices) & set(c.test_voices)
-    assert set(config.finetune.inits) == {"pretrained", "probe", "scratch"}
+    assert {"pretrained", "scratch"} <= set(config.finetune.inits)
     # the proof: the family is chosen on validation (two or more), the grid and that choice on the headline
     # subset, and a compute curve of at least three points (two kept part-way, the finished encoder)
     assert len(config.pretrain.recipes) >= 2 and f.grid_minutes == f.headline_minutes
@@ -582,6 +582,9 @@ def test_best_curve_runs_plan_the_chosen_family_beside_scratch_and_the_grid_runs
         key: {"architecture": "non-causal", "checkpoint": f"pretrain/{key}/model", "finished_at": 1.0, "encoder": {}}
         for key in config.pretrain.recipes
     }
+    rates = {**f.learning_rates, "probe": [2e-3, 2e-2]}
+    config = _with_finetune(config, inits=["pretrained", "probe", "scratch"], learning_rates=rates)
+    f = config.finetune
     grid = plan_finetune_runs(config, pretrained, grid_subset(f))
     masks = len(f.masking)
     expected = len(pretrained) * (len(f.learning_rates["pretrained"]) * masks + len(f.learning_rates["probe"]))
