@@ -1177,6 +1177,10 @@ def export_models(
         "README.md",
     }
     exported = {}
+    # Models of an earlier run (another family was best then) would sit beside these as if they were current.
+    for stale in [*target.glob("ctc_*"), *target.glob("encoder_*")] if target.is_dir() else []:
+        if stale.is_dir() and stale.name not in chosen:
+            shutil.rmtree(stale)
     for name, source in chosen.items():
         folder = target / name
         if folder.exists():

@@ -325,8 +325,14 @@ def markdown_report(
         f"- Unlabeled pool (standard arm): **{corpus['pretrain_hours']:.2f} h** ({corpus['utterances']['pretrain']} "
         f"utterances, {corpus['train_speakers']} pseudo-speakers of {len(corpus['train_voices'])} base voices, "
         f"engines {' + '.join(corpus['engines'])}).",
-        f"- In-domain arm: the pool plus {corpus.get('in_domain_hours', 0.0):.2f} h of unlabeled audio of the test "
-        "voices (other sentences, no transcripts used).",
+        *(
+            [
+                f"- In-domain arm: the pool plus {corpus['in_domain_hours']:.2f} h of unlabeled audio of the test "
+                "voices (other sentences, no transcripts used)."
+            ]
+            if corpus.get("in_domain_hours")
+            else []
+        ),
         "- Labeled subsets (nested): " + ", ".join(_subset_phrase(s) for s in subsets.values()) + ".",
         f"- Validation: {minutes['valid']:.1f} min, {corpus['utterances']['valid']} utterances of "
         f"{corpus['valid_speakers']} speakers of held-out voices {', '.join(corpus['valid_voices'])}.",
