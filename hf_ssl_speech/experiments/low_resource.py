@@ -1281,14 +1281,17 @@ def stage_report(
     }
 
 
-def compute_wall_s(results: Mapping[str, Any]) -> float:
-    """Seconds of work behind a report: corpus, evaluation and probe stages plus every pretraining and fine-tuning
-    run's own wall time. Summing runs, not stage times, keeps the figure right when a stage was interrupted and
-    resumed in another invocation (its stage time then covers only the last part)."""
+def compute_wall_s(results: Mapping[str, Any], processes: int = 1) -> float:
+    """Seconds of wall time behind a report: the corpus, evaluation and probe stages, plus the pretraining and
+    fine-tuning runs. A stage interrupted and resumed in another invocation records only its last part, so the
+    runs' own wall times count: their sum divided by `processes` (`parallel_runs`: the least wall time that many
+    processes at once took for them), or the stage's time if that is larger (runs waiting on each other)."""
     total = results["corpus"]["stage_wall_s"] + results["evaluate"]["stage_wall_s"]
     total += results.get("probes", {}).get("stage_wall_s", 0.0)
-    total += sum(info["wall_s"] for info in results["pretrain"]["families"].values())
-    return total + sum(run["wall_s"] for run in results["finetune"]["runs"].values())
+    for stage, runs in (("pretrain", results["pretrain"]["families"]), ("finetune", results["finetune"]["runs"])):
+        summed = sum(info["wall_s"] for info in runs.values())
+        total += max(results[stage].get("stage_wall_s", 0.0), summed / max(processes, 1))
+    return total
 
 
 # ============================================================================================ driver
@@ -1396,7 +1399,7 @@ def run_experiment(
 
             result = stage_transducer(config, out, results["pretrain"]["families"], results["finetune"])
         else:
-            total = compute_wall_s(results)
+            total = compute_wall_s(results, config.parallel_runs)
             result = stage_report(config, out, results, command, total)
         result = {**result, "stage_wall_s": round(time.perf_counter() - stage_start, 1)}
         results[stage] = write_stage_done(folder, settings, upstream, result)
