@@ -798,6 +798,13 @@ def compute_curve_lines(
             )
             continue
         ratio = fit["steps"] / info["steps"]
+        if ratio > 1000:  # beyond any budget: the figure says the slope is too shallow, not a plan
+            lines.append(
+                f"- Fit of {name} against log2(steps): {slope}. The -40% target ({_pct(fit['goal'])}) would need "
+                f"about {ratio:.0e}x this run's steps: out of reach on this slope: more steps at this encoder size will not "
+                "get there."
+            )
+            continue
         hours = info["audio_hours_seen"] * ratio
         wall = info["wall_s"] * ratio
         lines.append(

@@ -126,6 +126,7 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
         lengths: torch.Tensor,
         dither: float = 0.0,
         generator: torch.Generator | None = None,
+        normalize: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Featurise a padded batch on the device it lives on (e.g. inside a training loop on an accelerator).
@@ -137,6 +138,9 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
             dither (`float`): std of Gaussian noise added to the valid samples; pass `self.dither` in training,
                 0.0 (default) for deterministic features.
             generator (`torch.Generator`, optional): source of the dither noise, on the waveforms' device.
+            normalize (`bool`): per-utterance, per-feature standardisation (NeMo's, what the models are trained
+                on); False returns the raw log-mels (e.g. for a log-mel baseline whose pooled mean must keep the
+                spectrum's level and shape).
 
         Returns:
             features (`torch.Tensor` float32 of shape (batch, samples // hop_length, feature_size)), zero at
@@ -183,7 +187,11 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
             log_mel = log_mel[:, :num_frames]  # drop the trailing frame that is never valid (module docstring)
 
             feature_lengths = self.num_frames(lengths)  # (batch,)
-            features = normalize_per_feature(log_mel, feature_lengths)
+            if normalize:
+                features = normalize_per_feature(log_mel, feature_lengths)
+            else:
+                valid = torch.arange(num_frames, device=device)[None, :] < feature_lengths[:, None]
+                features = log_mel.masked_fill(~valid[:, :, None], 0.0)
         return features, feature_lengths
 
     # ------------------------------------------------------------------ HF entry point
@@ -200,6 +208,7 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
         dither: float = 0.0,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
+        do_normalize: bool = True,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -218,12 +227,13 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
             dither (`float`): noise std; 0.0 (default) for inference, `self.dither` for training.
             generator (`torch.Generator`, optional): source of the dither noise.
             device: where to compute (e.g. "cuda").
+            do_normalize (`bool`): False skips the per-utterance normalisation (raw log-mels; see `extract_batch`).
 
         Returns:
             [`BatchFeature`] with `input_features` (batch, frames, feature_size) float32 and `attention_mask`
             (batch, frames) int64 (1 = real frame), frames = padded samples // hop_length.
         """
-        unknown = set(kwargs) - {"do_normalize", "return_token_timestamps"}
+        unknown = set(kwargs) - {"return_token_timestamps"}
         if unknown:
             logger.warning(f"{self.__class__.__name__}.__call__ ignores the arguments {sorted(unknown)}.")
         self._check_sampling_rate(sampling_rate)
@@ -232,7 +242,7 @@ class ConformerSslFeatureExtractor(ParakeetFeatureExtractor):
             self._check_utterance(utterance, index if len(utterances) > 1 else None)
         waveforms, lengths = self._pad(utterances, padding, max_length, truncation, pad_to_multiple_of)
         features, feature_lengths = self.extract_batch(
-            waveforms.to(device), lengths.to(device), dither=dither, generator=generator
+            waveforms.to(device), lengths.to(device), dither=dither, generator=generator, normalize=do_normalize
         )
         data = {"input_features": features}
         if return_attention_mask if return_attention_mask is not None else self.return_attention_mask:

@@ -155,6 +155,22 @@ def reconstruction_loss(predictions: torch.Tensor, targets: torch.Tensor, kind: 
         return LossOutput(per_element.sum(), count, {})
 
 
+def regression_loss(predictions: torch.Tensor, targets: torch.Tensor) -> LossOutput:
+    """data2vec 2.0's L2 regression of the teacher's averaged layers (Baevski et al. 2022, §3, eq. 2).
+
+    Args:
+        predictions: (N, D) decoder outputs at the N masked steps.
+        targets: (N, D) the averaged, instance-normalised top-K teacher layers at those steps (`teacher_layers`).
+
+    Each step's squared error is summed over its D dimensions and scaled by 1 / sqrt(D) (fairseq's data2vec 2.0
+    `loss_scale` default), so the loss does not grow with the width; count = N steps.
+    """
+    with _no_autocast(predictions.device):
+        diff = predictions.float() - targets.float()
+        per_step = diff.pow(2).sum(dim=-1) / diff.shape[-1] ** 0.5
+        return LossOutput(per_step.sum(), torch.tensor(float(diff.shape[0]), device=diff.device), {})
+
+
 def apc_loss(predictions: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, shift: int) -> LossOutput:
     """Autoregressive predictive coding (Chung et al. 2019): L1 between the prediction made at step t
     from causal context and the target frame at t + n.
@@ -235,4 +251,5 @@ __all__ = [
     "diversity_loss",
     "masked_prediction_loss",
     "reconstruction_loss",
+    "regression_loss",
 ]

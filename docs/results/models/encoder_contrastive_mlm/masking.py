@@ -194,21 +194,22 @@ def apply_frame_mask(
     Args:
         features: log-mel features from the feature extractor (model input).
         frame_mask: (batch, T) bool, True = replace.
-        mask_fill: config `mask_fill`: "learned" uses `masked_embed` (the model's `masked_spec_embed`,
-            shape (n_mels,)); "noise" draws fresh N(0, noise_std^2) values per frame (BEST-RQ: 0.1).
-        masked_embed: learned vector for "learned"; gradients flow into it.
+        mask_fill: config `mask_fill`: "learned" and "frozen" use `masked_embed` (the model's `masked_spec_embed`,
+            shape (n_mels,); "frozen" keeps it fixed, as NeMo's NEST does); "noise" draws fresh N(0, noise_std^2)
+            values per frame (BEST-RQ: 0.1).
+        masked_embed: the vector for "learned" / "frozen"; gradients flow into it unless it is frozen.
         generator: randomness for "noise".
     """
-    if mask_fill == "learned":
+    if mask_fill in ("learned", "frozen"):
         if masked_embed is None:
-            raise ValueError("mask_fill='learned' needs masked_embed (the model's masked_spec_embed).")
+            raise ValueError(f"mask_fill={mask_fill!r} needs masked_embed (the model's masked_spec_embed).")
         fill = masked_embed.to(features.dtype).expand_as(features)
     elif mask_fill == "noise":
         gen_device = generator.device if generator is not None else features.device
         noise = torch.randn(features.shape, generator=generator, device=gen_device, dtype=torch.float32)
         fill = (noise * noise_std).to(device=features.device, dtype=features.dtype)
     else:
-        raise ValueError(f"mask_fill={mask_fill!r} is unknown: use 'learned' or 'noise'.")
+        raise ValueError(f"mask_fill={mask_fill!r} is unknown: use 'learned', 'frozen' or 'noise'.")
     return torch.where(frame_mask[..., None], fill, features)
 
 
@@ -256,6 +257,63 @@ def sample_negatives(
     return negative_indices, negative_valid
 
 
+# ----------------------------------------------------------------------------------------------- MAE-style student
+# data2vec 2.0 (Baevski et al. 2022, §3): the student encoder sees only the unmasked time steps (as in MAE, He et
+# al. 2022), a light decoder gets the full-length sequence back. These three functions move encoder steps between
+# the full (batch, T', D) layout and a compacted one (batch, K, D), K = the most kept steps of any row.
+
+
+def keep_at_least_one_step(token_mask: torch.Tensor, step_lengths: torch.Tensor) -> torch.Tensor:
+    """`token_mask` (batch, T') with the first step of every fully masked, non-empty utterance unmasked again, so
+    the compacted student batch has no empty row (an empty row would attend to nothing). Returns a new tensor."""
+    num_steps = token_mask.shape[1]
+    valid = torch.arange(num_steps, device=token_mask.device)[None, :] < step_lengths[:, None]  # (batch, T')
+    all_masked = ((valid & ~token_mask).sum(dim=1) == 0) & (step_lengths > 0)  # (batch,)
+    first = torch.zeros_like(token_mask)
+    first[:, 0] = True
+    return token_mask & ~(first & all_masked[:, None])
+
+
+def gather_kept_steps(hidden: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact every row to its kept steps, in their original order, left-aligned.
+
+    Args:
+        hidden: (batch, T', D).
+        keep: (batch, T') bool, True = the step is kept (unmasked and valid).
+
+    Returns:
+        compact: (batch, K, D), K = max kept steps of a row; row b holds its kept steps at 0..lengths[b]-1, then
+            the dropped steps that follow in order (padding: never attended to, zeroed before convolutions).
+        lengths: (batch,) long, kept steps per row (the compacted batch's valid lengths).
+    """
+    lengths = keep.sum(dim=1)  # (batch,)
+    # A stable sort of "dropped" (0 = kept first) lists each row's kept steps, then its dropped ones, both in order.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # (batch, T')
+    num_kept = int(lengths.max()) if lengths.numel() else 0
+    order = order[:, :num_kept]  # (batch, K)
+    compact = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))  # (batch, K, D)
+    return compact, lengths
+
+
+def scatter_kept_steps(compact: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of `gather_kept_steps`: (batch, K, D) -> (batch, T', D), kept steps back in place.
+
+    Args:
+        compact: (batch, K, D) from `gather_kept_steps` (or an encoder that read it).
+        keep: (batch, T') bool, the same mask.
+        fill: (D,) what the dropped steps hold (data2vec 2.0's mask token for the decoder), or None for zeros.
+    """
+    batch, num_steps = keep.shape
+    lengths = keep.sum(dim=1)
+    compact_valid = torch.arange(compact.shape[1], device=keep.device)[None, :] < lengths[:, None]  # (batch, K)
+    full = compact.new_zeros(batch, num_steps, compact.shape[-1])
+    # Row-major order on both sides: the r-th kept step of row b is compact[b, r].
+    full = full.index_put((*keep.nonzero(as_tuple=True),), compact[compact_valid])
+    if fill is not None:
+        full = torch.where(keep[..., None], full, fill.to(full.dtype))
+    return full
+
+
 __all__ = [
     "MASK_FUNCTIONS",
     "apply_frame_mask",
@@ -264,5 +322,8 @@ __all__ = [
     "compute_patch_mask",
     "compute_span_mask",
     "frame_to_token_mask",
+    "gather_kept_steps",
+    "keep_at_least_one_step",
     "sample_negatives",
+    "scatter_kept_steps",
 ]

@@ -9,6 +9,10 @@ Hub-bound: copied next to the weights by `save_pretrained`; imports only torch (
 - `RandomProjectionQuantizer` (BEST-RQ, Chiu et al. 2022; NEST, Huang et al. 2024): a frozen random
   projection and frozen random unit codebooks; the target id is the nearest code (cosine) of the
   projected, normalised input. Stored as float32 buffers so they are saved with the model.
+- `teacher_layers` (data2vec 2.0, DinoSR): the top-K hidden states of the EMA teacher, each instance-normalised
+  over the valid steps of its utterance.
+- `OnlineCodebooks` (DinoSR, Liu et al. 2023): one codebook per teacher layer, updated by an exponential
+  moving average of the teacher vectors assigned to each code; buffers, synced by the caller across processes.
 """
 
 from __future__ import annotations
@@ -72,6 +76,82 @@ def normalize_per_utterance(x: torch.Tensor, lengths: torch.Tensor, eps: float =
     return ((x - mean) / torch.sqrt(var + eps)).masked_fill(~valid, 0.0)
 
 
+def teacher_layers(hidden_states: tuple[torch.Tensor, ...], lengths: torch.Tensor, top_k: int) -> list[torch.Tensor]:
+    """The top `top_k` block outputs of the teacher, each instance-normalised (data2vec 2.0 §3, DinoSR §2.2).
+
+    Args:
+        hidden_states: the teacher's num_hidden_layers + 1 hidden states (batch, T', D) (`ConformerSslModel`
+            with `output_hidden_states=True`, unmasked input).
+        lengths: (batch,) valid encoder steps; padding is left out of the statistics and zeroed.
+        top_k: how many of the last blocks (data2vec 2.0 and DinoSR: 8).
+
+    Instance norm = per utterance and channel, over time: the same statistics as `normalize_per_utterance`.
+    Returns top_k float32 tensors (batch, T', D), lowest block first.
+    """
+    return [normalize_per_utterance(h.detach(), lengths, eps=1e-5) for h in hidden_states[-top_k:]]
+
+
+class OnlineCodebooks(nn.Module):
+    """DinoSR's online-clustered codebooks (Liu et al. 2023, §2.2), one per teacher layer.
+
+    Codeword v of codebook k is e_kv = s_kv / n_kv, where after every optimiser step
+
+        s_kv <- tau * s_kv + (1 - tau) * sum of the teacher vectors assigned to v
+        n_kv <- tau * n_kv + (1 - tau) * number of those vectors
+
+    (tau = `decay`, DinoSR: 0.9). A code that nobody picked keeps its codeword (s and n shrink together).
+    `sums` and `counts` are persistent float32 buffers: saved with the model, never trained. The statistics
+    of a step come from `statistics()`; the caller sums them over micro-batches and processes before
+    `update()`, so every process holds the same codebooks (never updated inside `forward`).
+
+    Args:
+        num_codebooks: K, one per teacher layer (the objective's `top_k_layers`).
+        codebook_size: V codes per codebook (DinoSR: 256).
+        dim: width of the teacher vectors (hidden_size).
+    """
+
+    def __init__(self, num_codebooks: int, codebook_size: int, dim: int) -> None:
+        super().__init__()
+        self.num_codebooks, self.codebook_size, self.dim = num_codebooks, codebook_size, dim
+        self.register_buffer("sums", torch.zeros(num_codebooks, codebook_size, dim), persistent=True)
+        self.register_buffer("counts", torch.ones(num_codebooks, codebook_size), persistent=True)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Codewords from N(0, 1), the scale of instance-normalised teacher vectors (counts 1)."""
+        init.copy_(self.sums, torch.randn(self.sums.shape, generator=generator, device="cpu").to(self.sums.device))
+        init.ones_(self.counts)
+
+    @property
+    def codewords(self) -> torch.Tensor:
+        """(K, V, D) float32: s / n."""
+        return self.sums.float() / self.counts.float().clamp(min=1e-6)[..., None]
+
+    @torch.no_grad()
+    def assign(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Nearest codeword (L2) of each vector: (K, N, D) -> (N, K) long ids."""
+        with torch.autocast(device_type=vectors.device.type, enabled=False):
+            x, codes = vectors.float(), self.codewords
+            # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2; ||x||^2 is the same for every code of a row.
+            scores = torch.baddbmm(codes.pow(2).sum(-1)[:, None, :], x, codes.transpose(1, 2), alpha=-2.0)
+            return scores.argmin(dim=-1).transpose(0, 1)  # (N, K)
+
+    @torch.no_grad()
+    def statistics(self, vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's per-code sums (K, V, D) and counts (K, V) of `vectors` (K, N, D) under `ids` (N, K)."""
+        k, _, d = vectors.shape
+        flat = (ids.T + torch.arange(k, device=ids.device)[:, None] * self.codebook_size).reshape(-1)  # (K * N,)
+        sums = torch.zeros(k * self.codebook_size, d, device=vectors.device, dtype=torch.float32)
+        sums.index_add_(0, flat, vectors.float().reshape(-1, d))
+        counts = torch.bincount(flat, minlength=k * self.codebook_size).float()
+        return sums.view(k, self.codebook_size, d), counts.view(k, self.codebook_size)
+
+    @torch.no_grad()
+    def update(self, sums: torch.Tensor, counts: torch.Tensor, decay: float) -> None:
+        """One EMA step with the statistics of a whole optimiser step, summed over processes (see the class)."""
+        self.sums.mul_(decay).add_(sums.to(self.sums), alpha=1.0 - decay)
+        self.counts.mul_(decay).add_(counts.to(self.counts), alpha=1.0 - decay)
+
+
 @dataclass
 class QuantizerOutput:
     """What a quantizer returns.
@@ -100,13 +180,30 @@ def _perplexity(marginal: torch.Tensor) -> torch.Tensor:
     return torch.exp(entropy).sum()
 
 
-def _hard_usage(code_ids: torch.Tensor, selected: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard code histogram of the selected steps: (perplexity, fraction of codes used)."""
+def code_histogram(code_ids: torch.Tensor, selected: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each code is picked at the selected steps: (batch, T, groups) ids -> (groups, codes) int64.
+
+    Histograms add up over batches and processes, so coverage and entropy of a whole logging interval and of
+    all processes come from their sum (`codebook_usage`), not from an average of per-batch figures.
+    """
     ids = code_ids[selected]  # (N, groups)
     groups = code_ids.shape[-1]
     offsets = torch.arange(groups, device=ids.device) * num_codes
-    counts = torch.bincount((ids + offsets).reshape(-1), minlength=groups * num_codes).view(groups, num_codes)
-    marginal = counts.float() / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    return torch.bincount((ids + offsets).reshape(-1), minlength=groups * num_codes).view(groups, num_codes)
+
+
+def codebook_usage(histogram: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per codebook of a (groups, codes) histogram: "coverage" (fraction of codes used), "entropy" (nats) and
+    "perplexity" (exp entropy), each (groups,)."""
+    marginal = histogram.double() / histogram.double().sum(dim=-1, keepdim=True).clamp(min=1)
+    entropy = -(marginal * torch.log(marginal.clamp(min=1e-12))).sum(dim=-1)
+    return {"coverage": (histogram > 0).float().mean(dim=-1), "entropy": entropy, "perplexity": entropy.exp()}
+
+
+def _hard_usage(code_ids: torch.Tensor, selected: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard code histogram of the selected steps: (perplexity, fraction of codes used)."""
+    counts = code_histogram(code_ids, selected, num_codes)
+    marginal = counts.float() / counts.sum(dim=-1, keepdim=True).clamp(min=1).float()
     return _perplexity(marginal), (counts > 0).float().mean()
 
 
@@ -210,6 +307,9 @@ class RandomProjectionQuantizer(nn.Module):
         codebook_size: codes per codebook (config `bestrq_codebook_size`, 8192).
         num_codebooks: independent codebooks (config `bestrq_num_codebooks`); each gives its own id.
         normalize_input: standardise the input per utterance over its valid steps first.
+        input_layer_norm: LayerNorm (no affine) over each step's stacked input before projecting (NeMo NEST's
+            2026 option, NVIDIA-NeMo PR #15589): every step's vector has zero mean and unit variance across its
+            features, so loud and quiet steps fall into the same codes.
         seed: the projection and codebooks are drawn from a CPU generator with this seed, so they are a pure
             function of the configuration: the same after re-initialisation on the meta device, and
             reproducible across runs (BEST-RQ needs them random, not different per run). They are also saved.
@@ -222,10 +322,12 @@ class RandomProjectionQuantizer(nn.Module):
         codebook_size: int,
         num_codebooks: int = 1,
         normalize_input: bool = True,
+        input_layer_norm: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.input_dim = input_dim
+        self.input_layer_norm = input_layer_norm
         self.codebook_dim = codebook_dim
         self.codebook_size = codebook_size
         self.num_codebooks = num_codebooks
@@ -271,6 +373,8 @@ class RandomProjectionQuantizer(nn.Module):
         # float32 even under autocast / bf16 inputs: ids must not depend on the compute precision.
         with torch.autocast(device_type=inputs.device.type, enabled=False):
             x = normalize_per_utterance(inputs, lengths) if self.normalize_input else inputs.float()
+            if self.input_layer_norm:  # padding rows are zero and stay zero
+                x = nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-5)
             flat = x.reshape(batch * steps, -1)
             projection = self.projection.float()
             codebooks = self.codebooks.float()
@@ -287,9 +391,13 @@ class RandomProjectionQuantizer(nn.Module):
 
 __all__ = [
     "GumbelVectorQuantizer",
+    "OnlineCodebooks",
     "QuantizerOutput",
     "RandomProjectionQuantizer",
+    "code_histogram",
+    "codebook_usage",
     "normalize_per_utterance",
     "stack_frames",
     "step_labels",
+    "teacher_layers",
 ]
