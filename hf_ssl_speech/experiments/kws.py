@@ -132,7 +132,7 @@ def fine_tune(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     inputs, labels = train
     rng = np.random.default_rng(spec.seed)
-    best = (-1.0, 0, {k: v.clone() for k, v in model.state_dict().items()})
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, 0, {})  # replaced at the first evaluation
     order = rng.permutation(len(labels))
     cursor = 0
     for step in range(1, spec.steps + 1):

@@ -890,6 +890,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
     train_audio_s = result.summary.get("train_audio_seconds")
     cfg = ConformerSslForCTC.config_class.from_pretrained(str(run_dir))
     flops = training_flops_per_audio_second(cfg) / (3 if run.init == "probe" else 1)  # probe: forward only
+    precision = "bf16" if training_args.bf16 else "no"  # what run_ctc's mixed_precision=auto resolved to
     audio_per_s = None
     if train_audio_s and result.summary.get("train_seconds"):
         epochs = steps * f.batch_size / max(result.summary["train_utterances"], 1)
@@ -907,8 +908,8 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "lr_scheduler": f.lr_scheduler,
         "wall_s": result.summary["train_seconds"],
         "audio_seconds_per_s": audio_per_s,
-        "precision": "bf16" if training_args.bf16 else "no",
-        "flop_utilisation": utilisation(flops, audio_per_s, "bf16" if training_args.bf16 else "no"),
+        "precision": precision,
+        "flop_utilisation": utilisation(flops, audio_per_s, precision),
         "resumed": resume is not None,
         "train_loss": result.summary["train_loss"],
         "train_utterances": result.summary["train_utterances"],
