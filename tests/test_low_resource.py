@@ -532,7 +532,7 @@ def test_compute_curve_grid_subset_and_parallel_settings_are_validated():
     config = load_experiment_config(TOY)
     cases = [
         (_with_finetune(config, grid_minutes=5.0), r"finetune\.grid_minutes=5\.0 is not a subset's minutes"),
-        (_with_finetune(config, curve_runs="some"), r"finetune\.curve_runs='some'.*'all' or 'best'"),
+        (_with_finetune(config, curve_runs="some"), r"finetune\.curve_runs='some'.*'all', 'best' or 'none'"),
         (dataclasses.replace(config, parallel_runs=0), r"parallel_runs=0: must be >= 1"),
         (
             dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, curve_fractions=[1.0])),
@@ -606,6 +606,28 @@ def test_best_curve_runs_plan_the_chosen_family_beside_scratch_and_the_grid_runs
         ("scratch-non-causal", "scratch"),
     ]
     assert all(isinstance(r.masking, MaskingSpec) and r.minutes == 1 for r in later)
+
+
+def test_later_runs_follow_curve_runs_and_add_the_compute_curve_of_the_chosen_family():
+    from hf_ssl_speech.experiments.low_resource import grid_subset, plan_finetune_runs, plan_later_runs
+
+    config = load_experiment_config(FULL)
+    pretrained = {
+        key: {"architecture": "non-causal", "checkpoint": f"pretrain/{key}/model", "finished_at": 1.0, "encoder": {}}
+        for key in config.pretrain.recipes
+    }
+    pretrained["dinosr"]["curve_checkpoints"] = {"0.5": "pretrain/dinosr/half/model"}
+    grid = plan_finetune_runs(config, pretrained, grid_subset(config.finetune))
+    picks = list({run.group: run for run in grid}.values())  # one run per group, as validation keeps
+    others = len(config.finetune.subsets) - 1
+    for curve_runs, runs_per_subset in (("all", len(pretrained) + 1), ("best", 2), ("none", 0)):
+        later = plan_later_runs(_with_finetune(config, curve_runs=curve_runs), pretrained, picks, "dinosr")
+        curve = [r for r in later if r.pretrain_fraction < 1]
+        assert len(later) - len(curve) == others * runs_per_subset, curve_runs
+        assert all(r.minutes != 10 for r in later if r.pretrain_fraction == 1)
+        # the compute curve: the chosen family's part-way encoder on the grid subset with its chosen pair
+        assert [(r.key, r.minutes, r.checkpoint) for r in curve] == [("dinosr", 10, "pretrain/dinosr/half/model")]
+    assert plan_later_runs(_with_finetune(config, curve_runs="none"), pretrained, picks, None) == []
 
 
 def test_compute_curve_extrapolates_the_steps_for_the_target_and_says_when_it_cannot():

@@ -142,8 +142,8 @@ class FinetuneSpec:
       tri-stage, through the stock `warmup_stable_decay` schedule);
     - `learning_rates[init]` x `masking` is a grid: on the grid subset (`grid_minutes`, default the first) every
       pair runs (the probe: the first masking only) and the one with the lowest validation CER is kept per
-      (pretraining run, init); the other subsets reuse it (`curve_runs`: every run, or only the family validation
-      chose beside scratch);
+      (pretraining run, init); the other subsets reuse it (`curve_runs`: every run, only the family validation
+      chose beside scratch, or none: a grid-subset-only measurement such as an encoder-size comparison);
     - `patience`: a run stops after that many evaluations (every `eval_steps`, those of the head-only phase not
       counted) without a better validation CER; a subset's `steps` is only the cap. The checkpoint with the best
       validation CER is the model kept, so the number of steps is chosen on validation too.
@@ -169,7 +169,8 @@ class FinetuneSpec:
     headline_minutes: float | None = None
     grid_minutes: float | None = None  # the subset the learning-rate x masking grid runs on (None: the first)
     # The other subsets: "all" (every pretraining run and init) or "best" (the label-efficiency curve: the
-    # pretraining run validation chose on the grid subset, whole-model fine-tuned, beside scratch)
+    # pretraining run validation chose on the grid subset, whole-model fine-tuned, beside scratch) or "none" (only
+    # the grid subset and the compute curve run)
     curve_runs: str = "all"
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
@@ -324,8 +325,8 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
         raise ExperimentError(f"{where}: finetune.subsets steps must be >= 1")
     if f.grid_minutes is not None and f.grid_minutes not in minutes:
         raise ExperimentError(f"{where}: finetune.grid_minutes={f.grid_minutes} is not a subset's minutes {minutes}")
-    if f.curve_runs not in ("all", "best"):
-        raise ExperimentError(f"{where}: finetune.curve_runs={f.curve_runs!r}: choose 'all' or 'best'")
+    if f.curve_runs not in ("all", "best", "none"):
+        raise ExperimentError(f"{where}: finetune.curve_runs={f.curve_runs!r}: choose 'all', 'best' or 'none'")
     bad = [i for i in f.inits if i not in INITS]
     if bad or not f.inits:
         raise ExperimentError(f"{where}: finetune.inits={f.inits}: choose one or more of {INITS}")

@@ -943,13 +943,36 @@ def best_pretrained_key(results: Mapping[str, Mapping[str, Any]], picks: Sequenc
     return min(rows, key=lambda r: r["valid_cer"] if r["valid_cer"] is not None else 1e9)["key"] if rows else None
 
 
+def plan_later_runs(
+    config: ExperimentConfig, pretrained: Mapping[str, Any], picks: Sequence[FinetuneRun], best: str | None
+) -> list[FinetuneRun]:
+    """Phases 2 and 3 of `stage_finetune`: the other subsets with the pairs validation kept on the grid subset
+    (`picks`, one run per group), per `finetune.curve_runs`, then the best pretraining run's part-way encoders."""
+    f = config.finetune
+    first = grid_subset(f)
+    chosen = {(run.key, run.init): (run.learning_rate, run.masking) for run in picks}
+    later: list[FinetuneRun] = []
+    for subset in f.subsets:
+        if subset is first or f.curve_runs == "none":
+            continue
+        if f.curve_runs == "all" or best is None:
+            later += plan_finetune_runs(config, pretrained, subset, chosen)
+        else:
+            later += plan_finetune_runs(config, {best: pretrained[best]}, subset, chosen, ["pretrained", "scratch"])
+    if best is not None:
+        anchor = next(run for run in picks if run.key == best and run.init == "pretrained")
+        for fraction, checkpoint in pretrained[best].get("curve_checkpoints", {}).items():
+            later.append(dataclasses.replace(anchor, checkpoint=checkpoint, pretrain_fraction=float(fraction)))
+    return later
+
+
 def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str, Any]) -> dict[str, Any]:
     """Three phases, each a set of independent runs (`parallel_runs` at once):
 
     1. the grid subset (`grid_subset`) runs every (learning rate, masking) pair for every (pretraining run, init);
        validation CER picks one pair per (run, init) and the best pretraining run (`best_pretrained_key`);
-    2. the other subsets reuse those pairs: every run and init (`finetune.curve_runs: all`), or only the best
-       pretraining run's whole-model fine-tune beside scratch (`best`: the label-efficiency curve);
+    2. the other subsets reuse those pairs: every run and init (`finetune.curve_runs: all`), only the best
+       pretraining run's whole-model fine-tune beside scratch (`best`: the label-efficiency curve), or none;
     3. the compute curve: the best run's encoders kept part-way (`pretrain.curve_fractions`), fine-tuned on the
        grid subset with its chosen pair.
 
@@ -969,22 +992,9 @@ def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str,
     results = train(grid)
     by_name = {run.name: run for run in grid}
     picks = list(choose_by_validation(results).values())
-    chosen = {(by_name[n].key, by_name[n].init): (by_name[n].learning_rate, by_name[n].masking) for n in picks}
     best = best_pretrained_key(results, picks)
 
-    later: list[FinetuneRun] = []
-    for subset in f.subsets:
-        if subset is first:
-            continue
-        if f.curve_runs == "all" or best is None:
-            later += plan_finetune_runs(config, pretrained, subset, chosen)
-        else:
-            later += plan_finetune_runs(config, {best: pretrained[best]}, subset, chosen, ["pretrained", "scratch"])
-    if best is not None:
-        anchor = next(by_name[n] for n in picks if by_name[n].key == best and by_name[n].init == "pretrained")
-        for fraction, checkpoint in pretrained[best].get("curve_checkpoints", {}).items():
-            later.append(dataclasses.replace(anchor, checkpoint=checkpoint, pretrain_fraction=float(fraction)))
-    results.update(train(later))
+    results.update(train(plan_later_runs(config, pretrained, [by_name[n] for n in picks], best)))
     kept = sorted(choose_by_validation(results).values())
     return {"runs": results, "chosen": kept, "best_pretrained": best, "grid_minutes": first.minutes}
 
