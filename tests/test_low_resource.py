@@ -13,6 +13,11 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -564,6 +569,62 @@ def _double(x: int) -> int:
     if x < 0:
         raise ValueError(f"negative: {x}")
     return 2 * x
+
+
+_UNITS = """
+import os, pathlib, time
+from hf_ssl_speech.preemption import StopRequest
+
+def unit(folder, index):
+    folder = pathlib.Path(folder)
+    with StopRequest() as stop:  # as a training run: a signal means checkpoint, then raise
+        (folder / f"started-{index}-{os.getpid()}").touch()
+        while not stop.received:
+            time.sleep(0.05)
+    (folder / f"checkpointed-{index}").touch()
+    raise RuntimeError("preempted")
+"""
+
+_PARENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from hf_ssl_speech.experiments.low_resource import run_in_parallel
+from units import unit
+run_in_parallel(unit, [(sys.argv[1], i) for i in range(4)], 2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited (its reaper may be slow)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's prctl")
+def test_run_in_parallel_workers_checkpoint_and_exit_when_the_experiment_process_is_killed(tmp_path):
+    (tmp_path / "units.py").write_text(_UNITS)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)])
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("started-*"))) < 2:
+        assert parent.poll() is None and time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.1)
+    parent.kill()  # SIGKILL: no clean-up in the parent at all
+    parent.wait()
+    pids = {int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("started-*")}
+    deadline = time.monotonic() + 30
+    try:
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "a worker outlived the experiment process"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    # each running unit was told (SIGTERM) and wrote its checkpoint; the queued ones never started
+    assert len(list(tmp_path.glob("checkpointed-*"))) == 2
+    assert len(list(tmp_path.glob("started-*"))) == 2
 
 
 def test_run_in_parallel_keeps_the_order_and_raises_a_failed_run():

@@ -80,6 +80,7 @@ from ..finetune.run import run_ctc
 from ..finetune.text import normalize_transcript
 from ..modeling_conformer_ssl import ConformerSslForCTC, ConformerSslModel
 from ..precision import launch_device, resolve_mixed_precision
+from ..preemption import PREEMPTED_EXIT_CODE
 from ..pretrain.checkpoints import CheckpointManager
 from ..pretrain.loop import pretrain
 from ..pretrain.recipe import load_recipe, model_config
@@ -530,6 +531,32 @@ def _stop_with_parent() -> None:
         logger.warning("could not tie this worker to the experiment process; stop it by hand if that one dies")
 
 
+def _run_for_parent(function: Callable[..., Any], *args: Any) -> Any:
+    """A worker's task: `function(*args)`, unless the experiment process (this worker's parent) has died.
+
+    The parent's death sends SIGTERM (`_stop_with_parent`), which a training run catches to finish its step and
+    write a checkpoint (`StopRequest`) before it raises. The worker must then exit: the pool queues the next
+    calls in advance, and an orphan would start them. The parent's sentinel (a pipe that closes when it dies)
+    says whether it lives; the signal may arrive a moment before the pipe closes, hence the short wait.
+    """
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        os._exit(PREEMPTED_EXIT_CODE)
+    try:
+        result = function(*args)
+    except BaseException:
+        if parent is not None:
+            parent.join(timeout=5.0)  # at once if the parent died; an error while it lives is raised 5 s late
+            if not parent.is_alive():  # nobody reads the error; a rerun resumes from the checkpoint written
+                os._exit(PREEMPTED_EXIT_CODE)
+        raise
+    if parent is not None and not parent.is_alive():
+        os._exit(PREEMPTED_EXIT_CODE)
+    return result
+
+
 def run_in_parallel(function: Callable[..., Any], calls: Sequence[tuple], processes: int) -> list[Any]:
     """`function(*call)` for every call, in order; with `processes` > 1, in that many spawned processes at once.
 
@@ -544,7 +571,7 @@ def run_in_parallel(function: Callable[..., Any], calls: Sequence[tuple], proces
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch/accelerate state inherited
     workers = min(processes, len(calls))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_stop_with_parent) as pool:
-        futures = [pool.submit(function, *call) for call in calls]
+        futures = [pool.submit(_run_for_parent, function, *call) for call in calls]
         concurrent.futures.wait(futures)
     return [future.result() for future in futures]
 
