@@ -352,6 +352,7 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     target = next((work / "finetune").glob("apc__probe__labeled_1min__lr*"))  # the rate validation chose
     models = {p: p.stat().st_mtime_ns for p in (work / "finetune").glob("*/model/model.safetensors")}
     evaluations = {p: p.stat().st_mtime_ns for p in (work / "evaluate").glob("*/done.json")}
+    probes = {p: p.stat().st_mtime_ns for p in (results / "probes.json", results / "kws.json")}
     (target / "done.json").unlink()  # as if the run had been killed before it finished
     (work / "stages" / "finetune" / "done.json").unlink()
     outcome = run_experiment(config, log=lambda line: None)
@@ -369,6 +370,8 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     reevaluated = {p.parent.name for p, t in evaluations.items() if p.stat().st_mtime_ns != t}
     assert reevaluated == {target.name}
     assert len(json.loads((results / "low_resource.json").read_text())["rows"]) == len(evaluations)
+    # the probes depend on the encoders, the keyword spotter on the family chosen: neither was redone
+    assert {p: p.stat().st_mtime_ns for p in probes} == probes
 
 
 def test_changed_settings_are_refused_not_mixed(toy):

@@ -548,7 +548,7 @@ def _run_for_parent(function: Callable[..., Any], *args: Any) -> Any:
         result = function(*args)
     except BaseException:
         if parent is not None:
-            parent.join(timeout=5.0)  # at once if the parent died; an error while it lives is raised 5 s late
+            parent.join(timeout=2.0)  # at once if the parent died; an error while it lives is raised 2 s late
             if not parent.is_alive():  # nobody reads the error; a rerun resumes from the checkpoint written
                 os._exit(PREEMPTED_EXIT_CODE)
         raise
@@ -1152,26 +1152,44 @@ def stage_probes(
         commands_dir=out / "probes" / "commands",
     )
     spec = config_io.build(ProbeSpec, dict(config.probes.settings), "probes.settings", "probe setting", ExperimentError)
-    encoders = {key: out / info["checkpoint"] for key, info in pretrained.items() if arm_of(key) == "standard"}
-    start = time.perf_counter()
-    rows = run_probes(spec, encoders, data, out / "probes", Path(config.results_dir))
-    result: dict[str, Any] = {"rows": rows, "wall_s": round(time.perf_counter() - start, 1)}
+    standard = [key for key in pretrained if arm_of(key) == "standard"]
+    encoders = {key: out / pretrained[key]["checkpoint"] for key in standard}
+    # Two units (markers under probes/units/): the frozen probes depend on the encoders and the corpus only, the
+    # keyword spotter on the encoder fine-tuning chose; so a redone fine-tuning run does not redo them.
+    common = {"corpus": corpus["finished_at"], "results_dir": str(Path(config.results_dir).resolve())}
+    units = out / "probes" / "units"
+    frozen_settings = {
+        **common,
+        "spec": dataclasses.asdict(spec),
+        "encoders": {key: pretrained[key]["finished_at"] for key in standard},
+    }
+    probed = unit_done(units / "frozen", frozen_settings)
+    if probed is None:
+        start = time.perf_counter()
+        rows = run_probes(spec, encoders, data, out / "probes", Path(config.results_dir))
+        probed = finish_unit(units / "frozen", {"rows": rows, "wall_s": round(time.perf_counter() - start, 1)})
+    result: dict[str, Any] = {k: v for k, v in probed.items() if k != "finished_at"}
     kws = config_io.build(KwsSpec, dict(config.probes.kws), "probes.kws", "kws setting", ExperimentError)
     if kws.enabled and encoders:
         best = (finetuned or {}).get("best_pretrained")
         key = best if best in encoders else next(iter(encoders))
-        start = time.perf_counter()
-        result["kws"] = run_kws(
-            kws,
-            encoders[key],
-            data.command_train_voices,
-            data.command_test_voices,
-            out / "probes" / "kws",
-            Path(config.results_dir),
-            config.parallel_runs,
-        )
-        result["kws_encoder"] = key
-        result["kws_wall_s"] = round(time.perf_counter() - start, 1)
+        kws_settings = {**common, "spec": dataclasses.asdict(kws), "encoder": [key, pretrained[key]["finished_at"]]}
+        spotted = unit_done(units / "kws", kws_settings)
+        if spotted is None:
+            start = time.perf_counter()
+            rows = run_kws(
+                kws,
+                encoders[key],
+                data.command_train_voices,
+                data.command_test_voices,
+                out / "probes" / "kws",
+                Path(config.results_dir),
+                config.parallel_runs,
+            )
+            spotted = finish_unit(
+                units / "kws", {"kws": rows, "kws_encoder": key, "kws_wall_s": round(time.perf_counter() - start, 1)}
+            )
+        result.update({k: v for k, v in spotted.items() if k != "finished_at"})
     return result
 
 
