@@ -582,17 +582,25 @@ def _double(x: int) -> int:
     return 2 * x
 
 
-_UNITS = """
+_UNITS = r"""
 import os, pathlib, time
 from hf_ssl_speech.preemption import StopRequest
 
 def unit(folder, index):
     folder = pathlib.Path(folder)
+    trace = open(folder / f"trace-{index}", "a", buffering=1)
+    handle = StopRequest._handle
+    def traced(self, signum, frame):
+        trace.write(f"{time.monotonic():.3f} signal {signum}, parent {os.getppid()}\n")
+        handle(self, signum, frame)
+    StopRequest._handle = traced
     with StopRequest() as stop:  # as a training run: a signal means checkpoint, then raise
         (folder / f"started-{index}-{os.getpid()}").touch()
+        trace.write(f"{time.monotonic():.3f} started\n")
         while not stop.received:
             time.sleep(0.05)
     (folder / f"checkpointed-{index}").touch()
+    trace.write(f"{time.monotonic():.3f} checkpointed\n")
     raise RuntimeError("preempted")
 """
 
@@ -634,8 +642,9 @@ def test_run_in_parallel_workers_checkpoint_and_exit_when_the_experiment_process
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     # each running unit was told (SIGTERM) and wrote its checkpoint; the queued ones never started
-    assert len(list(tmp_path.glob("checkpointed-*"))) == 2
-    assert len(list(tmp_path.glob("started-*"))) == 2
+    traces = {p.name: p.read_text() for p in tmp_path.glob("trace-*")}
+    assert len(list(tmp_path.glob("checkpointed-*"))) == 2, traces
+    assert len(list(tmp_path.glob("started-*"))) == 2, traces
 
 
 def test_run_in_parallel_keeps_the_order_and_raises_a_failed_run():

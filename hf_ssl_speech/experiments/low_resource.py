@@ -517,16 +517,28 @@ def curve_steps(config: ExperimentConfig) -> list[int]:
     return [round(fraction * config.pretrain.max_steps) for fraction in config.pretrain.curve_fractions]
 
 
+def _parent_died(signum: int, frame: Any) -> None:
+    """SIGUSR2 handler of a worker: turn the parent-death signal into ONE SIGTERM to itself. Some kernels report a
+    parent's death more than once (once per exiting thread: seen in this project's sandbox), and a second SIGTERM
+    would mean "stop at once" to a training run's `StopRequest`, killing it in the middle of its checkpoint."""
+    import signal
+
+    if not getattr(_parent_died, "fired", False):
+        _parent_died.fired = True  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _stop_with_parent() -> None:
-    """Worker initialiser: on Linux, SIGTERM this worker when the experiment process dies (killed, preempted), so
-    no orphan keeps writing into a unit folder that the rerun will use (pretraining checkpoints and stops on it)."""
+    """Worker initialiser: on Linux, SIGTERM this worker once when the experiment process dies (killed, preempted),
+    so no orphan keeps writing into a unit folder that the rerun will use (a training run checkpoints and stops)."""
     if sys.platform != "linux":
         return
     import ctypes
     import signal
 
+    signal.signal(signal.SIGUSR2, _parent_died)
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGUSR2)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         logger.warning("could not tie this worker to the experiment process; stop it by hand if that one dies")
 
