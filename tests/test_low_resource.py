@@ -738,6 +738,9 @@ def test_compute_curve_extrapolates_the_steps_for_the_target_and_says_when_it_ca
     info = {"nest": {"steps": 4000, "audio_hours_seen": 40.0, "wall_s": 2000.0}}
     text = "\n".join(compute_curve_lines(rows, scratch, info))
     assert "16,000 steps" in text and "4x this run" in text and "cer_vs_pretraining_compute.png" in text
+    rising = [{**row, "valid_cer": 0.5 + row["pretrain_steps"] / 1e5} for row in rows]  # worse with more steps
+    text = "\n".join(compute_curve_lines(rising, scratch, info))
+    assert "no amount of pretraining reaches the -40% target" in text
 
 
 def test_tri_stage_schedule_warms_up_holds_and_decays_to_the_final_scale():

@@ -793,8 +793,8 @@ def compute_curve_lines(
         slope = f"{100 * fit['slope_per_doubling']:+.1f} points per doubling of pretraining steps"
         if fit["steps"] is None:
             lines.append(
-                f"- Fit of {name} against log2(steps): {slope}. It does not fall with compute, so this slope "
-                "reaches the -40% target at no compute."
+                f"- Fit of {name} against log2(steps): {slope}. It does not fall with compute, so on this slope "
+                "no amount of pretraining reaches the -40% target."
             )
             continue
         ratio = fit["steps"] / info["steps"]
