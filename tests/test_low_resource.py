@@ -656,6 +656,14 @@ def test_run_in_parallel_keeps_the_order_and_raises_a_failed_run():
         run_in_parallel(_double, [(1,), (-1,)], 2)
 
 
+def _finished_pretraining(config) -> dict:
+    """What stage_pretrain returns for every family of `config`, as far as the fine-tuning plan reads it."""
+    return {
+        key: {"architecture": "non-causal", "checkpoint": f"pretrain/{key}/model", "finished_at": 1.0, "encoder": {}}
+        for key in config.pretrain.recipes
+    }
+
+
 def test_best_curve_runs_plan_the_chosen_family_beside_scratch_and_the_grid_runs_on_its_subset():
     from hf_ssl_speech.experiments.config import MaskingSpec
     from hf_ssl_speech.experiments.low_resource import best_pretrained_key, grid_subset, plan_finetune_runs
@@ -663,10 +671,7 @@ def test_best_curve_runs_plan_the_chosen_family_beside_scratch_and_the_grid_runs
     config = load_experiment_config(FULL)
     f = config.finetune
     assert grid_subset(f).minutes == 10 and f.curve_runs == "best"
-    pretrained = {
-        key: {"architecture": "non-causal", "checkpoint": f"pretrain/{key}/model", "finished_at": 1.0, "encoder": {}}
-        for key in config.pretrain.recipes
-    }
+    pretrained = _finished_pretraining(config)
     rates = {**f.learning_rates, "probe": [2e-3, 2e-2]}
     config = _with_finetune(config, inits=["pretrained", "probe", "scratch"], learning_rates=rates)
     f = config.finetune
@@ -693,10 +698,7 @@ def test_later_runs_follow_curve_runs_and_add_the_compute_curve_of_the_chosen_fa
     from hf_ssl_speech.experiments.low_resource import grid_subset, plan_finetune_runs, plan_later_runs
 
     config = load_experiment_config(FULL)
-    pretrained = {
-        key: {"architecture": "non-causal", "checkpoint": f"pretrain/{key}/model", "finished_at": 1.0, "encoder": {}}
-        for key in config.pretrain.recipes
-    }
+    pretrained = _finished_pretraining(config)
     pretrained["dinosr"]["curve_checkpoints"] = {"0.5": "pretrain/dinosr/half/model"}
     grid = plan_finetune_runs(config, pretrained, grid_subset(config.finetune))
     picks = list({run.group: run for run in grid}.values())  # one run per group, as validation keeps

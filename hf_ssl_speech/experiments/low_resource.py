@@ -554,17 +554,22 @@ def _run_for_parent(function: Callable[..., Any], *args: Any) -> Any:
     import multiprocessing
 
     parent = multiprocessing.parent_process()
-    if parent is not None and not parent.is_alive():
+
+    def orphaned(wait: float = 0.0) -> bool:
+        if parent is None:  # not a spawned worker
+            return False
+        parent.join(timeout=wait)  # returns at once if the parent died
+        return not parent.is_alive()
+
+    if orphaned():
         os._exit(PREEMPTED_EXIT_CODE)
     try:
         result = function(*args)
     except BaseException:
-        if parent is not None:
-            parent.join(timeout=2.0)  # at once if the parent died; an error while it lives is raised 2 s late
-            if not parent.is_alive():  # nobody reads the error; a rerun resumes from the checkpoint written
-                os._exit(PREEMPTED_EXIT_CODE)
+        if orphaned(wait=2.0):  # nobody reads the error; a rerun resumes from the checkpoint written (an error
+            os._exit(PREEMPTED_EXIT_CODE)  # while the parent lives is raised 2 s late)
         raise
-    if parent is not None and not parent.is_alive():
+    if orphaned():
         os._exit(PREEMPTED_EXIT_CODE)
     return result
 
@@ -1180,7 +1185,7 @@ def stage_probes(
         start = time.perf_counter()
         rows = run_probes(spec, encoders, data, out / "probes", Path(config.results_dir))
         probed = finish_unit(units / "frozen", {"rows": rows, "wall_s": round(time.perf_counter() - start, 1)})
-    result: dict[str, Any] = {k: v for k, v in probed.items() if k != "finished_at"}
+    result: dict[str, Any] = dict(probed)  # its finished_at, as the keyword spotter's, gives way to the stage's
     kws = config_io.build(KwsSpec, dict(config.probes.kws), "probes.kws", "kws setting", ExperimentError)
     if kws.enabled and encoders:
         best = (finetuned or {}).get("best_pretrained")
@@ -1201,7 +1206,7 @@ def stage_probes(
             spotted = finish_unit(
                 units / "kws", {"kws": rows, "kws_encoder": key, "kws_wall_s": round(time.perf_counter() - start, 1)}
             )
-        result.update({k: v for k, v in spotted.items() if k != "finished_at"})
+        result.update(spotted)
     return result
 
 
