@@ -334,6 +334,36 @@ def test_kws_json_has_pretrained_and_scratch_rows_per_label_count(toy):
 
 
 # ------------------------------------------------------------------------------------------ resuming
+def test_seed_repeats_are_trained_scored_and_reported_beside_the_verdicts_runs(toy):
+    work, results, config = toy
+    document = json.loads((results / "low_resource.json").read_text())
+    seeds, best = document["seeds"], document["best_pretrained"]
+    headline = config.finetune.subsets[0].minutes
+    # the verdict's pair (the chosen family's whole model, scratch of its architecture), each in 2 seeds
+    assert [(r["init"], r["repeat"]) for r in seeds] == [
+        ("pretrained", 0),
+        ("pretrained", 1),
+        ("scratch", 0),
+        ("scratch", 1),
+    ]
+    kept = {r["run"]: r for r in document["rows"]}
+    for row in seeds:
+        assert row["key"] == (best if row["init"] == "pretrained" else "none")
+        if row["repeat"] == 0:  # the kept run itself
+            assert kept[row["run"]]["labeled_minutes"] == headline and kept[row["run"]]["cer"] == row["cer"]
+            continue
+        assert row["run"] not in kept and math.isfinite(row["cer"]) and math.isfinite(row["wer_lm"])
+        settings = json.loads((work / "finetune" / row["run"] / "settings.json").read_text())
+        assert settings["seed"] == config.seed + row["repeat"] and settings["repeat"] == row["repeat"]
+        assert (work / "evaluate" / row["run"] / "done.json").is_file()
+    # a repeat takes no part in a choice: it is not in the validation-choice table
+    assert not any(item["run"] in {r["run"] for r in seeds if r["repeat"]} for item in document["selection"])
+    markdown = (results / "low_resource.md").read_text()
+    table = _table(markdown, "## Fine-tuning seed noise")
+    assert [cells[:2] for cells in table] == [["pretrained", "2"], ["scratch", "2"]]
+    assert "**over 2 fine-tuning seeds**" in markdown.split("## Scale")[0]
+
+
 def test_rerun_skips_every_finished_stage(toy, capsys):
     work, results, config = toy
     watched = [results / "low_resource.json", *sorted((work / "finetune").glob("*/model/model.safetensors"))]
@@ -369,7 +399,8 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     assert changed == {target / "model" / "model.safetensors"}
     reevaluated = {p.parent.name for p, t in evaluations.items() if p.stat().st_mtime_ns != t}
     assert reevaluated == {target.name}
-    assert len(json.loads((results / "low_resource.json").read_text())["rows"]) == len(evaluations)
+    document = json.loads((results / "low_resource.json").read_text())
+    assert len(document["rows"]) + sum(r["repeat"] > 0 for r in document["seeds"]) == len(evaluations)
     # the probes depend on the encoders, the keyword spotter on the family chosen: neither was redone
     assert {p: p.stat().st_mtime_ns for p in probes} == probes
 
@@ -879,6 +910,84 @@ def test_tables_and_plots_take_the_five_point_label_efficiency_curve(tmp_path):
     assert len(line.strip("|").split("|")) == 2 + 5 * len(minutes)
     path = plot_error_curves(rows, pretrained, tmp_path / "cer.png", "cer")
     assert imread(path).shape[1] > 100
+
+
+def test_seed_repeats_redo_the_verdicts_two_runs_with_other_seeds_and_nothing_else():
+    from hf_ssl_speech.experiments.low_resource import (
+        _stage_settings,
+        grid_subset,
+        plan_finetune_runs,
+        plan_later_runs,
+        plan_seed_repeats,
+    )
+
+    config = _with_finetune(load_experiment_config(FULL), seeds=3)
+    pretrained = _finished_pretraining(config)
+    pretrained["dinosr"]["curve_checkpoints"] = {"0.5": "pretrain/dinosr/half/model"}
+    grid = plan_finetune_runs(config, pretrained, grid_subset(config.finetune))
+    picks = list({run.group: run for run in grid}.values())
+    kept = picks + plan_later_runs(config, pretrained, picks, "dinosr")
+    repeats = plan_seed_repeats(config, kept, "dinosr")
+    # the chosen family's whole-model run and scratch, on the headline 10 minutes, each twice more
+    assert sorted((r.key, r.init, r.minutes, r.repeat) for r in repeats) == [
+        ("dinosr", "pretrained", 10, 1),
+        ("dinosr", "pretrained", 10, 2),
+        ("scratch-non-causal", "scratch", 10, 1),
+        ("scratch-non-causal", "scratch", 10, 2),
+    ]
+    originals = {(r.key, r.init): r for r in picks}
+    for run in repeats:
+        original = originals[(run.key, run.init)]
+        # the same settings validation chose, only the seed differs: a name of its own, its original's group
+        assert dataclasses.replace(run, repeat=0) == original and run.pretrain_fraction == 1
+        assert run.name != original.name and run.group == original.group
+    assert len({r.name for r in repeats}) == 4
+    assert plan_seed_repeats(_with_finetune(config, seeds=1), kept, "dinosr") == []
+    assert plan_seed_repeats(config, kept, None) == []
+    # seeds: 1 is not a setting of the stage (experiments finished before the option existed stay valid)
+    assert "seeds" not in _stage_settings(_with_finetune(config, seeds=1), "finetune")["finetune"]
+    assert _stage_settings(config, "finetune")["finetune"]["seeds"] == 3
+    from hf_ssl_speech.experiments.config import validate_config
+
+    with pytest.raises(ExperimentError, match=r"finetune.seeds=0: give >= 1"):
+        validate_config(_with_finetune(config, seeds=0), "low_resource.yaml")
+
+
+def test_seed_section_gives_mean_and_spread_and_the_change_of_the_means():
+    from hf_ssl_speech.experiments.report import mean_and_sd, seed_changes, seed_lines, seed_rows
+
+    def row(init, repeat, cer, key="nest", minutes=10.0, architecture="non-causal"):
+        return {
+            "run": f"{init}{repeat}",
+            "init": init,
+            "key": key if init != "scratch" else "none",
+            "repeat": repeat,
+            "labeled_minutes": minutes,
+            "architecture": architecture,
+            "pretrain_fraction": 1.0 if init != "scratch" else 0.0,
+            "cer": cer,
+            "cer_lm": cer - 0.1,
+            "wer_lm": 0.8,
+            "valid_cer": cer,
+            "best_step": 300,
+            "steps": 600,
+        }
+
+    kept = [row("pretrained", 0, 0.40), row("scratch", 0, 0.50), row("scratch", 0, 0.3, minutes=60.0)]
+    kept += [row("pretrained", 0, 0.1, key="other"), row("scratch", 0, 0.2, architecture="causal")]
+    repeats = [row("pretrained", 1, 0.44), row("pretrained", 2, 0.42), row("scratch", 1, 0.52), row("scratch", 2, 0.54)]
+    assert seed_rows(kept, [], 10.0, "nest") == []  # no repeats: no section
+    seeds = seed_rows(kept, repeats, 10.0, "nest")
+    assert [(r["init"], r["repeat"]) for r in seeds] == [("pretrained", i) for i in range(3)] + [
+        ("scratch", i) for i in range(3)
+    ]
+    assert mean_and_sd([0.40, 0.44, 0.42]) == pytest.approx((0.42, 0.02))
+    changes = seed_changes(seeds)
+    assert changes["cer"] == pytest.approx(0.42 / 0.52 - 1) and changes["wer_lm"] == pytest.approx(0.0)
+    text = "\n".join(seed_lines(seeds, 10.0))
+    assert "| pretrained | 3 | 40.0, 44.0, 42.0 | 42.0 ± 2.0 |" in text
+    assert "| scratch | 3 | 50.0, 52.0, 54.0 | 52.0 ± 2.0 |" in text
+    assert "CER -19%" in text and "the kept runs alone, as in the verdict: CER -20%" in text
 
 
 # Last in the module: it adds rows to the toy's shared report.

@@ -146,7 +146,11 @@ class FinetuneSpec:
       chose beside scratch, or none: a grid-subset-only measurement such as an encoder-size comparison);
     - `patience`: a run stops after that many evaluations (every `eval_steps`, those of the head-only phase not
       counted) without a better validation CER; a subset's `steps` is only the cap. The checkpoint with the best
-      validation CER is the model kept, so the number of steps is chosen on validation too.
+      validation CER is the model kept, so the number of steps is chosen on validation too;
+    - `seeds`: > 1 trains the headline subset's kept runs (the chosen family's whole-model fine-tune and scratch)
+      that many times, with Trainer seeds `seed`, `seed` + 1, ... (the head's initialisation, a scratch model's
+      weights, the batch order and the masks change; the pretrained encoder does not): the report gives each
+      init's mean and spread, so a gain can be told from the noise of one run.
     """
 
     subsets: list[SubsetSpec] = field(default_factory=list)
@@ -164,6 +168,7 @@ class FinetuneSpec:
     spec_augment: bool = True  # False: no masking at all (then `masking` must hold one setting, unused)
     masking: list[MaskingSpec] = field(default_factory=lambda: [MaskingSpec()])
     patience: int | None = None  # evaluations without a better validation CER before stopping (None: never)
+    seeds: int = 1  # > 1: the headline subset's kept runs again with other Trainer seeds (the noise of one run)
     # The subset the verdict, the sample transcripts and the exported models are about (None: the fewest labels);
     # a label-efficiency curve may start below it (1 and 3 minutes under a 10-minute headline).
     headline_minutes: float | None = None
@@ -445,6 +450,8 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
         )
     if f.patience is not None and f.patience < 1:
         raise ExperimentError(f"{where}: finetune.patience={f.patience}: give >= 1 evaluations, or null (no stop)")
+    if f.seeds < 1:
+        raise ExperimentError(f"{where}: finetune.seeds={f.seeds}: give >= 1 (1: each run once, no seed repeats)")
     if f.head_only_steps < 0 or f.eval_steps < 1:
         raise ExperimentError(f"{where}: finetune.head_only_steps must be >= 0 and finetune.eval_steps >= 1")
     for index, subset in enumerate(f.subsets):

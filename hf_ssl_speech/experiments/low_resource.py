@@ -116,6 +116,7 @@ from .report import (
     plot_error_curves,
     plot_pretraining_losses,
     result_rows,
+    seed_rows,
     selection_rows,
     transducer_rows,
     transducer_table,
@@ -698,6 +699,7 @@ class FinetuneRun:
     checkpoint: str  # relative to the experiment folder: the weights (pretrained, probe) or the config (scratch)
     encoder_id: float  # finish time of that pretraining run (a redone pretraining invalidates this run)
     pretrain_fraction: float = 1.0  # < 1: an encoder kept part-way through pretraining (the compute curve)
+    repeat: int = 0  # > 0: a kept run trained again with Trainer seed `seed` + repeat (`finetune.seeds`)
 
     @property
     def objective(self) -> str:
@@ -712,11 +714,13 @@ class FinetuneRun:
         who = self.key if self.init != "scratch" else f"scratch-{self.architecture}"
         mask = self.masking.label if self.masking is not None else "nomask"
         part = f"@{self.pretrain_fraction:g}" if self.pretrain_fraction < 1 else ""
-        return f"{who}{part}__{self.init}__{self.subset}__lr{self.learning_rate:g}__{mask}"
+        again = f"__seed+{self.repeat}" if self.repeat else ""
+        return f"{who}{part}__{self.init}__{self.subset}__lr{self.learning_rate:g}__{mask}{again}"
 
     @property
     def group(self) -> str:
-        """Runs that differ only in learning rate and masking share a group: validation picks one run per group."""
+        """Runs that differ only in learning rate and masking share a group: validation picks one run per group
+        (a seed repeat is in its original's group, but never among the runs validation picks from)."""
         return self.name.rsplit("__lr", 1)[0]
 
 
@@ -818,10 +822,17 @@ def resume_point(run_dir: Path) -> str | None:
 
 
 def trainer_arguments(
-    config: ExperimentConfig, run_dir: Path, steps: int, learning_rate: float, schedule: Mapping[str, Any], resume
+    config: ExperimentConfig,
+    run_dir: Path,
+    steps: int,
+    learning_rate: float,
+    schedule: Mapping[str, Any],
+    resume,
+    seed: int | None = None,
 ) -> TrainingArguments:
     """The `TrainingArguments` of every fine-tuning run (CTC and transducer): validation CER every
-    `finetune.eval_steps` with a checkpoint each time, the best one loaded at the end, resumable."""
+    `finetune.eval_steps` with a checkpoint each time, the best one loaded at the end, resumable. `seed`: the
+    Trainer seed (default the experiment's)."""
     f = config.finetune
     eval_steps = min(f.eval_steps, steps)
     return TrainingArguments(
@@ -844,7 +855,7 @@ def trainer_arguments(
         metric_for_best_model="cer",
         greater_is_better=False,
         logging_steps=f.logging_steps,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
         report_to="none",
         disable_tqdm=not f.progress,
         # Features (decode, log-mel, SpecAugment) are made in loader workers, overlapping the step.
@@ -884,8 +895,11 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
     f = config.finetune
     folder = out / "finetune" / run.name
     schedule = schedule_arguments(f, run.steps)
+    identity = dataclasses.asdict(run)
+    if not run.repeat:
+        del identity["repeat"]  # so the runs finished before seed repeats existed are still found finished
     settings = {
-        **dataclasses.asdict(run),
+        **identity,
         "batch_size": f.batch_size,
         "schedule": schedule,
         "weight_decay": f.weight_decay,
@@ -894,7 +908,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "patience": f.patience,
         "eval_steps": f.eval_steps,
         "valid_utterances": f.valid_utterances,
-        "seed": config.seed,
+        "seed": config.seed + run.repeat,
     }
     done = unit_done(folder, settings)
     if done is not None:
@@ -918,7 +932,9 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         layer_decay=settings["layer_decay"],
         early_stopping_patience=f.patience,
     )
-    training_args = trainer_arguments(config, run_dir, run.steps, run.learning_rate, schedule, resume)
+    training_args = trainer_arguments(
+        config, run_dir, run.steps, run.learning_rate, schedule, resume, seed=settings["seed"]
+    )
     # One character set for every run: the labeled pool's. A 10-minute subset may miss a rare letter; that
     # would be an alphabet gap, not a measure of how well an encoder learns from few labels.
     result = run_ctc(
@@ -1010,17 +1026,36 @@ def plan_later_runs(
     return later
 
 
+def headline_subset(spec: FinetuneSpec) -> float:
+    """The minutes of labels the verdict is about: `finetune.headline_minutes`, else the fewest."""
+    return spec.headline_minutes if spec.headline_minutes is not None else min(s.minutes for s in spec.subsets)
+
+
+def plan_seed_repeats(config: ExperimentConfig, kept: Sequence[FinetuneRun], best: str | None) -> list[FinetuneRun]:
+    """Phase 4 of `stage_finetune`: the headline subset's kept runs of the verdict (the best pretraining run's
+    whole-model fine-tune on its finished encoder, and the scratch run of its architecture) again with
+    `finetune.seeds` - 1 other seeds."""
+    headline = [run for run in kept if run.minutes == headline_subset(config.finetune) and run.pretrain_fraction == 1]
+    ours = next((run for run in headline if run.init == "pretrained" and run.key == best), None)
+    if ours is None:
+        return []
+    verdict = [ours, *(run for run in headline if run.init == "scratch" and run.architecture == ours.architecture)]
+    return [dataclasses.replace(run, repeat=i) for i in range(1, config.finetune.seeds) for run in verdict]
+
+
 def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str, Any]) -> dict[str, Any]:
-    """Three phases, each a set of independent runs (`parallel_runs` at once):
+    """Four phases, each a set of independent runs (`parallel_runs` at once):
 
     1. the grid subset (`grid_subset`) runs every (learning rate, masking) pair for every (pretraining run, init);
        validation CER picks one pair per (run, init) and the best pretraining run (`best_pretrained_key`);
     2. the other subsets reuse those pairs: every run and init (`finetune.curve_runs: all`), only the best
        pretraining run's whole-model fine-tune beside scratch (`best`: the label-efficiency curve), or none;
     3. the compute curve: the best run's encoders kept part-way (`pretrain.curve_fractions`), fine-tuned on the
-       grid subset with its chosen pair.
+       grid subset with its chosen pair;
+    4. seed repeats (`finetune.seeds` > 1, `plan_seed_repeats`) of the headline subset's kept runs.
 
-    Every run is kept in `runs`; `chosen` names the one per group that goes on to test.
+    Every run of phases 1-3 is kept in `runs`; `chosen` names the one per group that goes on to test. The seed
+    repeats are in `repeats` (all go on to test): they measure noise and take no part in any choice.
     """
     f = config.finetune
     alphabet_texts = [r["text"] for r in read_manifest(out / "corpus" / "finetune.jsonl")]
@@ -1038,9 +1073,18 @@ def stage_finetune(config: ExperimentConfig, out: Path, pretrained: Mapping[str,
     picks = list(choose_by_validation(results).values())
     best = best_pretrained_key(results, picks)
 
-    results.update(train(plan_later_runs(config, pretrained, [by_name[n] for n in picks], best)))
+    later = plan_later_runs(config, pretrained, [by_name[n] for n in picks], best)
+    results.update(train(later))
+    by_name.update({run.name: run for run in later})
     kept = sorted(choose_by_validation(results).values())
-    return {"runs": results, "chosen": kept, "best_pretrained": best, "grid_minutes": first.minutes}
+    repeats = train(plan_seed_repeats(config, [by_name[n] for n in kept], best))
+    return {
+        "runs": results,
+        "chosen": kept,
+        "best_pretrained": best,
+        "grid_minutes": first.minutes,
+        "repeats": repeats,
+    }
 
 
 # ============================================================================================ 4. evaluate
@@ -1132,11 +1176,12 @@ def evaluate_one(config: ExperimentConfig, out: Path, name: str, info: Mapping[s
 
 
 def stage_evaluate(config: ExperimentConfig, out: Path, finetuned: Mapping[str, Any]) -> dict[str, Any]:
-    """Score the runs validation chose (one per group), never the others, on test: greedy and with the LM
-    (`parallel_runs` at once)."""
+    """Score the runs validation chose (one per group) and their seed repeats, never the others, on test: greedy
+    and with the LM (`parallel_runs` at once)."""
     lm_path = build_lm(config, out)
-    names = list(finetuned["chosen"])
-    calls = [(config, out, name, finetuned["runs"][name], lm_path) for name in names]
+    runs = {**finetuned["runs"], **finetuned.get("repeats", {})}
+    names = [*finetuned["chosen"], *finetuned.get("repeats", {})]
+    calls = [(config, out, name, runs[name], lm_path) for name in names]
     return {"scores": dict(zip(names, run_in_parallel(evaluate_one, calls, config.parallel_runs)))}
 
 
@@ -1283,6 +1328,8 @@ def stage_report(
     ctc_rows = result_rows(pretrained, chosen, results["evaluate"]["scores"])
     rows = full_pretraining(ctc_rows)  # CTC from finished encoders: the tables, verdict, plots and exports
     best = finetuned.get("best_pretrained")
+    repeat_rows = result_rows(pretrained, finetuned.get("repeats", {}), results["evaluate"]["scores"])
+    seeds = seed_rows(rows, repeat_rows, headline_subset(config.finetune), best)
     curve, curve_scratch = compute_curve(ctc_rows, best, finetuned.get("grid_minutes"))
     transducer = results.get("transducer") or {}
     all_rows = ctc_rows + transducer_rows(pretrained, transducer)
@@ -1313,6 +1360,7 @@ def stage_report(
             for r in ([curve_scratch] if curve_scratch else []) + curve
         ],
         "kws": probes.get("kws", []),
+        "seeds": seeds,  # the verdict's runs and their seed repeats (`finetune.seeds`)
         "models": models,
     }
     (results_dir / "low_resource.json").write_text(json.dumps(_json_ready(document), indent=2) + "\n")
@@ -1331,6 +1379,7 @@ def stage_report(
         transducer=transducer_table(all_rows, transducer.get("predictor")),
         curves=label_efficiency_lines(rows, best) + compute_curve_lines(curve, curve_scratch, pretrained),
         kws=kws_lines(probes.get("kws", []), probes.get("kws_encoder")),
+        seeds=seeds,
     )
     (results_dir / "low_resource.md").write_text(markdown + "\n")
     plot_error_curves(rows, pretrained, results_dir / "wer_vs_labeled_minutes.png", "wer")
@@ -1361,7 +1410,8 @@ def compute_wall_s(results: Mapping[str, Any], processes: int = 1) -> float:
     processes at once took for them), or the stage's time if that is larger (runs waiting on each other)."""
     total = results["corpus"]["stage_wall_s"] + results["evaluate"]["stage_wall_s"]
     total += results.get("probes", {}).get("stage_wall_s", 0.0)
-    for stage, runs in (("pretrain", results["pretrain"]["families"]), ("finetune", results["finetune"]["runs"])):
+    finetune_runs = {**results["finetune"]["runs"], **results["finetune"].get("repeats", {})}
+    for stage, runs in (("pretrain", results["pretrain"]["families"]), ("finetune", finetune_runs)):
         summed = sum(info["wall_s"] for info in runs.values())
         total += max(results[stage].get("stage_wall_s", 0.0), summed / max(processes, 1))
     return total
@@ -1396,6 +1446,8 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
                 k: v
                 for k, v in dataclasses.asdict(config.finetune).items()
                 if k not in ("progress", "logging_steps", "save_steps", "headline_minutes")  # the last: report only
+                # absent when 1, so experiments finished before the option existed are not "other settings"
+                and not (k == "seeds" and v == 1)
             }
         }
     if stage == "evaluate":

@@ -59,6 +59,7 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
                 "audio_seconds_per_s": run.get("audio_seconds_per_s"),
                 "flop_utilisation": run.get("flop_utilisation"),
                 "run": name,
+                "repeat": int(run.get("repeat", 0)),  # > 0: a seed repeat (`finetune.seeds`), not a kept choice
                 "model": run["model"],
                 "train_utterances": run["train_utterances"],
                 "trainable_params": run["trainable_params"],
@@ -306,6 +307,7 @@ def markdown_report(
     transducer: Sequence[str] = (),
     curves: Sequence[str] = (),
     kws: Sequence[str] = (),
+    seeds: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """low_resource.md: scale, the command, the machine, the corpus, the pretraining budget, the verdict per arm,
     the result tables (greedy and LM), the validation choices, the probes and the exported models."""
@@ -314,6 +316,15 @@ def markdown_report(
         lines += [config.description.strip(), ""]
     headline = config.finetune.headline_minutes
     lines += _verdict(rows, pretrained, headline)
+    changes = seed_changes(seeds)
+    if changes:
+        count = min(sum(r["init"] == init for r in seeds) for init in ("pretrained", "scratch"))
+        lines += [
+            f"- **over {count} fine-tuning seeds** (the same two runs again, other seeds; change of the means): "
+            + ", ".join(f"{_METRIC_NAMES[m]} {100 * c:+.0f}%" for m, c in changes.items())
+            + " (see 'Fine-tuning seed noise').",
+            "",
+        ]
     lines += [*stopping_lines(rows), ""] if rows else []
     if probes:
         lines += [_probe_verdict(probes), ""]
@@ -404,6 +415,7 @@ def markdown_report(
         "![WER vs labeled minutes](wer_vs_labeled_minutes.png)",
         "",
         *curves,
+        *seed_lines(seeds, headline if headline is not None else min(r["labeled_minutes"] for r in rows)),
         "### Every kept run",
         "",
         "| run | arm | init | labeled | CER | WER | CER LM | WER LM | valid CER | lr | best step / steps | "
@@ -842,6 +854,98 @@ def plot_compute_curve(curve: Sequence[Mapping[str, Any]], scratch: Mapping[str,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def seed_rows(
+    rows: Sequence[Mapping[str, Any]], repeats: Sequence[Mapping[str, Any]], minutes: float, key: str | None
+) -> list[dict[str, Any]]:
+    """The verdict's runs on `minutes` of labels (pretraining run `key` whole-model fine-tuned, and scratch of its
+    architecture) and their seed repeats: per run, `init`, `repeat` (0: the run validation kept) and the test and
+    validation figures; empty when there are no repeats."""
+    ours = [r for r in rows if r["init"] == "pretrained" and r["key"] == key and r["labeled_minutes"] == minutes]
+    architecture = ours[0]["architecture"] if ours else None
+
+    def verdict_run(row: Mapping[str, Any]) -> bool:
+        return (
+            row["labeled_minutes"] == minutes
+            and row.get("head", "ctc") == "ctc"
+            and row["architecture"] == architecture
+            and (row["init"] == "scratch" or (row["init"] == "pretrained" and row["key"] == key))
+            and row["pretrain_fraction"] in (0.0, 1.0)
+        )
+
+    fields = ("run", "init", "key", "repeat", "cer", "cer_lm", "wer_lm", "valid_cer", "best_step", "steps")
+    picked = [r for r in rows if verdict_run(r)] + [r for r in repeats if verdict_run(r)]
+    if not any(r.get("repeat", 0) for r in picked):
+        return []
+    return [{k: r.get(k) for k in fields} for r in sorted(picked, key=lambda r: (r["init"], r.get("repeat", 0)))]
+
+
+def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+_METRIC_NAMES = {"cer": "CER", "wer": "WER", "cer_lm": "CER with LM", "wer_lm": "WER with LM"}
+
+
+def seed_changes(seeds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Relative change of the mean over seeds, pretrained against scratch, per metric (empty without both)."""
+    changes = {}
+    for metric in ("cer", "cer_lm", "wer_lm"):
+        means = {}
+        for init in ("pretrained", "scratch"):
+            values = [r[metric] for r in seeds if r["init"] == init and r[metric] is not None]
+            if values:
+                means[init] = mean_and_sd(values)[0]
+        if len(means) == 2 and means["scratch"] > 0:
+            changes[metric] = (means["pretrained"] - means["scratch"]) / means["scratch"]
+    return changes
+
+
+def seed_lines(seeds: Sequence[Mapping[str, Any]], minutes: float) -> list[str]:
+    """The 'seed noise' section: per init, the figures of every seed, their mean and standard deviation, and the
+    change of the means; the spread says how large a change one run can show by chance."""
+    if not seeds:
+        return []
+    lines = [
+        f"## Fine-tuning seed noise ({_minutes_label(minutes)} of labels)",
+        "",
+        "The verdict's two runs trained again with other Trainer seeds (`finetune.seeds`: the CTC head's "
+        "initialisation, a scratch model's weights, the batch order and the masks change; the pretrained encoder, "
+        "the learning rate and the masking validation chose do not). Test figures in %, mean ± standard deviation "
+        "over the seeds; each seed keeps its own best checkpoint on validation.",
+        "",
+        "| init | seeds | CER per seed | CER | CER LM | WER LM | valid CER | best step / steps per seed |",
+        "|" + "---|" * 8,
+    ]
+    for init in ("pretrained", "scratch"):
+        runs = [r for r in seeds if r["init"] == init]
+        if not runs:
+            continue
+        cells = [init, str(len(runs)), ", ".join(_pct(r["cer"]) for r in runs)]
+        for metric in ("cer", "cer_lm", "wer_lm", "valid_cer"):
+            values = [r[metric] for r in runs if r[metric] is not None]
+            mean, sd = mean_and_sd(values) if values else (float("nan"), float("nan"))
+            cells.append(f"{_pct(mean)} ± {_pct(sd)}")
+        cells.append(", ".join(f"{r['best_step']} / {r['steps']}" for r in runs))
+        lines.append("| " + " | ".join(cells) + " |")
+    changes = seed_changes(seeds)
+    kept = {init: next((r for r in seeds if r["init"] == init and not r["repeat"]), None) for init in INITS}
+    if changes and kept["pretrained"] and kept["scratch"]:
+        single = {m: relative_change(kept["pretrained"], kept["scratch"], m) for m in changes}
+        lines += [
+            "",
+            "- Change of the means, pretrained vs scratch: "
+            + ", ".join(f"{_METRIC_NAMES[m]} {100 * c:+.0f}%" for m, c in changes.items())
+            + " (the kept runs alone, as in the verdict: "
+            + ", ".join(f"{_METRIC_NAMES[m]} {100 * c:+.0f}%" for m, c in single.items() if c is not None)
+            + ").",
+        ]
+    return lines + [""]
 
 
 def label_efficiency_lines(rows: Sequence[Mapping[str, Any]], key: str | None) -> list[str]:
