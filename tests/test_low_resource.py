@@ -954,7 +954,7 @@ def test_seed_repeats_redo_the_verdicts_two_runs_with_other_seeds_and_nothing_el
 
 
 def test_seed_section_gives_mean_and_spread_and_the_change_of_the_means():
-    from hf_ssl_speech.experiments.report import mean_and_sd, seed_changes, seed_lines, seed_rows
+    from hf_ssl_speech.experiments.report import mean_and_sd, seed_changes, seed_difference, seed_lines, seed_rows
 
     def row(init, repeat, cer, key="nest", minutes=10.0, architecture="non-causal"):
         return {
@@ -988,6 +988,15 @@ def test_seed_section_gives_mean_and_spread_and_the_change_of_the_means():
     assert "| pretrained | 3 | 40.0, 44.0, 42.0 | 42.0 ± 2.0 |" in text
     assert "| scratch | 3 | 50.0, 52.0, 54.0 | 52.0 ± 2.0 |" in text
     assert "CER -19%" in text and "the kept runs alone, as in the verdict: CER -20%" in text
+    # Welch's standard error of the difference of the means: sqrt(0.02^2 / 3 + 0.02^2 / 3) = 1.6 points.
+    assert seed_difference(seeds, "cer") == pytest.approx((-0.10, 0.02 * math.sqrt(2 / 3)))
+    assert "- CER: the means differ by -10.0 points, standard error of the difference 1.6 points: beyond" in text
+    assert "- WER with LM: the means differ by +0.0 points, standard error of the difference 0.0 points: within" in text
+    close = [dict(r, cer=r["cer"] - (0.09 if r["init"] == "scratch" else 0.0)) for r in seeds]  # 1 point apart
+    assert "- CER: the means differ by -1.0 points, standard error of the difference 1.6 points: within" in "\n".join(
+        seed_lines(close, 10.0)
+    )
+    assert seed_difference(seeds[:4], "cer") is None  # one scratch seed: no spread to compare with
 
 
 # Last in the module: it adds rows to the toy's shared report.

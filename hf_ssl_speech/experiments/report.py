@@ -906,6 +906,20 @@ def seed_changes(seeds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return changes
 
 
+def seed_difference(seeds: Sequence[Mapping[str, Any]], metric: str) -> tuple[float, float] | None:
+    """Pretrained mean minus scratch mean of `metric` over the seeds, and the standard error of that difference
+    (sqrt(sd_p^2 / n_p + sd_s^2 / n_s), Welch's); None without two seeds of each init."""
+    stats = {}
+    for init in ("pretrained", "scratch"):
+        values = [r[metric] for r in seeds if r["init"] == init and r[metric] is not None]
+        if len(values) < 2:
+            return None
+        mean, sd = mean_and_sd(values)
+        stats[init] = (mean, sd * sd / len(values))
+    difference = stats["pretrained"][0] - stats["scratch"][0]
+    return difference, math.sqrt(stats["pretrained"][1] + stats["scratch"][1])
+
+
 def seed_lines(seeds: Sequence[Mapping[str, Any]], minutes: float) -> list[str]:
     """The 'seed noise' section: per init, the figures of every seed, their mean and standard deviation, and the
     change of the means; the spread says how large a change one run can show by chance."""
@@ -945,6 +959,19 @@ def seed_lines(seeds: Sequence[Mapping[str, Any]], minutes: float) -> list[str]:
             + ", ".join(f"{_METRIC_NAMES[m]} {100 * c:+.0f}%" for m, c in single.items() if c is not None)
             + ").",
         ]
+    for metric in ("cer", "cer_lm", "wer_lm"):
+        measured = seed_difference(seeds, metric)
+        if measured is None:
+            continue
+        difference, error = measured
+        # Two standard errors: a rough line with few seeds (a t-test at 2 degrees of freedom would ask ~4.3).
+        beyond = abs(difference) > 2 * error
+        lines.append(
+            f"- {_METRIC_NAMES[metric]}: the means differ by {100 * difference:+.1f} points, standard error of the "
+            f"difference {100 * error:.1f} points: "
+            + ("beyond" if beyond else "within")
+            + " two standard errors of the seed noise."
+        )
     return lines + [""]
 
 
