@@ -851,6 +851,12 @@ def test_report_flags_a_kept_run_whose_best_step_is_its_last_evaluation():
     assert "WARNING: 1 of 2 kept fine-tuning runs chose their LAST evaluated step" in line
     assert "scratch__scratch__labeled_10min (2000 / 2000)" in line and "nest__" not in line
     assert "no kept fine-tuning run chose its last evaluated step" in stopping_lines([stopped])[0]
+    # Seed repeats are named too: one that needed its whole cap says the cap is tight for that subset.
+    repeat = {**capped, "run": "scratch__scratch__labeled_10min__seed+1"}
+    (line,) = stopping_lines([stopped], [repeat, {**stopped, "run": "nest__seed+1"}])
+    assert line.startswith("- **stopping**: no kept fine-tuning run chose its last evaluated step")
+    assert line.endswith("Seed repeats: 1 of 2 chose their last evaluated step: " + repeat["run"] + " (2000 / 2000).")
+    assert stopping_lines([stopped], [stopped])[0].endswith("Seed repeats: 0 of 1 chose their last evaluated step.")
     row = {key: (0.1 if kind is float else kind()) for key, kind in ROW_KEYS.items()}
     row.update(arm="standard", init="pretrained", head="ctc", steps=10, best_step=12, stopped_early=False)
     with pytest.raises(ExperimentError, match="best_step=12 outside"):

@@ -231,22 +231,33 @@ def best_at_last_evaluation(row: Mapping[str, Any]) -> bool:
     return row.get("best_step") is not None and row["best_step"] >= (row["steps"] if last is None else last)
 
 
-def stopping_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The check that training ran long enough, in plain words: which kept runs chose their last evaluation."""
+def stopping_lines(rows: Sequence[Mapping[str, Any]], repeats: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """The check that training ran long enough, in plain words: which kept runs (and which seed repeats of them)
+    chose their last evaluation."""
     still = [r for r in rows if best_at_last_evaluation(r)]
     if not rows:
         return []
     if not still:
-        return [
+        line = (
             f"- **stopping**: no kept fine-tuning run chose its last evaluated step (all {len(rows)} had stopped "
             "improving on validation before they ended; best step / steps in the tables below)."
-        ]
-    names = ", ".join(f"{r['run']} ({r['best_step']} / {r['steps']})" for r in still)
-    return [
-        f"- **stopping**: WARNING: {len(still)} of {len(rows)} kept fine-tuning runs chose their LAST evaluated "
-        f"step: still improving when their step cap ended them, so their error rates are not converged (raise "
-        f"finetune.subsets[].steps): {names}."
-    ]
+        )
+    else:
+        names = ", ".join(f"{r['run']} ({r['best_step']} / {r['steps']})" for r in still)
+        line = (
+            f"- **stopping**: WARNING: {len(still)} of {len(rows)} kept fine-tuning runs chose their LAST evaluated "
+            f"step: still improving when their step cap ended them, so their error rates are not converged (raise "
+            f"finetune.subsets[].steps): {names}."
+        )
+    # A seed repeat that needed more steps says the cap is tight even where the kept run stopped in time.
+    late = [r for r in repeats if best_at_last_evaluation(r)]
+    if repeats:
+        line += (
+            f" Seed repeats: {len(late)} of {len(repeats)} chose their last evaluated step"
+            + (": " + ", ".join(f"{r['run']} ({r['best_step']} / {r['steps']})" for r in late) if late else "")
+            + "."
+        )
+    return [line]
 
 
 def _pct(value: float | None) -> str:
@@ -325,7 +336,7 @@ def markdown_report(
             + " (see 'Fine-tuning seed noise').",
             "",
         ]
-    lines += [*stopping_lines(rows), ""] if rows else []
+    lines += [*stopping_lines(rows, [r for r in seeds if r["repeat"]]), ""] if rows else []
     if probes:
         lines += [_probe_verdict(probes), ""]
     subsets = corpus["subsets"]
@@ -353,7 +364,7 @@ def markdown_report(
         f"- LM: a {config.evaluate.lm_order}-gram word LM (irstlm) on {corpus['lm_sentences']} grammar sentences, "
         f"none of which occurs in a validation or test utterance ({corpus['lm_sentences_dropped']} dropped); "
         "beam search with pyctcdecode, its weights chosen on validation for each model.",
-        f"- Pretraining: {len(pretrained)} encoders, {config.pretrain.max_steps} steps each, the same model size "
+        f"- Pretraining: {len(pretrained)} encoder{'s' if len(pretrained) != 1 else ''}, {config.pretrain.max_steps} steps each, the same model size "
         "and batch seconds for every objective and arm"
         + (
             f"; encoders also kept at {', '.join(f'{f:g}' for f in config.pretrain.curve_fractions)} of the run "
@@ -875,6 +886,7 @@ def seed_rows(
         )
 
     fields = ("run", "init", "key", "repeat", "cer", "cer_lm", "wer_lm", "valid_cer", "best_step", "steps")
+    fields = (*fields, "last_eval_step")
     picked = [r for r in rows if verdict_run(r)] + [r for r in repeats if verdict_run(r)]
     if not any(r.get("repeat", 0) for r in picked):
         return []
