@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_ssl_speech.experiments.config import ARMS, INITS, ROW_KEYS
+from hf_ssl_speech.experiments.config import ARMS, INITS, ROW_KEYS, validate_config
 from hf_ssl_speech.experiments.kws import KWS_INITS
 from hf_ssl_speech.experiments.low_resource import (
     ExperimentError,
@@ -535,8 +535,6 @@ def _with_finetune(config, **changes):
     ],
 )
 def test_learning_rate_grids_span_a_decade_and_pretrained_reaches_10x_below_scratch(grids, match):
-    from hf_ssl_speech.experiments.config import validate_config
-
     config = load_experiment_config(TOY)
     rates = {**config.finetune.learning_rates, **grids}
     with pytest.raises(ExperimentError, match=match):
@@ -567,7 +565,6 @@ def test_protocol_settings_are_validated():
 
 
 def test_compute_curve_grid_subset_and_parallel_settings_are_validated():
-    from hf_ssl_speech.experiments.config import validate_config
 
     config = load_experiment_config(TOY)
     cases = [
@@ -735,6 +732,14 @@ def test_later_runs_follow_curve_runs_and_add_the_compute_curve_of_the_chosen_fa
         # the compute curve: the chosen family's part-way encoder on the grid subset with its chosen pair
         assert [(r.key, r.minutes, r.checkpoint) for r in curve] == [("dinosr", 10, "pretrain/dinosr/half/model")]
     assert plan_later_runs(_with_finetune(config, curve_runs="none"), pretrained, picks, None) == []
+    # curve_minutes: the curve on 30 minutes only, the subsets (and so the nested draw) unchanged
+    later = plan_later_runs(_with_finetune(config, curve_runs="best", curve_minutes=[30]), pretrained, picks, "dinosr")
+    assert sorted((r.init, r.minutes) for r in later if r.pretrain_fraction == 1) == [
+        ("pretrained", 30),
+        ("scratch", 30),
+    ]
+    with pytest.raises(ExperimentError, match=r"finetune\.curve_minutes=\[20\]: each must be a subset's minutes"):
+        validate_config(_with_finetune(config, curve_minutes=[20]))
 
 
 def test_compute_curve_extrapolates_the_steps_for_the_target_and_says_when_it_cannot():
@@ -946,7 +951,6 @@ def test_seed_repeats_redo_the_verdicts_two_runs_with_other_seeds_and_nothing_el
     # seeds: 1 is not a setting of the stage (experiments finished before the option existed stay valid)
     assert "seeds" not in _stage_settings(_with_finetune(config, seeds=1), "finetune")["finetune"]
     assert _stage_settings(config, "finetune")["finetune"]["seeds"] == 3
-    from hf_ssl_speech.experiments.config import validate_config
 
     with pytest.raises(ExperimentError, match=r"finetune.seeds=0: give >= 1"):
         validate_config(_with_finetune(config, seeds=0), "low_resource.yaml")

@@ -177,6 +177,9 @@ class FinetuneSpec:
     # pretraining run validation chose on the grid subset, whole-model fine-tuned, beside scratch) or "none" (only
     # the grid subset and the compute curve run)
     curve_runs: str = "all"
+    # The other subsets the curve runs on (None: all of them); the subsets list still draws every nested subset,
+    # so leaving one out here changes no other subset's utterances.
+    curve_minutes: list[float] | None = None
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
     eval_steps: int = 100  # validation CER every N steps; the best checkpoint is the model kept
@@ -330,6 +333,10 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
         raise ExperimentError(f"{where}: finetune.subsets steps must be >= 1")
     if f.grid_minutes is not None and f.grid_minutes not in minutes:
         raise ExperimentError(f"{where}: finetune.grid_minutes={f.grid_minutes} is not a subset's minutes {minutes}")
+    if f.curve_minutes is not None and any(m not in minutes for m in f.curve_minutes):
+        raise ExperimentError(
+            f"{where}: finetune.curve_minutes={f.curve_minutes}: each must be a subset's minutes {minutes}"
+        )
     if f.curve_runs not in ("all", "best", "none"):
         raise ExperimentError(f"{where}: finetune.curve_runs={f.curve_runs!r}: choose 'all', 'best' or 'none'")
     bad = [i for i in f.inits if i not in INITS]

@@ -1007,13 +1007,15 @@ def plan_later_runs(
     config: ExperimentConfig, pretrained: Mapping[str, Any], picks: Sequence[FinetuneRun], best: str | None
 ) -> list[FinetuneRun]:
     """Phases 2 and 3 of `stage_finetune`: the other subsets with the pairs validation kept on the grid subset
-    (`picks`, one run per group), per `finetune.curve_runs`, then the best pretraining run's part-way encoders."""
+    (`picks`, one run per group), per `finetune.curve_runs` (on `finetune.curve_minutes`), then the best pretraining run's part-way encoders."""
     f = config.finetune
     first = grid_subset(f)
     chosen = {(run.key, run.init): (run.learning_rate, run.masking) for run in picks}
     later: list[FinetuneRun] = []
     for subset in f.subsets:
         if subset is first or f.curve_runs == "none":
+            continue
+        if f.curve_minutes is not None and subset.minutes not in f.curve_minutes:
             continue
         if f.curve_runs == "all" or best is None:
             later += plan_finetune_runs(config, pretrained, subset, chosen)
@@ -1448,6 +1450,7 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
                 if k not in ("progress", "logging_steps", "save_steps", "headline_minutes")  # the last: report only
                 # absent when 1, so experiments finished before the option existed are not "other settings"
                 and not (k == "seeds" and v == 1)
+                and not (k == "curve_minutes" and v is None)
             }
         }
     if stage == "evaluate":
