@@ -565,7 +565,6 @@ def test_protocol_settings_are_validated():
 
 
 def test_compute_curve_grid_subset_and_parallel_settings_are_validated():
-
     config = load_experiment_config(TOY)
     cases = [
         (_with_finetune(config, grid_minutes=5.0), r"finetune\.grid_minutes=5\.0 is not a subset's minutes"),

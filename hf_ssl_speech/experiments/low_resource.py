@@ -1007,7 +1007,8 @@ def plan_later_runs(
     config: ExperimentConfig, pretrained: Mapping[str, Any], picks: Sequence[FinetuneRun], best: str | None
 ) -> list[FinetuneRun]:
     """Phases 2 and 3 of `stage_finetune`: the other subsets with the pairs validation kept on the grid subset
-    (`picks`, one run per group), per `finetune.curve_runs` (on `finetune.curve_minutes`), then the best pretraining run's part-way encoders."""
+    (`picks`, one run per group), per `finetune.curve_runs` (on `finetune.curve_minutes`), then the best
+    pretraining run's part-way encoders."""
     f = config.finetune
     first = grid_subset(f)
     chosen = {(run.key, run.init): (run.learning_rate, run.masking) for run in picks}
@@ -1429,6 +1430,11 @@ class ExperimentResult:
     wall_s: float
 
 
+# Fine-tuning options added after experiments had been run, with the value that means "as before": at that value
+# they are left out of the stage's settings, so the experiments finished earlier are not "other settings".
+_ADDED_LATER: dict[str, Any] = {"seeds": 1, "curve_minutes": None}
+
+
 def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     """The settings a stage's output depends on (a changed setting means the marker no longer applies)."""
     if stage == "corpus":
@@ -1448,9 +1454,7 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
                 k: v
                 for k, v in dataclasses.asdict(config.finetune).items()
                 if k not in ("progress", "logging_steps", "save_steps", "headline_minutes")  # the last: report only
-                # absent when 1, so experiments finished before the option existed are not "other settings"
-                and not (k == "seeds" and v == 1)
-                and not (k == "curve_minutes" and v is None)
+                and not (k in _ADDED_LATER and v == _ADDED_LATER[k])
             }
         }
     if stage == "evaluate":

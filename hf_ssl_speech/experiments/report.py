@@ -231,6 +231,10 @@ def best_at_last_evaluation(row: Mapping[str, Any]) -> bool:
     return row.get("best_step") is not None and row["best_step"] >= (row["steps"] if last is None else last)
 
 
+def _run_and_steps(row: Mapping[str, Any]) -> str:
+    return f"{row['run']} ({row['best_step']} / {row['steps']})"
+
+
 def stopping_lines(rows: Sequence[Mapping[str, Any]], repeats: Sequence[Mapping[str, Any]] = ()) -> list[str]:
     """The check that training ran long enough, in plain words: which kept runs (and which seed repeats of them)
     chose their last evaluation."""
@@ -243,7 +247,7 @@ def stopping_lines(rows: Sequence[Mapping[str, Any]], repeats: Sequence[Mapping[
             "improving on validation before they ended; best step / steps in the tables below)."
         )
     else:
-        names = ", ".join(f"{r['run']} ({r['best_step']} / {r['steps']})" for r in still)
+        names = ", ".join(_run_and_steps(r) for r in still)
         line = (
             f"- **stopping**: WARNING: {len(still)} of {len(rows)} kept fine-tuning runs chose their LAST evaluated "
             f"step: still improving when their step cap ended them, so their error rates are not converged (raise "
@@ -254,7 +258,7 @@ def stopping_lines(rows: Sequence[Mapping[str, Any]], repeats: Sequence[Mapping[
     if repeats:
         line += (
             f" Seed repeats: {len(late)} of {len(repeats)} chose their last evaluated step"
-            + (": " + ", ".join(f"{r['run']} ({r['best_step']} / {r['steps']})" for r in late) if late else "")
+            + (": " + ", ".join(_run_and_steps(r) for r in late) if late else "")
             + "."
         )
     return [line]
@@ -904,13 +908,18 @@ def mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
 _METRIC_NAMES = {"cer": "CER", "wer": "WER", "cer_lm": "CER with LM", "wer_lm": "WER with LM"}
 
 
+def _seed_values(seeds: Sequence[Mapping[str, Any]], init: str, metric: str) -> list[float]:
+    """`metric` of every seed of `init` that has it."""
+    return [r[metric] for r in seeds if r["init"] == init and r[metric] is not None]
+
+
 def seed_changes(seeds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Relative change of the mean over seeds, pretrained against scratch, per metric (empty without both)."""
     changes = {}
     for metric in ("cer", "cer_lm", "wer_lm"):
         means = {}
         for init in ("pretrained", "scratch"):
-            values = [r[metric] for r in seeds if r["init"] == init and r[metric] is not None]
+            values = _seed_values(seeds, init, metric)
             if values:
                 means[init] = mean_and_sd(values)[0]
         if len(means) == 2 and means["scratch"] > 0:
@@ -923,7 +932,7 @@ def seed_difference(seeds: Sequence[Mapping[str, Any]], metric: str) -> tuple[fl
     (sqrt(sd_p^2 / n_p + sd_s^2 / n_s), Welch's); None without two seeds of each init."""
     stats = {}
     for init in ("pretrained", "scratch"):
-        values = [r[metric] for r in seeds if r["init"] == init and r[metric] is not None]
+        values = _seed_values(seeds, init, metric)
         if len(values) < 2:
             return None
         mean, sd = mean_and_sd(values)
@@ -954,7 +963,7 @@ def seed_lines(seeds: Sequence[Mapping[str, Any]], minutes: float) -> list[str]:
             continue
         cells = [init, str(len(runs)), ", ".join(_pct(r["cer"]) for r in runs)]
         for metric in ("cer", "cer_lm", "wer_lm", "valid_cer"):
-            values = [r[metric] for r in runs if r[metric] is not None]
+            values = _seed_values(runs, init, metric)
             mean, sd = mean_and_sd(values) if values else (float("nan"), float("nan"))
             cells.append(f"{_pct(mean)} ± {_pct(sd)}")
         cells.append(", ".join(f"{r['best_step']} / {r['steps']}" for r in runs))
