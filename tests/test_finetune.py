@@ -609,9 +609,11 @@ def test_early_stopping_on_wer_stops_the_run(tmp_path):
         load_script("finetune_ctc").main(argv)
 
 
-def test_early_stopping_does_not_count_the_head_only_phase(tmp_path):
+@pytest.mark.parametrize(("extra", "stop_step"), [([], 6), (["early_stopping_start_step=6"], 8)])
+def test_early_stopping_does_not_count_the_head_only_phase(tmp_path, extra, stop_step):
     """With freeze_encoder_steps=4, the evaluations at steps 2 and 4 (head only) do not count towards the
-    patience: a constant WER (learning_rate 0) stops the run at the first evaluation after it, step 6."""
+    patience: a constant WER (learning_rate 0) stops the run at the first evaluation after it, step 6; with
+    early_stopping_start_step=6 the one at step 6 does not count either, and the run stops at step 8."""
     manifest = write_tone_corpus(tmp_path / "data", count=4, seed=5)
     argv = [
         *tiny_scratch_args(),
@@ -639,12 +641,13 @@ def test_early_stopping_does_not_count_the_head_only_phase(tmp_path):
         "--load_best_model_at_end",
         "early_stopping_patience=1",
         "freeze_encoder_steps=4",
+        *extra,
         "--disable_tqdm",
         "true",
     ]
     result = load_script("finetune_ctc").main(argv)
-    assert result.summary["steps"] == 6
-    assert result.summary["early_stopped"].startswith("early stopping at step 6 of 50")
+    assert result.summary["steps"] == stop_step
+    assert result.summary["early_stopped"].startswith(f"early stopping at step {stop_step} of 50")
 
 
 def test_a_fresh_run_takes_an_empty_or_missing_folder_and_resume_continues(tmp_path):

@@ -554,6 +554,8 @@ def test_protocol_settings_are_validated():
         ({"head_only_steps": 3, "patience": None}, r"subsets\[0\]\.steps=3 <= finetune\.head_only_steps=3"),
         ({"patience": 2}, r"subsets\[0\]\.steps=3 leaves no room to stop early"),
         ({"patience": 0}, r"finetune\.patience=0"),
+        ({"patience_start": 1.0}, r"finetune\.patience_start=1\.0: give a fraction of the step cap in \[0, 1\)"),
+        ({"patience_start": 0.5}, r"steps=3 leaves no room to stop early.*patience_start x steps 2"),
         ({"headline_minutes": 5.0}, r"finetune\.headline_minutes=5 is not the minutes of a subset"),
         ({"masking": []}, r"finetune\.masking is empty"),
         ({"masking": [MaskingSpec(), MaskingSpec()]}, r"lists a setting twice"),
@@ -885,6 +887,49 @@ def test_early_stopping_counts_only_evaluations_after_the_head_only_phase():
         DataArguments(), FinetuneArguments(freeze_encoder=True, freeze_encoder_steps=200, early_stopping_patience=2)
     )
     assert [c.start_step for c in callbacks if isinstance(c, HeadOnlyAwareEarlyStopping)] == [0]  # probe: all count
+    # early_stopping_start_step past the head-only phase: evaluations up to it do not count either
+    _, callbacks = train_time_options(
+        DataArguments(),
+        FinetuneArguments(freeze_encoder_steps=200, early_stopping_patience=2, early_stopping_start_step=300),
+    )
+    (stopper,) = [c for c in callbacks if isinstance(c, HeadOnlyAwareEarlyStopping)]
+    control = TrainerControl()
+    for step in (100, 200, 300, 400, 500):
+        stopper.on_evaluate(args, SimpleNamespace(global_step=step, best_metric=0.5), control, {"eval_cer": 0.6})
+        assert control.should_training_stop == (step == 500), step
+    with pytest.raises(ValueError, match="early_stopping_start_step=-1: give a step >= 0"):
+        train_time_options(DataArguments(), FinetuneArguments(early_stopping_patience=2, early_stopping_start_step=-1))
+
+
+def test_patience_start_is_a_fraction_of_each_runs_cap_and_shows_in_the_report():
+    from hf_ssl_speech.experiments.low_resource import _stage_settings, patience_start_step
+    from hf_ssl_speech.experiments.report import stopping_table
+
+    config = load_experiment_config(FULL)
+    f = _with_finetune(config, patience_start=0.5).finetune
+    assert patience_start_step(f, "scratch", 3000) == 1500  # the end of the tri-stage hold (0.1 + 0.4)
+    assert patience_start_step(f, "probe", 1200) == 600
+    # never before the end of the head-only phase
+    assert patience_start_step(dataclasses.replace(f, patience_start=0.05), "pretrained", 1200) == f.head_only_steps
+    # 0 (as before the option existed) is not a setting of the stage: finished experiments stay valid
+    assert "patience_start" not in _stage_settings(config, "finetune")["finetune"]
+    assert _stage_settings(_with_finetune(config, patience_start=0.5), "finetune")["finetune"]["patience_start"] == 0.5
+    row = {
+        "run": "r",
+        "init": "scratch",
+        "labeled_minutes": 60.0,
+        "learning_rate": 0.02,
+        "steps": 3000,
+        "max_steps": 3000,
+        "best_step": 2800,
+        "last_eval_step": 3000,
+        "stopped_early": False,
+        "masking": "t10x0.05-f2x27",
+        "head_only_steps": 200,
+        "lr_scheduler": "tri_stage",
+    }
+    assert "| no | no |" in stopping_table([row])[-1]
+    assert "| no (counted after step 1500) | no |" in stopping_table([{**row, "patience_start_step": 1500}])[-1]
 
 
 def test_tables_and_plots_take_the_five_point_label_efficiency_curve(tmp_path):

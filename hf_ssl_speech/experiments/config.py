@@ -147,6 +147,9 @@ class FinetuneSpec:
     - `patience`: a run stops after that many evaluations (every `eval_steps`, those of the head-only phase not
       counted) without a better validation CER; a subset's `steps` is only the cap. The checkpoint with the best
       validation CER is the model kept, so the number of steps is chosen on validation too;
+    - `patience_start`: nor do the evaluations before that fraction of the cap count towards the patience (0.5:
+      the end of the tri-stage hold): a model from scratch at the peak rate can sit on CTC's initial plateau for
+      several evaluations and still train well after it;
     - `seeds`: > 1 trains the headline subset's kept runs (the chosen family's whole-model fine-tune and scratch)
       that many times, with Trainer seeds `seed`, `seed` + 1, ... (the head's initialisation, a scratch model's
       weights, the batch order and the masks change; the pretrained encoder does not): the report gives each
@@ -168,6 +171,7 @@ class FinetuneSpec:
     spec_augment: bool = True  # False: no masking at all (then `masking` must hold one setting, unused)
     masking: list[MaskingSpec] = field(default_factory=lambda: [MaskingSpec()])
     patience: int | None = None  # evaluations without a better validation CER before stopping (None: never)
+    patience_start: float = 0.0  # fraction of the cap before which evaluations do not count towards the patience
     seeds: int = 1  # > 1: the headline subset's kept runs again with other Trainer seeds (the noise of one run)
     # The subset the verdict, the sample transcripts and the exported models are about (None: the fewest labels);
     # a label-efficiency curve may start below it (1 and 3 minutes under a 10-minute headline).
@@ -457,6 +461,11 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
         )
     if f.patience is not None and f.patience < 1:
         raise ExperimentError(f"{where}: finetune.patience={f.patience}: give >= 1 evaluations, or null (no stop)")
+    if not 0 <= f.patience_start < 1:
+        raise ExperimentError(
+            f"{where}: finetune.patience_start={f.patience_start}: give a fraction of the step cap in [0, 1) "
+            "(0: count every evaluation after the head-only phase; 0.5: from the end of the tri-stage hold)"
+        )
     if f.seeds < 1:
         raise ExperimentError(f"{where}: finetune.seeds={f.seeds}: give >= 1 (1: each run once, no seed repeats)")
     if f.head_only_steps < 0 or f.eval_steps < 1:
@@ -467,10 +476,13 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
                 f"{where}: finetune.subsets[{index}].steps={subset.steps} <= finetune.head_only_steps="
                 f"{f.head_only_steps}: the encoder would never be fine-tuned; raise the cap or lower head_only_steps"
             )
-        # room for one evaluation after the head-only phase and `patience` more that fail to beat it
-        needed = f.head_only_steps + (f.patience + 1) * f.eval_steps if f.patience else 0
+        # room for one evaluation after the uncounted ones and `patience` more that fail to beat it
+        start = max(f.head_only_steps, round(f.patience_start * subset.steps))
+        needed = start + (f.patience + 1) * f.eval_steps if f.patience else 0
         if subset.steps < needed:
             raise ExperimentError(
-                f"{where}: finetune.subsets[{index}].steps={subset.steps} leaves no room to stop early: head_only_steps "
-                f"({f.head_only_steps}) + (patience + 1) x eval_steps = {needed}; raise the cap or lower patience"
+                f"{where}: finetune.subsets[{index}].steps={subset.steps} leaves no room to stop early: the "
+                f"uncounted steps (head_only_steps {f.head_only_steps}, patience_start x steps "
+                f"{round(f.patience_start * subset.steps)}) + (patience + 1) x eval_steps = {needed}; raise the cap "
+                "or lower patience / patience_start"
             )

@@ -39,8 +39,8 @@ features, which full fine-tuning from a random head does):
 - a learning-rate grid per init spanning at least a decade, the pretrained one reaching 10x below the scratch
   one with as many points (validated in `config.validate_finetune_protocol`), crossed with fine-tuning masking
   settings (`masking`); the grid subset runs every pair and validation CER keeps one per (encoder, init);
-- early stopping on validation CER (`patience` evaluations without improvement, the head-only phase's not
-  counted) under a step cap per subset, the best checkpoint kept; every row records `best_step`, `steps` (run)
+- early stopping on validation CER (`patience` evaluations without improvement, the head-only phase's and those
+  before `patience_start` of the cap not counted) under a step cap per subset, the best checkpoint kept; every row records `best_step`, `steps` (run)
   and `max_steps` (the cap), and the report flags any kept run whose best step is its last evaluation (it was
   still improving when the cap ended it).
 
@@ -789,6 +789,12 @@ def schedule_arguments(spec: FinetuneSpec, max_steps: int) -> dict[str, Any]:
     }
 
 
+def patience_start_step(spec: FinetuneSpec, init: str, max_steps: int) -> int:
+    """The step up to which a run's evaluations do not count towards early stopping: the head-only phase, or
+    `finetune.patience_start` of the step cap if later (0.5: the end of the tri-stage hold)."""
+    return max(head_only_steps(spec, init), round(spec.patience_start * max_steps))
+
+
 def head_only_steps(spec: FinetuneSpec, init: str) -> int:
     """Head-only steps of a run: `finetune.head_only_steps` for pretrained and scratch alike (LP-FT, wav2vec 2.0's
     freeze_finetune_updates); 0 for the probe, whose encoder is frozen throughout anyway."""
@@ -906,6 +912,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "head_only_steps": head_only_steps(f, run.init),
         "layer_decay": f.layer_decay if run.init == "pretrained" else 1.0,
         "patience": f.patience,
+        **({"patience_start": f.patience_start} if f.patience_start else {}),  # runs from before it: as they were
         "eval_steps": f.eval_steps,
         "valid_utterances": f.valid_utterances,
         "seed": config.seed + run.repeat,
@@ -931,6 +938,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         freeze_encoder_steps=settings["head_only_steps"],
         layer_decay=settings["layer_decay"],
         early_stopping_patience=f.patience,
+        early_stopping_start_step=patience_start_step(f, run.init, run.steps),
     )
     training_args = trainer_arguments(
         config, run_dir, run.steps, run.learning_rate, schedule, resume, seed=settings["seed"]
@@ -965,6 +973,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         **outcome,
         "masking": run.masking.label if run.masking is not None else "none",
         "head_only_steps": settings["head_only_steps"],
+        **({"patience_start_step": patience_start_step(f, run.init, run.steps)} if f.patience_start else {}),
         "lr_scheduler": f.lr_scheduler,
         "wall_s": result.summary["train_seconds"],
         "audio_seconds_per_s": audio_per_s,
@@ -1432,7 +1441,7 @@ class ExperimentResult:
 
 # Fine-tuning options added after experiments had been run, with the value that means "as before": at that value
 # they are left out of the stage's settings, so the experiments finished earlier are not "other settings".
-_ADDED_LATER: dict[str, Any] = {"seeds": 1, "curve_minutes": None}
+_ADDED_LATER: dict[str, Any] = {"seeds": 1, "curve_minutes": None, "patience_start": 0.0}
 
 
 def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:

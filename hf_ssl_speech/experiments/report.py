@@ -51,6 +51,8 @@ def result_rows(pretrained: Mapping[str, Any], finetuned: Mapping[str, Any], sco
                 "stopped_early": bool(run.get("stopped_early", False)),
                 "masking": run.get("masking"),
                 "head_only_steps": run.get("head_only_steps"),
+                # where `finetune.patience_start` set it: evaluations up to this step did not count to the patience
+                **({"patience_start_step": run["patience_start_step"]} if "patience_start_step" in run else {}),
                 "lr_scheduler": run.get("lr_scheduler"),
                 "valid_cer": run.get("valid_cer"),
                 "valid_wer_greedy": score.get("valid", {}).get("wer"),
@@ -229,6 +231,36 @@ def best_at_last_evaluation(row: Mapping[str, Any]) -> bool:
     ended (at its step cap: early stopping ends a run only after `patience` evaluations without improvement)."""
     last = row.get("last_eval_step")
     return row.get("best_step") is not None and row["best_step"] >= (row["steps"] if last is None else last)
+
+
+def stopping_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The report's section on each kept run's fine-tuning settings and how it stopped (best / run / cap steps)."""
+    lines = [
+        "### Fine-tuning settings and stopping of every kept run",
+        "",
+        "Chosen on validation: the learning rate and masking (on the grid subset, reused by the others) and "
+        "the checkpoint (lowest validation CER). `best / run / cap`: the step of the kept checkpoint, the steps "
+        "run and the step cap; `best = last eval`: the run was still improving when it ended.",
+        "",
+        "| run | init | labeled | lr | masking | head-only steps | LR schedule | best / run / cap steps | "
+        "stopped early | best = last eval |",
+        "|" + "---|" * 10,
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['run']} | {row['init']} | {_minutes_label(row['labeled_minutes'])} | {row['learning_rate']:g} | "
+            f"{row.get('masking')} | {row.get('head_only_steps')} | {row.get('lr_scheduler')} | "
+            f"{row.get('best_step')} / {row['steps']} / {row.get('max_steps')} | "
+            f"{_stopped_early(row)} | {'**YES**' if best_at_last_evaluation(row) else 'no'} |"
+        )
+    return lines
+
+
+def _stopped_early(row: Mapping[str, Any]) -> str:
+    """'yes' / 'no', and from which step evaluations counted towards the patience where `patience_start` set it."""
+    answer = "yes" if row.get("stopped_early") else "no"
+    start = row.get("patience_start_step")
+    return f"{answer} (counted after step {start})" if start is not None else answer
 
 
 def _run_and_steps(row: Mapping[str, Any]) -> str:
@@ -447,25 +479,7 @@ def markdown_report(
             f"{row.get('lm_beta')} | {format_duration(row['wall_s'])} | {row.get('audio_seconds_per_s') or ''} | "
             f"{'' if util is None else f'{100 * util:.1f}%'} |"
         )
-    lines += [
-        "",
-        "### Fine-tuning settings and stopping of every kept run",
-        "",
-        "Chosen on validation: the learning rate and masking (on the grid subset, reused by the others) and "
-        "the checkpoint (lowest validation CER). `best / run / cap`: the step of the kept checkpoint, the steps "
-        "run and the step cap; `best = last eval`: the run was still improving when it ended.",
-        "",
-        "| run | init | labeled | lr | masking | head-only steps | LR schedule | best / run / cap steps | "
-        "stopped early | best = last eval |",
-        "|" + "---|" * 10,
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['run']} | {row['init']} | {_minutes_label(row['labeled_minutes'])} | {row['learning_rate']:g} | "
-            f"{row.get('masking')} | {row.get('head_only_steps')} | {row.get('lr_scheduler')} | "
-            f"{row.get('best_step')} / {row['steps']} / {row.get('max_steps')} | "
-            f"{'yes' if row.get('stopped_early') else 'no'} | {'**YES**' if best_at_last_evaluation(row) else 'no'} |"
-        )
+    lines += ["", *stopping_table(rows)]
     if selection:
         lines += [
             "",

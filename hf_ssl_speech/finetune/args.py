@@ -119,7 +119,15 @@ class FinetuneArguments:
         default=None,
         metadata={
             "help": "Stop after N evaluations without improving metric_for_best_model (those during "
-            "freeze_encoder_steps not counted)."
+            "freeze_encoder_steps and up to early_stopping_start_step not counted)."
+        },
+    )
+    early_stopping_start_step: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluations up to this step do not count towards early_stopping_patience (they still compete "
+            "for the best checkpoint): e.g. the end of a tri-stage schedule's hold, so a model on the plateau that "
+            "CTC training starts with is not stopped at its peak learning rate."
         },
     )
     use_weighted_layer_sum: bool = field(

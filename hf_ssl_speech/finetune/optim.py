@@ -107,10 +107,12 @@ class FreezeEncoderCallback(TrainerCallback):
 
 
 class HeadOnlyAwareEarlyStopping(EarlyStoppingCallback):
-    """The stock `EarlyStoppingCallback`, except that evaluations up to `start_step` (the head-only phase of
-    `freeze_encoder_steps`) do not count towards the patience: the encoder has not trained yet, and a plateau of
-    the head alone must not end the run before the whole model is fine-tuned. Those evaluations still compete
-    for the best checkpoint (`load_best_model_at_end`). With `start_step=0` it is the stock callback."""
+    """The stock `EarlyStoppingCallback`, except that evaluations up to `start_step` do not count towards the
+    patience: those of the head-only phase of `freeze_encoder_steps` (the encoder has not trained yet, and a
+    plateau of the head alone must not end the run before the whole model is fine-tuned), and any before
+    `early_stopping_start_step` (a model from scratch can sit on CTC's initial plateau for several evaluations
+    at the peak rate and still train well after it). Those evaluations still compete for the best checkpoint
+    (`load_best_model_at_end`). With `start_step=0` it is the stock callback."""
 
     def __init__(
         self, early_stopping_patience: int = 1, early_stopping_threshold: float | None = 0.0, start_step: int = 0
@@ -140,7 +142,13 @@ def train_time_options(
     callbacks: list[TrainerCallback] = []
     if finetune_args.freeze_encoder_steps > 0 and not finetune_args.freeze_encoder:
         callbacks.append(FreezeEncoderCallback(finetune_args.freeze_encoder_steps))
+    if finetune_args.early_stopping_start_step < 0:
+        raise ValueError(
+            f"early_stopping_start_step={finetune_args.early_stopping_start_step}: give a step >= 0 (0: count "
+            "every evaluation after the head-only phase)"
+        )
     if finetune_args.early_stopping_patience:
         head_only = 0 if finetune_args.freeze_encoder else finetune_args.freeze_encoder_steps
-        callbacks.append(HeadOnlyAwareEarlyStopping(finetune_args.early_stopping_patience, start_step=head_only))
+        start = max(head_only, finetune_args.early_stopping_start_step)
+        callbacks.append(HeadOnlyAwareEarlyStopping(finetune_args.early_stopping_patience, start_step=start))
     return spec, callbacks
