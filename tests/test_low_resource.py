@@ -930,6 +930,10 @@ def test_patience_start_is_a_fraction_of_each_runs_cap_and_shows_in_the_report()
     }
     assert "| no | no |" in stopping_table([row])[-1]
     assert "| no (counted after step 1500) | no |" in stopping_table([{**row, "patience_start_step": 1500}])[-1]
+    # the room to stop early is checked on the subsets that are trained, not on those listed for the draw only
+    with pytest.raises(ExperimentError, match=r"subsets\[0\]\.steps=600 leaves no room to stop early"):
+        validate_config(_with_finetune(config, patience_start=0.5))
+    validate_config(_with_finetune(config, patience_start=0.5, grid_minutes=60.0, curve_minutes=[60.0]))
 
 
 def test_tables_and_plots_take_the_five_point_label_efficiency_curve(tmp_path):

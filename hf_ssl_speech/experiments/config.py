@@ -404,6 +404,15 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
     validate_finetune_protocol(f, where)
 
 
+def trained_minutes(f: FinetuneSpec) -> set[float]:
+    """The subsets runs are fine-tuned on: the grid subset, and the curve's (`curve_minutes`, else all) unless
+    `curve_runs` is none."""
+    grid = f.grid_minutes if f.grid_minutes is not None else f.subsets[0].minutes
+    if f.curve_runs == "none":
+        return {grid}
+    return {grid, *(f.curve_minutes if f.curve_minutes is not None else [s.minutes for s in f.subsets])}
+
+
 def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
     """The fine-tuning protocol's checks: learning-rate grids, schedule, masking, head-only phase, early stopping.
 
@@ -471,6 +480,8 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
     if f.head_only_steps < 0 or f.eval_steps < 1:
         raise ExperimentError(f"{where}: finetune.head_only_steps must be >= 0 and finetune.eval_steps >= 1")
     for index, subset in enumerate(f.subsets):
+        if subset.minutes not in trained_minutes(f):
+            continue  # listed for the nested draw only (`curve_minutes`): its cap is never used
         if f.head_only_steps and subset.steps <= f.head_only_steps:
             raise ExperimentError(
                 f"{where}: finetune.subsets[{index}].steps={subset.steps} <= finetune.head_only_steps="
