@@ -912,7 +912,7 @@ def test_patience_start_is_a_fraction_of_each_runs_cap_and_shows_in_the_report()
     # never before the end of the head-only phase
     assert patience_start_step(dataclasses.replace(f, patience_start=0.05), "pretrained", 1200) == f.head_only_steps
     # 0 (as before the option existed) is not a setting of the stage: finished experiments stay valid
-    assert "patience_start" not in _stage_settings(config, "finetune")["finetune"]
+    assert "patience_start" not in _stage_settings(_with_finetune(config, patience_start=0.0), "finetune")["finetune"]
     assert _stage_settings(_with_finetune(config, patience_start=0.5), "finetune")["finetune"]["patience_start"] == 0.5
     row = {
         "run": "r",
@@ -931,9 +931,18 @@ def test_patience_start_is_a_fraction_of_each_runs_cap_and_shows_in_the_report()
     assert "| no | no |" in stopping_table([row])[-1]
     assert "| no (counted after step 1500) | no |" in stopping_table([{**row, "patience_start_step": 1500}])[-1]
     # the room to stop early is checked on the subsets that are trained, not on those listed for the draw only
+    first = dataclasses.replace(config.finetune.subsets[0], steps=600)
     with pytest.raises(ExperimentError, match=r"subsets\[0\]\.steps=600 leaves no room to stop early"):
-        validate_config(_with_finetune(config, patience_start=0.5))
-    validate_config(_with_finetune(config, patience_start=0.5, grid_minutes=60.0, curve_minutes=[60.0]))
+        validate_config(_with_finetune(config, patience_start=0.5, subsets=[first, *config.finetune.subsets[1:]]))
+    validate_config(
+        _with_finetune(
+            config,
+            patience_start=0.5,
+            subsets=[first, *config.finetune.subsets[1:]],
+            grid_minutes=60.0,
+            curve_minutes=[60.0],
+        )
+    )
 
 
 def test_tables_and_plots_take_the_five_point_label_efficiency_curve(tmp_path):
