@@ -234,6 +234,11 @@ _FSDP_TEACHER = textwrap.dedent(
             "codewords_equal": bool(torch.equal(gathered[0], gathered[1])),
             "codewords_moved": float((gathered[0] - codewords).abs().max()),
         }, f)
+    # Tear gloo down in step before interpreter exit: left to atexit, a rank can abort ("terminate called without
+    # an active exception") while its peer is already gone (seen once in CI). Wait for the peer, drop what holds
+    # the process group (FSDP2's modules and the optimiser's sharded state), then destroy it.
+    dist.barrier()
+    del out, optimizer, model
     dist.destroy_process_group()
     """
 )
