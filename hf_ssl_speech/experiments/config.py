@@ -479,8 +479,9 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
         raise ExperimentError(f"{where}: finetune.seeds={f.seeds}: give >= 1 (1: each run once, no seed repeats)")
     if f.head_only_steps < 0 or f.eval_steps < 1:
         raise ExperimentError(f"{where}: finetune.head_only_steps must be >= 0 and finetune.eval_steps >= 1")
+    trained = trained_minutes(f)
     for index, subset in enumerate(f.subsets):
-        if subset.minutes not in trained_minutes(f):
+        if subset.minutes not in trained:
             continue  # listed for the nested draw only (`curve_minutes`): its cap is never used
         if f.head_only_steps and subset.steps <= f.head_only_steps:
             raise ExperimentError(
@@ -488,12 +489,12 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
                 f"{f.head_only_steps}: the encoder would never be fine-tuned; raise the cap or lower head_only_steps"
             )
         # room for one evaluation after the uncounted ones and `patience` more that fail to beat it
-        start = max(f.head_only_steps, round(f.patience_start * subset.steps))
-        needed = start + (f.patience + 1) * f.eval_steps if f.patience else 0
+        by_fraction = round(f.patience_start * subset.steps)
+        needed = max(f.head_only_steps, by_fraction) + (f.patience + 1) * f.eval_steps if f.patience else 0
         if subset.steps < needed:
             raise ExperimentError(
                 f"{where}: finetune.subsets[{index}].steps={subset.steps} leaves no room to stop early: the "
                 f"uncounted steps (head_only_steps {f.head_only_steps}, patience_start x steps "
-                f"{round(f.patience_start * subset.steps)}) + (patience + 1) x eval_steps = {needed}; raise the cap "
+                f"{by_fraction}) + (patience + 1) x eval_steps = {needed}; raise the cap "
                 "or lower patience / patience_start"
             )

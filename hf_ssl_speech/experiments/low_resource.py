@@ -40,9 +40,9 @@ features, which full fine-tuning from a random head does):
   one with as many points (validated in `config.validate_finetune_protocol`), crossed with fine-tuning masking
   settings (`masking`); the grid subset runs every pair and validation CER keeps one per (encoder, init);
 - early stopping on validation CER (`patience` evaluations without improvement, the head-only phase's and those
-  before `patience_start` of the cap not counted) under a step cap per subset, the best checkpoint kept; every row records `best_step`, `steps` (run)
-  and `max_steps` (the cap), and the report flags any kept run whose best step is its last evaluation (it was
-  still improving when the cap ended it).
+  before `patience_start` of the cap not counted) under a step cap per subset, the best checkpoint kept; every
+  row records `best_step`, `steps` (run) and `max_steps` (the cap), and the report flags any kept run whose best
+  step is its last evaluation (it was still improving when the cap ended it).
 
 Everything runs through the library (`pretrain.loop.pretrain`, `finetune.run.run_ctc` on the stock `Trainer`),
 in this process or, with `parallel_runs` > 1, the independent runs of a phase in that many spawned processes;
@@ -917,6 +917,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "valid_utterances": f.valid_utterances,
         "seed": config.seed + run.repeat,
     }
+    uncounted = patience_start_step(f, run.init, run.steps)
     done = unit_done(folder, settings)
     if done is not None:
         return done
@@ -938,7 +939,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         freeze_encoder_steps=settings["head_only_steps"],
         layer_decay=settings["layer_decay"],
         early_stopping_patience=f.patience,
-        early_stopping_start_step=patience_start_step(f, run.init, run.steps),
+        early_stopping_start_step=uncounted,
     )
     training_args = trainer_arguments(
         config, run_dir, run.steps, run.learning_rate, schedule, resume, seed=settings["seed"]
@@ -973,7 +974,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         **outcome,
         "masking": run.masking.label if run.masking is not None else "none",
         "head_only_steps": settings["head_only_steps"],
-        **({"patience_start_step": patience_start_step(f, run.init, run.steps)} if f.patience_start else {}),
+        **({"patience_start_step": uncounted} if f.patience_start else {}),
         "lr_scheduler": f.lr_scheduler,
         "wall_s": result.summary["train_seconds"],
         "audio_seconds_per_s": audio_per_s,
