@@ -555,7 +555,10 @@ def test_protocol_settings_are_validated():
         ({"patience": 2}, r"subsets\[0\]\.steps=3 leaves no room to stop early"),
         ({"patience": 0}, r"finetune\.patience=0"),
         ({"patience_start": 1.0}, r"finetune\.patience_start=1\.0: give a fraction of the step cap in \[0, 1\)"),
-        ({"patience_start": 0.5}, r"steps=3 leaves no room to stop early.*patience_start x steps 2"),
+        (
+            {"patience_start": 0.5},
+            r"steps=3 leaves no room to stop early: the uncounted steps \(2: .*patience_start 0\.5 x steps",
+        ),
         ({"headline_minutes": 5.0}, r"finetune\.headline_minutes=5 is not the minutes of a subset"),
         ({"masking": []}, r"finetune\.masking is empty"),
         ({"masking": [MaskingSpec(), MaskingSpec()]}, r"lists a setting twice"),
@@ -902,15 +905,20 @@ def test_early_stopping_counts_only_evaluations_after_the_head_only_phase():
 
 
 def test_patience_start_is_a_fraction_of_each_runs_cap_and_shows_in_the_report():
-    from hf_ssl_speech.experiments.low_resource import _stage_settings, patience_start_step
+    from hf_ssl_speech.experiments.config import head_only_steps, patience_start_step
+    from hf_ssl_speech.experiments.low_resource import _stage_settings
     from hf_ssl_speech.experiments.report import stopping_table
 
     config = load_experiment_config(FULL)
     f = _with_finetune(config, patience_start=0.5).finetune
-    assert patience_start_step(f, "scratch", 3000) == 1500  # the end of the tri-stage hold (0.1 + 0.4)
-    assert patience_start_step(f, "probe", 1200) == 600
+    assert (
+        patience_start_step(f, 3000, head_only_steps(f, "scratch")) == 1500
+    )  # the end of the tri-stage hold (0.1 + 0.4)
+    assert patience_start_step(f, 1200, head_only_steps(f, "probe")) == 600
     # never before the end of the head-only phase
-    assert patience_start_step(dataclasses.replace(f, patience_start=0.05), "pretrained", 1200) == f.head_only_steps
+    assert (
+        patience_start_step(dataclasses.replace(f, patience_start=0.05), 1200, f.head_only_steps) == f.head_only_steps
+    )
     # 0 (as before the option existed) is not a setting of the stage: finished experiments stay valid
     assert "patience_start" not in _stage_settings(_with_finetune(config, patience_start=0.0), "finetune")["finetune"]
     assert _stage_settings(_with_finetune(config, patience_start=0.5), "finetune")["finetune"]["patience_start"] == 0.5

@@ -413,6 +413,19 @@ def trained_minutes(f: FinetuneSpec) -> set[float]:
     return {grid, *(f.curve_minutes if f.curve_minutes is not None else [s.minutes for s in f.subsets])}
 
 
+def patience_start_step(spec: FinetuneSpec, max_steps: int, head_only: int = 0) -> int:
+    """The step up to which a run's evaluations do not count towards early stopping: its head-only phase
+    (`head_only` steps), or `finetune.patience_start` of its step cap if later (0.5: the end of the tri-stage
+    hold). The CTC runs, the transducer runs (no head-only phase) and the config check all count it here."""
+    return max(head_only, round(spec.patience_start * max_steps))
+
+
+def head_only_steps(spec: FinetuneSpec, init: str) -> int:
+    """Head-only steps of a run: `finetune.head_only_steps` for pretrained and scratch alike (LP-FT, wav2vec 2.0's
+    freeze_finetune_updates); 0 for the probe, whose encoder is frozen throughout anyway."""
+    return 0 if init == "probe" else spec.head_only_steps
+
+
 def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
     """The fine-tuning protocol's checks: learning-rate grids, schedule, masking, head-only phase, early stopping.
 
@@ -489,12 +502,12 @@ def validate_finetune_protocol(f: FinetuneSpec, where: str = "config") -> None:
                 f"{f.head_only_steps}: the encoder would never be fine-tuned; raise the cap or lower head_only_steps"
             )
         # room for one evaluation after the uncounted ones and `patience` more that fail to beat it
-        by_fraction = round(f.patience_start * subset.steps)
-        needed = max(f.head_only_steps, by_fraction) + (f.patience + 1) * f.eval_steps if f.patience else 0
+        uncounted = patience_start_step(f, subset.steps, max(head_only_steps(f, init) for init in f.inits))
+        needed = uncounted + (f.patience + 1) * f.eval_steps if f.patience else 0
         if subset.steps < needed:
             raise ExperimentError(
                 f"{where}: finetune.subsets[{index}].steps={subset.steps} leaves no room to stop early: the "
-                f"uncounted steps (head_only_steps {f.head_only_steps}, patience_start x steps "
-                f"{by_fraction}) + (patience + 1) x eval_steps = {needed}; raise the cap "
+                f"uncounted steps ({uncounted}: head_only_steps {f.head_only_steps} or patience_start "
+                f"{f.patience_start:g} x steps, the later) + (patience + 1) x eval_steps = {needed}; raise the cap "
                 "or lower patience / patience_start"
             )

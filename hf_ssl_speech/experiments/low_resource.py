@@ -100,7 +100,9 @@ from .config import (
     MaskingSpec,
     PretrainSpec,
     SubsetSpec,
+    head_only_steps,
     load_experiment_config,
+    patience_start_step,
 )
 from .report import (
     check_rows,
@@ -789,18 +791,6 @@ def schedule_arguments(spec: FinetuneSpec, max_steps: int) -> dict[str, Any]:
     }
 
 
-def patience_start_step(spec: FinetuneSpec, init: str, max_steps: int) -> int:
-    """The step up to which a run's evaluations do not count towards early stopping: the head-only phase, or
-    `finetune.patience_start` of the step cap if later (0.5: the end of the tri-stage hold)."""
-    return max(head_only_steps(spec, init), round(spec.patience_start * max_steps))
-
-
-def head_only_steps(spec: FinetuneSpec, init: str) -> int:
-    """Head-only steps of a run: `finetune.head_only_steps` for pretrained and scratch alike (LP-FT, wav2vec 2.0's
-    freeze_finetune_updates); 0 for the probe, whose encoder is frozen throughout anyway."""
-    return 0 if init == "probe" else spec.head_only_steps
-
-
 def evaluation_steps(log_history: Sequence[Mapping[str, Any]]) -> list[int]:
     """The steps at which validation was scored during training (Trainer's `eval_cer` log entries)."""
     return sorted({int(e["step"]) for e in log_history if "eval_cer" in e and "step" in e})
@@ -917,7 +907,7 @@ def finetune_one(config: ExperimentConfig, run: FinetuneRun, out: Path, alphabet
         "valid_utterances": f.valid_utterances,
         "seed": config.seed + run.repeat,
     }
-    uncounted = patience_start_step(f, run.init, run.steps)
+    uncounted = patience_start_step(f, run.steps, head_only_steps(f, run.init))
     done = unit_done(folder, settings)
     if done is not None:
         return done

@@ -120,6 +120,7 @@ def transducer_rows(pretrained: Mapping[str, Any], transducer: Mapping[str, Any]
                 "stopped_early": bool(run.get("stopped_early", False)),
                 "masking": "default",  # SpecAugment's defaults (finetune.spec_augment): no masking grid for TDT
                 "head_only_steps": 0,
+                **({"patience_start_step": run["patience_start_step"]} if "patience_start_step" in run else {}),
                 "lr_scheduler": run.get("lr_scheduler"),
                 "valid_cer": run.get("valid_cer"),
                 "valid_wer_greedy": score.get("valid", {}).get("wer"),

@@ -35,7 +35,7 @@ from ..finetune.predictor import PredictorArguments, pretrain_predictor
 from ..finetune.rows import decode_rows, manifest_rows
 from ..finetune.text import normalize_transcript
 from ..finetune.transducer import TransducerArguments, load_transducer, run_transducer, transducer_outputs
-from .config import ExperimentConfig, ExperimentError
+from .config import ExperimentConfig, ExperimentError, patience_start_step
 from .low_resource import (
     arm_of,
     choose_by_validation,
@@ -174,6 +174,7 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
         "schedule": schedule,
         "weight_decay": f.weight_decay,
         "patience": f.patience,
+        **({"patience_start": f.patience_start} if f.patience_start else {}),  # runs from before it: as they were
         "eval_steps": f.eval_steps,
         "valid_utterances": f.valid_utterances,
         "predictor_dir": str(predictor_dir.relative_to(out)),
@@ -182,6 +183,7 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
     done = unit_done(folder, settings)
     if done is not None:
         return done
+    uncounted = patience_start_step(f, run.steps)
     logger.info("transducer %s: %d steps", run.name, run.steps)
     run_dir = folder / "model"
     resume = resume_point(run_dir)
@@ -204,7 +206,8 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
             max_duration=f.max_duration,
             spec_augment=f.spec_augment,
         ),
-        FinetuneArguments(early_stopping_patience=f.patience),
+        # No head-only phase: only `patience_start` of the cap goes uncounted (the CTC runs' rule).
+        FinetuneArguments(early_stopping_patience=f.patience, early_stopping_start_step=uncounted),
         transducer_args,
         trainer_arguments(config, run_dir, run.steps, run.learning_rate, schedule, resume),
     )
@@ -217,6 +220,7 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
             "max_steps": run.steps,
             **run_outcome(run_dir, result),
             "lr_scheduler": f.lr_scheduler,
+            **({"patience_start_step": uncounted} if f.patience_start else {}),
             "wall_s": result.summary["train_seconds"],
             "train_loss": result.summary["train_loss"],
             "train_utterances": result.summary["train_utterances"],
