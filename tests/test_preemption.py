@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -379,6 +380,11 @@ def test_sigterm_during_ctc_finetuning_writes_trainers_checkpoint_and_resumes(tm
         p.name for p in checkpoint.iterdir()
     }
     assert not (output / "results.json").exists()  # the final evaluation is for the run that finishes
+    # The checkpoint records the training seconds so far, and the resumed run counts on from them: set the record
+    # far above what either leg takes, so the summary can only reach it by carrying it over.
+    clock = json.loads((checkpoint / "wall_clock.json").read_text())
+    assert clock["train_seconds"] > 0
+    (checkpoint / "wall_clock.json").write_text(json.dumps({"train_seconds": 1000.0}))
 
     proc = subprocess.run(
         [sys.executable, script, *args, "--resume_from_checkpoint", str(checkpoint)],
@@ -390,6 +396,8 @@ def test_sigterm_during_ctc_finetuning_writes_trainers_checkpoint_and_resumes(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 6
     assert (output / "results.json").is_file()
+    seconds = float(re.search(r"- train_seconds: ([0-9.]+)", (output / "README.md").read_text()).group(1))
+    assert 1000.0 < seconds < 1300.0  # the first leg's record plus the second leg
 
 
 @pytest.mark.slow  # a real run in subprocesses: in the full suite, not the quick subset

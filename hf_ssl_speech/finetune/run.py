@@ -10,7 +10,6 @@ once, here), write `results.md` / `results.json` and `training_curves.png`, and 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from .model_init import (
     model_input_config,
 )
 from .optim import build_optimizer, set_encoder_trainable, train_time_options
-from .preempt import PreemptionCallback
+from .preempt import PreemptionCallback, WallClock
 from .report import ctc_model_card, plot_training_curves, push_folder, write_results
 from .rows import demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
 from .text import build_processor
@@ -147,7 +146,11 @@ def _train_and_report(
     """
     args = trainer.args
     output_dir = Path(args.output_dir)
-    start = time.perf_counter()
+    resume = args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() == "true":  # Trainer's own "the last checkpoint"
+        resume = get_last_checkpoint(str(output_dir))
+    clock = WallClock(resume)  # seconds of the legs before a resume: the summary counts the whole run
+    trainer.add_callback(clock)
     with StopRequest() as stop:  # SIGTERM / SIGUSR1 / SIGINT: Trainer's checkpoint after this step, exit 75
         preemption = PreemptionCallback(stop)
         trainer.add_callback(preemption)
@@ -158,7 +161,8 @@ def _train_and_report(
         checkpoint = output_dir / f"checkpoint-{step}"
         rerun = f"--resume_from_checkpoint {checkpoint}"
         raise Preempted(preempted_message(step, checkpoint, preemption.stopped_by, rerun=rerun))
-    train_seconds = time.perf_counter() - start
+    train_seconds = clock.seconds
+    trainer.remove_callback(clock)
     stopped = _report_early_stop(trainer, finetune_args.early_stopping_patience)
     if stopped:
         logger.warning(stopped)
