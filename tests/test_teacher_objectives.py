@@ -188,7 +188,7 @@ def test_save_pretrained_exports_the_student_and_codewords_not_the_teacher(tmp_p
 # EMA runs on the local shards, and the teacher after 3 steps equals the EMA chain of the gathered student weights.
 _FSDP_TEACHER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     sys.path.insert(0, sys.argv[1])
@@ -234,12 +234,18 @@ _FSDP_TEACHER = textwrap.dedent(
             "codewords_equal": bool(torch.equal(gathered[0], gathered[1])),
             "codewords_moved": float((gathered[0] - codewords).abs().max()),
         }, f)
-    # Tear gloo down in step before interpreter exit: left to atexit, a rank can abort ("terminate called without
-    # an active exception") while its peer is already gone (seen once in CI). Wait for the peer, drop what holds
-    # the process group (FSDP2's modules and the optimiser's sharded state), then destroy it.
+    # Leave without interpreter finalisation. gloo's worker threads outlive destroy_process_group here: DTensor's
+    # sharding-propagation cache keeps the device mesh, and so the process group, alive to the end. A worker that
+    # frees a finished collective (this all_gather, held by the barrier's work) needs the GIL for the tensors'
+    # Python objects; during finalisation taking the GIL ends the thread inside that C++ destructor, and
+    # std::terminate aborts the rank ("terminate called without an active exception": a core dump of the CI
+    # flake showed exactly this stack). Once both ranks are past the barrier and the result is on disk,
+    # nothing is left to finalise.
     dist.barrier()
-    del out, optimizer, model
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     """
 )
 
