@@ -146,10 +146,7 @@ def _train_and_report(
     """
     args = trainer.args
     output_dir = Path(args.output_dir)
-    resume = args.resume_from_checkpoint
-    if resume is not None and str(resume).lower() == "true":  # Trainer's own "the last checkpoint"
-        resume = get_last_checkpoint(str(output_dir))
-    clock = WallClock(resume)  # seconds of the legs before a resume: the summary counts the whole run
+    clock = WallClock(args.resume_from_checkpoint)  # seconds of the legs before a resume: the whole run counts
     trainer.add_callback(clock)
     with StopRequest() as stop:  # SIGTERM / SIGUSR1 / SIGINT: Trainer's checkpoint after this step, exit 75
         preemption = PreemptionCallback(stop)
