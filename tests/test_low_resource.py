@@ -180,6 +180,11 @@ def test_lm_and_exported_models_load_and_transcribe(toy):
     audio, rate = sf.read(work / "corpus" / test_row["audio_filepath"], dtype="float32")
     assert isinstance(asr({"raw": audio, "sampling_rate": rate})["text"], str)
     assert sum(info["megabytes"] for info in models.values()) < 25
+    # The scratch twin borrows the encoder's architecture, not its weights: its card must not name a base model.
+    scratch_card = (
+        Path(config.models_dir) / next(n for n in models if n.endswith("_scratch")) / "README.md"
+    ).read_text()
+    assert "\nfrom scratch." in scratch_card and "pretrain/" not in scratch_card
 
 
 def test_recorded_command_is_the_one_that_reproduces_the_results():

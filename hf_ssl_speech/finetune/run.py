@@ -325,7 +325,9 @@ def run_ctc(
     )
 
     def card(repo_id: str, results: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
-        return ctc_model_card(repo_id, results, base_model=model_args.model_name_or_path, training_summary=summary)
+        # From scratch, a checkpoint given beside --from_scratch lends only its architecture: not a base model.
+        base_model = None if model_args.from_scratch else model_args.model_name_or_path
+        return ctc_model_card(repo_id, results, base_model=base_model, training_summary=summary)
 
     extra = {
         "train_utterances": len(train_rows),
