@@ -4,7 +4,7 @@
     python scripts/transcribe.py runs/ctc_demo a.wav b.flac          # prints "path<TAB>text" lines
     python scripts/transcribe.py runs/ctc_demo --manifest test.jsonl --output hyp.jsonl
     python scripts/transcribe.py user/model long.wav --chunk_length_s 20 --stride_length_s 4
-    python scripts/transcribe.py docs/results/models/ctc_10min_pretrained_nest a.wav --decoder lm
+    python scripts/transcribe.py docs/results/models/ctc_10min_pretrained_dinosr a.wav --decoder lm
 
 MODEL is a folder or Hub repo holding an `AutoModelForCTC` + `AutoProcessor` pair (what finetune_ctc.py
 saves). Audio is decoded with soundfile, mixed to mono and resampled to 16 kHz. With `--chunk_length_s`,
