@@ -54,6 +54,7 @@ def load_script():
     return module
 
 
+# The tests that read the toy run are marked slow: it is an end-to-end experiment (about a minute on 2 cores).
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The toy experiment, run once through the script: (work folder, results folder, toy config)."""
@@ -94,6 +95,7 @@ def _manifest(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ artefacts
+@pytest.mark.slow
 def test_json_has_one_well_formed_row_per_kept_run(toy):
     work, results, config = toy
     document = json.loads((results / "low_resource.json").read_text())
@@ -140,6 +142,7 @@ def test_json_has_one_well_formed_row_per_kept_run(toy):
     assert "python scripts/low_resource_experiment.py --config" in document["command"]
 
 
+@pytest.mark.slow
 def test_validation_chooses_one_learning_rate_per_group_and_larger_subsets_reuse_it(toy):
     _, results, config = toy
     document = json.loads((results / "low_resource.json").read_text())
@@ -159,6 +162,7 @@ def test_validation_chooses_one_learning_rate_per_group_and_larger_subsets_reuse
     assert [i["learning_rate"] for i in selection if i["group"] == f"nest__pretrained__labeled_{last:g}min"] == [chosen]
 
 
+@pytest.mark.slow
 def test_lm_and_exported_models_load_and_transcribe(toy):
     from transformers import Wav2Vec2ProcessorWithLM, pipeline
 
@@ -225,6 +229,7 @@ def test_best_change_compares_each_objective_with_its_own_architecture_and_choos
     assert best_change(rows, pretrained, 10.0, "wer", arm="in_domain") is None
 
 
+@pytest.mark.slow
 def test_markdown_tables_list_every_run_and_family(toy):
     _, results, config = toy
     markdown = (results / "low_resource.md").read_text()
@@ -261,6 +266,7 @@ def test_markdown_tables_list_every_run_and_family(toy):
         assert f"]({png})" in markdown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PNGS)
 def test_plots_are_readable_images(toy, name):
     from matplotlib.image import imread
@@ -271,6 +277,7 @@ def test_plots_are_readable_images(toy, name):
 
 
 # ------------------------------------------------------------------------------------------ data splits
+@pytest.mark.slow
 def test_held_out_voices_never_occur_in_training_data_and_subsets_nest(toy):
     work, _, config = toy
     corpus = work / "corpus"
@@ -302,6 +309,7 @@ def test_held_out_voices_never_occur_in_training_data_and_subsets_nest(toy):
         previous = files
 
 
+@pytest.mark.slow
 def test_probes_json_has_every_task_for_fbank_and_each_encoder(toy):
     from hf_ssl_speech.experiments.probes import FBANK, TASKS
 
@@ -319,6 +327,7 @@ def test_probes_json_has_every_task_for_fbank_and_each_encoder(toy):
     assert (results / "probes.png").stat().st_size > 1000 and "| task |" in (results / "probes.md").read_text()
 
 
+@pytest.mark.slow
 def test_kws_json_has_pretrained_and_scratch_rows_per_label_count(toy):
     _, results, config = toy
     document = json.loads((results / "kws.json").read_text())
@@ -339,6 +348,7 @@ def test_kws_json_has_pretrained_and_scratch_rows_per_label_count(toy):
 
 
 # ------------------------------------------------------------------------------------------ resuming
+@pytest.mark.slow
 def test_seed_repeats_are_trained_scored_and_reported_beside_the_verdicts_runs(toy):
     work, results, config = toy
     document = json.loads((results / "low_resource.json").read_text())
@@ -369,6 +379,7 @@ def test_seed_repeats_are_trained_scored_and_reported_beside_the_verdicts_runs(t
     assert "**over 2 fine-tuning seeds**" in markdown.split("## Scale")[0]
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(toy, capsys):
     work, results, config = toy
     watched = [results / "low_resource.json", *sorted((work / "finetune").glob("*/model/model.safetensors"))]
@@ -382,6 +393,8 @@ def test_rerun_skips_every_finished_stage(toy, capsys):
     assert {path: path.stat().st_mtime_ns for path in watched} == before
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     work, results, config = toy
     target = next((work / "finetune").glob("apc__probe__labeled_1min__lr*"))  # the rate validation chose
@@ -390,7 +403,8 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     probes = {p: p.stat().st_mtime_ns for p in (results / "probes.json", results / "kws.json")}
     (target / "done.json").unlink()  # as if the run had been killed before it finished
     (work / "stages" / "finetune" / "done.json").unlink()
-    outcome = run_experiment(config, log=lambda line: None)
+    # Two runs at once, as the full config: the redone run trains in a spawned worker (the toy runs in-process).
+    outcome = run_experiment(dataclasses.replace(config, parallel_runs=2), log=lambda line: None)
     assert outcome.status == {
         "corpus": "skipped",
         "pretrain": "skipped",
@@ -410,6 +424,7 @@ def test_a_redone_run_is_retrained_and_reevaluated_alone(toy):
     assert {p: p.stat().st_mtime_ns for p in probes} == probes
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_not_mixed(toy):
     work, _, config = toy
     changed = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, max_steps=4))
@@ -651,6 +666,8 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in state  # a zombie has exited (its reaper may be slow)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's prctl")
 def test_run_in_parallel_workers_checkpoint_and_exit_when_the_experiment_process_is_killed(tmp_path):
     (tmp_path / "units.py").write_text(_UNITS)
@@ -677,6 +694,8 @@ def test_run_in_parallel_workers_checkpoint_and_exit_when_the_experiment_process
     assert len(list(tmp_path.glob("started-*"))) == 2, traces
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_run_in_parallel_keeps_the_order_and_raises_a_failed_run():
     from hf_ssl_speech.experiments.low_resource import run_in_parallel
 
