@@ -230,6 +230,20 @@ def test_best_change_compares_each_objective_with_its_own_architecture_and_choos
 
 
 @pytest.mark.slow
+def test_exported_cards_name_the_working_folder_as_configured_not_this_machines_path(toy, tmp_path):
+    from hf_ssl_speech.experiments.low_resource import export_models
+
+    work, results, config = toy
+    rows = json.loads((results / "low_resource.json").read_text())["rows"]
+    pretrained = json.loads((work / "stages" / "pretrain" / "done.json").read_text())["result"]["families"]
+    elsewhere = dataclasses.replace(config, output_dir="runs/toy_elsewhere", models_dir=str(tmp_path / "m"))
+    exported = export_models(elsewhere, work, rows, pretrained)
+    cards = {name: (tmp_path / "m" / name / "README.md").read_text() for name in exported}
+    assert any("runs/toy_elsewhere/pretrain/" in card for card in cards.values()), cards.keys()
+    assert not any(str(work) in card for card in cards.values())
+
+
+@pytest.mark.slow
 def test_markdown_tables_list_every_run_and_family(toy):
     _, results, config = toy
     markdown = (results / "low_resource.md").read_text()
@@ -692,6 +706,25 @@ def test_run_in_parallel_workers_checkpoint_and_exit_when_the_experiment_process
     traces = {p.name: p.read_text() for p in tmp_path.glob("trace-*")}
     assert len(list(tmp_path.glob("checkpointed-*"))) == 2, traces
     assert len(list(tmp_path.glob("started-*"))) == 2, traces
+
+
+def test_wall_time_counts_every_unit_of_a_resumed_experiment_not_the_last_invocation():
+    from hf_ssl_speech.experiments.low_resource import compute_wall_s
+
+    # The last invocation redid one fine-tuning run: its stages took 43 s (one model re-evaluated) and 0 s (the
+    # probes were done); the units' own times say what the whole experiment cost.
+    results = {
+        "corpus": {"stage_wall_s": 250.0},
+        "pretrain": {"stage_wall_s": 0.0, "families": {"a": {"wall_s": 1700.0}, "b": {"wall_s": 1600.0}}},
+        "finetune": {"stage_wall_s": 1500.0, "runs": {"x": {"wall_s": 1200.0}, "y": {"wall_s": 1400.0}}},
+        "evaluate": {"stage_wall_s": 43.0, "scores": {"x": {"eval_wall_s": 300.0}, "y": {"eval_wall_s": 390.0}}},
+        "probes": {"stage_wall_s": 0.0, "wall_s": 236.0, "kws_wall_s": 181.0},
+    }
+    assert compute_wall_s(results, 2) == pytest.approx(250 + 1650 + 1500 + 345 + 417)
+    # In one invocation the stage times stand where units waited on each other (larger than their share).
+    results["evaluate"]["stage_wall_s"] = 400.0
+    assert compute_wall_s(results, 2) == pytest.approx(250 + 1650 + 1500 + 400 + 417)
+    assert compute_wall_s(results, 1) == pytest.approx(250 + 3300 + 2600 + 690 + 417)
 
 
 @pytest.mark.slow

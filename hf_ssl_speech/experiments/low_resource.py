@@ -1311,6 +1311,9 @@ def export_models(
             # *.py: the model's own code (save_pretrained writes it), for trust_remote_code without the package
             if item.name in keep or item.suffix == ".py":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+        card = folder / "README.md"
+        if card.is_file():  # a committed card names the working folder as configured, not this machine's path
+            card.write_text(card.read_text().replace(str(out), str(config.output_dir)))
         exported[name] = {
             "from": str(source.relative_to(out)),
             "megabytes": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 2),
@@ -1407,16 +1410,26 @@ def stage_report(
 
 
 def compute_wall_s(results: Mapping[str, Any], processes: int = 1) -> float:
-    """Seconds of wall time behind a report: the corpus, evaluation and probe stages, plus the pretraining and
-    fine-tuning runs. A stage interrupted and resumed in another invocation records only its last part, so the
-    runs' own wall times count: their sum divided by `processes` (`parallel_runs`: the least wall time that many
-    processes at once took for them), or the stage's time if that is larger (runs waiting on each other)."""
-    total = results["corpus"]["stage_wall_s"] + results["evaluate"]["stage_wall_s"]
-    total += results.get("probes", {}).get("stage_wall_s", 0.0)
+    """Seconds of wall time behind a report: every stage's units, wherever they ran.
+
+    A stage resumed in another invocation records only its last part, and there a unit finished before costs
+    nothing (a redone fine-tuning run re-evaluates one model and no probe). So each stage counts its units' own
+    times: the pretraining, fine-tuning and evaluation units summed and divided by `processes` (`parallel_runs`:
+    the least wall time that many processes at once took for them), the frozen probes and the keyword spotter
+    (one after the other) added; or the stage's time where that is larger (units waiting on each other).
+    """
+    processes = max(processes, 1)
+    total = results["corpus"]["stage_wall_s"]
     finetune_runs = {**results["finetune"]["runs"], **results["finetune"].get("repeats", {})}
-    for stage, runs in (("pretrain", results["pretrain"]["families"]), ("finetune", finetune_runs)):
-        summed = sum(info["wall_s"] for info in runs.values())
-        total += max(results[stage].get("stage_wall_s", 0.0), summed / max(processes, 1))
+    units = {
+        "pretrain": sum(info["wall_s"] for info in results["pretrain"]["families"].values()) / processes,
+        "finetune": sum(info["wall_s"] for info in finetune_runs.values()) / processes,
+        "evaluate": sum(s.get("eval_wall_s", 0.0) for s in results["evaluate"].get("scores", {}).values()) / processes,
+    }
+    probes = results.get("probes", {})
+    units["probes"] = probes.get("wall_s", 0.0) + probes.get("kws_wall_s", 0.0)
+    for stage, seconds in units.items():
+        total += max(results.get(stage, {}).get("stage_wall_s", 0.0), seconds)
     return total
 
 

@@ -418,8 +418,8 @@ def markdown_report(
     if total_wall_s is not None:
         lines.append(
             f"- Wall time of corpus + pretraining + fine-tuning + evaluation + probes: {format_duration(total_wall_s)} "
-            "(every stage's own time; pretraining and fine-tuning from their runs' times, divided by the runs at "
-            "once: restarts and waits between invocations not counted)."
+            "(every stage's units' own times, wherever they ran: pretraining, fine-tuning and evaluation runs summed "
+            "and divided by the runs at once; restarts and waits between invocations not counted)."
         )
     lines += ["", "Made by:", "", "```bash", command, "```", ""]
     if config.budget_note:
