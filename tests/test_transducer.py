@@ -74,7 +74,9 @@ def test_tdt_finetune_saves_a_stock_parakeet_folder_with_results(tdt_run):
     assert result.load_report is not None and result.load_report.encoder_complete
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["valid"]) >= {"wer", "cer", "loss", "utterances"} and saved["valid"]["utterances"] == 3
-    assert (out / "README.md").read_text().count("finetune_transducer.py") == 1
+    card = (out / "README.md").read_text()
+    assert card.count("finetune_transducer.py") == 1
+    assert f"from `{root / 'pretrained'}`" in card  # the encoder it was fine-tuned from, not the tokenizer's source
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "parakeet_tdt" and "auto_map" not in config  # stock classes, no remote code
     processor = AutoProcessor.from_pretrained(out)

@@ -1421,13 +1421,13 @@ def compute_wall_s(results: Mapping[str, Any], processes: int = 1) -> float:
     processes = max(processes, 1)
     total = results["corpus"]["stage_wall_s"]
     finetune_runs = {**results["finetune"]["runs"], **results["finetune"].get("repeats", {})}
+    probes = results.get("probes", {})
     units = {
         "pretrain": sum(info["wall_s"] for info in results["pretrain"]["families"].values()) / processes,
         "finetune": sum(info["wall_s"] for info in finetune_runs.values()) / processes,
         "evaluate": sum(s.get("eval_wall_s", 0.0) for s in results["evaluate"].get("scores", {}).values()) / processes,
+        "probes": probes.get("wall_s", 0.0) + probes.get("kws_wall_s", 0.0),
     }
-    probes = results.get("probes", {})
-    units["probes"] = probes.get("wall_s", 0.0) + probes.get("kws_wall_s", 0.0)
     for stage, seconds in units.items():
         total += max(results.get(stage, {}).get("stage_wall_s", 0.0), seconds)
     return total

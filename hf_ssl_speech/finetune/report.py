@@ -106,6 +106,12 @@ def model_index(
     return [{"name": model_name, "results": entries}]
 
 
+def card_base_model(source: str | None, from_scratch: bool) -> str | None:
+    """What a model card names as the base model: none from scratch, where a checkpoint given beside
+    --from_scratch lends only its architecture."""
+    return None if from_scratch else source
+
+
 def ctc_model_card(
     repo_id: str,
     results: Mapping[str, Mapping[str, float]],

@@ -33,7 +33,7 @@ from .model_init import (
 )
 from .optim import build_optimizer, set_encoder_trainable, train_time_options
 from .preempt import PreemptionCallback, WallClock
-from .report import ctc_model_card, plot_training_curves, push_folder, write_results
+from .report import card_base_model, ctc_model_card, plot_training_curves, push_folder, write_results
 from .rows import demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
 from .text import build_processor
 from .trainers import CtcTrainer, SslTrainer, classification_accuracy
@@ -325,8 +325,7 @@ def run_ctc(
     )
 
     def card(repo_id: str, results: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
-        # From scratch, a checkpoint given beside --from_scratch lends only its architecture: not a base model.
-        base_model = None if model_args.from_scratch else model_args.model_name_or_path
+        base_model = card_base_model(model_args.model_name_or_path, model_args.from_scratch)
         return ctc_model_card(repo_id, results, base_model=base_model, training_summary=summary)
 
     extra = {

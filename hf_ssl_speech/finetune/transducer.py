@@ -68,7 +68,7 @@ from .model_init import (
     without_load_report,
 )
 from .optim import train_time_options
-from .report import ctc_model_card
+from .report import card_base_model, ctc_model_card
 from .rows import decode_rows, rows_to_dataset
 from .run import (
     FinetuneResult,
@@ -507,8 +507,8 @@ def _run_transducer(
         tokenizer = build_transducer_tokenizer(
             texts, transducer_args.tokenizer_vocab_size, transducer_args.tokenizer_model
         )
-    source = transducer_args.predictor_from or transducer_args.tokenizer_from or "the training transcripts"
-    logger.info("tokenizer: %d tokens (blank %d) from %s", len(tokenizer), tokenizer.pad_token_id, source)
+    tokens_from = transducer_args.predictor_from or transducer_args.tokenizer_from or "the training transcripts"
+    logger.info("tokenizer: %d tokens (blank %d) from %s", len(tokenizer), tokenizer.pad_token_id, tokens_from)
     processor, features = build_transducer_processor(tokenizer, config.num_mel_bins, transducer_args.head)
     model, report = init_transducer_model(transducer_args.head, tokenizer, model_args, transducer_args)
     if predictor is not None:
@@ -529,7 +529,8 @@ def _run_transducer(
     )
 
     def card(repo_id: str, results: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
-        text = ctc_model_card(repo_id, results, base_model=source, training_summary=summary)
+        base_model = card_base_model(source, model_args.from_scratch)
+        text = ctc_model_card(repo_id, results, base_model=base_model, training_summary=summary)
         name = {"tdt": "TDT (token-and-duration transducer)", "rnnt": "RNN-T"}[transducer_args.head]
         return (
             text.replace("- ctc\n", f"- {transducer_args.head}\n- parakeet\n")
