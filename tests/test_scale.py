@@ -102,6 +102,30 @@ def test_fp16_with_a_gradient_scaler_on_cuda_tracks_fp32(tmp_path):
     assert max(gaps) < 0.05, gaps  # fp16's 10-bit mantissa; a skipped scaler step shifts the curve by one step
 
 
+def test_pretraining_in_a_process_that_trained_before_takes_its_own_precision(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from hf_ssl_speech.pretrain.loop import pretrain
+    from hf_ssl_speech.pretrain.recipe import load_recipe
+
+    manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
+    recipe = write_recipe(
+        tmp_path / "fp32.yaml",
+        model={"bestrq_codebook_size": 64, "bestrq_codebook_dim": 8},
+        objectives={"bestrq": {}},
+        data={"train_manifests": [str(manifest)], "batch_seconds": 4.0},
+        optim={},
+        train={"max_steps": 1, "save_steps": 1, "output_dir": str(tmp_path / "out"), "mixed_precision": "no"},
+    )
+    Accelerator(mixed_precision="bf16", cpu=True)  # what an earlier bf16 run in this process leaves behind
+    try:
+        result = pretrain(load_recipe(recipe), progress=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result.step == 1 and result.checkpoint is not None
+
+
 def test_fp16_on_the_cpu_is_refused_with_the_fix(tmp_path):
     manifest = make_corpus(tmp_path / "corpus", count=2, seconds=1.0)
     recipe = write_recipe(

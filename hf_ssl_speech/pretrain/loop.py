@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -295,6 +296,10 @@ def _make_accelerator(recipe: Recipe, find_unused: bool) -> tuple[Accelerator, s
     """The Accelerator for the recipe's precision and tracker; refuses the settings it would silently ignore."""
     t = recipe.train
     precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
+    # An earlier run in this process (a Trainer, the experiment's units in-process, a notebook cell) leaves
+    # accelerate's state with its own precision, and Accelerator() refuses another. Start from a fresh one, as
+    # transformers' TrainingArguments does; the process state (the distributed set-up) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with="tensorboard" if t.report_to == "tensorboard" else None,
