@@ -118,6 +118,7 @@ def test_pretraining_in_a_process_that_trained_before_takes_its_own_precision(tm
         optim={},
         train={"max_steps": 1, "save_steps": 1, "output_dir": str(tmp_path / "out"), "mixed_precision": "no"},
     )
+    AcceleratorState._reset_state(reset_partial_state=True)  # whatever tests before this one left
     Accelerator(mixed_precision="bf16", cpu=True)  # what an earlier bf16 run in this process leaves behind
     try:
         result = pretrain(load_recipe(recipe), progress=False)
