@@ -48,6 +48,39 @@ def test_padding_invariance(tiny_config, subsampling, conv_norm_type, causal):
 
 
 @pytest.mark.parametrize("subsampling", ["striding", "dw_striding"])
+def test_subsampling_convs_run_channels_last_and_depthwise_in_float32_under_bf16(tiny_config, subsampling):
+    """Under bf16 autocast every conv after the first reads channels-last memory (a 1-channel input is both layouts,
+    so the first conv alone would hand on (B, C, T, F) memory), and a depthwise conv reads and computes float32:
+    torch 2.13's bf16 input gradient of a strided depthwise conv is ~5x slower on CPUs. The outputs stay those of
+    the float32 model, and gradients reach the first conv."""
+    config = tiny_config(subsampling=subsampling)
+    model = ConformerSslModel(config).eval()  # no dropout: the bf16 and float32 outputs are compared below
+    convs = [layer for layer in model.subsampling.layers if isinstance(layer, torch.nn.Conv2d)]
+    seen: list[tuple[int, torch.dtype, bool]] = []
+    for conv in convs[1:]:
+        conv.register_forward_hook(
+            lambda module, args, output: seen.append(
+                (module.groups, output.dtype, args[0].is_contiguous(memory_format=torch.channels_last))
+            )
+        )
+    features, attention_mask = _batch([123, 80, 37], config.num_mel_bins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(features, attention_mask=attention_mask).last_hidden_state
+    assert len(seen) == len(convs) - 1 >= 1
+    for groups, dtype, channels_last in seen:
+        assert channels_last, "a conv after the first read (B, C, T, F) memory"
+        assert dtype == (torch.float32 if groups > 1 else torch.bfloat16), (groups, dtype)
+    assert any(groups > 1 for groups, _, _ in seen) == (subsampling == "dw_striding")
+    out.float().square().mean().backward()
+    assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        reference = model(features, attention_mask=attention_mask).last_hidden_state
+    valid = attention_mask[:, :: config.subsampling_factor].bool()[..., None]
+    error = ((out.float() - reference) * valid).abs().max() / reference.abs().max()
+    assert error < 0.05, f"bf16 output strays {error:.3f} from float32 (relative to its largest value)"
+
+
+@pytest.mark.parametrize("subsampling", ["striding", "dw_striding"])
 def test_output_lengths_and_masks(tiny_config, subsampling):
     config = tiny_config(subsampling=subsampling)
     model = ConformerSslModel(config).eval()
