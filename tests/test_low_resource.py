@@ -354,6 +354,7 @@ def test_kws_json_has_pretrained_and_scratch_rows_per_label_count(toy):
     clips = {r["labels_per_keyword"]: r["train_clips"] for r in rows}
     assert clips[2] == 2 * clips[1]  # nested by speaker: each voice's first k speakers say every word
     assert set(document["test_voices"]) == set(config.corpus.test_voices)
+    assert document["encoder"].startswith(config.output_dir) and document["encoder"].endswith("/model")
     assert json.loads((results / "low_resource.json").read_text())["kws"] == rows
     # speaker ID: the log-mel input is layer 0 of every encoder's weighted sum
     probes = json.loads((results / "probes.json").read_text())["rows"]

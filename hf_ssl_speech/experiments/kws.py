@@ -198,9 +198,11 @@ def run_kws(
     work_dir: str | Path,
     results_dir: str | Path | None = None,
     processes: int = 1,
+    encoder_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows {init, labels_per_keyword, accuracy, valid_accuracy, learning_rate, best_step, ...} for every init and
-    subset (`processes` cells at once); with `results_dir`, also written to kws.json there."""
+    subset (`processes` cells at once); with `results_dir`, also written to kws.json there, the encoder named by
+    `encoder_name` (default: its path; a committed kws.json should not carry this machine's folders)."""
     from ..synthetic.commands import LABELS, make_command_set
 
     work_dir = Path(work_dir)
@@ -237,7 +239,7 @@ def run_kws(
     if results_dir is not None:
         document = {
             "rows": results,
-            "encoder": str(encoder_dir),
+            "encoder": encoder_name or str(encoder_dir),
             "labels": list(LABELS),
             "train_voices": list(train_voices),
             "test_voices": list(test_voices),

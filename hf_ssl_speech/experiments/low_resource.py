@@ -1250,6 +1250,7 @@ def stage_probes(
                 out / "probes" / "kws",
                 Path(config.results_dir),
                 config.parallel_runs,
+                encoder_name=str(Path(config.output_dir) / pretrained[key]["checkpoint"]),  # as configured
             )
             spotted = finish_unit(
                 units / "kws", {"kws": rows, "kws_encoder": key, "kws_wall_s": round(time.perf_counter() - start, 1)}
