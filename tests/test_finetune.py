@@ -20,6 +20,7 @@ from support import (
     REPO_ROOT,
     SAMPLING_RATE,
     TINY_CTC_OVERRIDES,
+    accelerate_launch,
     letter_chord,
     load_script,
     tiny_scratch_args,
@@ -438,6 +439,72 @@ def test_results_table_curves_and_card(tmp_path):
     entry = metadata["model-index"][0]["results"][0]
     assert entry["dataset"]["split"] == "dev"
     assert {m["type"]: m["value"] for m in entry["metrics"]} == {"wer": 25.0, "cer": 10.0}
+
+
+# ------------------------------------------------------------------------------------------ several processes
+# scripts/finetune_ctc.py as it is, plus one callback that saves each process's own final parameters (the Trainer
+# saves only the main process's). Not the buffers: DDP broadcasts BatchNorm's running statistics from process 0 at
+# each forward, so each process's differ by its own last batch, and the saved model holds process 0's.
+_SAVE_EACH_REPLICA = """
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+import hf_ssl_speech.finetune.run as run
+
+
+class SaveEachReplica(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        weights = {name: parameter.detach() for name, parameter in model.named_parameters()}
+        torch.save(weights, Path(args.output_dir) / f"replica_{args.process_index}.pt")
+
+
+stock = run.train_time_options
+
+
+def with_replica_saving(*args, **kwargs):
+    spec, callbacks = stock(*args, **kwargs)
+    return spec, [*callbacks, SaveEachReplica()]
+
+
+run.train_time_options = with_replica_saving
+sys.path.insert(0, sys.argv.pop(1))
+from finetune_ctc import main
+
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_gloo_processes_fine_tune_with_one_model_across_the_unfreeze(tmp_path):
+    # `accelerate launch --num_processes 2 scripts/finetune_ctc.py`: the Trainer wraps the model in DDP before the
+    # head-only phase freezes the encoder, so DDP holds every parameter; after the unfreeze the encoder's gradients
+    # must be averaged over the processes too, or each process's encoder follows its own batches.
+    manifest = write_tone_corpus(tmp_path / "data", count=16, seed=5)
+    script = tmp_path / "finetune_each_replica.py"
+    script.write_text(_SAVE_EACH_REPLICA)
+    out = tmp_path / "out"
+    args = [str(REPO_ROOT / "scripts"), *tiny_scratch_args(), "--train_manifests", str(manifest)]
+    args += ["--output_dir", str(out), "--max_steps", "6", "--freeze_encoder_steps", "3"]
+    args += ["--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"]
+    args += ["--disable_tqdm", "true", "--learning_rate", "3e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = accelerate_launch(script, args, 2, env, tmp_path, 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3: encoder unfrozen" in proc.stderr, proc.stderr[-3000:]
+    replicas = [torch.load(out / f"replica_{rank}.pt") for rank in (0, 1)]
+    assert replicas[0].keys() == replicas[1].keys()
+    differ = [name for name in replicas[0] if not torch.equal(replicas[0][name], replicas[1][name])]
+    assert not differ, differ
+    # The saved model is the replicas' shared state, encoder included.
+    saved = load_file(out / "model.safetensors")
+    assert any(name.startswith("conformer.") for name in replicas[0])
+    assert all(torch.equal(saved[name], replicas[0][name].to(saved[name].dtype)) for name in replicas[0])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and state["train_batch_size"] == 4
 
 
 # ------------------------------------------------------------------------------------------ push to the Hub
