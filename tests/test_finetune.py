@@ -487,6 +487,7 @@ def test_two_gloo_processes_fine_tune_with_one_model_across_the_unfreeze(tmp_pat
     script = tmp_path / "finetune_each_replica.py"
     script.write_text(_SAVE_EACH_REPLICA)
     out = tmp_path / "out"
+    # the script takes the scripts folder first (to import finetune_ctc), then finetune_ctc.py's own arguments
     args = [str(REPO_ROOT / "scripts"), *tiny_scratch_args(), "--train_manifests", str(manifest)]
     args += ["--output_dir", str(out), "--max_steps", "6", "--freeze_encoder_steps", "3"]
     args += ["--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"]

@@ -555,6 +555,29 @@ def test_shipped_experiment_configs_load_and_their_recipes_exist(path):
     assert config.models_dir is None or Path(config.models_dir).parts[:2] == ("docs", "results")
 
 
+def test_a_config_with_a_base_holds_only_what_differs(tmp_path):
+    # The shipped variant builds the same experiment as its base, except the keys it sets.
+    base = load_experiment_config(REPO_ROOT / "configs" / "experiments" / "low_resource.yaml")
+    variant = load_experiment_config(REPO_ROOT / "configs" / "experiments" / "low_resource_seeds3_30min.yaml")
+    assert (variant.finetune.seeds, variant.finetune.headline_minutes, variant.probes.enabled) == (2, 30, False)
+    assert dataclasses.replace(variant.finetune, seeds=1, headline_minutes=10) == base.finetune
+    assert (variant.corpus, variant.pretrain, variant.evaluate) == (base.corpus, base.pretrain, base.evaluate)
+    # Mappings merge key by key; a list replaces the base's list whole.
+    (tmp_path / "b.yaml").write_text(TOY.read_text())
+    (tmp_path / "v.yaml").write_text("base: b.yaml\nname: v\nfinetune:\n  inits: [scratch]\n  seeds: 2\n")
+    toy, merged = load_experiment_config(TOY), load_experiment_config(tmp_path / "v.yaml")
+    assert merged.name == "v" and merged.finetune.inits == ["scratch"] and merged.finetune.seeds == 2
+    assert merged.finetune.subsets == toy.finetune.subsets and merged.corpus == toy.corpus
+    # Mistakes name the file, the value and the fix.
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ExperimentError, match=r"base='nowhere.yaml' names no file.*relative to this config's folder"):
+        load_experiment_config(tmp_path / "missing.yaml")
+    (tmp_path / "loop_a.yaml").write_text("base: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("base: loop_a.yaml\n")
+    with pytest.raises(ExperimentError, match=r"`base` chain loops.*remove one base"):
+        load_experiment_config(tmp_path / "loop_a.yaml")
+
+
 # ------------------------------------------------------------------------------------------ fine-tuning protocol
 def _with_finetune(config, **changes):
     return dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, **changes))

@@ -264,7 +264,8 @@ class TransducerStageSpec:
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment (configs/experiments/*.yaml). Relative paths resolve against the current folder."""
+    """A whole experiment (configs/experiments/*.yaml). Relative paths resolve against the current folder. A file
+    with `base: <file>` holds only what differs from that file (`read_with_base`)."""
 
     name: str = "low_resource"
     description: str = ""
@@ -290,11 +291,44 @@ def load_experiment_config(path: str | Path, overrides: Mapping[str, Any] | None
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment config {str(path)!r} does not exist (see configs/experiments/).")
-    raw = config_io.read_yaml(path, "experiment config", ExperimentError)
+    raw = read_with_base(path)
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     config = config_io.build(ExperimentConfig, raw, "", "experiment config key", ExperimentError)
     validate_config(config, str(path))
     return config
+
+
+def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """An experiment YAML with `base: <file>` (relative to its folder) read as that file with these keys on top:
+    a mapping merges key by key, any other value (a list too) replaces the base's. A variant of an experiment then
+    holds only what differs, and cannot drift from the settings it shares."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ExperimentError(f"experiment config {str(path)!r}: its `base` chain loops ({chain}); remove one base")
+    raw = config_io.read_yaml(path, "experiment config", ExperimentError)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ExperimentError(f"experiment config {str(path)!r}: base={base!r}: give one YAML file name, as a string")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ExperimentError(
+            f"experiment config {str(path)!r}: base={base!r} names no file ({str(base_path)!r}); give a path "
+            "relative to this config's folder, e.g. base: low_resource.yaml"
+        )
+    return _merged(read_with_base(base_path, (*seen, path.resolve())), raw)
+
+
+def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `top` on top: mappings merge recursively, everything else is replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate_config(config: ExperimentConfig, where: str = "config") -> None:
