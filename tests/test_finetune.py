@@ -442,6 +442,82 @@ def test_results_table_curves_and_card(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ several processes
+def _heads_without_unused_reasons(tmp_path):
+    """(name, model, training batch) of each fine-tuning head, built as its script builds it, from scratch."""
+    from hf_ssl_speech import ConformerSslConfig, ConformerSslForSequenceClassification
+    from hf_ssl_speech.finetune.transducer import (
+        TransducerArguments,
+        TransducerCollator,
+        build_transducer_processor,
+        build_transducer_tokenizer,
+        init_transducer_model,
+    )
+
+    rows = manifest_rows([str(write_tone_corpus(tmp_path, 3, seed=6))], 0.0, None, True, None, None)[0]
+    from hf_ssl_speech.finetune.run import _feature_extractor
+
+    scratch = ModelArguments(from_scratch=True, model_preset="tiny", config_overrides=TINY_CTC_OVERRIDES)
+    processor = build_processor([row["text"] for row in rows], _feature_extractor(scratch))
+    overrides = parse_config_overrides(TINY_CTC_OVERRIDES)
+    ctc, _ = init_ctc_model(len(processor.tokenizer), processor.tokenizer.pad_token_id, None, True, "tiny", overrides)
+    ctc_batch = CtcCollator(processor, SpecAugmentConfig(2, 0.1, 2, 0.05))(rows)
+    classifier = ConformerSslForSequenceClassification(
+        ConformerSslConfig(
+            **{**ctc.config.to_dict(), "id2label": dict(enumerate("abc")), "use_weighted_layer_sum": True}
+        )
+    )
+    features = ctc_batch["input_features"]
+    classifier_batch = {"input_features": features, "attention_mask": ctc_batch["attention_mask"]}
+    classifier_batch["labels"] = torch.tensor([0, 2, 1])
+    tokenizer = build_transducer_tokenizer([row["text"] for row in rows], 16)
+    fast = f"{TINY_CTC_OVERRIDES},subsampling=dw_striding,subsampling_factor=4,subsampling_conv_channels=16"
+    model_args = ModelArguments(from_scratch=True, model_preset="tiny", config_overrides=fast)
+    tdt, _ = init_transducer_model("tdt", tokenizer, model_args, TransducerArguments(decoder_hidden_size=16))
+    _, tdt_features = build_transducer_processor(tokenizer, tdt.config.encoder_config.num_mel_bins)
+    tdt_batch = TransducerCollator(tdt_features, tokenizer)(rows)
+    return [("ctc", ctc, ctc_batch), ("classification", classifier, classifier_batch), ("tdt", tdt, tdt_batch)]
+
+
+def test_without_a_reason_every_fine_tuning_parameter_gets_a_gradient(tmp_path):
+    # What lets DDP run without its unused-parameter search (`set_unused_parameter_search`): when
+    # `unused_parameter_reasons` is empty, one training step of each head gives every trainable parameter a
+    # gradient. A parameter that only sometimes joins the loss would make DDP stop at the next step.
+    from hf_ssl_speech.finetune.optim import set_unused_parameter_search, unused_parameter_reasons
+
+    for name, model, batch in _heads_without_unused_reasons(tmp_path):
+        assert unused_parameter_reasons(FinetuneArguments(), model.config) == [], name
+        model.train()
+        model(**batch).loss.backward()
+        missing = [
+            key for key, parameter in model.named_parameters() if parameter.requires_grad and parameter.grad is None
+        ]
+        assert not missing, (name, missing)
+    # The reasons that need the search, each named by its field (a transducer's encoder config is nested).
+    assert unused_parameter_reasons(FinetuneArguments(freeze_encoder_steps=5), model.config) == [
+        "freeze_encoder_steps=5"
+    ]
+    assert unused_parameter_reasons(FinetuneArguments(freeze_encoder=True, freeze_encoder_steps=5), model.config) == []
+    model.config.encoder_config.layerdrop = 0.1
+    assert unused_parameter_reasons(FinetuneArguments(), model.config) == ["layerdrop=0.1"]
+    # One process: the default is set from the reasons, and an explicit false is kept (DDP is not used).
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)
+    set_unused_parameter_search(args, ["layerdrop=0.1"])
+    assert args.ddp_find_unused_parameters is True
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, ddp_find_unused_parameters=False)
+    set_unused_parameter_search(args, ["layerdrop=0.1"])
+    assert args.ddp_find_unused_parameters is False
+    # Several processes: an explicit false that DDP would refuse after the first step is refused now, by its reason.
+    from types import SimpleNamespace
+
+    from hf_ssl_speech.errors import ConfigError
+
+    several = SimpleNamespace(ddp_find_unused_parameters=False, world_size=2)
+    with pytest.raises(ConfigError, match="ddp_find_unused_parameters=False, but with layerdrop=0.1 .*drop"):
+        set_unused_parameter_search(several, ["layerdrop=0.1"])
+    set_unused_parameter_search(several, [])
+    assert several.ddp_find_unused_parameters is False
+
+
 # scripts/finetune_ctc.py as it is, plus one callback that saves each process's own final parameters (the Trainer
 # saves only the main process's). Not the buffers: DDP broadcasts BatchNorm's running statistics from process 0 at
 # each forward, so each process's differ by its own last batch, and the saved model holds process 0's.
@@ -459,6 +535,7 @@ class SaveEachReplica(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         weights = {name: parameter.detach() for name, parameter in model.named_parameters()}
         torch.save(weights, Path(args.output_dir) / f"replica_{args.process_index}.pt")
+        Path(args.output_dir, "find_unused.txt").write_text(str(args.ddp_find_unused_parameters))
 
 
 stock = run.train_time_options
@@ -479,23 +556,29 @@ main(sys.argv[1:])
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_gloo_processes_fine_tune_with_one_model_across_the_unfreeze(tmp_path):
+@pytest.mark.parametrize("head_only_steps", [3, 0])
+def test_two_gloo_processes_fine_tune_with_one_model_across_the_unfreeze(tmp_path, head_only_steps):
     # `accelerate launch --num_processes 2 scripts/finetune_ctc.py`: the Trainer wraps the model in DDP before the
     # head-only phase freezes the encoder, so DDP holds every parameter; after the unfreeze the encoder's gradients
-    # must be averaged over the processes too, or each process's encoder follows its own batches.
+    # must be averaged over the processes too, or each process's encoder follows its own batches. The phase needs
+    # DDP's unused-parameter search (without it DDP stops at step 2: the frozen encoder got no gradient); without the
+    # phase every parameter gets a gradient every step, and the search is turned off.
     manifest = write_tone_corpus(tmp_path / "data", count=16, seed=5)
     script = tmp_path / "finetune_each_replica.py"
     script.write_text(_SAVE_EACH_REPLICA)
     out = tmp_path / "out"
     # the script takes the scripts folder first (to import finetune_ctc), then finetune_ctc.py's own arguments
     args = [str(REPO_ROOT / "scripts"), *tiny_scratch_args(), "--train_manifests", str(manifest)]
-    args += ["--output_dir", str(out), "--max_steps", "6", "--freeze_encoder_steps", "3"]
+    args += ["--output_dir", str(out), "--max_steps", "6", "--freeze_encoder_steps", str(head_only_steps)]
     args += ["--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"]
     args += ["--disable_tqdm", "true", "--learning_rate", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = accelerate_launch(script, args, 2, env, tmp_path, 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 3: encoder unfrozen" in proc.stderr, proc.stderr[-3000:]
+    assert ("step 3: encoder unfrozen" in proc.stderr) == bool(head_only_steps), proc.stderr[-3000:]
+    assert (out / "find_unused.txt").read_text() == str(bool(head_only_steps))
+    if not head_only_steps:  # the search off: no warning that it found nothing
+        assert "did not find any unused parameters" not in proc.stderr, proc.stderr[-3000:]
     replicas = [torch.load(out / f"replica_{rank}.pt") for rank in (0, 1)]
     assert replicas[0].keys() == replicas[1].keys()
     differ = [name for name in replicas[0] if not torch.equal(replicas[0][name], replicas[1][name])]

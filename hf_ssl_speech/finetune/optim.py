@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from ..data.augment import SpecAugmentConfig
+from ..errors import ConfigError
 from .args import DataArguments, FinetuneArguments
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class FreezeEncoderCallback(TrainerCallback):
     The optimiser must hold the encoder's parameters from the start (`layerwise_param_groups` does): frozen
     parameters simply get no gradient, so AdamW leaves them (and their moments) untouched. BatchNorm running
     statistics stay fixed while frozen (`SslTrainer` keeps a frozen encoder in eval mode).
-    Under DDP, set `ddp_find_unused_parameters=True`: the frozen encoder's parameters get no gradient.
+    Under DDP the frozen encoder gets no gradient: `set_unused_parameter_search` turns DDP's search on for it.
     """
 
     def __init__(self, freeze_steps: int) -> None:
@@ -104,6 +105,42 @@ class FreezeEncoderCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._update(state, model)
+
+
+def unused_parameter_reasons(finetune_args: FinetuneArguments, model_config: Any) -> list[str]:
+    """Why a trainable parameter may get no gradient in some fine-tuning step (empty: every one gets one, every step).
+
+    DDP needs `find_unused_parameters=True` for those steps, and otherwise pays a search of the autograd graph
+    after every forward for nothing (and warns on every rank). A head-only phase leaves the encoder without
+    gradients until it ends; layerdrop skips whole blocks. A whole-run `freeze_encoder` is not a reason: the
+    encoder is frozen before DDP wraps the model, so DDP leaves it out. `tests/test_finetune.py` checks the empty
+    case against a real backward of each fine-tuning head.
+    """
+    reasons = []
+    if finetune_args.freeze_encoder_steps > 0 and not finetune_args.freeze_encoder:
+        reasons.append(f"freeze_encoder_steps={finetune_args.freeze_encoder_steps}")
+    encoder_config = getattr(model_config, "encoder_config", model_config)  # Parakeet transducers nest theirs
+    layerdrop = getattr(encoder_config, "layerdrop", 0.0) or 0.0
+    if layerdrop > 0:
+        reasons.append(f"layerdrop={layerdrop}")
+    return reasons
+
+
+def set_unused_parameter_search(training_args: Any, reasons: list[str]) -> None:
+    """Turn DDP's unused-parameter search on only where `reasons` (`unused_parameter_reasons`) need it.
+
+    The Trainer's default (`ddp_find_unused_parameters=None`) searches always; an explicit setting is kept, except
+    that `false` with a reason under several processes is refused now rather than by DDP after the first step.
+    """
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = bool(reasons)
+        if reasons and training_args.world_size > 1:
+            logger.info("DDP searches for unused parameters after each forward (%s)", ", ".join(reasons))
+    elif not training_args.ddp_find_unused_parameters and reasons and training_args.world_size > 1:
+        raise ConfigError(
+            f"ddp_find_unused_parameters=False, but with {' and '.join(reasons)} some parameters get no gradient in "
+            "some steps, which DDP refuses: drop --ddp_find_unused_parameters (it is chosen for you) or set it true"
+        )
 
 
 class HeadOnlyAwareEarlyStopping(EarlyStoppingCallback):

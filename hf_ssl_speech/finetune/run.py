@@ -31,7 +31,13 @@ from .model_init import (
     load_feature_extractor,
     model_input_config,
 )
-from .optim import build_optimizer, set_encoder_trainable, train_time_options
+from .optim import (
+    build_optimizer,
+    set_encoder_trainable,
+    set_unused_parameter_search,
+    train_time_options,
+    unused_parameter_reasons,
+)
 from .preempt import PreemptionCallback, WallClock
 from .report import card_base_model, ctc_model_card, plot_training_curves, push_folder, write_results
 from .rows import demo_test_manifests, eval_set_names, manifest_rows, resolve_manifests, rows_to_dataset
@@ -312,6 +318,7 @@ def run_ctc(
         set_encoder_trainable(model, False)
 
     spec, callbacks = train_time_options(data_args, finetune_args)
+    set_unused_parameter_search(training_args, unused_parameter_reasons(finetune_args, model.config))
     trainer = CtcTrainer(
         model=model,
         args=training_args,
@@ -414,6 +421,7 @@ def run_classification(
         set_encoder_trainable(model, False)
 
     spec, callbacks = train_time_options(data_args, finetune_args)
+    set_unused_parameter_search(training_args, unused_parameter_reasons(finetune_args, model.config))
     trainer = SslTrainer(
         model=model,
         args=training_args,

@@ -67,7 +67,7 @@ from .model_init import (
     model_input_config,
     without_load_report,
 )
-from .optim import train_time_options
+from .optim import set_unused_parameter_search, train_time_options, unused_parameter_reasons
 from .report import card_base_model, ctc_model_card
 from .rows import decode_rows, rows_to_dataset
 from .run import (
@@ -517,6 +517,7 @@ def _run_transducer(
             report.new_head = ["encoder_projector", "joint"]
 
     spec, callbacks = train_time_options(data_args, finetune_args)
+    set_unused_parameter_search(training_args, unused_parameter_reasons(finetune_args, model.config))
     trainer = TransducerTrainer(
         model=model,
         args=training_args,
