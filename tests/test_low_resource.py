@@ -1183,6 +1183,8 @@ def test_transducer_stage_puts_tdt_rows_beside_ctc_and_its_models_transcribe(toy
     # A kept TDT folder is a stock Parakeet model: the ASR pipeline transcribes a test utterance with it.
     test_row = _manifest(work / "corpus" / "test.jsonl")[0]
     audio, rate = sf.read(work / "corpus" / test_row["audio_filepath"], dtype="float32")
+    saved = json.loads((work / tdt[0]["model"] / "config.json").read_text())
+    assert saved["max_symbols_per_step"] == config.transducer.max_symbols_per_step == 2  # the decoding budget
     asr = pipeline("automatic-speech-recognition", model=str(work / tdt[0]["model"]))
     assert isinstance(asr({"raw": audio, "sampling_rate": rate})["text"], str)
     again = run_experiment(config, stages=["transducer"], log=lambda line: None)

@@ -115,6 +115,12 @@ def test_conformer_striding_encoder_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_decoding_budget_below_one_symbol_per_frame_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="max_symbols_per_step=0: use at least 1"):
+        load_script("finetune_transducer").main(_args(tmp_path, "unused", tmp_path / "out", "max_symbols_per_step=0"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_rnnt_training_without_a_working_torchaudio_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(transducer, "rnnt_loss_problem", lambda: "torchaudio is not installed")
     with pytest.raises(ConfigError, match="head=rnnt.*torchaudio is not installed.*use head=tdt"):

@@ -257,6 +257,7 @@ class TransducerStageSpec:
     tokenizer_model: str = "bpe"
     decoder_hidden_size: int = 160
     num_decoder_layers: int = 1
+    max_symbols_per_step: int | None = None  # greedy decoding's tokens per encoder frame (None: transformers' 10)
     predictor_steps: int = 2000
     predictor_batch_size: int = 64
     predictor_learning_rate: float = 2e-3
@@ -435,6 +436,10 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
             )
         if not t.arms or t.steps_scale <= 0:
             raise ExperimentError(f"{where}: transducer.arms must be non-empty and transducer.steps_scale > 0")
+        if t.max_symbols_per_step is not None and t.max_symbols_per_step < 1:
+            raise ExperimentError(
+                f"{where}: transducer.max_symbols_per_step={t.max_symbols_per_step}: use at least 1, or null for 10"
+            )
     validate_finetune_protocol(f, where)
 
 

@@ -177,6 +177,7 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
         **({"patience_start": f.patience_start} if f.patience_start else {}),  # runs from before it: as they were
         "eval_steps": f.eval_steps,
         "valid_utterances": f.valid_utterances,
+        **({"max_symbols_per_step": t.max_symbols_per_step} if t.max_symbols_per_step else {}),  # older runs: as were
         "predictor_dir": str(predictor_dir.relative_to(out)),
         "seed": config.seed,
     }
@@ -193,6 +194,7 @@ def transducer_one(config: ExperimentConfig, run: TransducerRun, out: Path, pred
         tokenizer_model=t.tokenizer_model,
         decoder_hidden_size=t.decoder_hidden_size,
         num_decoder_layers=t.num_decoder_layers,
+        max_symbols_per_step=t.max_symbols_per_step,
         # The predictor's tokenizer for every arm: `predictor_from` brings it, `tokenizer_from` takes it alone.
         tokenizer_from=None if run.predictor == "text" else str(predictor_dir),
         predictor_from=str(predictor_dir) if run.predictor == "text" else None,

@@ -100,6 +100,14 @@ class TransducerArguments:
     tokenizer_model: str = field(default="bpe", metadata={"help": "bpe or unigram (HF tokenizers trainers)."})
     decoder_hidden_size: int = field(default=320, metadata={"help": "LSTM prediction network and joint width."})
     num_decoder_layers: int = field(default=1, metadata={"help": "LSTM layers of the prediction network."})
+    max_symbols_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Greedy decoding's length budget: at most this many tokens per encoder frame of an utterance "
+            "(transformers' max_symbols_per_step, 10 by default; saved with the model). A model early in training "
+            "can emit tokens without moving on until the budget runs out, which makes its validation slow."
+        },
+    )
     predictor_from: str | None = field(
         default=None,
         metadata={
@@ -140,6 +148,8 @@ def check_transducer_arguments(args: TransducerArguments, finetune_args: Finetun
         raise ConfigError(f"head={args.head!r}: choose one of {', '.join(HEADS)}")
     if args.tokenizer_model not in ("bpe", "unigram"):
         raise ConfigError(f"tokenizer_model={args.tokenizer_model!r}: choose bpe or unigram")
+    if args.max_symbols_per_step is not None and args.max_symbols_per_step < 1:
+        raise ConfigError(f"max_symbols_per_step={args.max_symbols_per_step}: use at least 1 (or leave it unset: 10)")
     if args.tokenizer_vocab_size < 8:
         raise ConfigError(
             f"tokenizer_vocab_size={args.tokenizer_vocab_size}: use at least 8 (blank and <unk> included)"
@@ -315,6 +325,8 @@ def init_transducer_model(
         decoder_hidden_size=transducer_args.decoder_hidden_size,
         num_decoder_layers=transducer_args.num_decoder_layers,
     )
+    if transducer_args.max_symbols_per_step is not None:  # read by generate through the model attribute
+        model.config.max_symbols_per_step = model.max_symbols_per_step = transducer_args.max_symbols_per_step
     generation = model.generation_config
     generation.decoder_start_token_id = generation.pad_token_id = generation.bos_token_id = blank
     if head == "tdt":  # see the module docstring: greedy generate would otherwise pick duration slots as tokens
