@@ -143,7 +143,8 @@ class FinetuneSpec:
     - `learning_rates[init]` x `masking` is a grid: on the grid subset (`grid_minutes`, default the first) every
       pair runs (the probe: the first masking only) and the one with the lowest validation CER is kept per
       (pretraining run, init); the other subsets reuse it (`curve_runs`: every run, only the family validation
-      chose beside scratch, or none: a grid-subset-only measurement such as an encoder-size comparison);
+      chose beside scratch, or none: a grid-subset-only measurement such as an encoder-size comparison), except
+      on `rate_grid_minutes`, where every rate of the grid runs again with the kept masking and validation picks;
     - `patience`: a run stops after that many evaluations (every `eval_steps`, those of the head-only phase not
       counted) without a better validation CER; a subset's `steps` is only the cap. The checkpoint with the best
       validation CER is the model kept, so the number of steps is chosen on validation too;
@@ -184,6 +185,9 @@ class FinetuneSpec:
     # The other subsets the curve runs on (None: all of them); the subsets list still draws every nested subset,
     # so leaving one out here changes no other subset's utterances.
     curve_minutes: list[float] | None = None
+    # The other subsets on which the curve runs search `learning_rates[init]` again, with the masking kept on the grid
+    # subset, and validation picks the rate there: a rate chosen on 10 minutes need not suit 1 hour of labels.
+    rate_grid_minutes: list[float] = field(default_factory=list)
     max_duration: float = 20.0
     inits: list[str] = field(default_factory=lambda: list(INITS))
     eval_steps: int = 100  # validation CER every N steps; the best checkpoint is the model kept
@@ -375,6 +379,12 @@ def validate_config(config: ExperimentConfig, where: str = "config") -> None:
     if f.curve_minutes is not None and any(m not in minutes for m in f.curve_minutes):
         raise ExperimentError(
             f"{where}: finetune.curve_minutes={f.curve_minutes}: each must be a subset's minutes {minutes}"
+        )
+    grid_minutes = f.grid_minutes if f.grid_minutes is not None else minutes[0]
+    if any(m not in minutes or m == grid_minutes for m in f.rate_grid_minutes):
+        raise ExperimentError(
+            f"{where}: finetune.rate_grid_minutes={f.rate_grid_minutes}: name subsets other than the grid subset "
+            f"({grid_minutes}) among {minutes}"
         )
     if f.curve_runs not in ("all", "best", "none"):
         raise ExperimentError(f"{where}: finetune.curve_runs={f.curve_runs!r}: choose 'all', 'best' or 'none'")

@@ -732,11 +732,13 @@ def plan_finetune_runs(
     subset: SubsetSpec,
     chosen: Mapping[tuple[str, str], tuple[float, MaskingSpec | None]] | None = None,
     inits: Sequence[str] | None = None,
+    rate_grid: bool = False,
 ) -> list[FinetuneRun]:
     """The runs of one subset: every (pretraining run, init), plus one scratch run per distinct encoder
     architecture; each with every (rate, masking) pair of `finetune.learning_rates[init]` x `finetune.masking`,
-    or, when `chosen` is given ((key, init) -> (rate, masking), from the grid subset), only the chosen pair.
-    `pretrained` may be a part of the pretraining runs and `inits` a part of `finetune.inits`."""
+    or, when `chosen` is given ((key, init) -> (rate, masking), from the grid subset), only the chosen pair, or with
+    `rate_grid` every rate with the chosen masking. `pretrained` may be a part of the pretraining runs and `inits` a
+    part of `finetune.inits`."""
     runs = []
     architectures: dict[str, tuple[str, str, float]] = {}  # signature -> (label, checkpoint, id) of its 1st family
     for info in pretrained.values():
@@ -751,7 +753,10 @@ def plan_finetune_runs(
         # The probe's encoder is frozen: input masking barely changes what its head sees, so it takes the first
         # masking setting and searches only the rate.
         options = masks[:1] if init == "probe" else masks
-        grid = [chosen[(key, init)]] if chosen is not None else [(lr, m) for lr in rates[init] for m in options]
+        if chosen is None:
+            grid = [(lr, m) for lr in rates[init] for m in options]
+        else:
+            grid = [(lr, chosen[(key, init)][1]) for lr in rates[init]] if rate_grid else [chosen[(key, init)]]
         for lr, mask in grid:
             runs.append(
                 FinetuneRun(key, init, label, name, subset.minutes, subset.steps, lr, mask, checkpoint, encoder_id)
@@ -1007,8 +1012,9 @@ def plan_later_runs(
     config: ExperimentConfig, pretrained: Mapping[str, Any], picks: Sequence[FinetuneRun], best: str | None
 ) -> list[FinetuneRun]:
     """Phases 2 and 3 of `stage_finetune`: the other subsets with the pairs validation kept on the grid subset
-    (`picks`, one run per group), per `finetune.curve_runs` (on `finetune.curve_minutes`), then the best
-    pretraining run's part-way encoders."""
+    (`picks`, one run per group), per `finetune.curve_runs` (on `finetune.curve_minutes`; on
+    `finetune.rate_grid_minutes` every rate of the grid with the kept masking, and validation picks again), then the
+    best pretraining run's part-way encoders."""
     f = config.finetune
     first = grid_subset(f)
     chosen = {(run.key, run.init): (run.learning_rate, run.masking) for run in picks}
@@ -1018,10 +1024,12 @@ def plan_later_runs(
             continue
         if f.curve_minutes is not None and subset.minutes not in f.curve_minutes:
             continue
+        rate_grid = subset.minutes in f.rate_grid_minutes  # the rate chosen again on this subset
         if f.curve_runs == "all" or best is None:
-            later += plan_finetune_runs(config, pretrained, subset, chosen)
+            later += plan_finetune_runs(config, pretrained, subset, chosen, rate_grid=rate_grid)
         else:
-            later += plan_finetune_runs(config, {best: pretrained[best]}, subset, chosen, ["pretrained", "scratch"])
+            inits = ["pretrained", "scratch"]
+            later += plan_finetune_runs(config, {best: pretrained[best]}, subset, chosen, inits, rate_grid)
     if best is not None:
         anchor = next(run for run in picks if run.key == best and run.init == "pretrained")
         for fraction, checkpoint in pretrained[best].get("curve_checkpoints", {}).items():
@@ -1446,7 +1454,7 @@ class ExperimentResult:
 
 # Fine-tuning options added after experiments had been run, with the value that means "as before": at that value
 # they are left out of the stage's settings, so the experiments finished earlier are not "other settings".
-_ADDED_LATER: dict[str, Any] = {"seeds": 1, "curve_minutes": None, "patience_start": 0.0}
+_ADDED_LATER: dict[str, Any] = {"seeds": 1, "curve_minutes": None, "patience_start": 0.0, "rate_grid_minutes": []}
 
 
 def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -1475,8 +1483,9 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
         return {"evaluate": dataclasses.asdict(config.evaluate)}
     if stage == "probes":
         return {"probes": dataclasses.asdict(config.probes), "results_dir": str(Path(config.results_dir).resolve())}
-    if stage == "transducer":
-        return {"transducer": dataclasses.asdict(config.transducer)}
+    if stage == "transducer":  # max_symbols_per_step came later: unset, a marker from before it still applies
+        settings = dataclasses.asdict(config.transducer)
+        return {"transducer": {k: v for k, v in settings.items() if not (k == "max_symbols_per_step" and v is None)}}
     return {
         "results_dir": str(Path(config.results_dir).resolve()),
         "models_dir": config.models_dir,

@@ -234,12 +234,14 @@ def best_at_last_evaluation(row: Mapping[str, Any]) -> bool:
     return row.get("best_step") is not None and row["best_step"] >= (row["steps"] if last is None else last)
 
 
-def stopping_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def stopping_table(rows: Sequence[Mapping[str, Any]], rate_grid_minutes: Sequence[float] = ()) -> list[str]:
     """The report's section on each kept run's fine-tuning settings and how it stopped (best / run / cap steps)."""
+    again = ", ".join(_minutes_label(m) for m in rate_grid_minutes)
+    reuse = f"reused by the others; the rate chosen again on {again}" if again else "reused by the others"
     lines = [
         "### Fine-tuning settings and stopping of every kept run",
         "",
-        "Chosen on validation: the learning rate and masking (on the grid subset, reused by the others) and "
+        f"Chosen on validation: the learning rate and masking (on the grid subset, {reuse}) and "
         "the checkpoint (lowest validation CER). `best / run / cap`: the step of the kept checkpoint, the steps "
         "run and the step cap; `best = last eval`: the run was still improving when it ended.",
         "",
@@ -480,7 +482,7 @@ def markdown_report(
             f"{row.get('lm_beta')} | {format_duration(row['wall_s'])} | {row.get('audio_seconds_per_s') or ''} | "
             f"{'' if util is None else f'{100 * util:.1f}%'} |"
         )
-    lines += ["", *stopping_table(rows)]
+    lines += ["", *stopping_table(rows, config.finetune.rate_grid_minutes)]
     if selection:
         lines += [
             "",
