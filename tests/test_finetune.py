@@ -518,10 +518,12 @@ def test_without_a_reason_every_fine_tuning_parameter_gets_a_gradient(tmp_path):
     assert several.ddp_find_unused_parameters is False
 
 
-# scripts/finetune_ctc.py as it is, plus one callback that saves each process's own final parameters (the Trainer
-# saves only the main process's). Not the buffers: DDP broadcasts BatchNorm's running statistics from process 0 at
-# each forward, so each process's differ by its own last batch, and the saved model holds process 0's.
+# A fine-tuning script (scripts/finetune_ctc.py, finetune_transducer.py) as it is, plus one callback that saves each
+# process's own final parameters (the Trainer saves only the main process's). Not the buffers: DDP broadcasts
+# BatchNorm's running statistics from process 0 at each forward, so each process's differ by its own last batch, and
+# the saved model holds process 0's.
 _SAVE_EACH_REPLICA = """
+import importlib
 import sys
 from pathlib import Path
 
@@ -529,6 +531,7 @@ import torch
 from transformers import TrainerCallback
 
 import hf_ssl_speech.finetune.run as run
+import hf_ssl_speech.finetune.transducer as transducer
 
 
 class SaveEachReplica(TrainerCallback):
@@ -546,12 +549,30 @@ def with_replica_saving(*args, **kwargs):
     return spec, [*callbacks, SaveEachReplica()]
 
 
-run.train_time_options = with_replica_saving
+run.train_time_options = transducer.train_time_options = with_replica_saving
 sys.path.insert(0, sys.argv.pop(1))
-from finetune_ctc import main
-
+main = importlib.import_module(sys.argv.pop(1)).main
 main(sys.argv[1:])
 """
+
+
+def _fine_tune_in_two_processes(tmp_path, script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, list]:
+    """`accelerate launch --num_processes 2 scripts/<script>.py args` (2 gloo workers): the run and each process's
+    final parameters."""
+    launcher = tmp_path / "finetune_each_replica.py"
+    launcher.write_text(_SAVE_EACH_REPLICA)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = accelerate_launch(launcher, [str(REPO_ROOT / "scripts"), script, *args], 2, env, tmp_path, 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(args[args.index("--output_dir") + 1])
+    replicas = [torch.load(out / f"replica_{rank}.pt") for rank in (0, 1)]
+    assert replicas[0].keys() == replicas[1].keys()
+    differ = [name for name in replicas[0] if not torch.equal(replicas[0][name], replicas[1][name])]
+    assert not differ, differ
+    # The saved model is the replicas' shared state.
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(saved[name], replicas[0][name].to(saved[name].dtype)) for name in replicas[0])
+    return proc, replicas
 
 
 @pytest.mark.slow
@@ -564,31 +585,38 @@ def test_two_gloo_processes_fine_tune_with_one_model_across_the_unfreeze(tmp_pat
     # DDP's unused-parameter search (without it DDP stops at step 2: the frozen encoder got no gradient); without the
     # phase every parameter gets a gradient every step, and the search is turned off.
     manifest = write_tone_corpus(tmp_path / "data", count=16, seed=5)
-    script = tmp_path / "finetune_each_replica.py"
-    script.write_text(_SAVE_EACH_REPLICA)
     out = tmp_path / "out"
-    # the script takes the scripts folder first (to import finetune_ctc), then finetune_ctc.py's own arguments
-    args = [str(REPO_ROOT / "scripts"), *tiny_scratch_args(), "--train_manifests", str(manifest)]
+    args = [*tiny_scratch_args(), "--train_manifests", str(manifest)]
     args += ["--output_dir", str(out), "--max_steps", "6", "--freeze_encoder_steps", str(head_only_steps)]
     args += ["--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"]
     args += ["--disable_tqdm", "true", "--learning_rate", "3e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = accelerate_launch(script, args, 2, env, tmp_path, 300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, replicas = _fine_tune_in_two_processes(tmp_path, "finetune_ctc", args)
     assert ("step 3: encoder unfrozen" in proc.stderr) == bool(head_only_steps), proc.stderr[-3000:]
     assert (out / "find_unused.txt").read_text() == str(bool(head_only_steps))
     if not head_only_steps:  # the search off: no warning that it found nothing
         assert "did not find any unused parameters" not in proc.stderr, proc.stderr[-3000:]
-    replicas = [torch.load(out / f"replica_{rank}.pt") for rank in (0, 1)]
-    assert replicas[0].keys() == replicas[1].keys()
-    differ = [name for name in replicas[0] if not torch.equal(replicas[0][name], replicas[1][name])]
-    assert not differ, differ
-    # The saved model is the replicas' shared state, encoder included.
-    saved = load_file(out / "model.safetensors")
-    assert any(name.startswith("conformer.") for name in replicas[0])
-    assert all(torch.equal(saved[name], replicas[0][name].to(saved[name].dtype)) for name in replicas[0])
+    assert any(name.startswith("conformer.") for name in replicas[0])  # the encoder is in the shared state
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and state["train_batch_size"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_gloo_processes_fine_tune_one_tdt_transducer(tmp_path):
+    # `accelerate launch --num_processes 2 scripts/finetune_transducer.py`: transformers' ParakeetForTDT (encoder,
+    # prediction network, joint) under DDP, without the unused-parameter search (every parameter joins the TDT loss)
+    manifest = write_tone_corpus(tmp_path / "data", count=16, seed=7)
+    out = tmp_path / "out"
+    fast = f"{TINY_CTC_OVERRIDES},subsampling=dw_striding,subsampling_factor=4,subsampling_conv_channels=16"
+    args = ["--from_scratch", "--model_preset", "tiny", f"config_overrides={fast}", "--train_manifests", str(manifest)]
+    args += ["--output_dir", str(out), "--max_steps", "4", "tokenizer_vocab_size=20", "decoder_hidden_size=16"]
+    args += ["--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"]
+    args += ["--disable_tqdm", "true", "--learning_rate", "1e-3"]
+    proc, replicas = _fine_tune_in_two_processes(tmp_path, "finetune_transducer", args)
+    assert (out / "find_unused.txt").read_text() == "False"
+    assert "did not find any unused parameters" not in proc.stderr, proc.stderr[-3000:]
+    assert {name.split(".")[0] for name in replicas[0]} >= {"encoder", "decoder", "joint"}
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
 
 # ------------------------------------------------------------------------------------------ push to the Hub
