@@ -1452,9 +1452,23 @@ class ExperimentResult:
     wall_s: float
 
 
-# Fine-tuning options added after experiments had been run, with the value that means "as before": at that value
-# they are left out of the stage's settings, so the experiments finished earlier are not "other settings".
-_ADDED_LATER: dict[str, Any] = {"seeds": 1, "curve_minutes": None, "patience_start": 0.0, "rate_grid_minutes": []}
+# Options added after experiments had been run, per config section, with the value that means "as before": at that
+# value they are left out of the stage's settings, so the experiments finished earlier are not "other settings".
+_ADDED_LATER: dict[str, dict[str, Any]] = {
+    "finetune": {"seeds": 1, "curve_minutes": None, "patience_start": 0.0, "rate_grid_minutes": []},
+    "transducer": {"max_symbols_per_step": None},
+}
+
+
+def _section_settings(config: ExperimentConfig, section: str, leave_out: Sequence[str] = ()) -> dict[str, Any]:
+    """A config section as a stage marker's settings, without `leave_out` and the options added later at their
+    "as before" value (`_ADDED_LATER`)."""
+    later = _ADDED_LATER.get(section, {})
+    return {
+        k: v
+        for k, v in dataclasses.asdict(getattr(config, section)).items()
+        if k not in leave_out and not (k in later and v == later[k])
+    }
 
 
 def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -1470,22 +1484,18 @@ def _stage_settings(config: ExperimentConfig, stage: str) -> dict[str, Any]:
         }
     if stage == "pretrain":
         return {"pretrain": {k: v for k, v in dataclasses.asdict(config.pretrain).items() if k != "progress"}}
-    if stage == "finetune":
+    if stage == "finetune":  # headline_minutes: the report's only
         return {
-            "finetune": {
-                k: v
-                for k, v in dataclasses.asdict(config.finetune).items()
-                if k not in ("progress", "logging_steps", "save_steps", "headline_minutes")  # the last: report only
-                and not (k in _ADDED_LATER and v == _ADDED_LATER[k])
-            }
+            "finetune": _section_settings(
+                config, "finetune", ("progress", "logging_steps", "save_steps", "headline_minutes")
+            )
         }
     if stage == "evaluate":
         return {"evaluate": dataclasses.asdict(config.evaluate)}
     if stage == "probes":
         return {"probes": dataclasses.asdict(config.probes), "results_dir": str(Path(config.results_dir).resolve())}
-    if stage == "transducer":  # max_symbols_per_step came later: unset, a marker from before it still applies
-        settings = dataclasses.asdict(config.transducer)
-        return {"transducer": {k: v for k, v in settings.items() if not (k == "max_symbols_per_step" and v is None)}}
+    if stage == "transducer":
+        return {"transducer": _section_settings(config, "transducer")}
     return {
         "results_dir": str(Path(config.results_dir).resolve()),
         "models_dir": config.models_dir,
