@@ -442,6 +442,10 @@ def test_results_table_curves_and_card(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ several processes
+# The tiny CTC model with a FastConformer stem: what a Parakeet transducer's encoder holds.
+TINY_FAST_OVERRIDES = f"{TINY_CTC_OVERRIDES},subsampling=dw_striding,subsampling_factor=4,subsampling_conv_channels=16"
+
+
 def _heads_without_unused_reasons(tmp_path):
     """(name, model, training batch) of each fine-tuning head, built as its script builds it, from scratch."""
     from hf_ssl_speech import ConformerSslConfig, ConformerSslForSequenceClassification
@@ -470,8 +474,7 @@ def _heads_without_unused_reasons(tmp_path):
     classifier_batch = {"input_features": features, "attention_mask": ctc_batch["attention_mask"]}
     classifier_batch["labels"] = torch.tensor([0, 2, 1])
     tokenizer = build_transducer_tokenizer([row["text"] for row in rows], 16)
-    fast = f"{TINY_CTC_OVERRIDES},subsampling=dw_striding,subsampling_factor=4,subsampling_conv_channels=16"
-    model_args = ModelArguments(from_scratch=True, model_preset="tiny", config_overrides=fast)
+    model_args = ModelArguments(from_scratch=True, model_preset="tiny", config_overrides=TINY_FAST_OVERRIDES)
     tdt, _ = init_transducer_model("tdt", tokenizer, model_args, TransducerArguments(decoder_hidden_size=16))
     _, tdt_features = build_transducer_processor(tokenizer, tdt.config.encoder_config.num_mel_bins)
     tdt_batch = TransducerCollator(tdt_features, tokenizer)(rows)
@@ -605,8 +608,7 @@ def test_two_gloo_processes_fine_tune_one_tdt_transducer(tmp_path):
     # so without DDP's warning that the search found nothing
     manifest = write_tone_corpus(tmp_path / "data", count=16, seed=7)
     out = tmp_path / "out"
-    fast = f"{TINY_CTC_OVERRIDES},subsampling=dw_striding,subsampling_factor=4,subsampling_conv_channels=16"
-    args = ["--from_scratch", "--model_preset", "tiny", f"config_overrides={fast}", "--train_manifests", str(manifest)]
+    args = [*tiny_scratch_args(TINY_FAST_OVERRIDES), "--train_manifests", str(manifest)]
     args += ["--output_dir", str(out), "--max_steps", "4", "tokenizer_vocab_size=20", "decoder_hidden_size=16"]
     args += ["--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"]
     args += ["--disable_tqdm", "true", "--learning_rate", "1e-3"]
