@@ -828,7 +828,8 @@ def test_later_runs_follow_curve_runs_and_add_the_compute_curve_of_the_chosen_fa
     # rate_grid_minutes: on 60 minutes every rate of each init's grid, with the masking kept on 10 minutes; the run at
     # the kept rate is the same run (same name) as without it, so a working folder's finished run is reused
     regrid = _with_finetune(config, curve_runs="best", rate_grid_minutes=[60])
-    later = [r for r in plan_later_runs(regrid, pretrained, picks, "dinosr") if r.pretrain_fraction == 1]
+    regridded = plan_later_runs(regrid, pretrained, picks, "dinosr")
+    later = [r for r in regridded if r.pretrain_fraction == 1]
     for init in ("pretrained", "scratch"):
         kept = next(r for r in picks if r.init == init and (init == "scratch" or r.key == "dinosr"))
         runs = [r for r in later if r.init == init]
@@ -836,7 +837,7 @@ def test_later_runs_follow_curve_runs_and_add_the_compute_curve_of_the_chosen_fa
         assert {r.masking for r in runs} == {kept.masking}
         assert [r.learning_rate for r in runs if r.minutes != 60] == [kept.learning_rate] * (others - 1)
     plain = {r.name for r in plan_later_runs(_with_finetune(config, curve_runs="best"), pretrained, picks, "dinosr")}
-    assert plain < {r.name for r in plan_later_runs(regrid, pretrained, picks, "dinosr")}
+    assert plain < {r.name for r in regridded}
     for bad in ([10], [20]):  # the grid subset itself, and no subset
         with pytest.raises(ExperimentError, match=rf"finetune\.rate_grid_minutes=\[{bad[0]}\]: name subsets other"):
             validate_config(_with_finetune(config, rate_grid_minutes=bad))
